@@ -1,0 +1,60 @@
+"""Every hook a mudsc plugin can implement.
+
+A plugin is a module or object with functions decorated by :data:`hookimpl`, registered through
+the ``mudsc`` entry-point group of an installed package::
+
+    # pyproject.toml of a plugin package
+    [project.entry-points.mudsc]
+    my_plugin = "my_package.mudsc_plugin"
+
+Registration hooks take no arguments and return an iterable of small frozen records from
+:mod:`mudsc_graph.records`. The built-in handlers and architectures register through these very
+hooks (see ``mudsc_plugins``), so a third-party plugin can do everything a built-in can.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import pluggy
+
+from .records import Architecture, LayerHandler
+
+PROJECT = "mudsc"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def mudsc_layer_handlers() -> Iterable[LayerHandler]:
+    """Register how the axes of an op relate, so merge groups can flow through it.
+
+    Called once when the registry is built. Return :class:`~mudsc_graph.records.LayerHandler`
+    records; a module class named by a ``call_module`` handler is traced as a leaf. Example::
+
+        from mudsc_graph import hookimpl, LayerHandler
+
+        def _scaled_linear(ctx):
+            x = ctx.input(0)
+            ctx.link(x.axis(-1), ctx.param("weight", 1))      # input features = weight columns
+            out = ctx.new_axis_like(x)                           # batch axes pass through
+            out[-1] = ctx.param("weight", 0)                     # output features = weight rows
+            ctx.set_output(out)
+
+        @hookimpl
+        def mudsc_layer_handlers():
+            return [LayerHandler("my.ScaledLinear", "call_module", (ScaledLinear,), _scaled_linear)]
+    """
+
+
+@hookspec
+def mudsc_architectures() -> Iterable[Architecture]:
+    """Register model families that commands accept by name (``mudsc inspect --arch NAME``).
+
+    Called once when the registry is built. Return :class:`~mudsc_graph.records.Architecture`
+    records. Example::
+
+        @hookimpl
+        def mudsc_architectures():
+            return [Architecture("tiny_mlp", factory=TinyMLP, example_inputs=lambda b: (torch.randn(b, 8),))]
+    """

@@ -1,0 +1,92 @@
+"""Small frozen records that plugins register through the hooks in :mod:`mudsc_graph.hookspecs`.
+
+Each record validates itself on creation, so a broken plugin fails where it is written, with a
+message naming the record, instead of deep inside an analysis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .propagate import OpContext
+
+OPCODES = ("call_module", "call_function", "call_method")
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PluginError(f"{kind} name {name!r} is invalid: use letters, digits, '_', '.', ':' or '-'")
+
+
+@dataclass(frozen=True)
+class LayerHandler:
+    """Tells the propagation pass how the axes of one kind of op relate.
+
+    ``opcode`` is the torch.fx opcode the handler answers to and ``targets`` what the node
+    targets: module classes for ``call_module`` (matched by exact class, then by base class),
+    functions for ``call_function`` (``torch.add``, ``operator.add``, ``F.relu`` ...), method
+    names for ``call_method`` (``"view"``, ``"transpose"`` ...). Module classes named here are
+    traced as leaves, so the handler sees the module call rather than its insides.
+
+    ``propagate(ctx)`` receives an :class:`~mudsc_graph.propagate.OpContext` and must set the
+    layout of the node's output (``ctx.set_output``) after linking axes. ``priority`` resolves two
+    handlers for one target: the higher wins; equal priorities from two plugins are an error.
+    """
+
+    name: str
+    opcode: str
+    targets: tuple[Any, ...]
+    propagate: Callable[["OpContext"], None]
+    priority: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("LayerHandler", self.name)
+        if self.opcode not in OPCODES:
+            raise PluginError(f"LayerHandler {self.name!r}: opcode {self.opcode!r} is not one of {', '.join(OPCODES)}")
+        if not isinstance(self.targets, tuple) or not self.targets:
+            raise PluginError(f"LayerHandler {self.name!r}: targets must be a non-empty tuple")
+        for t in self.targets:
+            if self.opcode == "call_method" and not isinstance(t, str):
+                raise PluginError(f"LayerHandler {self.name!r}: call_method targets are method names (str), got {t!r}")
+            if self.opcode == "call_module" and not isinstance(t, type):
+                raise PluginError(f"LayerHandler {self.name!r}: call_module targets are module classes, got {t!r}")
+            if self.opcode == "call_function" and not callable(t):
+                raise PluginError(f"LayerHandler {self.name!r}: call_function targets are callables, got {t!r}")
+        if not callable(self.propagate):
+            raise PluginError(f"LayerHandler {self.name!r}: propagate must be callable")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model family that ``mudsc`` commands accept by name (``--arch NAME``).
+
+    ``factory(**options)`` builds a freshly initialised model; ``example_inputs(batch_size)``
+    returns the tuple of tensors that one forward call takes (used for tracing and the self-check).
+    ``aliases`` are other accepted names (``vit_b_16`` for ``vit_b16``).
+    """
+
+    name: str
+    factory: Callable[..., "torch.nn.Module"]
+    example_inputs: Callable[[int], tuple]
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_name("Architecture", self.name)
+        for a in self.aliases:
+            _check_name("Architecture alias", a)
+        if not callable(self.factory) or not callable(self.example_inputs):
+            raise PluginError(f"Architecture {self.name!r}: factory and example_inputs must be callable")
+
+    def build(self, **options: Any) -> "torch.nn.Module":
+        return self.factory(**{**self.defaults, **options})

@@ -1,0 +1,191 @@
+"""The plugin manager and the one :class:`Registry` that calls its hooks.
+
+The manager is built by :func:`get_registry` on first use, never at import. Plugins come from
+:data:`DEFAULT_PLUGINS` (the built-ins, registered through the same hooks as everybody else) and
+from the ``mudsc`` entry-point group. Environment variables:
+
+- ``MUDSC_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry-point plugins (built-ins still load);
+- ``MUDSC_PLUGINS=a,b``: load only the entry-point plugins with these names;
+- ``MUDSC_TRACE_PLUGINS=1``: print every hook call and its result to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .records import Architecture, LayerHandler
+
+ENTRY_POINT_GROUP = "mudsc"
+DEFAULT_PLUGINS: tuple[str, ...] = ("mudsc_plugins.layers", "mudsc_plugins.architectures")
+
+
+def make_plugin_manager(*, load_entry_points: bool | None = None, extra: Iterable[Any] = ()) -> pluggy.PluginManager:
+    """A fresh plugin manager with the built-ins, entry-point plugins and ``extra`` registered."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    if load_entry_points is None:
+        load_entry_points = not os.environ.get("MUDSC_DISABLE_PLUGIN_AUTOLOAD")
+    if load_entry_points:
+        allow = {n.strip() for n in os.environ.get("MUDSC_PLUGINS", "").split(",") if n.strip()}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if allow and ep.name not in allow:
+                continue
+            if pm.has_plugin(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not break mudsc
+                warnings.warn(f"mudsc plugin {ep.name!r} ({ep.value}) failed to load and is skipped: {exc}", stacklevel=2)
+                continue
+            pm.register(plugin, name=ep.name)
+    for i, plugin in enumerate(extra):
+        pm.register(plugin, name=getattr(plugin, "__name__", None) or f"extra-{i}")
+    pm.check_pending()
+    if os.environ.get("MUDSC_TRACE_PLUGINS"):
+        def before(hook_name, hook_impls, kwargs):
+            print(f"[mudsc plugins] {hook_name} -> {[i.plugin_name for i in hook_impls]}", file=sys.stderr)
+
+        def after(outcome, hook_name, hook_impls, kwargs):
+            print(f"[mudsc plugins] {hook_name} returned {outcome.get_result()!r}"[:2000], file=sys.stderr)
+
+        pm.add_hookcall_monitoring(before, after)
+    return pm
+
+
+@dataclass
+class Registry:
+    """Everything the plugins registered, flattened and checked for conflicts.
+
+    ``handler_for(opcode, target)`` finds the layer handler of an fx node target: module classes
+    are matched by exact class first, then along the class's MRO.
+    """
+
+    plugin_manager: pluggy.PluginManager
+    handlers: dict[tuple[str, Any], LayerHandler] = field(default_factory=dict)
+    handler_plugins: dict[str, str] = field(default_factory=dict)
+    architectures: dict[str, Architecture] = field(default_factory=dict)
+    arch_aliases: dict[str, str] = field(default_factory=dict)
+    arch_plugins: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_plugin_manager(cls, pm: pluggy.PluginManager) -> "Registry":
+        reg = cls(pm)
+        for plugin, records in _collect(pm, "mudsc_layer_handlers", LayerHandler):
+            for h in records:
+                reg._add_handler(h, plugin)
+        for plugin, records in _collect(pm, "mudsc_architectures", Architecture):
+            for a in records:
+                reg._add_architecture(a, plugin)
+        return reg
+
+    def _add_handler(self, h: LayerHandler, plugin: str) -> None:
+        if h.name in self.handler_plugins and self.handler_plugins[h.name] != plugin:
+            raise PluginError(f"layer handler {h.name!r} is registered by both {self.handler_plugins[h.name]!r} and {plugin!r}: rename one")
+        self.handler_plugins[h.name] = plugin
+        for t in h.targets:
+            key = (h.opcode, t)
+            old = self.handlers.get(key)
+            if old is None or h.priority > old.priority:
+                self.handlers[key] = h
+            elif h.priority == old.priority and old.name != h.name:
+                raise PluginError(
+                    f"{h.opcode} target {_target_name(t)} has two handlers of equal priority: {old.name!r} from plugin "
+                    f"{self.handler_plugins[old.name]!r} and {h.name!r} from plugin {plugin!r}; raise one's priority or unregister one"
+                )
+
+    def _add_architecture(self, a: Architecture, plugin: str) -> None:
+        for n in (a.name, *a.aliases):
+            key = _norm(n)
+            if key in self.arch_aliases:
+                other = self.arch_aliases[key]
+                raise PluginError(
+                    f"architecture name {n!r} is registered by both {self.arch_plugins[other]!r} ({other}) and {plugin!r} ({a.name}); rename one"
+                )
+            self.arch_aliases[key] = a.name
+        self.architectures[a.name] = a
+        self.arch_plugins[a.name] = plugin
+
+    def handler_for(self, opcode: str, target: Any) -> LayerHandler | None:
+        if opcode == "call_module" and isinstance(target, type):
+            for cls in target.__mro__:
+                h = self.handlers.get((opcode, cls))
+                if h is not None:
+                    return h
+            return None
+        try:
+            return self.handlers.get((opcode, target))
+        except TypeError:  # unhashable target
+            return None
+
+    def leaf_module_types(self) -> tuple[type, ...]:
+        return tuple(t for (op, t) in self.handlers if op == "call_module")
+
+    def architecture(self, name: str) -> Architecture:
+        """Look up an architecture by name or alias (case, '-' and '_' insensitive)."""
+        key = self.arch_aliases.get(_norm(name))
+        if key is None:
+            import difflib
+
+            close = difflib.get_close_matches(_norm(name), list(self.arch_aliases), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(self.arch_aliases[c] for c in close)}?" if close else ""
+            raise PluginError(f"unknown architecture {name!r}{hint} (see `mudsc inspect --list`)")
+        return self.architectures[key]
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def _target_name(t: Any) -> str:
+    if isinstance(t, str):
+        return repr(t)
+    return f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}"
+
+
+def _collect(pm: pluggy.PluginManager, hook: str, record_type: type) -> list[tuple[str, list]]:
+    out = []
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        result = impl.function()
+        records = list(result or ())
+        for r in records:
+            if not isinstance(r, record_type):
+                raise PluginError(f"plugin {impl.plugin_name!r}: {hook}() must return {record_type.__name__} records, got {type(r).__name__}")
+        out.append((impl.plugin_name, records))
+    return out
+
+
+_DEFAULT: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Registry.from_plugin_manager(make_plugin_manager())
+    return _DEFAULT
+
+
+def reset_registry() -> None:
+    """Forget the cached registry (after installing or registering plugins at run time)."""
+    global _DEFAULT
+    _DEFAULT = None
+
+
+def registry_with(*plugins: Any) -> Registry:
+    """A registry with the default plugins plus ``plugins`` (modules or objects with hookimpls)."""
+    return Registry.from_plugin_manager(make_plugin_manager(extra=plugins))
+
+
+__all__ = ["Registry", "get_registry", "reset_registry", "registry_with", "make_plugin_manager"]

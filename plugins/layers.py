@@ -1,0 +1,132 @@
+"""Built-in layer handlers, registered through the same ``mudsc_layer_handlers`` hook as any plugin.
+
+Each record maps fx targets (module classes, functions, method names) to a rule from
+:mod:`mudsc_graph.rules`. To support a new op, a plugin returns its own records; to change a
+built-in, it returns a record for the same target with a higher ``priority``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mudsc_graph import rules
+from mudsc_graph.hookspecs import hookimpl
+from mudsc_graph.records import LayerHandler
+
+M, FN, METH = "call_module", "call_function", "call_method"
+
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Tanhshrink, nn.LogSigmoid,
+    nn.Softmax, nn.LogSoftmax, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)
+_UNARY_FUNCS = (
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.leaky_relu, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
+    torch.abs, torch.neg, torch.erf, torch.sin, torch.cos, torch.square, operator.neg, operator.pos, F.softmax,
+    torch.softmax, F.log_softmax, torch.log_softmax, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clamp,
+    torch.clip, F.normalize, torch.nan_to_num,
+)
+_UNARY_METHODS = (
+    "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "softmax", "log_softmax", "clamp",
+    "clip", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "cpu", "cuda",
+    "requires_grad_", "square", "erf", "sin", "cos", "relu_", "sigmoid_", "tanh_", "gelu",
+)
+_BINARY_FUNCS = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.iadd,
+    operator.isub, operator.imul, operator.itruediv, operator.mod, torch.add, torch.sub, torch.mul, torch.div,
+    torch.pow, torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul, torch.masked_fill,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch.eq, torch.gt, torch.lt,
+)
+_BINARY_METHODS = (
+    "add", "sub", "mul", "div", "pow", "add_", "sub_", "mul_", "div_", "masked_fill", "masked_fill_", "type_as",
+    "maximum", "minimum", "where", "lerp", "eq", "ne", "gt", "lt", "ge", "le",
+)
+_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.LPPool1d, nn.LPPool2d,
+)
+_POOL_FUNCS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+)
+_REDUCE_FUNCS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp, torch.norm, torch.var, torch.std, torch.prod)
+_REDUCE_METHODS = ("mean", "sum", "amax", "amin", "logsumexp", "norm", "var", "std", "prod")
+_RESHAPE_FUNCS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten, torch.ravel)
+_RESHAPE_METHODS = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "ravel", "view_as", "reshape_as")
+
+
+def _interpolate(ctx) -> None:
+    rules.spatial(ctx, k=ctx.input(0).ndim - 2)
+
+
+def _handlers() -> list[LayerHandler]:
+    H = LayerHandler
+    return [
+        # layers with weights
+        H("torch.nn.Linear", M, (nn.Linear,), rules.nn_linear, description="output units = weight rows"),
+        H("torch.nn.ConvNd", M, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), rules.nn_conv, description="channels; groups give block structure"),
+        H("torch.nn.BatchNorm", M, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), rules.channel_norm),
+        H("torch.nn.LayerNorm", M, (nn.LayerNorm,), rules.nn_layer_norm),
+        H("torch.nn.GroupNorm", M, (nn.GroupNorm,), rules.nn_group_norm, description="channel space in num_groups blocks"),
+        H("torch.nn.Embedding", M, (nn.Embedding,), rules.nn_embedding),
+        H("torch.nn.PReLU", M, (nn.PReLU,), rules.prelu),
+        H("torch.nn.MultiheadAttention", M, (nn.MultiheadAttention,), rules.multihead_attention, description="packed q/k/v, head blocks"),
+        H("torch.nn.functional.linear", FN, (F.linear,), rules.f_linear),
+        H("torch.nn.functional.layer_norm", FN, (F.layer_norm,), rules.f_layer_norm),
+        H("torch.nn.functional.group_norm", FN, (F.group_norm,), rules.f_group_norm),
+        H("torch.nn.functional.embedding", FN, (F.embedding,), rules.f_embedding),
+        H("torch.nn.functional.scaled_dot_product_attention", FN, (F.scaled_dot_product_attention,), rules.sdpa),
+        # per-element ops
+        H("activations", M, _ACTIVATIONS, rules.unary),
+        H("unary-functions", FN, _UNARY_FUNCS, rules.unary),
+        H("unary-methods", METH, _UNARY_METHODS, rules.unary),
+        H("binary-functions", FN, _BINARY_FUNCS, rules.elementwise),
+        H("binary-methods", METH, _BINARY_METHODS, rules.elementwise),
+        # spatial
+        H("pooling", M, _POOLS, rules.spatial),
+        H("pooling-functions", FN, _POOL_FUNCS, rules.spatial),
+        H("interpolate", FN, (F.interpolate,), _interpolate),
+        H("pad", FN, (F.pad,), rules.pad),
+        # shapes
+        H("torch.nn.Flatten", M, (nn.Flatten, nn.Unflatten), rules.reshape),
+        H("reshape-functions", FN, _RESHAPE_FUNCS, rules.reshape),
+        H("reshape-methods", METH, _RESHAPE_METHODS, rules.reshape),
+        H("permute", FN, (torch.permute,), rules.permute),
+        H("permute-method", METH, ("permute",), rules.permute),
+        H("transpose", FN, (torch.transpose, torch.swapaxes, torch.t), rules.transpose),
+        H("transpose-methods", METH, ("transpose", "swapaxes", "t"), rules.transpose),
+        H("movedim", FN, (torch.movedim, torch.moveaxis), rules.movedim),
+        H("movedim-method", METH, ("movedim", "moveaxis"), rules.movedim),
+        H("expand", METH, ("expand", "expand_as", "broadcast_to"), rules.expand),
+        H("expand-function", FN, (torch.broadcast_to,), rules.expand),
+        H("repeat", METH, ("repeat",), rules.repeat),
+        H("cat", FN, (torch.cat, torch.concat, torch.concatenate), rules.cat),
+        H("stack", FN, (torch.stack,), rules.stack),
+        H("split", FN, (torch.split, torch.chunk, torch.tensor_split), rules.split),
+        H("split-methods", METH, ("split", "chunk", "tensor_split", "split_with_sizes"), rules.split),
+        H("unbind", FN, (torch.unbind,), rules.unbind),
+        H("unbind-method", METH, ("unbind",), rules.unbind),
+        H("getitem", FN, (operator.getitem,), rules.getitem),
+        # reductions and contractions
+        H("reductions", FN, _REDUCE_FUNCS, rules.reduce),
+        H("reduction-methods", METH, _REDUCE_METHODS, rules.reduce),
+        H("arg-reductions", FN, (torch.max, torch.min, torch.argmax, torch.argmin), lambda ctx: rules.reduce(ctx, returns_indices=True)),
+        H("arg-reduction-methods", METH, ("max", "min", "argmax", "argmin"), lambda ctx: rules.reduce(ctx, returns_indices=True)),
+        H("matmul", FN, (torch.matmul, operator.matmul, torch.bmm, torch.mm), rules.matmul),
+        H("matmul-methods", METH, ("matmul", "bmm", "mm"), rules.matmul),
+        # metadata
+        H("metadata", FN, (builtins.getattr, builtins.len), rules.no_tensor_output),
+        H("metadata-methods", METH, ("size", "dim", "numel", "item", "tolist"), rules.no_tensor_output),
+    ]
+
+
+@hookimpl
+def mudsc_layer_handlers() -> list[LayerHandler]:
+    return _handlers()
