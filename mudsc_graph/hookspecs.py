@@ -37,7 +37,8 @@ def mudsc_layer_handlers() -> Iterable[LayerHandler]:
         def _scaled_linear(ctx):
             x = ctx.input(0)
             ctx.link(x.axis(-1), ctx.param("weight", 1))      # input features = weight columns
-            out = ctx.new_axis_like(x)                           # batch axes pass through
+            ctx.link(ctx.param("scale", 0), ctx.param("weight", 0))
+            out = ctx.like(x)                                    # batch axes pass through
             out[-1] = ctx.param("weight", 0)                     # output features = weight rows
             ctx.set_output(out)
 

@@ -143,7 +143,9 @@ def check(spec: MergeSpec, model: torch.nn.Module, example_inputs: tuple, *, see
 
 
 def _culprit(spec: MergeSpec, model, inputs, perm, ref, tol) -> str:
+    """Name the groups that change the output when permuted alone (coupled groups together)."""
     seen: set[int] = set()
+    bad = []
     for g in spec.groups:
         if g.id in seen or g.id not in perm:
             continue
@@ -153,5 +155,8 @@ def _culprit(spec: MergeSpec, model, inputs, perm, ref, tol) -> str:
         diff, _ = _max_diff(ref, _flat_outputs(apply_permutation(spec, model, sub).eval()(*inputs)))
         if diff > tol:
             names = ", ".join(f"{n}[{a}]" for n, a in g.members[:4])
-            return f"group {g.id} ({g.size} units, {g.blocks} blocks; {names}{', ...' if len(g.members) > 4 else ''}) alone changes it by {diff:.3g}"
-    return "no single group changes it alone (an interaction between groups)"
+            more = ", ..." if len(g.members) > 4 else ""
+            bad.append(f"group {g.id} ({g.size} units, {g.blocks} blocks; {names}{more}) alone changes it by {diff:.3g}")
+    if not bad:
+        return "no single group changes it alone (an interaction between groups)"
+    return "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more groups" if len(bad) > 3 else "")

@@ -156,6 +156,8 @@ class OpContext:
         size = self.spaces.size[self.spaces.find(s)]
         if size % n:
             raise AnalysisError(f"cannot split {size} units into {n} blocks")
+        if size == n:  # blocks of one unit: the space itself moves block-wise (depthwise conv)
+            return s, self.fixed(1)
         r, inner = self.spaces.split(s, (n, size // n))
         return r, inner
 

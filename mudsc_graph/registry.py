@@ -53,14 +53,6 @@ def make_plugin_manager(*, load_entry_points: bool | None = None, extra: Iterabl
     for i, plugin in enumerate(extra):
         pm.register(plugin, name=getattr(plugin, "__name__", None) or f"extra-{i}")
     pm.check_pending()
-    if os.environ.get("MUDSC_TRACE_PLUGINS"):
-        def before(hook_name, hook_impls, kwargs):
-            print(f"[mudsc plugins] {hook_name} -> {[i.plugin_name for i in hook_impls]}", file=sys.stderr)
-
-        def after(outcome, hook_name, hook_impls, kwargs):
-            print(f"[mudsc plugins] {hook_name} returned {outcome.get_result()!r}"[:2000], file=sys.stderr)
-
-        pm.add_hookcall_monitoring(before, after)
     return pm
 
 
@@ -156,9 +148,13 @@ def _target_name(t: Any) -> str:
 
 def _collect(pm: pluggy.PluginManager, hook: str, record_type: type) -> list[tuple[str, list]]:
     out = []
+    trace = bool(os.environ.get("MUDSC_TRACE_PLUGINS"))
     for impl in getattr(pm.hook, hook).get_hookimpls():
         result = impl.function()
         records = list(result or ())
+        if trace:
+            print(f"[mudsc plugins] {impl.plugin_name}.{hook}() -> {len(records)} records: "
+                  f"{', '.join(getattr(r, 'name', '?') for r in records)}", file=sys.stderr)
         for r in records:
             if not isinstance(r, record_type):
                 raise PluginError(f"plugin {impl.plugin_name!r}: {hook}() must return {record_type.__name__} records, got {type(r).__name__}")

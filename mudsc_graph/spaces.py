@@ -259,6 +259,10 @@ class SpaceTable:
                     if not self.is_fixed(child):
                         self.fix(child, reason)
                         changed = True
+            for root, d in list(self.defn.items()):  # made only of fixed pieces: fixed itself
+                if self.find(root) == root and root not in self.fixed and all(self.is_fixed(c) for c in _children(d)):
+                    self.fixed[root] = ""
+                    changed = True
             seen: dict[tuple, int] = {}
             for root, d in list(self.defn.items()):
                 if self.find(root) != root:

@@ -1,0 +1,198 @@
+"""Plugins: custom layer handlers through the hook, conflicts, validation, entry points."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mudsc_graph import LayerHandler, PluginError, analyze, hookimpl, registry_with
+from mudsc_graph import registry as registry_mod
+from mudsc_graph.errors import UnsupportedOpError
+
+
+class ScaledLinear(nn.Module):
+    """A custom layer written with einsum, which no built-in handler understands."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, i) / i**0.5)
+        self.scale = nn.Parameter(torch.rand(o) + 0.5)
+
+    def forward(self, x):
+        return torch.einsum("bi,oi->bo", x, self.weight) * self.scale
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = ScaledLinear(6, 16)
+        self.b = ScaledLinear(16, 12)
+        self.c = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _scaled_linear(ctx):
+    x = ctx.input(0)
+    ctx.link(x.axis(-1), ctx.param("weight", 1))
+    ctx.link(ctx.param("scale", 0), ctx.param("weight", 0))
+    out = ctx.like(x)
+    out[-1] = ctx.param("weight", 0)
+    ctx.set_output(out)
+
+
+class ScaledLinearPlugin:
+    @hookimpl
+    def mudsc_layer_handlers(self):
+        return [LayerHandler("test.ScaledLinear", "call_module", (ScaledLinear,), _scaled_linear)]
+
+
+def _inputs():
+    return (torch.randn(5, 6, generator=torch.Generator().manual_seed(0)),)
+
+
+def test_without_a_handler_the_custom_op_is_kept_fixed_with_a_warning():
+    torch.manual_seed(0)
+    model = Net()
+    with pytest.warns(UserWarning, match="einsum"):
+        spec = analyze(model, _inputs())
+    assert spec.permutable_units < 28
+    spec.check(model, _inputs())
+    with pytest.raises(UnsupportedOpError, match="einsum"):
+        analyze(model, _inputs(), strict=True)
+
+
+def test_a_registered_handler_merges_through_the_custom_module():
+    torch.manual_seed(0)
+    model = Net()
+    reg = registry_with(ScaledLinearPlugin())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = analyze(model, _inputs(), registry=reg, strict=True)
+    assert spec.permutable_units == 16 + 12
+    hidden = [g for g in spec.free_groups() if g.size == 16][0]
+    assert {("a.weight", 0), ("a.scale", 0), ("b.weight", 1)} <= set(hidden.members)
+    for seed in range(3):
+        spec.check(model, _inputs(), seed=seed)
+    # a permuted copy really differs in its weights, and computes the same function
+    perm = spec.random_permutation(seed=1)
+    twin = spec.apply_permutation(model, perm)
+    assert not torch.equal(twin.a.weight, model.a.weight)
+    x = _inputs()
+    torch.testing.assert_close(twin(*x), model(*x), rtol=1e-5, atol=1e-5)
+
+
+def test_two_plugins_for_one_target_is_an_error_naming_both():
+    class Other:
+        @hookimpl
+        def mudsc_layer_handlers(self):
+            return [LayerHandler("other.ScaledLinear", "call_module", (ScaledLinear,), _scaled_linear)]
+
+    with pytest.raises(PluginError) as err:
+        registry_with(ScaledLinearPlugin(), Other())
+    msg = str(err.value)
+    assert "test.ScaledLinear" in msg and "other.ScaledLinear" in msg and "\n" not in msg
+
+
+def test_higher_priority_overrides_a_builtin():
+    calls = []
+
+    def linear_spy(ctx):
+        calls.append(ctx.node.name)
+        from mudsc_graph import rules
+
+        rules.nn_linear(ctx)
+
+    class Override:
+        @hookimpl
+        def mudsc_layer_handlers(self):
+            return [LayerHandler("spy.Linear", "call_module", (nn.Linear,), linear_spy, priority=10)]
+
+    reg = registry_with(Override())
+    analyze(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (torch.randn(3, 4),), registry=reg)
+    assert calls == ["_0", "_2"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="bad name!", opcode="call_module", targets=(nn.Linear,)), "invalid"),
+        (dict(name="x", opcode="call_thing", targets=(nn.Linear,)), "opcode"),
+        (dict(name="x", opcode="call_method", targets=(nn.Linear,)), "method names"),
+        (dict(name="x", opcode="call_module", targets=("view",)), "module classes"),
+        (dict(name="x", opcode="call_module", targets=()), "non-empty"),
+    ],
+)
+def test_handler_records_validate_themselves(kwargs, match):
+    with pytest.raises(PluginError, match=match):
+        LayerHandler(propagate=_scaled_linear, **kwargs)
+
+
+def test_a_hook_returning_the_wrong_record_type_is_named():
+    class Wrong:
+        @hookimpl
+        def mudsc_layer_handlers(self):
+            return ["not a record"]
+
+    with pytest.raises(PluginError, match="LayerHandler"):
+        registry_with(Wrong())
+
+
+def test_a_misspelt_hook_fails_loudly():
+    class Misspelt:
+        @hookimpl
+        def mudsc_layer_handler(self):  # missing "s"
+            return []
+
+    with pytest.raises(Exception, match="mudsc_layer_handler"):
+        registry_with(Misspelt())
+
+
+class _FakeEntryPoint:
+    def __init__(self, name, obj=None, error=None):
+        self.name, self.value, self._obj, self._error = name, f"fake:{name}", obj, error
+
+    def load(self):
+        if self._error:
+            raise self._error
+        return self._obj
+
+
+def test_entry_point_plugins_load_and_broken_ones_only_warn(monkeypatch):
+    plugin = types.SimpleNamespace(mudsc_layer_handlers=ScaledLinearPlugin().mudsc_layer_handlers)
+    eps = [_FakeEntryPoint("good", plugin), _FakeEntryPoint("broken", error=ImportError("no module named nope"))]
+    monkeypatch.setattr(registry_mod, "entry_points", lambda group: eps if group == "mudsc" else [])
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("MUDSC_PLUGINS", raising=False)
+    with pytest.warns(UserWarning, match="broken"):
+        pm = registry_mod.make_plugin_manager()
+    assert pm.has_plugin("good") and not pm.has_plugin("broken")
+    reg = registry_mod.Registry.from_plugin_manager(pm)
+    assert reg.handler_for("call_module", ScaledLinear).name == "test.ScaledLinear"
+
+    monkeypatch.setenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert not registry_mod.make_plugin_manager().has_plugin("good")
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.setenv("MUDSC_PLUGINS", "other")
+    assert not registry_mod.make_plugin_manager().has_plugin("good")
+
+
+def test_trace_variable_prints_hook_calls(monkeypatch, capsys):
+    monkeypatch.setenv("MUDSC_TRACE_PLUGINS", "1")
+    monkeypatch.setenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", "1")
+    registry_mod.Registry.from_plugin_manager(registry_mod.make_plugin_manager())
+    err = capsys.readouterr().err
+    assert "mudsc_layer_handlers" in err and "mudsc_plugins.layers" in err
+
+
+def test_builtins_register_through_the_hooks():
+    pm = registry_mod.make_plugin_manager(load_entry_points=False)
+    names = {impl.plugin_name for impl in pm.hook.mudsc_layer_handlers.get_hookimpls()}
+    assert "mudsc_plugins.layers" in names
+    names = {impl.plugin_name for impl in pm.hook.mudsc_architectures.get_hookimpls()}
+    assert "mudsc_plugins.architectures" in names
