@@ -191,10 +191,12 @@ class OpContext:
         self._prop.unsupported(self, why)
 
     def _reason(self) -> str:
-        t = self.node.target
-        tname = getattr(t, "__name__", None) or str(t)
+        if self.module is not None:
+            what = f"module {type(self.module).__name__}"
+        else:
+            what = f"op {_tname(self.node.target)}"
         where = f" ({self.path})" if self.path else ""
-        return f"unsupported op {tname!s} at node {self.node.name}{where}"
+        return f"unsupported {what} at node {self.node.name}{where}"
 
 
 def _map_shape(shape: Any, fn) -> Any:

@@ -647,3 +647,88 @@ def multihead_attention(ctx: OpContext) -> None:
     out = [_plain(ctx, L) for L in q.layout[:-1]] + [out_units]
     weights_shape = ctx.out_shape[1] if isinstance(ctx.out_shape, list) else None
     ctx.set_output([out, [ctx.fixed(n) for n in weights_shape] if weights_shape else None])
+
+
+def einsum(ctx: OpContext) -> None:
+    """einsum: axes with the same subscript letter index the same units; "..." aligns right."""
+    eq = ctx.arg(0, "equation")
+    ops = [v for v in ctx.node.args[1:]]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    values = [ctx.value(o) for o in ops]
+    if not isinstance(eq, str) or not all(isinstance(v, Value) for v in values):
+        ctx.unsupported("einsum with non-tensor operands")
+        return
+    eq = eq.replace(" ", "")
+    lhs, rhs = eq.split("->") if "->" in eq else (eq, None)
+    specs = lhs.split(",")
+    n_ell = max((v.ndim - len(s.replace("...", "")) for s, v in zip(specs, values) if "..." in s), default=0)
+    ell = [f"...{i}" for i in range(n_ell)]
+
+    def letters(spec: str, ndim: int) -> list[str]:
+        if "..." not in spec:
+            return list(spec)
+        a, b = spec.split("...")
+        k = ndim - len(a) - len(b)
+        return list(a) + ell[n_ell - k :] + list(b)
+
+    if rhs is None:  # implicit output: ellipsis then letters that appear once, sorted
+        counts: dict[str, int] = {}
+        for c in lhs.replace(",", "").replace("...", ""):
+            counts[c] = counts.get(c, 0) + 1
+        out_letters = ell + sorted(c for c, n in counts.items() if n == 1)
+    else:
+        out_letters = letters(rhs, len(ctx.out_shape))
+    frame: dict[str, int] = {}
+    per_letter: dict[str, Layout] = {}
+    for spec, v in zip(specs, values):
+        names = letters(spec, v.ndim)
+        if len(names) != v.ndim or len(set(names)) != len(names):
+            ctx.unsupported("einsum with repeated subscripts in one operand")
+            return
+        for c in names:
+            frame.setdefault(c, len(frame))
+        mapping = {i: frame[c] for i, c in enumerate(names)}
+        for i, c in enumerate(names):
+            if v.shape[i] == 1:
+                continue
+            L = rebase(ctx, v.layout[i], mapping)
+            if c in per_letter:
+                ctx.link(per_letter[c], L)
+            else:
+                per_letter[c] = L
+    to_out = {frame[c]: k for k, c in enumerate(out_letters) if c in frame}
+    ctx.set_output(
+        [rebase(ctx, per_letter[c], to_out) if c in per_letter else ctx.fixed(ctx.out_shape[k]) for k, c in enumerate(out_letters)]
+    )
+
+
+def constant_like(ctx: OpContext) -> None:
+    """zeros_like / ones_like / full_like ...: values do not depend on the input's units."""
+    ctx.set_output([ctx.new(n) for n in ctx.out_shape])
+
+
+def f_conv(ctx: OpContext) -> None:
+    w, b = ctx.input(1, "weight"), ctx.input(2, "bias")
+    if not isinstance(w, Value):
+        ctx.unsupported("convolution with a weight that is not a parameter")
+        return
+    groups = ctx.arg(6, "groups", 1)
+    conv_layer(ctx, ctx.input(0), w, b if isinstance(b, Value) else None, groups)
+
+
+def f_batch_norm(ctx: OpContext) -> None:
+    x = ctx.input(0)
+    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        p = ctx.input(i, name)
+        if isinstance(p, Value):
+            ctx.link(x.axis(1 if x.ndim > 1 else 0), p.axis(0))
+    ctx.set_output(ctx.like(x))
+
+
+def arg_reduce(ctx: OpContext) -> None:
+    """max / min / argmax / argmin: with a tensor second argument, an elementwise max or min."""
+    if isinstance(ctx.arg(1, "other"), type(ctx.node)):
+        elementwise(ctx)
+    else:
+        reduce(ctx, returns_indices=True)
