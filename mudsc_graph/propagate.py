@@ -299,7 +299,7 @@ class Propagator:
                 touched += [self.attr_space(prefix + pname, i) for i in range(p.dim())]
             for bname, b in ctx.module.named_buffers():
                 touched += [self.attr_space(prefix + bname, i) for i in range(b.dim())]
-        free = any(not self.spaces.is_fixed(s) for L in touched for s in self.spaces.leaves(L))
+        free = not all(self.spaces.settled(L) for L in touched)
         if free:
             msg = f"{reason}: {why}; the spaces it touches are kept as they are (not merged)"
             if self.strict:

@@ -220,7 +220,7 @@ def pad(ctx: OpContext) -> None:
     for j in range(len(widths) // 2):
         ax = x.ndim - 1 - j
         if widths[2 * j] or widths[2 * j + 1]:
-            ctx.spaces.fix_layout(x.axis(ax), "" if ctx.spaces.is_fixed(ctx.spaces.collapse(x.axis(ax))) else ctx._reason() + " (padding a unit axis)")
+            ctx.spaces.fix_layout(x.axis(ax), "" if ctx.spaces.settled(x.axis(ax)) else ctx._reason() + " (padding a unit axis)")
             out[ax] = ctx.fixed(ctx.out_shape[ax])
     ctx.set_output(out)
 
@@ -495,7 +495,7 @@ def getitem(ctx: OpContext) -> None:
             continue
         n = src.shape[ax]
         if isinstance(it, int):
-            sp.fix_layout(layout[ax], "" if all(sp.is_fixed(s) for s in sp.leaves(layout[ax])) else f"a single unit is selected at node {ctx.node.name}")
+            sp.fix_layout(layout[ax], "" if sp.settled(layout[ax]) else f"a single unit is selected at node {ctx.node.name}")
             selected[ax] = it % n
         else:
             start, stop, step = it.indices(n)
@@ -532,7 +532,7 @@ def reduce(ctx: OpContext, returns_indices: bool = False) -> None:
         dims = list(range(x.ndim))
     if returns_indices:
         for d in dims:
-            ctx.spaces.fix_layout(x.axis(d), "" if all(ctx.spaces.is_fixed(s) for s in ctx.spaces.leaves(x.axis(d))) else f"an arg-max over units at node {ctx.node.name}")
+            ctx.spaces.fix_layout(x.axis(d), "" if ctx.spaces.settled(x.axis(d)) else f"an arg-max over units at node {ctx.node.name}")
     out_shape = ctx.out_shape if isinstance(ctx.out_shape, tuple) else ctx.out_shape[0]
     keepdim = len(out_shape) == x.ndim
     mapping, k = {}, 0

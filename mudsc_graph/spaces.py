@@ -72,6 +72,8 @@ class SpaceTable:
         sid = len(self.parent)
         self.parent.append(sid)
         self.size.append(int(size))
+        if fixed is None and size <= 1:
+            fixed = ""  # one unit: nothing to permute
         if fixed is not None:
             self.fixed[sid] = fixed
         return sid
@@ -87,6 +89,17 @@ class SpaceTable:
 
     def is_fixed(self, x: int) -> bool:
         return self.find(x) in self.fixed
+
+    def settled(self, layout: "Layout") -> bool:
+        """True when every space of ``layout`` is fixed, directly or through its definition."""
+        for x in self.leaves(layout):
+            r = self.find(x)
+            if r in self.fixed:
+                continue
+            d = self.defn.get(r)
+            if d is None or not all(self.settled(c) for c in _children(d)):
+                return False
+        return True
 
     def fix(self, x: int, reason: str = "") -> None:
         r = self.find(x)

@@ -1,0 +1,36 @@
+"""The two rich consoles of the CLI and how errors and warnings are printed.
+
+Results go to stdout; errors, warnings and progress go to stderr, so that ``--json`` output on
+stdout stays machine-readable. Consoles are made per call (not at import) so that they write to
+whatever ``sys.stdout``/``sys.stderr`` are at that moment (``CliRunner`` swaps them).
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.text import Text
+
+DEBUG_ENV = "MUDSC_DEBUG"
+
+
+def out() -> Console:
+    """Console for results (stdout)."""
+    return Console(highlight=False, markup=False)
+
+
+def err() -> Console:
+    """Console for errors, warnings and progress (stderr)."""
+    return Console(stderr=True, highlight=False, markup=False)
+
+
+def print_error(exc: BaseException) -> None:
+    """One red line ``error: <message>`` and a dim hint, on stderr."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    console = err()
+    console.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    console.print(Text(f"set {DEBUG_ENV}=1 for the traceback", style="dim"), soft_wrap=True)
+
+
+def print_warning(message: str) -> None:
+    """One yellow line ``warning: <message>`` on stderr."""
+    err().print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)

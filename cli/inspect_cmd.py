@@ -1,0 +1,208 @@
+"""``mudsc inspect``: build a registered architecture and show its merge groups.
+
+Results go to stdout (a table and a summary, or with ``--json`` the MergeSpec as JSON and
+nothing else); warnings, progress and errors go to stderr.
+"""
+
+import ast
+import inspect
+import json
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from mudsc_graph.errors import MudscError
+
+from .console import err, out, print_warning
+
+#: Batch size of the example inputs that the model is traced and checked with.
+EXAMPLE_BATCH = 2
+#: How many member names a row of the group table shows.
+MEMBERS_SHOWN = 3
+
+
+class ArchOptionError(MudscError):
+    """An ``--arch-opt`` is malformed or not accepted by the architecture's factory."""
+
+
+def parse_arch_opts(items: Optional[list[str]]) -> dict[str, Any]:
+    """``["width=2", "norm=gn"]`` -> ``{"width": 2, "norm": "gn"}``.
+
+    Values are read with :func:`ast.literal_eval` (numbers, booleans, tuples, lists, quoted
+    strings, None) and fall back to the raw string.
+    """
+    opts: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ArchOptionError(f"--arch-opt {item!r} is not KEY=VALUE (for example --arch-opt width=2)")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = raw
+        opts[key] = value
+    return opts
+
+
+def _check_options(arch: Any, opts: dict[str, Any]) -> None:
+    """Reject option names the factory does not take, naming the ones it does."""
+    try:
+        params = list(inspect.signature(arch.factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: let the factory judge
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in opts:
+        if key not in accepted:
+            import difflib
+
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            choices = ", ".join(accepted) or "none"
+            raise ArchOptionError(f"architecture {arch.name!r} has no option {key!r}{hint} (its options: {choices})")
+
+
+def build_architecture(name: str, opts: dict[str, Any]) -> tuple[Any, Any, tuple]:
+    """Look ``name`` up in the registry; return ``(architecture, model in eval mode, example inputs)``.
+
+    The model is built with ``torch.manual_seed(0)``, so its weights are the same on every run.
+    """
+    import torch
+
+    from mudsc_graph.registry import get_registry
+
+    arch = get_registry().architecture(name)
+    _check_options(arch, opts)
+    torch.manual_seed(0)
+    try:
+        model = arch.build(**opts)
+    except (TypeError, ValueError) as exc:
+        if not opts:
+            raise
+        shown = " ".join(f"{k}={v!r}" for k, v in opts.items())
+        raise ArchOptionError(f"architecture {arch.name!r} rejected the options {shown}: {exc}") from exc
+    model.eval()
+    return arch, model, tuple(arch.example_inputs(EXAMPLE_BATCH))
+
+
+def _list_architectures(as_json: bool) -> None:
+    from mudsc_graph.registry import get_registry
+
+    registry = get_registry()
+    rows = [
+        {
+            "name": a.name,
+            "aliases": list(a.aliases),
+            "plugin": registry.arch_plugins.get(a.name, ""),
+            "description": a.description,
+            "defaults": {k: repr(v) for k, v in a.defaults.items()},
+        }
+        for a in sorted(registry.architectures.values(), key=lambda a: a.name)
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="registered architectures")
+    for column in ("name", "aliases", "plugin", "description"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("name", "aliases"))
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["aliases"]), r["plugin"], r["description"])
+    out().print(table)
+
+
+def _member_label(member: Any) -> str:
+    name, axis = member
+    return f"{name}:{axis}"
+
+
+def _groups_table(spec: Any, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("id", justify="right")
+    table.add_column("units", justify="right")
+    table.add_column("blocks", justify="right")
+    table.add_column("fixed", overflow="fold")
+    table.add_column("members", justify="right")
+    table.add_column("first members", no_wrap=True, overflow="ellipsis")
+    table.add_column("coupled")
+    for g in spec.groups:
+        fixed = ("fixed: " + g.reason if g.reason else "fixed") if g.fixed else ""
+        shown = "\n".join(_member_label(m) for m in g.members[:MEMBERS_SHOWN])
+        if len(g.members) > MEMBERS_SHOWN:
+            shown += "\n..."
+        coupled = ", ".join(str(c) for c in g.coupled)
+        table.add_row(str(g.id), str(g.size), str(g.blocks), fixed, str(len(g.members)), shown, coupled)
+    return table
+
+
+def inspect_command(
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", "-a", help="Name or alias of a registered architecture (see --list).", show_default=False),
+    ] = None,
+    arch_opt: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--arch-opt",
+            "-o",
+            metavar="KEY=VALUE",
+            help="Option for the architecture's factory; the value is read as a Python literal, else as a string. Repeat for several.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only the MergeSpec as JSON on stdout (with --list: the architectures).")
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Also apply a random valid permutation to every group and verify that the output is unchanged."),
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Fail on an op that no layer handler understands instead of fixing the spaces it touches."),
+    ] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the registered architectures and exit.")] = False,
+) -> None:
+    """Show the merge groups that mudsc infers for an architecture."""
+    if list_:
+        _list_architectures(as_json)
+        return
+    if not arch:
+        raise typer.BadParameter("give an architecture name, or --list to see them", param_hint="'--arch'")
+    opts = parse_arch_opts(arch_opt)
+    stderr = err()
+    architecture, model, inputs = build_architecture(arch, opts)
+
+    from mudsc_graph import analyze
+
+    with stderr.status(f"analysing {architecture.name} ...", spinner="dots"):
+        start = time.perf_counter()
+        spec = analyze(model, inputs, strict=strict)
+        seconds = time.perf_counter() - start
+    for warning in spec.warnings:
+        print_warning(warning)
+
+    difference = None
+    if check:
+        with stderr.status("self-check: permuting every group ...", spinner="dots"):
+            difference = spec.check(model, inputs, seed=0)
+
+    if as_json:
+        typer.echo(spec.to_json())
+        if difference is not None:
+            stderr.print(f"self-check passed: max abs difference {difference:.3g}", highlight=False)
+        return
+
+    n_fixed = sum(1 for g in spec.groups if g.fixed)
+    shown_opts = "".join(f" {k}={v!r}" for k, v in opts.items())
+    console = out()
+    console.print(_groups_table(spec, f"merge groups of {architecture.name}{shown_opts}"))
+    console.print(
+        f"{len(spec.groups)} groups ({len(spec.groups) - n_fixed} permutable, {n_fixed} fixed), "
+        f"{spec.permutable_units} permutable units, analysed in {seconds:.2f} s"
+    )
+    if difference is not None:
+        console.print(f"self-check passed: max abs difference {difference:.3g}")
