@@ -20,7 +20,7 @@ import torch.fx as fx
 from .errors import AnalysisError, UnsupportedOpError
 from .ir import nodes_in_order
 from .registry import Registry
-from .spaces import Dep, Layout, SizeMismatch, SpaceTable, remap
+from .spaces import Layout, SizeMismatch, SpaceTable, remap
 
 
 @dataclass

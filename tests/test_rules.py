@@ -160,3 +160,23 @@ def test_multihead_attention_without_its_handler_stays_correct():
     with_handler = analyze(model, x)
     assert spec.permutable_units == 4 * 128  # only the MLP hidden layers remain
     assert with_handler.permutable_units == 64 + 4 * (64 + 64 + 128)
+
+
+class GlobalMax(nn.Module):
+    """x.max() without dim returns only the value: the units stay permutable."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc1(x).relu()
+        return self.fc2(h) + h.max() + torch.max(h, h * 2).sum()
+
+
+def test_max_without_dim_keeps_units_permutable():
+    torch.manual_seed(0)
+    model, x = GlobalMax(), (torch.randn(3, 4),)
+    spec = analyze(model, x, strict=True)
+    assert spec.permutable_units == 8
+    spec.check(model, x)

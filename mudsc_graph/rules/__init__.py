@@ -1,0 +1,29 @@
+"""Reusable propagation rules: the building blocks of layer handlers.
+
+Each rule takes an :class:`~mudsc_graph.propagate.OpContext` and sets the node's output. The
+built-in handlers in ``mudsc_plugins.layers`` are thin registrations of these rules, and plugin
+authors can reuse them (``rules.elementwise`` for a custom activation, ``rules.reshape`` for a
+custom view op, ...). Rules fall back to ``ctx.unsupported`` on anything they do not understand, so
+the result is less merged, never wrong.
+"""
+from .base import param_value, rebase
+from .contract import einsum, matmul, sdpa
+from .layers import (
+    channel_norm, conv_layer, embedding, f_batch_norm, f_conv, f_embedding, f_group_norm, f_layer_norm, f_linear,
+    group_norm, layer_norm, linear_layer, multihead_attention, nn_conv, nn_embedding, nn_group_norm, nn_layer_norm,
+    nn_linear, prelu,
+)
+from .pointwise import arg_reduce, constant_like, elementwise, no_tensor_output, pad, reduce, spatial, unary
+from .shapes import (
+    cat, expand, getitem, movedim, permute, permute_axes, repeat, reshape, reshape_layouts, split, stack, transpose,
+    unbind,
+)
+
+__all__ = [
+    "arg_reduce", "cat", "channel_norm", "constant_like", "conv_layer", "einsum", "elementwise", "embedding", "expand",
+    "f_batch_norm", "f_conv", "f_embedding", "f_group_norm", "f_layer_norm", "f_linear", "getitem", "group_norm",
+    "layer_norm", "linear_layer", "matmul", "movedim", "multihead_attention", "nn_conv", "nn_embedding",
+    "nn_group_norm", "nn_layer_norm", "nn_linear", "no_tensor_output", "pad", "param_value", "permute",
+    "permute_axes", "prelu", "rebase", "reduce", "repeat", "reshape", "reshape_layouts", "sdpa", "spatial", "split",
+    "stack", "transpose", "unary", "unbind",
+]

@@ -1,0 +1,113 @@
+"""Rules for contractions: matmul, scaled dot-product attention, einsum."""
+
+from __future__ import annotations
+
+from ..propagate import OpContext, Value
+from ..spaces import Layout
+from .base import _plain, rebase
+
+
+def matmul(ctx: OpContext) -> None:
+    """``a @ b``: a's last axis and b's second to last are contracted (one space); batch axes broadcast."""
+    a, b = ctx.input(0), ctx.input(1)
+    if not isinstance(a, Value) or not isinstance(b, Value):
+        ctx.unsupported("matmul with a non-tensor")
+        return
+    out_shape = ctx.out_shape
+    a2 = a if a.ndim > 1 else Value((1,) + a.shape, [ctx.fixed(1)] + [_plain(ctx, a.axis(0))])
+    b2 = b if b.ndim > 1 else Value(b.shape + (1,), [_plain(ctx, b.axis(0)), ctx.fixed(1)])
+    nb = max(a2.ndim, b2.ndim) - 2
+    ma = {i: i + nb - (a2.ndim - 2) for i in range(a2.ndim - 2)}
+    mb = {i: i + nb - (b2.ndim - 2) for i in range(b2.ndim - 2)}
+    ctx.link(rebase(ctx, a2.axis(-1), ma), rebase(ctx, b2.axis(-2), mb))
+    batch = ctx.broadcast(
+        [
+            Value(a2.shape[:-2], [rebase(ctx, L, {i: i for i in range(a2.ndim - 2)}) for L in a2.layout[:-2]]),
+            Value(b2.shape[:-2], [rebase(ctx, L, {i: i for i in range(b2.ndim - 2)}) for L in b2.layout[:-2]]),
+        ],
+        tuple(max(p, q) for p, q in zip((1,) * (nb - (a2.ndim - 2)) + a2.shape[:-2], (1,) * (nb - (b2.ndim - 2)) + b2.shape[:-2])),
+    )
+    out = batch + [rebase(ctx, a2.axis(-2), ma), rebase(ctx, b2.axis(-1), mb)]
+    if a.ndim == 1:
+        out.pop(-2)
+    if b.ndim == 1:
+        out.pop(-1)
+    if len(out) != len(out_shape):
+        ctx.unsupported("matmul with unexpected output rank")
+        return
+    ctx.set_output(out)
+
+
+def sdpa(ctx: OpContext) -> None:
+    """scaled_dot_product_attention(q, k, v): q/k contracted on the last axis, k/v share tokens."""
+    q, k, v = ctx.input(0, "query"), ctx.input(1, "key"), ctx.input(2, "value")
+    if ctx.node.kwargs.get("enable_gqa") or not (q.ndim == k.ndim == v.ndim) or q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        ctx.unsupported("attention with broadcast or grouped-query heads")
+        return
+    n = q.ndim
+    batch = {i: i for i in range(n - 2)}
+    for i in range(n - 2):
+        ctx.link(rebase(ctx, q.axis(i), batch), rebase(ctx, k.axis(i), batch))
+        ctx.link(rebase(ctx, q.axis(i), batch), rebase(ctx, v.axis(i), batch))
+    ctx.link(rebase(ctx, q.axis(-1), batch), rebase(ctx, k.axis(-1), batch))
+    ctx.link(rebase(ctx, k.axis(-2), batch), rebase(ctx, v.axis(-2), batch))
+    mask = ctx.input(3, "attn_mask")
+    if isinstance(mask, Value):
+        ctx.fix(*mask.layout, reason="")
+    ctx.set_output(
+        [rebase(ctx, L, batch) for L in q.layout[:-1]] + [rebase(ctx, v.axis(-1), batch)]
+    )
+
+
+def einsum(ctx: OpContext) -> None:
+    """einsum: axes with the same subscript letter index the same units; "..." aligns right."""
+    eq = ctx.arg(0, "equation")
+    ops = [v for v in ctx.node.args[1:]]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    values = [ctx.value(o) for o in ops]
+    if not isinstance(eq, str) or not all(isinstance(v, Value) for v in values):
+        ctx.unsupported("einsum with non-tensor operands")
+        return
+    eq = eq.replace(" ", "")
+    lhs, rhs = eq.split("->") if "->" in eq else (eq, None)
+    specs = lhs.split(",")
+    n_ell = max((v.ndim - len(s.replace("...", "")) for s, v in zip(specs, values) if "..." in s), default=0)
+    ell = [f"...{i}" for i in range(n_ell)]
+
+    def letters(spec: str, ndim: int) -> list[str]:
+        if "..." not in spec:
+            return list(spec)
+        a, b = spec.split("...")
+        k = ndim - len(a) - len(b)
+        return list(a) + ell[n_ell - k :] + list(b)
+
+    if rhs is None:  # implicit output: ellipsis then letters that appear once, sorted
+        counts: dict[str, int] = {}
+        for c in lhs.replace(",", "").replace("...", ""):
+            counts[c] = counts.get(c, 0) + 1
+        out_letters = ell + sorted(c for c, n in counts.items() if n == 1)
+    else:
+        out_letters = letters(rhs, len(ctx.out_shape))
+    frame: dict[str, int] = {}
+    per_letter: dict[str, Layout] = {}
+    for spec, v in zip(specs, values):
+        names = letters(spec, v.ndim)
+        if len(names) != v.ndim or len(set(names)) != len(names):
+            ctx.unsupported("einsum with repeated subscripts in one operand")
+            return
+        for c in names:
+            frame.setdefault(c, len(frame))
+        mapping = {i: frame[c] for i, c in enumerate(names)}
+        for i, c in enumerate(names):
+            if v.shape[i] == 1:
+                continue
+            L = rebase(ctx, v.layout[i], mapping)
+            if c in per_letter:
+                ctx.link(per_letter[c], L)
+            else:
+                per_letter[c] = L
+    to_out = {frame[c]: k for k, c in enumerate(out_letters) if c in frame}
+    ctx.set_output(
+        [rebase(ctx, per_letter[c], to_out) if c in per_letter else ctx.fixed(ctx.out_shape[k]) for k, c in enumerate(out_letters)]
+    )

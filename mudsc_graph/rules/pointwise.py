@@ -1,0 +1,110 @@
+"""Rules for ops that act per unit: elementwise, reductions, pooling, padding, metadata."""
+
+from __future__ import annotations
+
+from ..propagate import OpContext, Value
+from .base import _dims, rebase
+
+
+def no_tensor_output(ctx: OpContext) -> None:
+    """Ops that return shapes, sizes or other metadata: nothing to link."""
+    ctx.set_output(None if not isinstance(ctx.out_shape, tuple) else ctx.fresh_output())
+
+
+def elementwise(ctx: OpContext) -> None:
+    """Every tensor input is broadcast to the output and indexes the same units per axis."""
+    if not isinstance(ctx.out_shape, tuple):
+        ctx.set_output(None)
+        return
+    ctx.set_output(ctx.broadcast(ctx.tensor_inputs()))
+
+
+def unary(ctx: OpContext) -> None:
+    """Output axes are the first input's (contiguous, clone, to, dropout, softmax(dim) ...)."""
+    x = ctx.input(0)
+    if not isinstance(x, Value) or not isinstance(ctx.out_shape, tuple) or tuple(ctx.out_shape) != x.shape:
+        elementwise(ctx)
+        return
+    ctx.set_output(ctx.like(x))
+
+
+def constant_like(ctx: OpContext) -> None:
+    """zeros_like / ones_like / full_like ...: values do not depend on the input's units."""
+    ctx.set_output([ctx.new(n) for n in ctx.out_shape])
+
+
+def spatial(ctx: OpContext, k: int | None = None) -> None:
+    """Pooling, upsampling: the last ``k`` (spatial) axes change, the others pass through."""
+    x = ctx.input(0)
+    out = list(ctx.out_shape)
+    if k is None:
+        k = _spatial_dims(ctx)
+    keep = x.ndim - k
+    layout = [rebase(ctx, L, {i: i for i in range(keep)}) for L in x.layout[:keep]]
+    ctx.set_output(layout + [ctx.fixed(n) for n in out[keep:]])
+
+
+def _spatial_dims(ctx: OpContext) -> int:
+    name = type(ctx.module).__name__ if ctx.module is not None else getattr(ctx.node.target, "__name__", "")
+    for d in ("1d", "2d", "3d"):
+        if name.endswith(d):
+            return int(d[0])
+    x = ctx.input(0)
+    return max(x.ndim - 2, 1)
+
+
+def pad(ctx: OpContext) -> None:
+    x = ctx.input(0)
+    widths = list(ctx.arg(1, "pad"))
+    out = ctx.like(x)
+    for j in range(len(widths) // 2):
+        ax = x.ndim - 1 - j
+        if widths[2 * j] or widths[2 * j + 1]:
+            ctx.spaces.fix_layout(x.axis(ax), "" if ctx.spaces.settled(x.axis(ax)) else ctx._reason() + " (padding a unit axis)")
+            out[ax] = ctx.fixed(ctx.out_shape[ax])
+    ctx.set_output(out)
+
+
+def reduce(ctx: OpContext, returns_indices: bool = False) -> None:
+    """mean / sum / amax / norm / var ... over ``dim``: reduced axes vanish (or become size 1)."""
+    x = ctx.input(0)
+    dims = _dims(ctx.arg(1, "dim"), x.ndim) if x.ndim else []
+    if dims is None:
+        dims = list(range(x.ndim))
+    if returns_indices:
+        for d in dims:
+            ctx.spaces.fix_layout(x.axis(d), "" if ctx.spaces.settled(x.axis(d)) else f"an arg-max over units at node {ctx.node.name}")
+    out_shape = ctx.out_shape if isinstance(ctx.out_shape, tuple) else ctx.out_shape[0]
+    keepdim = len(out_shape) == x.ndim
+    mapping, k = {}, 0
+    for i in range(x.ndim):
+        if i not in dims or keepdim:
+            mapping[i] = k
+            k += 1
+    out = []
+    for i in range(x.ndim):
+        if i in dims:
+            if keepdim:
+                out.append(ctx.fixed(1))
+        else:
+            out.append(rebase(ctx, x.layout[i], {a: b for a, b in mapping.items() if a not in dims}))
+    if isinstance(ctx.out_shape, list):  # (values, indices)
+        ctx.set_output([out, list(out)])
+    else:
+        ctx.set_output(out)
+
+
+def arg_reduce(ctx: OpContext) -> None:
+    """max / min / argmax / argmin.
+
+    With a tensor second argument: an elementwise max or min. ``max(x)`` without ``dim`` is a
+    plain reduction; with ``dim`` (or argmax) it also returns positions, which depend on the
+    order of units along ``dim``: that space is fixed.
+    """
+    other = ctx.arg(1, "other") if ctx.node.op == "call_method" or "other" in ctx.node.kwargs else ctx.arg(1)
+    if isinstance(other, type(ctx.node)):
+        elementwise(ctx)
+        return
+    name = getattr(ctx.node.target, "__name__", ctx.node.target)
+    has_dim = ctx.arg(1, "dim") is not None
+    reduce(ctx, returns_indices=has_dim or name in ("argmax", "argmin"))
