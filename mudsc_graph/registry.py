@@ -6,7 +6,7 @@ from the ``mudsc`` entry-point group. Environment variables:
 
 - ``MUDSC_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry-point plugins (built-ins still load);
 - ``MUDSC_PLUGINS=a,b``: load only the entry-point plugins with these names;
-- ``MUDSC_TRACE_PLUGINS=1``: print every hook call and its result to stderr.
+- ``MUDSC_TRACE_PLUGINS=1``: print each plugin's hook calls and what they register to stderr.
 """
 
 from __future__ import annotations

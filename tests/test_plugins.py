@@ -196,3 +196,28 @@ def test_builtins_register_through_the_hooks():
     assert "mudsc_plugins.layers" in names
     names = {impl.plugin_name for impl in pm.hook.mudsc_architectures.get_hookimpls()}
     assert "mudsc_plugins.architectures" in names
+
+
+def test_hook_mudsc_layer_handlers():
+    reg = registry_with(ScaledLinearPlugin())
+    h = reg.handler_for("call_module", ScaledLinear)
+    assert h.name == "test.ScaledLinear" and reg.handler_plugins[h.name] == "extra-0"
+    assert ("call_module", ScaledLinear) in reg.handlers and ScaledLinear in reg.leaf_module_types()
+
+
+def test_hook_mudsc_architectures():
+    from mudsc_graph import Architecture
+
+    class Archs:
+        @hookimpl
+        def mudsc_architectures(self):
+            return [Architecture("tiny_mlp", factory=lambda hidden=8: nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2)),
+                                 example_inputs=lambda b: (torch.randn(b, 4),), aliases=("tiny-mlp2",))]
+
+    reg = registry_with(Archs())
+    arch = reg.architecture("TINY_MLP2")
+    model = arch.build(hidden=6)
+    spec = analyze(model, arch.example_inputs(3))
+    assert spec.permutable_units == 6
+    with pytest.raises(PluginError, match="did you mean tiny_mlp"):
+        reg.architecture("tiny_mpl")
