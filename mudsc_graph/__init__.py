@@ -8,13 +8,13 @@ from .analyze import Analysis, analyze, analyze_full
 from .errors import AnalysisError, MudscError, PluginError, SpecCheckError, SpecError, TraceError, UnsupportedOpError
 from .groups import Group, MergeSpec, Probe
 from .hookspecs import hookimpl
-from .records import Architecture, LayerHandler
+from .records import Architecture, LayerHandler, MatchingStrategy
 from .registry import Registry, get_registry, registry_with, reset_registry
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Analysis", "AnalysisError", "Architecture", "Group", "LayerHandler", "MergeSpec", "MudscError", "PluginError",
+    "Analysis", "AnalysisError", "Architecture", "Group", "LayerHandler", "MatchingStrategy", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
     "get_registry", "hookimpl", "registry_with", "reset_registry",
 ]

@@ -24,7 +24,12 @@ class Analysis:
     graph: nx.DiGraph
     propagator: Propagator
     spec: MergeSpec
+    value_axes: dict[str, list | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def graph_module(self):
+        return self.graph.graph["module"]
 
 
 def _run(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
@@ -56,8 +61,8 @@ def analyze_full(
     graph = _run("build_graph", lambda: build_graph(gm), timings)
     prop = Propagator(graph, registry, strict=strict)
     _run("propagate", prop.run, timings)
-    spec = _run("groups", lambda: build_spec(prop), timings)
-    return Analysis(graph, prop, spec, timings)
+    spec, value_axes = _run("groups", lambda: build_spec(prop), timings)
+    return Analysis(graph, prop, spec, value_axes, timings)
 
 
 def analyze(

@@ -71,6 +71,10 @@ class MergeSpec:
     axes: dict[str, list[Expr]]
     shapes: dict[str, tuple[int, ...]]
     warnings: list[str] = field(default_factory=list)
+    consumed: dict[str, list[int]] = field(default_factory=dict)
+    """Axes along which a parameter reads the units of its input (weight columns)."""
+    buffers: list[str] = field(default_factory=list)
+    """Names in ``axes`` that are buffers (BatchNorm running statistics), not parameters."""
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -114,6 +118,8 @@ class MergeSpec:
             "axes": self.axes,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "warnings": self.warnings,
+            "consumed": self.consumed,
+            "buffers": self.buffers,
         }
         return json.dumps(data, indent=indent)
 
@@ -126,7 +132,8 @@ class MergeSpec:
             groups.append(
                 Group(**{**g, "members": [tuple(m) for m in g["members"]], "coupled": tuple(g["coupled"]), "probes": probes})
             )
-        return cls(groups, data["axes"], {k: tuple(v) for k, v in data["shapes"].items()}, data.get("warnings", []))
+        shapes = {k: tuple(v) for k, v in data["shapes"].items()}
+        return cls(groups, data["axes"], shapes, data.get("warnings", []), data.get("consumed", {}), data.get("buffers", []))
 
 
 # -- extraction from the propagated space table ----------------------------------------------------
@@ -201,8 +208,12 @@ def _simplify(e: Expr) -> Expr:
     return e
 
 
-def build_spec(prop: Any) -> MergeSpec:
-    """The MergeSpec of a finished :class:`~mudsc_graph.propagate.Propagator`."""
+def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
+    """The MergeSpec of a finished :class:`~mudsc_graph.propagate.Propagator`, and value axes.
+
+    The second result maps each IR node with a tensor output to one expression per axis
+    (``None`` for an axis whose units depend on another axis and include a free group).
+    """
     sp: SpaceTable = prop.spaces
     while True:
         sp.close()
@@ -225,6 +236,7 @@ def build_spec(prop: Any) -> MergeSpec:
             for gid in _gids(e):
                 b.groups[gid].members.append((name, axis))
     _add_probes(prop, b)
+    value_axes = _value_axes(prop, b)
     # keep only groups that index parameters; renumber densely in order of first appearance
     used = [g for g in b.groups if g.members]
     remap = {g.id: i for i, g in enumerate(used)}
@@ -236,7 +248,15 @@ def build_spec(prop: Any) -> MergeSpec:
         g.id = remap[g.id]
         g.coupled = tuple(remap[c] for c in g.coupled if c in remap)
         g.members = list(dict.fromkeys(g.members))
-    return MergeSpec(used, axes, dict(prop.attr_shapes), list(prop.warnings))
+    consumed: dict[str, list[int]] = {}
+    for name, axis in sorted(prop.consumed):
+        consumed.setdefault(name, []).append(axis)
+    buffers = [name for name, _ in prop.gm.named_buffers()]
+    value_axes = {
+        k: [None if e is None else _renumber(e, remap, b.groups) for e in v] if isinstance(v, list) else None
+        for k, v in value_axes.items()
+    }
+    return MergeSpec(used, axes, dict(prop.attr_shapes), list(prop.warnings), consumed, buffers), value_axes
 
 
 def _param_axes(prop: Any, b: _Builder) -> dict[str, list[Expr]]:
@@ -275,6 +295,25 @@ def _add_probes(prop: Any, b: _Builder) -> None:
                     b.groups[gid].probes.append(Probe(name, axis, e, consumer))
     for g in b.groups:
         g.probes.sort(key=lambda p: not p.consumer)
+
+
+def _value_axes(prop: Any, b: _Builder) -> dict[str, list | None]:
+    out: dict[str, list | None] = {}
+    sp = prop.spaces
+    for name in prop.graph.graph["order"]:
+        v = prop.graph.nodes[name].get("value")
+        if v is None or isinstance(v, list):
+            out[name] = None
+            continue
+        exprs = []
+        for L in v.layout:
+            if isinstance(L, Dep):
+                free = [s for s in sp.leaves(L) if not sp.is_fixed(s)]
+                exprs.append(None if free else ["fixed", sp.layout_size(L)])
+            else:
+                exprs.append(b.expr(L, strict=False))
+        out[name] = exprs
+    return out
 
 
 def _has_params(prop: Any, attrs: dict) -> bool:

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pluggy
 
-from .records import Architecture, LayerHandler
+from .records import Architecture, LayerHandler, MatchingStrategy
 
 PROJECT = "mudsc"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -36,7 +36,7 @@ def mudsc_layer_handlers() -> Iterable[LayerHandler]:
 
         def _scaled_linear(ctx):
             x = ctx.input(0)
-            ctx.link(x.axis(-1), ctx.param("weight", 1))      # input features = weight columns
+            ctx.contract(x.axis(-1), ctx.param("weight", 1))  # the weight reads the input units
             ctx.link(ctx.param("scale", 0), ctx.param("weight", 0))
             out = ctx.like(x)                                    # batch axes pass through
             out[-1] = ctx.param("weight", 0)                     # output features = weight rows
@@ -58,4 +58,21 @@ def mudsc_architectures() -> Iterable[Architecture]:
         @hookimpl
         def mudsc_architectures():
             return [Architecture("tiny_mlp", factory=TinyMLP, example_inputs=lambda b: (torch.randn(b, 8),))]
+    """
+
+
+@hookspec
+def mudsc_matching_strategies() -> Iterable[MatchingStrategy]:
+    """Register matchers that turn unit similarities into merge / unmerge matrices.
+
+    Called once when the registry is built. Return
+    :class:`~mudsc_graph.records.MatchingStrategy` records; the built-ins are ``identity``,
+    ``align`` and ``zip``. Example (a matcher that keeps model 0's order and averages)::
+
+        from mudsc_graph.matching import identity_matching
+
+        @hookimpl
+        def mudsc_matching_strategies():
+            return [MatchingStrategy("keep_order", match=lambda sims, n_models, blocks, **kw:
+                                     [identity_matching(s.shape[0] // n_models, n_models) for s in sims])]
     """

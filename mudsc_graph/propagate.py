@@ -113,7 +113,9 @@ class OpContext:
         """
         full = f"{self.path}.{name}" if self.path else name
         self.spaces.fix(self._prop.attr_space(full, axis), "")
-        self._prop.inner_params[(full, axis % len(self._prop.attr_shapes[full]))] = (self.spaces.collapse(space), groups)
+        key = (full, axis % len(self._prop.attr_shapes[full]))
+        self._prop.inner_params[key] = (self.spaces.collapse(space), groups)
+        self._prop.consumed.add(key)
 
     def has_param(self, name: str) -> bool:
         return self.module is not None and getattr(self.module, name, None) is not None
@@ -130,6 +132,21 @@ class OpContext:
     def link(self, a: Layout, b: Layout) -> None:
         """``a`` and ``b`` index the same units (layouts in the same axis coordinates)."""
         self.spaces.link(a, b)
+
+    def contract(self, activation: Layout, weight: Layout) -> None:
+        """``weight``'s axis is summed against ``activation``'s: it *reads* those units.
+
+        Only ``weight`` is recorded: an activation's layout may name the parameter that produced it.
+
+        Like :meth:`link`, and it records the parameter axis as a consuming one (weight columns),
+        where merging applies the unmerge matrices instead of the merge matrices.
+        """
+        self.link(activation, weight)
+        self.reads(weight)
+
+    def reads(self, layout: Layout) -> None:
+        """``layout`` is an axis of a parameter (not an activation) that is summed over: record it."""
+        self._prop.mark_consumed(layout)
 
     def fix(self, *layouts: Layout, reason: str | None = None) -> None:
         for L in layouts:
@@ -220,6 +237,8 @@ class Propagator:
         self.attr_spaces: dict[tuple[str, int], int] = {}
         self.attr_shapes: dict[str, tuple[int, ...]] = {}
         self.inner_params: dict[tuple[str, int], tuple[int, int]] = {}
+        self.attr_of_space: dict[int, tuple[str, int]] = {}
+        self.consumed: set[tuple[str, int]] = set()
         self.warnings: list[str] = []
         self.modules = dict(self.gm.named_modules())
         for name, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers()):
@@ -235,7 +254,14 @@ class Propagator:
         if sid is None:
             sid = self.spaces.new(shape[axis])
             self.attr_spaces[key] = sid
+            self.attr_of_space[sid] = key
         return sid
+
+    def mark_consumed(self, layout: Layout) -> None:
+        """Record the parameter axis behind ``layout`` (if any) as one that reads its units."""
+        key = self.attr_of_space.get(layout) if isinstance(layout, int) else None
+        if key is not None:
+            self.consumed.add(key)
 
     def run(self) -> None:
         for name, attrs in nodes_in_order(self.graph):

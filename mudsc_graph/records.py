@@ -90,3 +90,26 @@ class Architecture:
 
     def build(self, **options: Any) -> "torch.nn.Module":
         return self.factory(**{**self.defaults, **options})
+
+
+@dataclass(frozen=True)
+class MatchingStrategy:
+    """A way to turn a unit similarity into merge / unmerge matrices (``--mode NAME``).
+
+    ``match(sims, n_models, blocks, **options)`` receives one similarity matrix per group of a
+    coupling (usually one; Q/K and V/O of an attention layer are matched together), each
+    ``(n_models * units) x (n_models * units)`` with the models' units stacked in order, and returns
+    one :class:`~mudsc_graph.matching.Matching` per matrix. ``blocks > 1`` asks for a block
+    structured result (heads, GroupNorm groups); a strategy with ``supports_blocks=False`` is
+    then refused with a clear error.
+    """
+
+    name: str
+    match: Callable[..., list]
+    supports_blocks: bool = True
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("MatchingStrategy", self.name)
+        if not callable(self.match):
+            raise PluginError(f"MatchingStrategy {self.name!r}: match must be callable")

@@ -23,10 +23,10 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .records import Architecture, LayerHandler
+from .records import Architecture, LayerHandler, MatchingStrategy
 
 ENTRY_POINT_GROUP = "mudsc"
-DEFAULT_PLUGINS: tuple[str, ...] = ("mudsc_plugins.layers", "mudsc_plugins.architectures")
+DEFAULT_PLUGINS: tuple[str, ...] = ("mudsc_plugins.layers", "mudsc_plugins.architectures", "mudsc_plugins.matching")
 
 
 def make_plugin_manager(*, load_entry_points: bool | None = None, extra: Iterable[Any] = ()) -> pluggy.PluginManager:
@@ -70,6 +70,8 @@ class Registry:
     architectures: dict[str, Architecture] = field(default_factory=dict)
     arch_aliases: dict[str, str] = field(default_factory=dict)
     arch_plugins: dict[str, str] = field(default_factory=dict)
+    matchers: dict[str, MatchingStrategy] = field(default_factory=dict)
+    matcher_plugins: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> "Registry":
@@ -80,6 +82,14 @@ class Registry:
         for plugin, records in _collect(pm, "mudsc_architectures", Architecture):
             for a in records:
                 reg._add_architecture(a, plugin)
+        for plugin, records in _collect(pm, "mudsc_matching_strategies", MatchingStrategy):
+            for m in records:
+                if m.name in reg.matchers:
+                    raise PluginError(
+                        f"matching strategy {m.name!r} is registered by both {reg.matcher_plugins[m.name]!r} and {plugin!r}; rename one"
+                    )
+                reg.matchers[m.name] = m
+                reg.matcher_plugins[m.name] = plugin
         return reg
 
     def _add_handler(self, h: LayerHandler, plugin: str) -> None:
@@ -123,6 +133,12 @@ class Registry:
 
     def leaf_module_types(self) -> tuple[type, ...]:
         return tuple(t for (op, t) in self.handlers if op == "call_module")
+
+    def matcher(self, name: str) -> MatchingStrategy:
+        m = self.matchers.get(name)
+        if m is None:
+            raise PluginError(f"unknown matching strategy {name!r}; registered: {', '.join(sorted(self.matchers))}")
+        return m
 
     def architecture(self, name: str) -> Architecture:
         """Look up an architecture by name or alias (case, '-' and '_' insensitive)."""

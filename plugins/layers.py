@@ -127,7 +127,8 @@ def _handlers() -> list[LayerHandler]:
         H("constant-like", FN, (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like), rules.constant_like),
         H("constant-like-methods", METH, ("new_zeros", "new_ones", "new_empty", "new_full"), rules.constant_like),
         # metadata
-        H("metadata", FN, (builtins.getattr, builtins.len), rules.no_tensor_output),
+        H("getattr", FN, (builtins.getattr,), rules.tensor_attribute),
+        H("metadata", FN, (builtins.len,), rules.no_tensor_output),
         H("metadata-methods", METH, ("size", "dim", "numel", "item", "tolist"), rules.no_tensor_output),
     ]
 

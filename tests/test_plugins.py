@@ -39,7 +39,7 @@ class Net(nn.Module):
 
 def _scaled_linear(ctx):
     x = ctx.input(0)
-    ctx.link(x.axis(-1), ctx.param("weight", 1))
+    ctx.contract(x.axis(-1), ctx.param("weight", 1))
     ctx.link(ctx.param("scale", 0), ctx.param("weight", 0))
     out = ctx.like(x)
     out[-1] = ctx.param("weight", 0)
@@ -77,6 +77,7 @@ def test_a_registered_handler_merges_through_the_custom_module():
     assert spec.permutable_units == 16 + 12
     hidden = [g for g in spec.free_groups() if g.size == 16][0]
     assert {("a.weight", 0), ("a.scale", 0), ("b.weight", 1)} <= set(hidden.members)
+    assert spec.consumed["b.weight"] == [1] and "a.scale" not in spec.consumed
     for seed in range(3):
         spec.check(model, _inputs(), seed=seed)
     # a permuted copy really differs in its weights, and computes the same function

@@ -180,3 +180,27 @@ def test_max_without_dim_keeps_units_permutable():
     spec = analyze(model, x, strict=True)
     assert spec.permutable_units == 8
     spec.check(model, x)
+
+
+class ParamMatmul(nn.Module):
+    """Parameters used directly in matmul/einsum: their summed-over axes read units."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 8))
+        self.w2 = nn.Parameter(torch.randn(6, 8))
+        self.w3 = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w1)
+        h = torch.relu(torch.einsum("bi,oi->bo", h, self.w2))
+        return (self.w3 @ h.T).T
+
+
+def test_parameters_read_by_matmul_and_einsum_are_consumed():
+    torch.manual_seed(0)
+    model, x = ParamMatmul(), (torch.randn(3, 4),)
+    spec = analyze(model, x, strict=True)
+    assert spec.permutable_units == 8 + 6
+    assert spec.consumed == {"w1": [0], "w2": [1], "w3": [1]}
+    spec.check(model, x)

@@ -132,3 +132,21 @@ def test_wrong_example_inputs_are_a_clear_error():
 def test_a_single_tensor_is_accepted_as_example_inputs():
     spec = analyze(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(3, 4))
     assert spec.permutable_units == 8
+
+
+def test_consumed_axes_are_the_weight_columns(vit):
+    _, _, spec = vit
+    assert spec.consumed["blocks.0.attn.qkv.weight"] == [1]
+    assert spec.consumed["blocks.0.attn.proj.weight"] == [1]
+    assert spec.consumed["patch_embed.proj.weight"] == [1]
+    assert "blocks.0.norm1.weight" not in spec.consumed and "pos_embed" not in spec.consumed
+
+
+def test_consumed_axes_of_torchvision_attention_and_grouped_convs():
+    model, x = _arch("vit_tiny")
+    spec = analyze(model, x)
+    attn = "encoder.layers.encoder_layer_0.self_attention"
+    assert spec.consumed[f"{attn}.in_proj_weight"] == [1] and spec.consumed[f"{attn}.out_proj.weight"] == [1]
+    conv = nn.Conv2d(4, 8, 3, groups=2)
+    spec = analyze(nn.Sequential(nn.Conv2d(3, 4, 1), conv, nn.ReLU(), nn.Conv2d(8, 2, 1)), (torch.randn(1, 3, 5, 5),))
+    assert spec.consumed["1.weight"] == [1] and spec.axes["1.weight"][1][0] == "inner"

@@ -15,8 +15,8 @@ from .layers import (
 )
 from .pointwise import arg_reduce, constant_like, elementwise, no_tensor_output, pad, reduce, spatial, unary
 from .shapes import (
-    cat, expand, getitem, movedim, permute, permute_axes, repeat, reshape, reshape_layouts, split, stack, transpose,
-    unbind,
+    cat, expand, getitem, movedim, permute, permute_axes, repeat, reshape, reshape_layouts, split, stack,
+    tensor_attribute, transpose, unbind,
 )
 
 __all__ = [
@@ -25,5 +25,5 @@ __all__ = [
     "layer_norm", "linear_layer", "matmul", "movedim", "multihead_attention", "nn_conv", "nn_embedding",
     "nn_group_norm", "nn_layer_norm", "nn_linear", "no_tensor_output", "pad", "param_value", "permute",
     "permute_axes", "prelu", "rebase", "reduce", "repeat", "reshape", "reshape_layouts", "sdpa", "spatial", "split",
-    "stack", "transpose", "unary", "unbind",
+    "stack", "tensor_attribute", "transpose", "unary", "unbind",
 ]

@@ -9,7 +9,7 @@ from .base import _plain, param_value, rebase
 
 def linear_layer(ctx: OpContext, x: Value, w: Value, b: Value | None) -> None:
     """``y = x @ w.T + b``: x's last axis = w's columns; y's last axis = w's rows = b."""
-    ctx.link(x.axis(-1), w.axis(1))
+    ctx.contract(x.axis(-1), w.axis(1))
     if b is not None:
         ctx.link(b.axis(0), w.axis(0))
     ctx.set_output([rebase(ctx, L, {i: i for i in range(x.ndim - 1)}) for L in x.layout[:-1]] + [w.axis(0)])
@@ -39,7 +39,7 @@ def conv_layer(ctx: OpContext, x: Value, w: Value, b: Value | None, groups: int,
         ctx.spaces.fix(w.axis(i), "")  # kernel taps
     out_ax, in_ax = (1, 0) if transposed else (0, 1)
     if groups == 1:
-        ctx.link(x.axis(c), w.axis(in_ax))
+        ctx.contract(x.axis(c), w.axis(in_ax))
         out_space: Layout = w.axis(out_ax)
     else:
         if transposed:
@@ -169,14 +169,14 @@ def multihead_attention(ctx: OpContext) -> None:
     if m._qkv_same_embed_dim:
         sp.define(ctx.param("in_proj_weight", 0), Sum((qk, qk, vo)))
         for x in (q, k, v):
-            ctx.link(x.axis(-1), ctx.param("in_proj_weight", 1))
+            ctx.contract(x.axis(-1), ctx.param("in_proj_weight", 1))
     else:
         for name, x, rows in (("q_proj_weight", q, qk), ("k_proj_weight", k, qk), ("v_proj_weight", v, vo)):
             ctx.link(ctx.param(name, 0), rows)
-            ctx.link(x.axis(-1), ctx.param(name, 1))
+            ctx.contract(x.axis(-1), ctx.param(name, 1))
     if m.in_proj_bias is not None:
         ctx.link(ctx.param("in_proj_bias", 0), sp.sum_of((qk, qk, vo)))
-    ctx.link(ctx.param("out_proj.weight", 1), vo)
+    ctx.contract(vo, ctx.param("out_proj.weight", 1))
     out_units = ctx.param("out_proj.weight", 0)
     if m.out_proj.bias is not None:
         ctx.link(ctx.param("out_proj.bias", 0), out_units)

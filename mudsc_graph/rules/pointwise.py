@@ -40,6 +40,8 @@ def spatial(ctx: OpContext, k: int | None = None) -> None:
     if k is None:
         k = _spatial_dims(ctx)
     keep = x.ndim - k
+    for L in x.layout[keep:]:  # pooling reads positions in order: those axes must not move
+        ctx.spaces.fix_layout(L, "" if ctx.spaces.settled(L) else ctx._reason() + " (pooling over a unit axis)")
     layout = [rebase(ctx, L, {i: i for i in range(keep)}) for L in x.layout[:keep]]
     ctx.set_output(layout + [ctx.fixed(n) for n in out[keep:]])
 

@@ -304,3 +304,19 @@ def _as_layouts(v: Any) -> Any:
     if isinstance(v, list):
         return [_as_layouts(x) for x in v]
     return None
+
+
+def tensor_attribute(ctx: OpContext) -> None:
+    """``getattr(x, name)``: ``x.T`` / ``x.mT`` move axes, ``x.data`` passes, ``x.shape`` is metadata."""
+    x, name = ctx.input(0), ctx.arg(1)
+    if not isinstance(ctx.out_shape, tuple) or not isinstance(x, Value):
+        ctx.set_output(None if not isinstance(ctx.out_shape, tuple) else ctx.fresh_output())
+        return
+    if name == "T":
+        permute_axes(ctx, x, list(reversed(range(x.ndim))))
+    elif name == "mT" and x.ndim >= 2:
+        permute_axes(ctx, x, list(range(x.ndim - 2)) + [x.ndim - 1, x.ndim - 2])
+    elif name in ("data", "real") and tuple(ctx.out_shape) == x.shape:
+        ctx.set_output(ctx.like(x))
+    else:
+        ctx.unsupported(f"tensor attribute {name!r}")

@@ -1,0 +1,271 @@
+"""``merge``: N models of one architecture -> one merged model, without training.
+
+The stages, in order (each timed in ``MergeResult.timings``): check the models, reset the base
+models' BatchNorm statistics, analyse the graph (merge groups), gather activation correlations,
+match (the iterative dual-space scheme), form the merged weights, build the merged module (partial
+zip when ``stop_at`` is given) and reset its BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .analyze import analyze_full
+from .bn import has_batchnorm, reset_bn_stats
+from .errors import MudscError
+from .groups import MergeSpec
+from .iterate import DualSpaceSolver
+from .merged_model import build_partial, stop_index
+from .registry import Registry, get_registry
+from .report import NullReporter, Reporter
+from .trace import trace
+from .transform import merge_state_dicts
+
+
+class MergeError(MudscError):
+    """The models or data given to ``merge`` cannot be merged as asked."""
+
+
+# method -> (alpha, matcher); None: taken from the arguments
+METHODS: dict[str, tuple[float | None, str | None]] = {
+    "average": (None, "identity"),
+    "weight_matching": (1.0, "align"),
+    "weight_zip": (1.0, "zip"),
+    "activation_matching": (0.0, "align"),
+    "zipit": (0.0, "zip"),
+    "mudsc": (None, None),
+}
+
+
+@dataclass
+class MergeResult:
+    """What ``merge`` produced.
+
+    ``model``: the merged module (with ``stop_at``: a module returning one output per model);
+    ``spec``: the merge groups; ``matchings``: ``{group id: Matching}``; ``history``: the score
+    of every sweep of the iterative scheme; ``timings``: seconds per stage.
+    """
+
+    model: nn.Module
+    spec: MergeSpec
+    matchings: dict[int, Any]
+    history: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+    method: str = "mudsc"
+    mode: str = "zip"
+    alpha: float = 0.5
+    sweeps: int = 0
+
+
+def default_inputs_from_batch(batch: Any) -> tuple:
+    """A tensor is one input; a tuple or list is (inputs, labels, ...); a dict has key ``"x"``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)
+    if isinstance(batch, dict) and "x" in batch:
+        return (batch["x"],)
+    raise MergeError(f"cannot read model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch=")
+
+
+def check_models(models: list[nn.Module]) -> None:
+    """Same architecture (keys and shapes), finite weights: else one clear error."""
+    if len(models) < 2:
+        raise MergeError(f"merging needs at least 2 models, got {len(models)}")
+    ref = models[0].state_dict()
+    for i, m in enumerate(models[1:], start=1):
+        if type(m) is not type(models[0]):
+            raise MergeError(f"model {i} is a {type(m).__name__} but model 0 is a {type(models[0]).__name__}: models must share one architecture")
+        sd = m.state_dict()
+        missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
+        if missing or extra:
+            raise MergeError(
+                f"model {i} does not have model 0's architecture: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        for k, t in ref.items():
+            if tuple(sd[k].shape) != tuple(t.shape):
+                raise MergeError(f"model {i} has {k} of shape {tuple(sd[k].shape)} but model 0 has {tuple(t.shape)}")
+    for i, m in enumerate(models):
+        for k, t in m.state_dict().items():
+            if torch.is_floating_point(t) and not torch.isfinite(t).all():
+                raise MergeError(f"model {i} has non-finite values (NaN or inf) in {k}; fix the checkpoint before merging")
+
+
+def _resolve_device(device: Any, model: nn.Module) -> torch.device:
+    if device in (None, "auto"):
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu or auto")
+    return dev
+
+
+def merge(
+    models: list[nn.Module],
+    *,
+    data: Iterable | None,
+    example_inputs: tuple | None = None,
+    method: str = "mudsc",
+    mode: str = "zip",
+    alpha: float = 0.5,
+    stop_at: str | None = None,
+    device: Any = None,
+    seed: int = 0,
+    reset_bn: bool = True,
+    max_iter: int = 100,
+    tol: int = 5,
+    probe: str = "last",
+    zip_a: float = 0.5,
+    zip_b: float = 1.0,
+    registry: Registry | None = None,
+    reporter: Reporter | None = None,
+    inputs_from_batch: Callable[[Any], tuple] | None = None,
+) -> MergeResult:
+    """Merge ``models`` (same architecture, any number >= 2) into one, without training.
+
+    ``method``: ``average``, ``weight_matching`` (Git Re-Basin), ``weight_zip``,
+    ``activation_matching``, ``zipit`` or ``mudsc``; ``mode``: ``align`` (permutation) or ``zip``
+    (ZipIt! greedy), used by ``mudsc`` (the baselines fix their own). ``alpha`` weighs the weight
+    space in ``S = alpha * S_weight + (1 - alpha) * S_act``. ``data``: an iterable of calibration
+    batches (read into memory once), needed for activation similarities and BatchNorm resets.
+    ``stop_at``: a module path or node name; merge up to it, then each model keeps its own tail
+    (the result returns one output per model). The input models are not modified.
+    """
+    timings: dict[str, float] = {}
+    reporter = reporter or NullReporter()
+    registry = registry or get_registry()
+    inputs_from_batch = inputs_from_batch or default_inputs_from_batch
+    if method not in METHODS:
+        raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    fixed_alpha, matcher_name = METHODS[method]
+    if method == "mudsc":
+        if mode not in ("align", "zip"):
+            raise MergeError(f"unknown mode {mode!r}; choose align or zip")
+        if not 0.0 <= alpha <= 1.0:
+            raise MergeError(f"alpha must lie in [0, 1], got {alpha}")
+        matcher_name = mode
+    else:
+        alpha = fixed_alpha if fixed_alpha is not None else 0.0
+        mode = {"identity": "average"}.get(matcher_name, matcher_name)
+    matcher = registry.matcher(matcher_name)
+    needs_act = method != "average" and alpha < 1.0
+
+    t0 = time.perf_counter()
+    check_models(models)
+    batches = list(data) if data is not None else None
+    if batches is not None and not batches:
+        raise MergeError("the calibration data is empty: give at least one batch")
+    if batches is None and (needs_act or (reset_bn and has_batchnorm(models[0]))):
+        what = f"method {method!r}" if needs_act else "resetting BatchNorm statistics (reset_bn=True)"
+        raise MergeError(f"{what} needs calibration data: pass data=")
+    dev = _resolve_device(device, models[0])
+    work = [copy.deepcopy(m).to(dev).eval() for m in models]
+    if example_inputs is None:
+        if batches is None:
+            raise MergeError("pass example_inputs= (or data=) so the model can be traced")
+        example_inputs = inputs_from_batch(batches[0])
+    example_inputs = tuple(x.to(dev) for x in (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
+    timings["check"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if reset_bn and batches is not None:
+        for m in work:
+            reset_bn_stats(m, batches, inputs_from_batch, dev)
+        for m in work:
+            m.eval()
+    timings["bn_reset_bases"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reporter.start("tracing", total=len(work))
+    analysis = analyze_full(work[0], example_inputs, registry=registry)
+    spec = analysis.spec
+    gms = [analysis.graph_module] + [trace(m, example_inputs, leaf_types=registry.leaf_module_types()) for m in work[1:]]
+    reporter.advance(len(work))
+    reporter.end()
+    order = [(n, analysis.graph.nodes[n]["path"]) for n in analysis.graph.graph["order"]]
+    trunk = None
+    if stop_at is not None:
+        k = stop_index(order, stop_at)
+        trunk = {n for n, _ in order[: k + 1]}
+    gids = _groups_to_merge(spec, analysis, trunk)
+    timings["analysis"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    act = None
+    if needs_act and gids:
+        from .stats import activation_correlations
+
+        reporter.start("statistics", total=len(batches))
+        act = activation_correlations(gms, spec, batches, device=dev, probe=probe, inputs_from_batch=inputs_from_batch, reporter=reporter)
+        reporter.end()
+        missing = [g for g in gids if g not in act]
+        if missing:
+            raise MergeError(f"no activations could be read for groups {missing[:5]}; their probes are missing")
+    timings["statistics"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    from .matching import identity_matching
+
+    n = len(work)
+    states = [{k: v for k, v in m.state_dict().items()} for m in work]
+    if matcher_name == "identity":
+        matchings = {g: identity_matching(spec.groups[g].size, n, device=dev) for g in gids}
+        history, sweeps = [], 0
+    else:
+        options = {"a": zip_a, "b": zip_b} if matcher_name == "zip" else {}
+        solver = DualSpaceSolver(spec, states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=reporter)
+        outcome = solver.run(lambda g: identity_matching(spec.groups[g].size, n, device=dev), max_iter=max_iter, tol=tol, seed=seed)
+        matchings, history, sweeps = outcome.matchings, outcome.history, outcome.sweeps
+    timings["matching"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    merged_state = merge_state_dicts(spec, states, matchings)
+    merged = copy.deepcopy(work[0])
+    merged.load_state_dict(merged_state)
+    if trunk is not None:
+        sizes = {g.id: g.size for g in spec.groups}
+
+        def unmerge_of(i: int, gid: int):
+            m = matchings.get(gid)
+            return None if m is None else m.unmerge_block(i)
+
+        merged = build_partial(
+            merged, work, analysis.graph_module.graph, trunk, lambda name: analysis.value_axes.get(name), unmerge_of, sizes
+        ).to(dev)
+    merged.eval()
+    timings["merge"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if reset_bn and batches is not None:
+        reset_bn_stats(merged, batches, inputs_from_batch, dev)
+        merged.eval()
+    timings["bn_reset_merged"] = time.perf_counter() - t0
+    return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
+
+
+def _groups_to_merge(spec: MergeSpec, analysis: Any, trunk: set[str] | None) -> list[int]:
+    """Free groups; with a stop point, those with a parameter used in the trunk."""
+    free = [g.id for g in spec.groups if not g.fixed]
+    if trunk is None:
+        return free
+    used: set[str] = set()
+    modules = dict(analysis.graph_module.named_modules())
+    for name in trunk:
+        attrs = analysis.graph.nodes[name]
+        node = attrs["fx"]
+        if node.op == "get_attr":
+            used.add(str(node.target))
+        elif node.op == "call_module":
+            prefix = f"{node.target}."
+            used.update(prefix + p for p, _ in modules[node.target].named_parameters())
+            used.update(prefix + b for b, _ in modules[node.target].named_buffers())
+    return [g for g in free if any(name in used for name, _ in spec.groups[g].members)]

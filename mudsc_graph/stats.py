@@ -1,0 +1,264 @@
+"""Activation statistics: streaming Pearson correlations of every group's units across N models.
+
+For each non-fixed group the features of its probe point(s) are laid out as ``units x samples``
+(batch, tokens and spatial positions are all samples; see :func:`group_features`), the N models'
+features are stacked in model order into ``(N*units) x samples`` and folded into a
+:class:`CorrelationAccumulator`. Memory is O(sum over groups of (N*units)^2), never O(samples).
+
+    >>> corr = activation_correlations(gms, spec, loader, device="cuda")
+    >>> corr[gid].shape   # (N * spec.groups[gid].size,) * 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import MudscError
+
+Expr = list
+
+
+class StatisticsError(MudscError, ValueError):
+    """No calibration data, or features that are not finite (names the group and the node)."""
+
+
+class CorrelationAccumulator:
+    """Streaming mean and scatter of a ``(units, samples)`` feature stream, in float32.
+
+    Each batch is centred on its own mean and merged with Chan et al.'s parallel update, so large
+    feature means (post-ReLU activations) cost no precision. State: ``mean`` (units), ``m2``
+    (units x units, the centred sum of outer products) and ``count``; independent of samples.
+    """
+
+    def __init__(self, units: int, device: torch.device | str | None = None) -> None:
+        self.units = units
+        self.count = 0
+        self.mean = torch.zeros(units, dtype=torch.float32, device=device)
+        self.m2 = torch.zeros(units, units, dtype=torch.float32, device=device)
+
+    def update(self, feats: torch.Tensor) -> None:
+        """Add the columns of ``feats`` (``units x samples``, any dtype) as samples."""
+        if feats.dim() != 2 or feats.shape[0] != self.units:
+            raise ValueError(f"expected features of shape ({self.units}, samples), got {tuple(feats.shape)}")
+        nb = feats.shape[1]
+        if nb == 0:
+            return
+        x = feats.to(device=self.mean.device, dtype=torch.float32)
+        mb = x.mean(dim=1)
+        xc = x - mb[:, None]
+        na, n = self.count, self.count + nb
+        delta = mb - self.mean
+        self.m2.addmm_(xc, xc.T)
+        if na:
+            self.m2.addr_(delta, delta, alpha=na * nb / n)
+        self.mean.add_(delta, alpha=nb / n)
+        self.count = n
+
+    def state_numel(self) -> int:
+        """Number of stored elements (for memory checks): units + units^2."""
+        return self.mean.numel() + self.m2.numel()
+
+    def covariance(self) -> torch.Tensor:
+        """Sample covariance (divided by ``count - 1``, as :func:`torch.cov`)."""
+        if self.count == 0:
+            raise ValueError("CorrelationAccumulator: no samples")
+        return self.m2 / max(self.count - 1, 1)
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation ``cov / clamp(sigma sigma^T, 1e-7)``, in [-1, 1], never NaN.
+
+        A dead unit (zero variance, up to float32 rounding of its mean) correlates 0 with every
+        other unit and 1 with itself.
+        """
+        cov = self.covariance()
+        var = cov.diagonal().clamp(min=0)
+        sigma = var.sqrt()
+        dead = sigma <= 1e-6 * self.mean.abs()
+        corr = cov / torch.outer(sigma, sigma).clamp(min=1e-7)
+        corr = corr.clamp(-1.0, 1.0)
+        corr[dead, :] = 0.0
+        corr[:, dead] = 0.0
+        corr.fill_diagonal_(1.0)
+        return corr
+
+
+# -- features of one group from one value ------------------------------------------------------------
+def expr_size(e: Expr, sizes: dict[int, int]) -> int:
+    """Number of positions an axis expression spans (``sizes``: group id -> units)."""
+    tag = e[0]
+    if tag == "g":
+        return sizes[e[1]]
+    if tag == "fixed":
+        return int(e[1])
+    if tag == "sum":
+        return sum(expr_size(p, sizes) for p in e[1])
+    if tag == "kron":
+        return expr_size(e[1], sizes) * expr_size(e[2], sizes)
+    raise ValueError(f"cannot read features through axis expression {e!r}")
+
+
+def _occurrences(x: torch.Tensor, e: Expr, gid: int, sizes: dict[int, int]) -> list[torch.Tensor]:
+    """``x`` is ``(positions of e, samples)``; return each occurrence of ``gid`` as ``(units, s)``."""
+    tag = e[0]
+    if tag == "g":
+        return [x] if e[1] == gid else []
+    if tag == "fixed":
+        return []
+    if tag == "sum":
+        out: list[torch.Tensor] = []
+        start = 0
+        for p in e[1]:
+            n = expr_size(p, sizes)
+            out += _occurrences(x[start : start + n], p, gid, sizes)
+            start += n
+        return out
+    if tag == "kron":
+        a, b = expr_size(e[1], sizes), expr_size(e[2], sizes)
+        x3 = x.reshape(a, b, x.shape[1])
+        left = _occurrences(x3.reshape(a, -1), e[1], gid, sizes)  # b positions become samples
+        right = _occurrences(x3.transpose(0, 1).reshape(b, -1), e[2], gid, sizes)  # a positions do
+        return left + right
+    return []  # "inner" and unknown tags carry no readable units of gid
+
+
+def group_features(value: torch.Tensor, axis: int, expr: Expr, gid: int, sizes: dict[int, int]) -> torch.Tensor:
+    """Group ``gid``'s units of ``value`` along ``axis`` (whose expression is ``expr``) as ``(units, samples)``.
+
+    Every other axis (batch, tokens, spatial) becomes samples; fixed factors of a ``kron`` become
+    samples too; several occurrences in a ``sum`` (fused qkv: Q and K rows) are concatenated as
+    more samples. Raises :class:`ValueError` if the group does not occur in ``expr``.
+    """
+    n = value.shape[axis]
+    if expr_size(expr, sizes) != n:
+        raise ValueError(f"axis {axis} has {n} positions but expression {expr!r} spans {expr_size(expr, sizes)}")
+    x = value.movedim(axis, 0).reshape(n, -1)
+    parts = _occurrences(x, expr, gid, sizes)
+    if not parts:
+        raise ValueError(f"group {gid} does not occur in axis expression {expr!r}")
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+# -- running the models --------------------------------------------------------------------------------
+def probe_extractor(gm: fx.GraphModule, nodes: list[str]) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s submodules and parameters that returns ``{node: value}``.
+
+    Nothing after the last requested node is computed (dead code is eliminated).
+    """
+    wanted = set(nodes)
+    env: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph()
+    by_name: dict[str, fx.Node] = {}
+    # placeholders first (all of them, so the call signature is unchanged), then up to the last probe
+    ordered = [n for n in gm.graph.nodes if n.op == "placeholder"] + [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    for node in ordered:
+        if len(by_name) == len(wanted) and node.op != "placeholder":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.name in wanted:
+            by_name[node.name] = env[node]
+    missing = wanted - set(by_name)
+    if missing:
+        raise ValueError(f"probe nodes not in the graph: {sorted(missing)[:5]}")
+    graph.output({name: by_name[name] for name in nodes})
+    ext = fx.GraphModule(gm, graph, f"{type(gm).__name__}Probes")
+    ext.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
+    ext.recompile()
+    ext.training = gm.training  # the submodules are shared; their own modes are left untouched
+    return ext
+
+
+def select_probes(group: Any, probe: str = "last") -> list[Any]:
+    """The probes ``activation_correlations`` reads for ``group`` (see there)."""
+    if probe not in ("last", "first", "all"):
+        raise ValueError(f"probe must be 'last', 'first' or 'all', got {probe!r}")
+    consumers = [p for p in group.probes if p.consumer]
+    if not consumers:
+        return group.probes[:1]
+    if probe == "last":
+        return consumers[-1:]
+    if probe == "first":
+        return consumers[:1]
+    seen: set[tuple[str, int]] = set()
+    return [p for p in consumers if (p.node, p.axis) not in seen and not seen.add((p.node, p.axis))]
+
+
+def default_inputs_from_batch(batch: Any) -> tuple:
+    """A Tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)``; a dict -> ``(batch['x'],)``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)
+    if isinstance(batch, dict) and "x" in batch:
+        return (batch["x"],)
+    raise TypeError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch")
+
+
+@torch.no_grad()
+def activation_correlations(
+    gms: list[fx.GraphModule],
+    spec: Any,
+    batches: Iterable,
+    *,
+    device: torch.device | str | None = None,
+    probe: str = "last",
+    inputs_from_batch: Callable[[Any], tuple] | None = None,
+    reporter: Any = None,
+) -> dict[int, torch.Tensor]:
+    """Pearson correlation ``(N*units) x (N*units)`` of every non-fixed group with probes.
+
+    ``gms`` are the N models' GraphModules (same graph, own weights, already on ``device`` and in
+    the wanted mode). Rows/columns are the models' units stacked in model order. ``probe``:
+    ``"last"`` (the last consumer probe in graph order, as the official MuDSC code), ``"first"``
+    or ``"all"`` (every consumer probe, stacked as more samples); a group without consumer probes
+    uses its first producer probe. One pass over ``batches``; ``reporter.advance()`` per batch.
+    """
+    if not gms:
+        raise ValueError("activation_correlations needs at least one model")
+    if device is None:
+        p = next(iter(gms[0].parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    inputs_from_batch = inputs_from_batch or default_inputs_from_batch
+    sizes = {g.id: g.size for g in spec.groups}
+    plan = {g.id: select_probes(g, probe) for g in spec.groups if not g.fixed and g.probes}
+    nodes = list(dict.fromkeys(p.node for ps in plan.values() for p in ps))
+    if not nodes:
+        return {}
+    extractors = [probe_extractor(gm, nodes) for gm in gms]
+    accs = {gid: CorrelationAccumulator(len(gms) * sizes[gid], device) for gid in plan}
+    n_batches = 0
+    for batch in batches:
+        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs_from_batch(batch))
+        outs = [ext(*inputs) for ext in extractors]
+        checks: list[tuple[torch.Tensor, int, str, int]] = []
+        for gid, probes in plan.items():
+            feats = []
+            for k, out in enumerate(outs):
+                per_probe = [group_features(out[p.node], p.axis, p.expr, gid, sizes) for p in probes]
+                checks += [(f, gid, p.node, k) for f, p in zip(per_probe, probes)]
+                feats.append(per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1))
+            accs[gid].update(torch.cat(feats, dim=0))
+        _check_finite(checks)
+        del outs
+        n_batches += 1
+        if reporter is not None:
+            reporter.advance(1)
+    if n_batches == 0:
+        raise StatisticsError("no calibration batches: the data iterable was empty; pass at least one batch")
+    return {gid: acc.correlation() for gid, acc in accs.items()}
+
+
+def _check_finite(checks: list[tuple[torch.Tensor, int, str, int]]) -> None:
+    """One device sync per batch: raise naming the first group and node with NaN/inf features."""
+    if not checks:
+        return
+    ok = torch.stack([torch.isfinite(f).all() for f, *_ in checks])
+    if bool(ok.all()):
+        return
+    _, gid, node, k = checks[int((~ok).nonzero()[0])]
+    raise StatisticsError(
+        f"non-finite features (NaN/inf) for group {gid} at node {node!r} of model {k}; check the model's weights and the calibration data"
+    )

@@ -1,0 +1,183 @@
+"""merge(): permuted copies give the model back, partial zip, N models, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mudsc_graph import analyze, get_registry
+from mudsc_graph.merge import MergeError, merge
+
+WEIGHT_METHODS = [
+    ("weight_matching", "align"),
+    ("weight_zip", "zip"),
+    ("activation_matching", "align"),
+    ("zipit", "zip"),
+    ("mudsc", "align"),
+    ("mudsc", "zip"),
+]
+ARCHS = {  # name: arch options that keep the test fast
+    "mlp": dict(hidden=(64, 48, 32), in_features=784),
+    "resnet20": {},
+    "resnet20_gn": {},
+    "vgg11_bn": dict(width=0.125),
+    "vit_tiny": {},
+    "timm_vit_tiny": {},
+}
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    arch = get_registry().architecture(name)
+    model = arch.build(**ARCHS.get(name, {})).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # non-trivial norms and tokens, so every parameter matters
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+    return arch, model
+
+
+def _data(arch, n_batches=3, batch=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = arch.example_inputs(1)[0].shape[1:]
+    return [torch.randn(batch, *shape, generator=g) for _ in range(n_batches)]
+
+
+def _permuted(model, x, seed=7):
+    spec = analyze(model, x)
+    return spec.apply_permutation(model, spec.random_permutation(seed))
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("method, mode", WEIGHT_METHODS, ids=[f"{m}-{o}" for m, o in WEIGHT_METHODS])
+def test_merging_a_model_with_a_permuted_copy_gives_it_back(name, method, mode):
+    arch, a = _model(name)
+    data = _data(arch)
+    b = _permuted(a, (data[0],))
+    result = merge([a, b], data=data, method=method, mode=mode, alpha=0.5, reset_bn=False, max_iter=20)
+    x = _data(arch, 1, seed=9)[0]
+    with torch.no_grad():
+        diff = (result.model(x) - a(x)).abs().max().item()
+    assert diff <= 1e-4, f"{name} {method}-{mode}: max abs difference {diff}"
+
+
+def test_average_of_identical_models_is_the_model():
+    arch, a = _model("resnet20")
+    data = _data(arch)
+    result = merge([a, a], data=data, method="average", reset_bn=False)
+    x = data[0]
+    torch.testing.assert_close(result.model(x), a(x), rtol=1e-5, atol=1e-5)
+    # the inputs were not touched
+    assert all(p.device.type == "cpu" for p in a.parameters())
+
+
+def test_three_models():
+    arch, a = _model("resnet20")
+    data = _data(arch)
+    b, c = _permuted(a, (data[0],), seed=3), _permuted(a, (data[0],), seed=4)
+    for method, mode in [("mudsc", "zip"), ("mudsc", "align"), ("zipit", "zip")]:
+        result = merge([a, b, c], data=data, method=method, mode=mode, reset_bn=False, max_iter=10)
+        x = data[1]
+        assert (result.model(x) - a(x)).abs().max().item() <= 1e-4, method
+        m = next(iter(result.matchings.values()))
+        assert m.merge.shape[1] == 3 * m.merge.shape[0]
+
+
+@pytest.mark.parametrize("stop_at", ["layer1", "layer2.1", "layer3", "linear"])
+def test_partial_zip_returns_each_models_own_output(stop_at):
+    arch, a = _model("resnet20")
+    data = _data(arch)
+    b = _permuted(a, (data[0],))
+    result = merge([a, b], data=data, method="mudsc", mode="zip", stop_at=stop_at, reset_bn=False, max_iter=10)
+    x = data[2]
+    with torch.no_grad():
+        outs = result.model(x)
+        if stop_at == "linear":
+            outs = (outs, outs)
+        assert len(outs) == 2
+        torch.testing.assert_close(outs[0], a(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outs[1], b(x), rtol=1e-4, atol=1e-4)
+    if stop_at == "layer1":
+        merged_groups = set(result.matchings)
+        assert all(g.id not in merged_groups for g in result.spec.free_groups() if all("layer3" in n for n, _ in g.members))
+
+
+def test_partial_zip_of_independent_models_keeps_tails():
+    arch, a = _model("resnet20", seed=0)
+    _, b = _model("resnet20", seed=1)
+    data = _data(arch)
+    result = merge([a, b], data=data, method="zipit", stop_at="layer2")
+    outs = result.model(data[0])
+    assert isinstance(outs, tuple) and len(outs) == 2 and outs[0].shape == (8, 10)
+    sd = result.model.state_dict()
+    assert any(k.startswith("tail1.layer3") for k in sd) and any(k.startswith("trunk.layer1") for k in sd)
+
+
+def test_bn_reset_gives_the_reset_model_back():
+    from mudsc_graph.bn import reset_bn_stats
+    from mudsc_graph.merge import default_inputs_from_batch
+
+    arch, a = _model("resnet20")
+    data = _data(arch)
+    b = _permuted(a, (data[0],))
+    result = merge([a, b], data=data, method="mudsc", mode="zip", reset_bn=True, max_iter=10)
+    reset_bn_stats(a, data, default_inputs_from_batch)
+    a.eval()
+    torch.testing.assert_close(result.model(data[0]), a(data[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_history_and_timings_are_recorded():
+    arch, a = _model("resnet20")
+    _, b = _model("resnet20", seed=1)
+    data = _data(arch)
+    result = merge([a, b], data=data, method="mudsc", mode="align", max_iter=8, tol=2)
+    assert 1 <= len(result.history) <= 8 and result.sweeps == len(result.history)
+    assert max(result.history) == pytest.approx(max(result.history[: result.history.index(max(result.history)) + 1]))
+    assert {"analysis", "statistics", "matching", "merge"} <= set(result.timings)
+
+
+class TinyA(nn.Module):
+    def __init__(self, h=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, h), nn.Linear(h, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_bad_input_is_one_clear_error():
+    data = [torch.randn(4, 4)]
+    with pytest.raises(MergeError, match="at least 2 models"):
+        merge([TinyA()], data=data)
+    with pytest.raises(MergeError, match="shape"):
+        merge([TinyA(8), TinyA(6)], data=data)
+    with pytest.raises(MergeError, match="architecture"):
+        merge([TinyA(), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))], data=data)
+    with pytest.raises(MergeError, match="empty"):
+        merge([TinyA(), TinyA()], data=[])
+    bad = TinyA()
+    with torch.no_grad():
+        bad.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(MergeError, match="fc1.weight"):
+        merge([TinyA(), bad], data=data)
+    with pytest.raises(MergeError, match="unknown method"):
+        merge([TinyA(), TinyA()], data=data, method="magic")
+    with pytest.raises(MergeError, match="needs calibration data"):
+        merge([TinyA(), TinyA()], data=None, method="zipit")
+    with pytest.raises(MergeError, match="alpha"):
+        merge([TinyA(), TinyA()], data=data, alpha=1.5)
+    with pytest.raises(Exception, match="stop point"):
+        merge([TinyA(), TinyA()], data=data, stop_at="fc9")
+
+
+def test_weight_matching_needs_no_data():
+    a = TinyA()
+    b = _permuted(a, (torch.randn(2, 4),))
+    result = merge([a, b], data=None, example_inputs=(torch.randn(2, 4),), method="weight_matching", reset_bn=False)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(result.model(x), a(x), rtol=1e-5, atol=1e-5)
