@@ -39,12 +39,16 @@ class Probe:
 
     ``expr`` is that axis's full expression (the group may be one part of it); ``consumer`` is
     true when the value feeds a layer with parameters (the default place to read features).
+    With ``key``, the units are inside the op (attention heads of a leaf module): the features
+    come from the ``features`` function of layer handler ``handler``, units on axis ``axis`` (-1).
     """
 
     node: str
     axis: int
     expr: Expr
     consumer: bool
+    key: str | None = None
+    handler: str | None = None
 
 
 @dataclass
@@ -293,6 +297,11 @@ def _add_probes(prop: Any, b: _Builder) -> None:
             for gid in _gids(e):
                 if not b.groups[gid].fixed:
                     b.groups[gid].probes.append(Probe(name, axis, e, consumer))
+    for name, key, handler, L in prop.internal_probes:
+        e = b.expr(L, strict=False)
+        for gid in _gids(e):
+            if not b.groups[gid].fixed:
+                b.groups[gid].probes.append(Probe(name, -1, e, False, key, handler))
     for g in b.groups:
         g.probes.sort(key=lambda p: not p.consumer)
 

@@ -205,7 +205,9 @@ def merge(
         from .stats import activation_correlations
 
         reporter.start("statistics", total=len(batches))
-        act = activation_correlations(gms, spec, batches, device=dev, probe=probe, inputs_from_batch=inputs_from_batch, reporter=reporter)
+        act = activation_correlations(
+            gms, spec, batches, device=dev, probe=probe, inputs_from_batch=inputs_from_batch, reporter=reporter, registry=registry
+        )
         reporter.end()
         missing = [g for g in gids if g not in act]
         if missing:

@@ -61,6 +61,7 @@ class OpContext:
         self.out_shape: Any = attrs["shape"]
         self._output: Any = None
         self._set = False
+        self.handler: Any = None
 
     # -- reading ---------------------------------------------------------------------------
     def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
@@ -116,6 +117,12 @@ class OpContext:
         key = (full, axis % len(self._prop.attr_shapes[full]))
         self._prop.inner_params[key] = (self.spaces.collapse(space), groups)
         self._prop.consumed.add(key)
+
+    def internal_probe(self, layout: Layout, key: str) -> None:
+        """Units of ``layout`` live inside this op: read them with the handler's ``features(..., key)``."""
+        if self.handler is None or self.handler.features is None:
+            raise AnalysisError(f"layer handler at node {self.node.name} declares an internal probe but has no features function")
+        self._prop.internal_probes.append((self.node.name, key, self.handler.name, self.spaces.collapse(layout)))
 
     def has_param(self, name: str) -> bool:
         return self.module is not None and getattr(self.module, name, None) is not None
@@ -237,6 +244,7 @@ class Propagator:
         self.attr_spaces: dict[tuple[str, int], int] = {}
         self.attr_shapes: dict[str, tuple[int, ...]] = {}
         self.inner_params: dict[tuple[str, int], tuple[int, int]] = {}
+        self.internal_probes: list[tuple[str, str, str, Layout]] = []
         self.attr_of_space: dict[int, tuple[str, int]] = {}
         self.consumed: set[tuple[str, int]] = set()
         self.warnings: list[str] = []
@@ -311,6 +319,7 @@ class Propagator:
             self.unsupported(ctx, "no layer handler is registered for it")
         else:
             attrs["handler"] = handler.name
+            ctx.handler = handler
             handler.propagate(ctx)
             if not ctx._set:
                 raise AnalysisError(f"layer handler {handler.name!r} did not call ctx.set_output() at node {node.name}")

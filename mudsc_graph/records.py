@@ -39,6 +39,11 @@ class LayerHandler:
     ``propagate(ctx)`` receives an :class:`~mudsc_graph.propagate.OpContext` and must set the
     layout of the node's output (``ctx.set_output``) after linking axes. ``priority`` resolves two
     handlers for one target: the higher wins; equal priorities from two plugins are an error.
+
+    ``features(module, args, kwargs, key)`` is needed only by handlers whose op has units that
+    no value of the graph shows (the heads inside ``nn.MultiheadAttention``): ``propagate`` calls
+    ``ctx.internal_probe(layout, key)`` and ``features`` computes those units' activations from
+    the op's module and arguments, units on the last axis.
     """
 
     name: str
@@ -47,6 +52,7 @@ class LayerHandler:
     propagate: Callable[["OpContext"], None]
     priority: int = 0
     description: str = ""
+    features: Callable[..., "torch.Tensor"] | None = None
 
     def __post_init__(self) -> None:
         _check_name("LayerHandler", self.name)

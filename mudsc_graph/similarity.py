@@ -110,15 +110,21 @@ def weight_features(
 
 
 def row_correlation(x: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation between the rows of ``x`` (rows with zero variance: 0, diagonal 1)."""
-    x = x - x.mean(dim=1, keepdim=True)
+    """Pearson correlation between the rows of ``x``.
+
+    Constant rows correlate 0 with the others and 1 with constant rows of the same value.
+    """
+    from .stats import _equal_constants
+
+    mean = x.mean(dim=1)
+    x = x - mean[:, None]
     norm = x.norm(dim=1, keepdim=True)
-    dead = norm.squeeze(1) <= 1e-12
-    x = x / norm.clamp_min(1e-12)
-    corr = x @ x.T
+    dead = norm.squeeze(1) <= 1e-12 * (1 + mean.abs())
+    x = x / norm.clamp_min(1e-30)
+    corr = (x @ x.T).clamp_(-1.0, 1.0)
     if dead.any():
         corr[dead] = 0.0
         corr[:, dead] = 0.0
-        idx = torch.nonzero(dead).squeeze(1)
-        corr[idx, idx] = 1.0
-    return corr.clamp_(-1.0, 1.0)
+        _equal_constants(corr, dead, mean)
+    corr.fill_diagonal_(1.0)
+    return corr

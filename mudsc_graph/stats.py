@@ -68,22 +68,37 @@ class CorrelationAccumulator:
             raise ValueError("CorrelationAccumulator: no samples")
         return self.m2 / max(self.count - 1, 1)
 
-    def correlation(self) -> torch.Tensor:
-        """Pearson correlation ``cov / clamp(sigma sigma^T, 1e-7)``, in [-1, 1], never NaN.
+    def correlation(self, eps: float | None = None) -> torch.Tensor:
+        """Pearson correlation, in [-1, 1], never NaN.
 
         A dead unit (zero variance, up to float32 rounding of its mean) correlates 0 with every
-        other unit and 1 with itself.
+        live unit and 1 with every dead unit of the same constant value (itself included): two units
+        that are constant and equal on the data are interchangeable, and matching a dead unit to
+        a live one would feed its consumers features they never saw. ``eps=None`` (default) is exact Pearson for every other unit,
+        so it does not depend on the features' scale; ``eps=1e-7`` reproduces the official
+        ZipIt!/MuDSC ``cov / clamp(sigma sigma^T, eps)``, which shrinks the correlations of
+        low-variance units (std below ~3e-4), so that even a permuted copy's partner is missed.
         """
         cov = self.covariance()
-        var = cov.diagonal().clamp(min=0)
-        sigma = var.sqrt()
+        sigma = cov.diagonal().clamp(min=0).sqrt()
         dead = sigma <= 1e-6 * self.mean.abs()
-        corr = cov / torch.outer(sigma, sigma).clamp(min=1e-7)
+        corr = cov / torch.outer(sigma, sigma).clamp(min=1e-30 if eps is None else eps)
         corr = corr.clamp(-1.0, 1.0)
         corr[dead, :] = 0.0
         corr[:, dead] = 0.0
+        _equal_constants(corr, dead, self.mean)
         corr.fill_diagonal_(1.0)
         return corr
+
+
+def _equal_constants(corr: torch.Tensor, dead: torch.Tensor, mean: torch.Tensor) -> None:
+    """Set the similarity of constant units with equal values to 1 (in place)."""
+    if not bool(dead.any()):
+        return
+    idx = dead.nonzero().squeeze(1)
+    m = mean[idx]
+    scale = 1.0 + torch.maximum(m.abs()[:, None], m.abs()[None, :])
+    corr[idx[:, None], idx[None, :]] = ((m[:, None] - m[None, :]).abs() <= 1e-6 * scale).to(corr.dtype)
 
 
 # -- features of one group from one value ------------------------------------------------------------
@@ -143,12 +158,16 @@ def group_features(value: torch.Tensor, axis: int, expr: Expr, gid: int, sizes: 
 
 
 # -- running the models --------------------------------------------------------------------------------
-def probe_extractor(gm: fx.GraphModule, nodes: list[str]) -> fx.GraphModule:
+def probe_extractor(gm: fx.GraphModule, nodes: list[str], internal: dict[str, tuple[str, str, Callable]] | None = None) -> fx.GraphModule:
     """A GraphModule sharing ``gm``'s submodules and parameters that returns ``{node: value}``.
 
+    ``internal`` adds features computed from a node's module and arguments (units inside a leaf,
+    such as the query projection of ``nn.MultiheadAttention``): ``{output key: (node, key, fn)}``
+    where ``fn(module, args, kwargs, key)`` is the layer handler's ``features``.
     Nothing after the last requested node is computed (dead code is eliminated).
     """
-    wanted = set(nodes)
+    internal = internal or {}
+    wanted = set(nodes) | {node for node, _, _ in internal.values()}
     env: dict[fx.Node, fx.Node] = {}
     graph = fx.Graph()
     by_name: dict[str, fx.Node] = {}
@@ -163,7 +182,12 @@ def probe_extractor(gm: fx.GraphModule, nodes: list[str]) -> fx.GraphModule:
     missing = wanted - set(by_name)
     if missing:
         raise ValueError(f"probe nodes not in the graph: {sorted(missing)[:5]}")
-    graph.output({name: by_name[name] for name in nodes})
+    outputs = {name: by_name[name] for name in nodes}
+    for out_key, (name, key, fn) in internal.items():
+        node = by_name[name]
+        module = graph.get_attr(node.target) if node.op == "call_module" else None
+        outputs[out_key] = graph.call_function(fn, (module, node.args, node.kwargs, key))
+    graph.output(outputs)
     ext = fx.GraphModule(gm, graph, f"{type(gm).__name__}Probes")
     ext.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
     ext.recompile()
@@ -207,6 +231,8 @@ def activation_correlations(
     probe: str = "last",
     inputs_from_batch: Callable[[Any], tuple] | None = None,
     reporter: Any = None,
+    eps: float | None = None,
+    registry: Any = None,
 ) -> dict[int, torch.Tensor]:
     """Pearson correlation ``(N*units) x (N*units)`` of every non-fixed group with probes.
 
@@ -215,6 +241,7 @@ def activation_correlations(
     ``"last"`` (the last consumer probe in graph order, as the official MuDSC code), ``"first"``
     or ``"all"`` (every consumer probe, stacked as more samples); a group without consumer probes
     uses its first producer probe. One pass over ``batches``; ``reporter.advance()`` per batch.
+    ``eps``: see :meth:`CorrelationAccumulator.correlation` (``1e-7``: the official formula).
     """
     if not gms:
         raise ValueError("activation_correlations needs at least one model")
@@ -224,10 +251,11 @@ def activation_correlations(
     inputs_from_batch = inputs_from_batch or default_inputs_from_batch
     sizes = {g.id: g.size for g in spec.groups}
     plan = {g.id: select_probes(g, probe) for g in spec.groups if not g.fixed and g.probes}
-    nodes = list(dict.fromkeys(p.node for ps in plan.values() for p in ps))
-    if not nodes:
+    nodes = list(dict.fromkeys(p.node for ps in plan.values() for p in ps if p.key is None))
+    internal = {_out_key(p): (p.node, p.key, _features_fn(p, registry)) for ps in plan.values() for p in ps if p.key is not None}
+    if not nodes and not internal:
         return {}
-    extractors = [probe_extractor(gm, nodes) for gm in gms]
+    extractors = [probe_extractor(gm, nodes, internal) for gm in gms]
     accs = {gid: CorrelationAccumulator(len(gms) * sizes[gid], device) for gid in plan}
     n_batches = 0
     for batch in batches:
@@ -237,7 +265,7 @@ def activation_correlations(
         for gid, probes in plan.items():
             feats = []
             for k, out in enumerate(outs):
-                per_probe = [group_features(out[p.node], p.axis, p.expr, gid, sizes) for p in probes]
+                per_probe = [group_features(out[_out_key(p)], p.axis, p.expr, gid, sizes) for p in probes]
                 checks += [(f, gid, p.node, k) for f, p in zip(per_probe, probes)]
                 feats.append(per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1))
             accs[gid].update(torch.cat(feats, dim=0))
@@ -248,7 +276,7 @@ def activation_correlations(
             reporter.advance(1)
     if n_batches == 0:
         raise StatisticsError("no calibration batches: the data iterable was empty; pass at least one batch")
-    return {gid: acc.correlation() for gid, acc in accs.items()}
+    return {gid: acc.correlation(eps) for gid, acc in accs.items()}
 
 
 def _check_finite(checks: list[tuple[torch.Tensor, int, str, int]]) -> None:
@@ -262,3 +290,18 @@ def _check_finite(checks: list[tuple[torch.Tensor, int, str, int]]) -> None:
     raise StatisticsError(
         f"non-finite features (NaN/inf) for group {gid} at node {node!r} of model {k}; check the model's weights and the calibration data"
     )
+
+
+def _out_key(p: Any) -> str:
+    return p.node if p.key is None else f"{p.node}:{p.key}"
+
+
+def _features_fn(p: Any, registry: Any) -> Callable:
+    """The ``features`` function of the layer handler that declared an internal probe."""
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    for h in registry.handlers.values():
+        if h.name == p.handler and h.features is not None:
+            return h.features
+    raise StatisticsError(f"probe {p.node}:{p.key} needs the features of layer handler {p.handler!r}, which is not registered")

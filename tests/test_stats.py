@@ -65,6 +65,27 @@ def test_large_means_keep_precision() -> None:
     assert (acc.correlation()[alive][:, alive].double() - torch.corrcoef(x[alive])).abs().max() < 1e-5
 
 
+def test_scale_invariance_and_official_eps() -> None:
+    """Default: exact Pearson whatever the scale; eps=1e-7: the official clamp, which shrinks
+    low-variance units (std ~3e-5 here) towards 0."""
+    chunks = _features(seed=2)
+    ref = CorrelationAccumulator(24)
+    small = CorrelationAccumulator(24)
+    for c in chunks:
+        ref.update(c)
+        small.update(c * 1e-5)
+    assert (ref.correlation() - small.correlation()).abs().max() < 1e-5
+    shrunk = small.correlation(eps=1e-7)
+    off = ~torch.eye(24, dtype=torch.bool)
+    assert shrunk[off].abs().max() < 0.05 and torch.isfinite(shrunk).all()
+    x = torch.cat(chunks, 1)
+    cov = torch.cov(x)
+    sd = cov.diagonal().sqrt()
+    official = cov / torch.outer(sd, sd).clamp(min=1e-7)
+    alive = [i for i in range(24) if i not in (3, 7)]
+    assert (ref.correlation(eps=1e-7)[alive][:, alive] - official[alive][:, alive]).abs().max() < 1e-5
+
+
 def test_state_is_independent_of_samples_and_dtype() -> None:
     a, b = CorrelationAccumulator(10), CorrelationAccumulator(10)
     a.update(torch.randn(10, 5, dtype=torch.float64))
@@ -152,8 +173,12 @@ def _check_permuted(corr: dict, spec, perm: dict, gm_single, batches, probe: str
         p = perm[gid]
         assert torch.allclose(c[u:, u:], own[gid][p][:, p], atol=1e-4)  # new unit i = old unit p[i]
         cross = c[u:, :u]
-        alive = cross.abs().amax(1) > 0  # dead (always-zero) units correlate 0 with everything
+        own_block = own[gid][p][:, p]
+        dead = (own_block == 1.0).sum(1) > 1  # dead (always-zero) units equal each other
+        alive = ~dead
         assert alive.float().mean() > 0.9
+        # dead units correlate 1 with the dead units of the other model and 0 with live ones
+        assert torch.all(cross[dead][:, p[alive]] == 0) and torch.all(cross[dead][:, p[dead]] == 1)
         assert torch.equal(cross.argmax(1)[alive], p[alive]), f"group {gid}"
         assert torch.allclose(cross[alive, p[alive]], torch.ones(int(alive.sum())), atol=1e-4)
 

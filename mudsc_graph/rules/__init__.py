@@ -10,8 +10,8 @@ from .base import param_value, rebase
 from .contract import einsum, matmul, sdpa
 from .layers import (
     channel_norm, conv_layer, embedding, f_batch_norm, f_conv, f_embedding, f_group_norm, f_layer_norm, f_linear,
-    group_norm, layer_norm, linear_layer, multihead_attention, nn_conv, nn_embedding, nn_group_norm, nn_layer_norm,
-    nn_linear, prelu,
+    group_norm, layer_norm, linear_layer, multihead_attention, multihead_attention_features, nn_conv, nn_embedding,
+    nn_group_norm, nn_layer_norm, nn_linear, prelu,
 )
 from .pointwise import arg_reduce, constant_like, elementwise, no_tensor_output, pad, reduce, spatial, unary
 from .shapes import (
@@ -22,7 +22,7 @@ from .shapes import (
 __all__ = [
     "arg_reduce", "cat", "channel_norm", "constant_like", "conv_layer", "einsum", "elementwise", "embedding", "expand",
     "f_batch_norm", "f_conv", "f_embedding", "f_group_norm", "f_layer_norm", "f_linear", "getitem", "group_norm",
-    "layer_norm", "linear_layer", "matmul", "movedim", "multihead_attention", "nn_conv", "nn_embedding",
+    "layer_norm", "linear_layer", "matmul", "movedim", "multihead_attention", "multihead_attention_features", "nn_conv", "nn_embedding",
     "nn_group_norm", "nn_layer_norm", "nn_linear", "no_tensor_output", "pad", "param_value", "permute",
     "permute_axes", "prelu", "rebase", "reduce", "repeat", "reshape", "reshape_layouts", "sdpa", "spatial", "split",
     "stack", "tensor_attribute", "transpose", "unary", "unbind",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..propagate import OpContext, Value
 from ..spaces import Layout, Sum
 from .base import _plain, param_value, rebase
@@ -177,6 +179,8 @@ def multihead_attention(ctx: OpContext) -> None:
     if m.in_proj_bias is not None:
         ctx.link(ctx.param("in_proj_bias", 0), sp.sum_of((qk, qk, vo)))
     ctx.contract(vo, ctx.param("out_proj.weight", 1))
+    ctx.internal_probe(qk, "qk")
+    ctx.internal_probe(vo, "v")
     out_units = ctx.param("out_proj.weight", 0)
     if m.out_proj.bias is not None:
         ctx.link(ctx.param("out_proj.bias", 0), out_units)
@@ -190,3 +194,21 @@ def multihead_attention(ctx: OpContext) -> None:
     out = [_plain(ctx, L) for L in q.layout[:-1]] + [out_units]
     weights_shape = ctx.out_shape[1] if isinstance(ctx.out_shape, list) else None
     ctx.set_output([out, [ctx.fixed(n) for n in weights_shape] if weights_shape else None])
+
+
+def multihead_attention_features(module: Any, args: tuple, kwargs: dict, key: str) -> Any:
+    """Query (``key="qk"``) or value (``"v"``) projections of ``nn.MultiheadAttention``, units last."""
+    import torch.nn.functional as F
+
+    names = ("query", "key", "value")
+    x = {n: args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names)}
+    E = module.embed_dim
+    if module._qkv_same_embed_dim:
+        w_q, w_v = module.in_proj_weight[:E], module.in_proj_weight[2 * E :]
+    else:
+        w_q, w_v = module.q_proj_weight, module.v_proj_weight
+    b = module.in_proj_bias
+    b_q, b_v = (None, None) if b is None else (b[:E], b[2 * E :])
+    if key == "qk":
+        return F.linear(x["query"], w_q, b_q)
+    return F.linear(x["value"], w_v, b_v)
