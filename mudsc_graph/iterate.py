@@ -21,7 +21,7 @@ import torch
 
 from .groups import MergeSpec
 from .report import NullReporter, Reporter
-from .similarity import neighbours, occurrences, row_correlation, weight_features
+from .similarity import neighbours, normal_rows, occurrences, stacked_correlation, weight_features
 
 
 @dataclass
@@ -58,6 +58,7 @@ class DualSpaceSolver:
         alpha: float,
         options: Mapping[str, Any] | None = None,
         reporter: Reporter | None = None,
+        cross_only: bool = False,
     ) -> None:
         self.spec, self.states, self.match, self.act, self.alpha = spec, states, match, act, alpha
         self.options = dict(options or {})
@@ -67,38 +68,52 @@ class DualSpaceSolver:
         self.occs = {g: occurrences(spec, g) for g in gids}
         self.nbrs = {g: neighbours(spec, g) for g in gids}
         self.version: dict[int, int] = {g: 0 for g in gids}
+        self.cross_only = cross_only
         self._cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}
         self.built = 0
 
     # -- similarities ----------------------------------------------------------------------------
-    def weight_similarity(self, gid: int, matchings: Mapping[int, Any]) -> torch.Tensor:
-        key = tuple(sorted((nb, self.version.get(nb, -1)) for nb in self.nbrs[gid]))
+    def _model_rows(self, gid: int, i: int, matchings: Mapping[int, Any]) -> tuple[tuple, Any]:
+        """Model ``i``'s normalised weight features of ``gid``, rebuilt only when a neighbour's
+        model-``i`` blocks changed (model 0's never change under a permutation matcher)."""
+        key = tuple(sorted((nb, _signature(matchings.get(nb), i)) for nb in self.nbrs[gid]))
+        hit = self._rows.get((gid, i))
+        if hit is not None and hit[0] == key:
+            return hit
+
+        def merge_of(g: int) -> torch.Tensor | None:
+            m = matchings.get(g)
+            return None if m is None else m.merge_block(i)
+
+        def unmerge_t_of(g: int) -> torch.Tensor | None:
+            m = matchings.get(g)
+            return None if m is None else m.unmerge_block(i).T
+
+        rows = normal_rows(weight_features(self.spec, self.states[i], gid, merge_of, unmerge_t_of, self.occs[gid]))
+        self._rows[(gid, i)] = (key, rows)
+        return key, rows
+
+    def weight_similarity(self, gid: int, matchings: Mapping[int, Any]) -> tuple[tuple, torch.Tensor]:
+        """(key, S_weight): equal keys mean equal similarities."""
+        parts = [self._model_rows(gid, i, matchings) for i in range(self.n)]
+        key = tuple(k for k, _ in parts)
         hit = self._cache.get(gid)
         if hit is not None and hit[0] == key:
-            return hit[1]
-        feats = []
-        for i, state in enumerate(self.states):
-            def merge_of(g, i=i):
-                m = matchings.get(g)
-                return None if m is None else m.merge_block(i)
-
-            def unmerge_t_of(g, i=i):
-                m = matchings.get(g)
-                return None if m is None else m.unmerge_block(i).T
-
-            feats.append(weight_features(self.spec, state, gid, merge_of, unmerge_t_of, self.occs[gid]))
-        sim = row_correlation(torch.cat(feats, dim=0))
+            return hit
+        sim = stacked_correlation([r for _, r in parts], cross_only=self.cross_only)
         self._cache[gid] = (key, sim)
         self.built += 1
-        return sim
+        return key, sim
 
-    def similarity(self, gid: int, matchings: Mapping[int, Any]) -> torch.Tensor:
+    def similarity(self, gid: int, matchings: Mapping[int, Any]) -> tuple[tuple, torch.Tensor]:
+        """(key, S) with ``S = alpha * S_weight + (1 - alpha) * S_act``."""
         if self.alpha <= 0.0:
-            return self.act[gid]
-        w = self.weight_similarity(gid, matchings)
+            return (), self.act[gid]
+        key, w = self.weight_similarity(gid, matchings)
         if self.act is None or self.alpha >= 1.0:
-            return w
-        return self.alpha * w + (1.0 - self.alpha) * self.act[gid]
+            return key, w
+        return key, self.alpha * w + (1.0 - self.alpha) * self.act[gid]
 
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks
@@ -123,14 +138,22 @@ class DualSpaceSolver:
             return MatchOutcome(matchings, [score] if matchings else [], 0, 0)
         gen = torch.Generator().manual_seed(seed)
         best, best_score, misses, history = dict(matchings), float("-inf"), 0, []
+        last: dict[tuple[int, ...], tuple[tuple, list[Any]]] = {}  # unit -> (similarity key, its matchings)
         self.reporter.start("matching sweeps", total=max_iter)
         sweep = 0
         for sweep in range(1, max_iter + 1):
             scores = []
             for k in torch.randperm(len(self.units), generator=gen).tolist():
                 unit = self.units[k]
-                sims = [self.similarity(g, matchings) for g in unit]
-                for gid, new in zip(unit, self._match_unit(unit, sims)):
+                keyed = [self.similarity(g, matchings) for g in unit]
+                key = tuple(kk for kk, _ in keyed)
+                hit = last.get(unit)
+                if hit is not None and hit[0] == key:  # same similarity: same matching, no need to solve
+                    result = hit[1]
+                else:
+                    result = self._match_unit(unit, [s for _, s in keyed])
+                    last[unit] = (key, result)
+                for gid, new in zip(unit, result):
                     if not _same(new, matchings[gid]):
                         self.version[gid] += 1
                     matchings[gid] = new
@@ -150,6 +173,17 @@ class DualSpaceSolver:
                     break
         self.reporter.end()
         return MatchOutcome(best, history, sweep, self.built)
+
+
+def _signature(m: Any, i: int) -> Any:
+    """A cheap fingerprint of model ``i``'s blocks of a matching (``None``: not matched)."""
+    if m is None:
+        return None
+    cache = m.__dict__.setdefault("_signatures", {})
+    if i not in cache:
+        block = m.merge_block(i)
+        cache[i] = hash(block.detach().cpu().numpy().tobytes()) ^ hash(m.unmerge_block(i).detach().cpu().numpy().tobytes())
+    return cache[i]
 
 
 def _same(a: Any, b: Any) -> bool:

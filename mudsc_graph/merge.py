@@ -172,7 +172,7 @@ def merge(
     if example_inputs is None:
         if batches is None:
             raise MergeError("pass example_inputs= (or data=) so the model can be traced")
-        example_inputs = inputs_from_batch(batches[0])
+        example_inputs = tuple(x[:2] for x in inputs_from_batch(batches[0]))  # tracing needs only shapes
     example_inputs = tuple(x.to(dev) for x in (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
     timings["check"] = time.perf_counter() - t0
 
@@ -224,7 +224,10 @@ def merge(
         history, sweeps = [], 0
     else:
         options = {"a": zip_a, "b": zip_b} if matcher_name == "zip" else {}
-        solver = DualSpaceSolver(spec, states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=reporter)
+        solver = DualSpaceSolver(
+            spec, states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=reporter,
+            cross_only=not matcher.uses_within_model,
+        )
         outcome = solver.run(lambda g: identity_matching(spec.groups[g].size, n, device=dev), max_iter=max_iter, tol=tol, seed=seed)
         matchings, history, sweeps = outcome.matchings, outcome.history, outcome.sweeps
     timings["matching"] = time.perf_counter() - t0

@@ -114,6 +114,9 @@ class MatchingStrategy:
     match: Callable[..., list]
     supports_blocks: bool = True
     description: str = ""
+    uses_within_model: bool = True
+    """False when ``match`` reads only the blocks between model 0 and the others (align): the
+    within-model blocks of the similarity are then not computed (left 0)."""
 
     def __post_init__(self) -> None:
         _check_name("MatchingStrategy", self.name)

@@ -109,22 +109,53 @@ def weight_features(
     return torch.cat(feats, dim=1)
 
 
-def row_correlation(x: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation between the rows of ``x``.
+@dataclass(frozen=True)
+class NormalRows:
+    """Rows centred and scaled to unit norm, with their means and which rows were constant."""
 
-    Constant rows correlate 0 with the others and 1 with constant rows of the same value.
-    """
-    from .stats import _equal_constants
+    x: torch.Tensor
+    mean: torch.Tensor
+    dead: torch.Tensor
 
+
+def normal_rows(x: torch.Tensor) -> NormalRows:
     mean = x.mean(dim=1)
     x = x - mean[:, None]
     norm = x.norm(dim=1, keepdim=True)
     dead = norm.squeeze(1) <= 1e-12 * (1 + mean.abs())
-    x = x / norm.clamp_min(1e-30)
-    corr = (x @ x.T).clamp_(-1.0, 1.0)
+    return NormalRows(x / norm.clamp_min(1e-30), mean, dead)
+
+
+def stacked_correlation(rows: list[NormalRows], cross_only: bool = False) -> torch.Tensor:
+    """Pearson correlation of the stacked rows of N models.
+
+    Constant rows correlate 0 with the others and 1 with constant rows of the same value.
+    ``cross_only`` computes only the blocks between model 0 and each other model (what a
+    permutation matcher reads); the other blocks are 0.
+    """
+    from .stats import _equal_constants
+
+    sizes = [r.x.shape[0] for r in rows]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    corr = rows[0].x.new_zeros(sum(sizes), sum(sizes))
+    for i, ri in enumerate(rows):  # upper blocks only: the matrix is symmetric
+        for j in range(i, len(rows)):
+            if cross_only and (i != 0 or j == 0):
+                continue
+            block = ri.x @ rows[j].x.T
+            corr[starts[i] : starts[i] + sizes[i], starts[j] : starts[j] + sizes[j]] = block
+            if j != i:
+                corr[starts[j] : starts[j] + sizes[j], starts[i] : starts[i] + sizes[i]] = block.T
+    corr.clamp_(-1.0, 1.0)
+    dead = torch.cat([r.dead for r in rows])
     if dead.any():
         corr[dead] = 0.0
         corr[:, dead] = 0.0
-        _equal_constants(corr, dead, mean)
+        _equal_constants(corr, dead, torch.cat([r.mean for r in rows]))
     corr.fill_diagonal_(1.0)
     return corr
+
+
+def row_correlation(x: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between the rows of ``x`` (constant rows: see :func:`stacked_correlation`)."""
+    return stacked_correlation([normal_rows(x)])

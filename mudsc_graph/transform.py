@@ -65,8 +65,7 @@ def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: M
     if kind == "fixed" or (kind == "g" and A is None):
         return t * scale if scale != 1.0 else t
     if kind == "g":
-        out = torch.tensordot(A.to(t.dtype), t, dims=([1], [axis]))
-        return torch.movedim(out, 0, axis)
+        return apply_matrix(A, t, axis)
     if kind == "sum":
         pieces = t.split([expr_size(x, sizes) for x in e[1]], dim=axis)
         return torch.cat([apply_along(p, axis, x, matrix, sizes, scale) for p, x in zip(pieces, e[1])], dim=axis)
@@ -81,6 +80,25 @@ def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: M
         u = apply_along(u, axis + 1, e[2], matrix, sizes, second_scale)
         return u.reshape(*shape[:axis], u.shape[axis] * u.shape[axis + 1], *shape[axis + 1 :])
     raise ValueError(f"cannot apply axis expression {e!r}")
+
+
+def apply_matrix(A: torch.Tensor, t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``A`` (new x old) applied along ``axis`` of ``t``.
+
+    Matchings are assignments (every model unit feeds at most one merged unit), so ``A`` has at
+    most one nonzero per column: then this is a scatter-add, linear in the size of ``t``, instead
+    of a dense contraction that costs ``new`` times more.
+    """
+    A = A.to(t.dtype)
+    nz = A != 0
+    if bool((nz.sum(0) <= 1).all()):
+        labels = nz.to(torch.uint8).argmax(0)
+        w = A.gather(0, labels[None]).squeeze(0)
+        t0 = t.movedim(axis, 0)
+        flat = t0.reshape(t0.shape[0], -1) * w[:, None]
+        out = flat.new_zeros(A.shape[0], flat.shape[1]).index_add_(0, labels, flat)
+        return out.reshape(A.shape[0], *t0.shape[1:]).movedim(0, axis)
+    return torch.movedim(torch.tensordot(A, t, dims=([1], [axis])), 0, axis)
 
 
 def densify_grouped(t: torch.Tensor, groups: int) -> torch.Tensor:

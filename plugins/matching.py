@@ -16,7 +16,7 @@ def mudsc_matching_strategies() -> list[MatchingStrategy]:
     return [
         MatchingStrategy("identity", match_identity, description="Keep every model's unit order and average."),
         MatchingStrategy("align", match_align,
-                         description="One permutation per model by linear assignment against model 0 (weight matching)."),
+                         description="One permutation per model by linear assignment against model 0 (weight matching).", uses_within_model=False),
         MatchingStrategy("zip", match_zip,
                          description="ZipIt!: greedily fuse the most similar units, within a model too (options a=0.5, b=1)."),
     ]

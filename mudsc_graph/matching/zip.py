@@ -50,6 +50,14 @@ def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0)
         if budget[m] <= 0:
             work[m * o:(m + 1) * o, m * o:(m + 1) * o] = _NEG
 
+    if dev.type == "cpu":  # numpy's per-call overhead is a fraction of torch's for these small steps
+        owner_np, pairs_i, pairs_j = _greedy_numpy(work.numpy(), src.numpy(), n_models, o, to_remove, a, budget)
+        owner = torch.from_numpy(owner_np)
+        pi, pj = torch.tensor(pairs_i), torch.tensor(pairs_j)
+        score = float(((src[pi, pj].double() + src[pj, pi].double()) * 0.5).mean())
+        _, labels = torch.unique(owner, sorted=True, return_inverse=True)
+        return labels, score
+
     rowmax, rowarg = work.max(dim=1)
     owner = torch.arange(n, device=dev)  # representative (smallest member) of each unit's cluster
     pairs_i, pairs_j = [], []
@@ -106,3 +114,52 @@ def _fallback_pair(src: torch.Tensor, owner: torch.Tensor) -> tuple[int, int]:
     sub.fill_diagonal_(_NEG)
     flat = int(sub.argmax())
     return int(reps[flat // reps.numel()]), int(reps[flat % reps.numel()])
+
+
+def _greedy_numpy(work, src, n_models: int, o: int, to_remove: int, a: float, budget: list[int]):
+    """The greedy loop of :func:`zip_labels` on CPU arrays (same steps, same ties)."""
+    import numpy as np
+
+    n = work.shape[0]
+    rowarg = work.argmax(axis=1)
+    rowmax = work[np.arange(n), rowarg]
+    owner = np.arange(n)
+    pairs_i, pairs_j = [], []
+    for _ in range(to_remove):
+        k = int(rowmax.argmax())
+        r, c, best = k, int(rowarg[k]), rowmax[k]
+        if best == _NEG:
+            r, c = _fallback_pair(torch.from_numpy(src), torch.from_numpy(owner))
+        i, j = (r, c) if r < c else (c, r)
+        pairs_i.append(i)
+        pairs_j.append(j)
+        v = np.minimum(work[i], work[j])
+        if a == 0:
+            v = np.where(v == _NEG, v, 0.0).astype(work.dtype)
+        elif a != 1:
+            v *= a
+        v[i] = _NEG
+        v[j] = _NEG
+        work[i] = v
+        work[:, i] = v
+        work[j] = _NEG
+        work[:, j] = _NEG
+        owner[owner == j] = i
+        stale = (rowarg == i) | (rowarg == j)
+        better = (v > rowmax) | ((v == rowmax) & (rowarg > i))
+        rowmax = np.where(better, v, rowmax)
+        rowarg = np.where(better, i, rowarg)
+        stale[i] = True
+        stale[j] = True
+        m = i // o
+        if m == j // o:
+            budget[m] -= 1
+            if budget[m] == 0:
+                work[m * o:(m + 1) * o, m * o:(m + 1) * o] = _NEG
+                stale[m * o:(m + 1) * o] = True
+        rows = np.flatnonzero(stale)
+        if rows.size:
+            sub_arg = work[rows].argmax(axis=1)
+            rowarg[rows] = sub_arg
+            rowmax[rows] = work[rows, sub_arg]
+    return owner, pairs_i, pairs_j
