@@ -1,13 +1,15 @@
-"""mudsc_graph: the core of mudsc. Trace any model into a graph IR and infer its merge groups.
+"""mudsc_graph: the core of mudsc. Trace any model into a graph IR, infer its merge groups, merge.
 
     >>> spec = mudsc_graph.analyze(model, (x,))
     >>> spec.check(model, (x,))        # a random valid permutation leaves the output unchanged
+    >>> result = mudsc_graph.merge([model_a, model_b], data=batches, method="mudsc", mode="zip")
 """
 
 from .analyze import Analysis, analyze, analyze_full
 from .errors import AnalysisError, MudscError, PluginError, SpecCheckError, SpecError, TraceError, UnsupportedOpError
 from .groups import Group, MergeSpec, Probe
 from .hookspecs import hookimpl
+from .merge import METHODS, MergeError, MergeResult, merge
 from .records import Architecture, LayerHandler, MatchingStrategy
 from .registry import Registry, get_registry, registry_with, reset_registry
 
@@ -16,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "AnalysisError", "Architecture", "Group", "LayerHandler", "MatchingStrategy", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
-    "get_registry", "hookimpl", "registry_with", "reset_registry",
+    "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "METHODS", "registry_with", "reset_registry",
 ]

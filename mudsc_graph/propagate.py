@@ -124,6 +124,10 @@ class OpContext:
             raise AnalysisError(f"layer handler at node {self.node.name} declares an internal probe but has no features function")
         self._prop.internal_probes.append((self.node.name, key, self.handler.name, self.spaces.collapse(layout)))
 
+    def is_constant(self, arg: Any) -> bool:
+        """Whether an argument is computed from parameters alone (``self.w``, ``self.w.T``, ...)."""
+        return isinstance(arg, fx.Node) and arg.name in self._prop.constant
+
     def has_param(self, name: str) -> bool:
         return self.module is not None and getattr(self.module, name, None) is not None
 
@@ -245,6 +249,7 @@ class Propagator:
         self.attr_shapes: dict[str, tuple[int, ...]] = {}
         self.inner_params: dict[tuple[str, int], tuple[int, int]] = {}
         self.internal_probes: list[tuple[str, str, str, Layout]] = []
+        self.constant: set[str] = set()  # nodes computed from parameters alone (W, W.T, W * 2 ...)
         self.attr_of_space: dict[int, tuple[str, int]] = {}
         self.consumed: set[tuple[str, int]] = set()
         self.warnings: list[str] = []
@@ -292,6 +297,9 @@ class Propagator:
 
     def _visit(self, node: fx.Node, attrs: dict) -> None:
         shape = attrs["shape"]
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op.startswith("call_") and inputs and all(n.name in self.constant for n in inputs)):
+            self.constant.add(node.name)
         if node.op == "placeholder":
             attrs["handler"] = "input"
             self.values[node.name] = _as_values(
@@ -307,7 +315,11 @@ class Propagator:
             return
         if node.op == "get_attr":
             attrs["handler"] = "get_attr"
-            if isinstance(shape, tuple) and node.target in self.attr_shapes:
+            if isinstance(shape, tuple) and str(node.target).startswith("_tensor_constant"):
+                # a tensor built inside forward (torch.tensor(...)): not in the state_dict, so its
+                # values cannot move with a permutation; whatever it touches keeps its order
+                self.values[node.name] = Value(shape, [self.spaces.new(n, f"constant tensor built in forward ({node.name})") for n in shape])
+            elif isinstance(shape, tuple) and node.target in self.attr_shapes:
                 self.values[node.name] = Value(shape, [self.attr_space(node.target, i) for i in range(len(shape))])
             else:
                 self.values[node.name] = _as_values(_map_shape(shape, lambda n: self.spaces.new(n, "")), shape)

@@ -28,6 +28,9 @@ class MergeTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        # buffers become get_attr nodes like parameters, so `self.buf.T` stays tied to the buffer
+        # instead of being folded into an anonymous constant that merging would not see
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):

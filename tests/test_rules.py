@@ -189,18 +189,42 @@ class ParamMatmul(nn.Module):
         super().__init__()
         self.w1 = nn.Parameter(torch.randn(4, 8))
         self.w2 = nn.Parameter(torch.randn(6, 8))
-        self.w3 = nn.Parameter(torch.randn(3, 6))
+        self.w3 = nn.Parameter(torch.randn(5, 6))
+        self.register_buffer("emb", torch.randn(3, 5))
 
     def forward(self, x):
         h = torch.relu(x @ self.w1)
         h = torch.relu(torch.einsum("bi,oi->bo", h, self.w2))
-        return (self.w3 @ h.T).T
+        h = (self.w3 @ h.T).T
+        return F.normalize(h, dim=-1) @ self.emb.T  # a fixed class-embedding head
 
 
 def test_parameters_read_by_matmul_and_einsum_are_consumed():
     torch.manual_seed(0)
     model, x = ParamMatmul(), (torch.randn(3, 4),)
     spec = analyze(model, x, strict=True)
-    assert spec.permutable_units == 8 + 6
-    assert spec.consumed == {"w1": [0], "w2": [1], "w3": [1]}
+    assert spec.permutable_units == 8 + 6 + 5
+    assert spec.consumed == {"w1": [0], "w2": [1], "w3": [1], "emb": [1]}
+    spec.check(model, x)
+
+
+class BuiltConstant(nn.Module):
+    """A tensor made inside forward ties the units it meets to their positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def test_constant_tensors_built_in_forward_fix_what_they_touch():
+    torch.manual_seed(0)
+    model, x = BuiltConstant(), (torch.randn(3, 4),)
+    spec = analyze(model, x)
+    assert spec.permutable_units == 5
+    fixed = [g for g in spec.groups if g.fixed and g.reason and "constant tensor" in g.reason]
+    assert fixed and fixed[0].size == 6
     spec.check(model, x)

@@ -21,7 +21,7 @@ def matmul(ctx: OpContext) -> None:
     mb = {i: i + nb - (b2.ndim - 2) for i in range(b2.ndim - 2)}
     ctx.link(rebase(ctx, a2.axis(-1), ma), rebase(ctx, b2.axis(-2), mb))
     for i, operand in ((0, a), (1, b)):  # a parameter operand reads the units it is summed over
-        if _is_param(ctx.arg(i)):
+        if ctx.is_constant(ctx.arg(i)):
             ctx.reads(operand.axis(-1) if i == 0 else operand.axis(-2 if operand.ndim > 1 else 0))
     batch = ctx.broadcast(
         [
@@ -106,7 +106,7 @@ def einsum(ctx: OpContext) -> None:
             if v.shape[i] == 1:
                 continue
             L = rebase(ctx, v.layout[i], mapping)
-            if c not in out_letters and _is_param(ops[k]):
+            if c not in out_letters and ctx.is_constant(ops[k]):
                 ctx.reads(v.layout[i])  # a summed-over axis of a parameter operand
             if c in per_letter:
                 ctx.link(per_letter[c], L)
@@ -116,8 +116,3 @@ def einsum(ctx: OpContext) -> None:
     ctx.set_output(
         [rebase(ctx, per_letter[c], to_out) if c in per_letter else ctx.fixed(ctx.out_shape[k]) for k, c in enumerate(out_letters)]
     )
-
-
-def _is_param(node: object) -> bool:
-    """Whether an argument is a parameter or buffer read directly (a get_attr node)."""
-    return getattr(node, "op", None) == "get_attr"
