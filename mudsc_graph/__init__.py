@@ -10,13 +10,13 @@ from .errors import AnalysisError, MudscError, PluginError, SpecCheckError, Spec
 from .groups import Group, MergeSpec, Probe
 from .hookspecs import hookimpl
 from .merge import METHODS, MergeError, MergeResult, merge
-from .records import Architecture, LayerHandler, MatchingStrategy
+from .records import Architecture, Dataset, LayerHandler, MatchingStrategy
 from .registry import Registry, get_registry, registry_with, reset_registry
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Analysis", "AnalysisError", "Architecture", "Group", "LayerHandler", "MatchingStrategy", "MergeSpec", "MudscError", "PluginError",
+    "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatchingStrategy", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
     "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "METHODS", "registry_with", "reset_registry",
 ]

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pluggy
 
-from .records import Architecture, LayerHandler, MatchingStrategy
+from .records import Architecture, Dataset, LayerHandler, MatchingStrategy
 
 PROJECT = "mudsc"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -75,4 +75,17 @@ def mudsc_matching_strategies() -> Iterable[MatchingStrategy]:
         def mudsc_matching_strategies():
             return [MatchingStrategy("keep_order", match=lambda sims, n_models, blocks, **kw:
                                      [identity_matching(s.shape[0] // n_models, n_models) for s in sims])]
+    """
+
+
+@hookspec
+def mudsc_datasets() -> Iterable[Dataset]:
+    """Register data sources for calibration and evaluation (``--data NAME``).
+
+    Called once when the registry is built. Return :class:`~mudsc_graph.records.Dataset`
+    records. Example::
+
+        @hookimpl
+        def mudsc_datasets():
+            return [Dataset("blobs", load=lambda split: make_blobs(split), classes=4, input_shape=(2,))]
     """

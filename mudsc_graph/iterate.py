@@ -106,14 +106,19 @@ class DualSpaceSolver:
         self.built += 1
         return key, sim
 
+    def alpha_of(self, gid: int) -> float:
+        """``alpha``, or 1 (weights only) for a group whose activations could not be read."""
+        return self.alpha if self.act is not None and gid in self.act else 1.0
+
     def similarity(self, gid: int, matchings: Mapping[int, Any]) -> tuple[tuple, torch.Tensor]:
         """(key, S) with ``S = alpha * S_weight + (1 - alpha) * S_act``."""
-        if self.alpha <= 0.0:
+        alpha = self.alpha_of(gid)
+        if alpha <= 0.0:
             return (), self.act[gid]
         key, w = self.weight_similarity(gid, matchings)
-        if self.act is None or self.alpha >= 1.0:
+        if alpha >= 1.0:
             return key, w
-        return key, self.alpha * w + (1.0 - self.alpha) * self.act[gid]
+        return key, alpha * w + (1.0 - alpha) * self.act[gid]
 
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks
@@ -123,7 +128,7 @@ class DualSpaceSolver:
     def initial(self, identity: Callable[[int], Any]) -> dict[int, Any]:
         matchings: dict[int, Any] = {}
         for unit in self.units:
-            if self.act is not None:
+            if self.act is not None and all(g in self.act for g in unit):
                 for gid, m in zip(unit, self._match_unit(unit, [self.act[g] for g in unit])):
                     matchings[gid] = m
             else:
@@ -133,7 +138,7 @@ class DualSpaceSolver:
 
     def run(self, identity: Callable[[int], Any], *, max_iter: int = 100, tol: int = 5, seed: int = 0) -> MatchOutcome:
         matchings = self.initial(identity)
-        if self.alpha <= 0.0 or not self.units:  # activations only: S is fixed, one matching is final
+        if all(self.alpha_of(g) <= 0.0 for g in matchings) or not self.units:  # S fixed: one matching is final
             score = _mean([m.score for m in matchings.values()])
             return MatchOutcome(matchings, [score] if matchings else [], 0, 0)
         gen = torch.Generator().manual_seed(seed)

@@ -122,3 +122,24 @@ class MatchingStrategy:
         _check_name("MatchingStrategy", self.name)
         if not callable(self.match):
             raise PluginError(f"MatchingStrategy {self.name!r}: match must be callable")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A data source that commands accept in ``--data SPEC`` (``NAME``, ``NAME:0-4``, ...).
+
+    ``load(split, **options)`` returns ``(x, y)``: a float tensor of inputs (``N x C x H x W`` for
+    images) and a long tensor of class labels, for ``split`` ``"train"`` or ``"test"``.
+    ``classes`` is the number of classes; ``input_shape`` the shape of one input.
+    """
+
+    name: str
+    load: Callable[..., tuple]
+    classes: int
+    input_shape: tuple[int, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("Dataset", self.name)
+        if not callable(self.load):
+            raise PluginError(f"Dataset {self.name!r}: load must be callable")

@@ -23,10 +23,15 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .records import Architecture, LayerHandler, MatchingStrategy
+from .records import Architecture, Dataset, LayerHandler, MatchingStrategy
 
 ENTRY_POINT_GROUP = "mudsc"
-DEFAULT_PLUGINS: tuple[str, ...] = ("mudsc_plugins.layers", "mudsc_plugins.architectures", "mudsc_plugins.matching")
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "mudsc_plugins.layers",
+    "mudsc_plugins.architectures",
+    "mudsc_plugins.matching",
+    "mudsc_plugins.datasets",
+)
 
 
 def make_plugin_manager(*, load_entry_points: bool | None = None, extra: Iterable[Any] = ()) -> pluggy.PluginManager:
@@ -72,6 +77,8 @@ class Registry:
     arch_plugins: dict[str, str] = field(default_factory=dict)
     matchers: dict[str, MatchingStrategy] = field(default_factory=dict)
     matcher_plugins: dict[str, str] = field(default_factory=dict)
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    dataset_plugins: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> "Registry":
@@ -90,6 +97,14 @@ class Registry:
                     )
                 reg.matchers[m.name] = m
                 reg.matcher_plugins[m.name] = plugin
+        for plugin, records in _collect(pm, "mudsc_datasets", Dataset):
+            for d in records:
+                if d.name in reg.datasets:
+                    raise PluginError(
+                        f"dataset {d.name!r} is registered by both {reg.dataset_plugins[d.name]!r} and {plugin!r}; rename one"
+                    )
+                reg.datasets[d.name] = d
+                reg.dataset_plugins[d.name] = plugin
         return reg
 
     def _add_handler(self, h: LayerHandler, plugin: str) -> None:
@@ -139,6 +154,16 @@ class Registry:
         if m is None:
             raise PluginError(f"unknown matching strategy {name!r}; registered: {', '.join(sorted(self.matchers))}")
         return m
+
+    def dataset(self, name: str) -> Dataset:
+        d = self.datasets.get(name)
+        if d is None:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(self.datasets), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise PluginError(f"unknown dataset {name!r}{hint} (registered: {', '.join(sorted(self.datasets))})")
+        return d
 
     def architecture(self, name: str) -> Architecture:
         """Look up an architecture by name or alias (case, '-' and '_' insensitive)."""

@@ -187,3 +187,45 @@ def test_weight_matching_needs_no_data():
     result = merge([a, b], data=None, example_inputs=(torch.randn(2, 4),), method="weight_matching", reset_bn=False)
     x = torch.randn(5, 4)
     torch.testing.assert_close(result.model(x), a(x), rtol=1e-5, atol=1e-5)
+
+
+class Bottleneck(nn.Module):
+    """x @ U @ V with an internal rank space that no value of the graph shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.U = nn.Parameter(torch.randn(6, 4))
+        self.V = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        return torch.linalg.multi_dot([x, self.U, self.V])
+
+
+def _bottleneck(ctx):
+    x = ctx.input(0)
+    ctx.contract(x.axis(-1), ctx.param("U", 0))
+    ctx.contract(ctx.param("U", 1), ctx.param("V", 0))
+    out = ctx.like(x)
+    out[-1] = ctx.param("V", 1)
+    ctx.set_output(out)
+
+
+def test_groups_without_activation_probes_are_matched_by_weights():
+    from mudsc_graph import LayerHandler, hookimpl, registry_with
+
+    class Plugin:
+        @hookimpl
+        def mudsc_layer_handlers(self):
+            return [LayerHandler("test.Bottleneck", "call_module", (Bottleneck,), _bottleneck)]
+
+    reg = registry_with(Plugin())
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), Bottleneck(), nn.ReLU(), nn.Linear(6, 2)).eval()
+    x = (torch.randn(4, 3),)
+    spec = analyze(a, x, registry=reg)
+    assert spec.permutable_units == 6 + 4 + 6
+    b = spec.apply_permutation(a, spec.random_permutation(2))
+    data = [torch.randn(16, 3) for _ in range(2)]
+    with pytest.warns(UserWarning, match="matched by weights alone"):
+        result = merge([a, b], data=data, method="zipit", registry=reg, reset_bn=False)
+    torch.testing.assert_close(result.model(data[0]), a(data[0]), rtol=1e-4, atol=1e-4)

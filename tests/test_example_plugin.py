@@ -1,0 +1,72 @@
+"""The installable example plugin (docs/plugins/mudsc-example-plugin), loaded through its entry point.
+
+CI installs it; elsewhere the test is skipped when it is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if os.environ.get("CI"):
+    import mudsc_example_plugin as example  # CI installs it: a missing plugin must fail, not skip
+else:
+    example = pytest.importorskip("mudsc_example_plugin")
+
+from typer.testing import CliRunner
+
+from mudsc_cli.app import app
+from mudsc_graph import analyze, merge
+from mudsc_graph import registry as R
+
+
+def test_entry_point_registers_the_handler_and_architecture(monkeypatch):
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("MUDSC_PLUGINS", raising=False)
+    reg = R.Registry.from_plugin_manager(R.make_plugin_manager())
+    assert reg.handler_plugins["example.LowRankLinear"] == "example"
+    assert reg.arch_plugins["example_lowrank_mlp"] == "example"
+
+
+def test_the_low_rank_layer_merges_through_the_plugin(monkeypatch):
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    reg = R.Registry.from_plugin_manager(R.make_plugin_manager())
+    arch = reg.architecture("example_lowrank_mlp")
+    torch.manual_seed(0)
+    model, x = arch.build().eval(), arch.example_inputs(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = analyze(model, x, registry=reg, strict=True)
+    assert spec.permutable_units == 32 + 8 + 32  # hidden, rank, hidden
+    assert spec.consumed["3.U"] == [0] and spec.consumed["3.V"] == [0]
+    spec.check(model, x)
+    # merging the model with a permuted copy of itself gives it back, rank units included
+    twin = spec.apply_permutation(model, spec.random_permutation(seed=3))
+    data = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    result = merge([model, twin], data=data, method="mudsc", mode="zip", registry=reg, reset_bn=False)
+    torch.testing.assert_close(result.model(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_without_the_plugin_the_layer_cannot_even_be_traced():
+    from mudsc_graph import TraceError
+
+    reg = R.Registry.from_plugin_manager(R.make_plugin_manager(load_entry_points=False))
+    model = example.lowrank_mlp().eval()
+    with pytest.raises(TraceError, match="multi_dot.*LayerHandler"):
+        analyze(model, (torch.randn(2, 1, 8, 8),), registry=reg)
+
+
+def test_cli_sees_the_plugin(monkeypatch):
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    R.reset_registry()
+    try:
+        result = CliRunner().invoke(app, ["inspect", "--arch", "example_lowrank_mlp", "--check"])
+        assert result.exit_code == 0, result.output
+        assert "72 permutable units" in result.output
+        listed = CliRunner().invoke(app, ["plugins", "--json"])
+        assert "example.LowRankLinear" in listed.output
+    finally:
+        R.reset_registry()
