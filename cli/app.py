@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from mudsc_graph.errors import MudscError
 
-from . import inspect_cmd, plugins_cmd
+from . import demo_cmd, eval_cmd, inspect_cmd, merge_cmd, plugins_cmd
 from .console import DEBUG_ENV, print_error
 
 
@@ -72,6 +72,9 @@ def _root(
     """Training-free merging of neural networks of any architecture (MuDSC, ZipIt!, Git Re-Basin)."""
 
 
+app.command("demo")(demo_cmd.demo_command)
+app.command("merge")(merge_cmd.merge_command)
+app.command("eval")(eval_cmd.eval_command)
 app.command("inspect")(inspect_cmd.inspect_command)
 app.command("plugins")(plugins_cmd.plugins_command)
 

@@ -4,8 +4,6 @@ Results go to stdout (a table and a summary, or with ``--json`` the MergeSpec as
 nothing else); warnings, progress and errors go to stderr.
 """
 
-import ast
-import inspect
 import json
 import time
 from typing import Annotated, Any, Optional
@@ -13,80 +11,11 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from mudsc_graph.errors import MudscError
-
+from .archs import build_architecture, parse_arch_opts, parse_shape
 from .console import err, out, print_warning
 
-#: Batch size of the example inputs that the model is traced and checked with.
-EXAMPLE_BATCH = 2
 #: How many member names a row of the group table shows.
 MEMBERS_SHOWN = 3
-
-
-class ArchOptionError(MudscError):
-    """An ``--arch-opt`` is malformed or not accepted by the architecture's factory."""
-
-
-def parse_arch_opts(items: Optional[list[str]]) -> dict[str, Any]:
-    """``["width=2", "norm=gn"]`` -> ``{"width": 2, "norm": "gn"}``.
-
-    Values are read with :func:`ast.literal_eval` (numbers, booleans, tuples, lists, quoted
-    strings, None) and fall back to the raw string.
-    """
-    opts: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ArchOptionError(f"--arch-opt {item!r} is not KEY=VALUE (for example --arch-opt width=2)")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            value = raw
-        opts[key] = value
-    return opts
-
-
-def _check_options(arch: Any, opts: dict[str, Any]) -> None:
-    """Reject option names the factory does not take, naming the ones it does."""
-    try:
-        params = list(inspect.signature(arch.factory).parameters.values())
-    except (TypeError, ValueError):  # a builtin or C callable: let the factory judge
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for key in opts:
-        if key not in accepted:
-            import difflib
-
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            choices = ", ".join(accepted) or "none"
-            raise ArchOptionError(f"architecture {arch.name!r} has no option {key!r}{hint} (its options: {choices})")
-
-
-def build_architecture(name: str, opts: dict[str, Any]) -> tuple[Any, Any, tuple]:
-    """Look ``name`` up in the registry; return ``(architecture, model in eval mode, example inputs)``.
-
-    The model is built with ``torch.manual_seed(0)``, so its weights are the same on every run.
-    """
-    import torch
-
-    from mudsc_graph.registry import get_registry
-
-    arch = get_registry().architecture(name)
-    _check_options(arch, opts)
-    torch.manual_seed(0)
-    try:
-        model = arch.build(**opts)
-    except (TypeError, ValueError) as exc:
-        if not opts:
-            raise
-        shown = " ".join(f"{k}={v!r}" for k, v in opts.items())
-        raise ArchOptionError(f"architecture {arch.name!r} rejected the options {shown}: {exc}") from exc
-    model.eval()
-    return arch, model, tuple(arch.example_inputs(EXAMPLE_BATCH))
 
 
 def _list_architectures(as_json: bool) -> None:
@@ -165,6 +94,9 @@ def inspect_command(
         typer.Option("--strict", help="Fail on an op that no layer handler understands instead of fixing the spaces it touches."),
     ] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the registered architectures and exit.")] = False,
+    input_shape: Annotated[
+        Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")
+    ] = None,
 ) -> None:
     """Show the merge groups that mudsc infers for an architecture."""
     if list_:
@@ -174,7 +106,7 @@ def inspect_command(
         raise typer.BadParameter("give an architecture name, or --list to see them", param_hint="'--arch'")
     opts = parse_arch_opts(arch_opt)
     stderr = err()
-    architecture, model, inputs = build_architecture(arch, opts)
+    architecture, model, inputs = build_architecture(arch, opts, parse_shape(input_shape))
 
     from mudsc_graph import analyze
 

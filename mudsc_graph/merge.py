@@ -196,7 +196,8 @@ def merge(
     if stop_at is not None:
         k = stop_index(order, stop_at)
         trunk = {n for n, _ in order[: k + 1]}
-    gids = _groups_to_merge(spec, analysis, trunk)
+    anchored = _anchored_groups(spec, work)
+    gids = [g for g in _groups_to_merge(spec, analysis, trunk) if g not in anchored]
     timings["analysis"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -261,6 +262,31 @@ def merge(
         merged.eval()
     timings["bn_reset_merged"] = time.perf_counter() - t0
     return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
+
+
+def _anchored_groups(spec: MergeSpec, models: list[nn.Module]) -> set[int]:
+    """Groups tied to a buffer that every model shares, value for value (a fixed class-embedding
+    head): the models already agree on those units, so they are averaged in place, not matched.
+
+    BatchNorm statistics and constant buffers are not anchors (fresh models share them by chance).
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from .groups import _gids
+
+    stats = {f"{name}.{b}" if name else b for name, m in models[0].named_modules() if isinstance(m, _BatchNorm) for b, _ in m.named_buffers(recurse=False)}
+    buffers = [dict(m.named_buffers()) for m in models]
+    out: set[int] = set()
+    for name in spec.buffers:
+        if name in stats or name not in buffers[0]:
+            continue
+        t = buffers[0][name]
+        if t.dim() == 0 or not t.is_floating_point() or t.numel() < 2 or bool((t == t.flatten()[0]).all()):
+            continue
+        if all(torch.equal(t, b[name]) for b in buffers[1:]):
+            for e in spec.axes.get(name, []):
+                out.update(_gids(e))
+    return out
 
 
 def _groups_to_merge(spec: MergeSpec, analysis: Any, trunk: set[str] | None) -> list[int]:

@@ -142,3 +142,39 @@ def _cut_axes(name: str, exprs: list[Any] | None, merged: Callable[[int], bool])
         if any(merged(g) for g in _groups(e)):
             axes.append((axis, e))
     return axes
+
+
+def rebuild_partial(
+    build: Callable[[], nn.Module],
+    n_models: int,
+    stop_at: str,
+    example_inputs: tuple,
+    state: dict[str, torch.Tensor],
+    registry: Any = None,
+) -> fx.GraphModule:
+    """Rebuild a saved partial-zip module from its architecture and state_dict.
+
+    ``build()`` makes a fresh model of the architecture; the module's structure (trunk, tails,
+    which values are unmerged where) is recomputed by the same analysis that made it, and the
+    unmerge matrices come from ``state`` (keys ``unmerge{i}_{node}.u{gid}``).
+    """
+    import re
+
+    from .analyze import analyze_full
+
+    merged, tails = build().eval(), [build().eval() for _ in range(n_models)]
+    analysis = analyze_full(merged, example_inputs, registry=registry)
+    order = [(n, analysis.graph.nodes[n]["path"]) for n in analysis.graph.graph["order"]]
+    trunk = {n for n, _ in order[: stop_index(order, stop_at) + 1]}
+    found: dict[tuple[int, int], torch.Tensor] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"unmerge(\d+)_.+\.u(\d+)", key)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = value
+    sizes = {g.id: g.size for g in analysis.spec.groups}
+    module = build_partial(
+        merged, tails, analysis.graph_module.graph, trunk, lambda name: analysis.value_axes.get(name),
+        lambda i, gid: found.get((i, gid)), sizes,
+    )
+    module.load_state_dict(state)
+    return module.eval()

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from mudsc_cli.app import app, main
 from mudsc_cli.gen_docs import REGENERATE, render_cli_reference
-from mudsc_cli.inspect_cmd import ArchOptionError, parse_arch_opts
+from mudsc_cli.archs import ArchOptionError, parse_arch_opts
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -36,7 +36,7 @@ def test_every_hook_has_a_test(name):
     assert re.search(rf"def test_hook_{name}\b", tests), f"add a test named test_hook_{name}"
 
 
-@pytest.mark.parametrize("page", ["plugins.md", "concepts.md"])
+@pytest.mark.parametrize("page", ["plugins.md", "concepts.md", "merging.md"])
 def test_python_blocks_in_docs_run(page):
     text = (ROOT / "docs" / page).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)

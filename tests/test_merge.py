@@ -229,3 +229,34 @@ def test_groups_without_activation_probes_are_matched_by_weights():
     with pytest.warns(UserWarning, match="matched by weights alone"):
         result = merge([a, b], data=data, method="zipit", registry=reg, reset_bn=False)
     torch.testing.assert_close(result.model(data[0]), a(data[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_partial_merge_rebuilds_from_its_state_dict():
+    from mudsc_graph.merged_model import rebuild_partial
+
+    arch, a = _model("resnet20", seed=0)
+    _, b = _model("resnet20", seed=1)
+    data = _data(arch)
+    result = merge([a, b], data=data, method="zipit", stop_at="layer2.2")
+    state = result.model.state_dict()
+    again = rebuild_partial(lambda: arch.build(), 2, "layer2.2", (data[0][:2],), state)
+    x = data[1]
+    for p, q in zip(result.model(x), again(x)):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_shared_fixed_head_anchors_its_units():
+    """Two models trained against the same fixed class embeddings agree on their feature units:
+    those are averaged in place and the head stays the shared one."""
+    from mudsc_graph.tasks import with_class_head
+
+    torch.manual_seed(0)
+    a = with_class_head(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8)), 8, 4, seed=3).eval()
+    torch.manual_seed(1)
+    b = with_class_head(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8)), 8, 4, seed=3).eval()
+    data = [torch.randn(32, 6) for _ in range(2)]
+    result = merge([a, b], data=data, method="zipit", reset_bn=False)
+    assert torch.equal(result.model.state_dict()["head.embeddings"], a.state_dict()["head.embeddings"])
+    assert [result.spec.groups[g].size for g in result.matchings] == [16]  # only the hidden layer is matched
+    expected = (a.state_dict()["backbone.2.bias"] + b.state_dict()["backbone.2.bias"]) / 2
+    torch.testing.assert_close(result.model.state_dict()["backbone.2.bias"], expected)

@@ -1,0 +1,127 @@
+"""Architectures on the command line: ``--arch NAME`` or ``--arch package.module:factory``, ``--arch-opt``.
+
+Shared by every command that builds a model.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from typing import Any, Optional
+
+from mudsc_graph.errors import MudscError
+
+#: Batch size of the example inputs that a model is traced and checked with.
+EXAMPLE_BATCH = 2
+
+
+class ArchOptionError(MudscError):
+    """An ``--arch-opt`` is malformed or not accepted by the architecture's factory."""
+
+
+def parse_arch_opts(items: Optional[list[str]]) -> dict[str, Any]:
+    """``["width=2", "norm=gn"]`` -> ``{"width": 2, "norm": "gn"}``.
+
+    Values are read with :func:`ast.literal_eval` (numbers, booleans, tuples, lists, quoted
+    strings, None) and fall back to the raw string.
+    """
+    opts: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ArchOptionError(f"--arch-opt {item!r} is not KEY=VALUE (for example --arch-opt width=2)")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = raw
+        opts[key] = value
+    return opts
+
+
+def _check_options(arch: Any, opts: dict[str, Any]) -> None:
+    """Reject option names the factory does not take, naming the ones it does."""
+    try:
+        params = list(inspect.signature(arch.factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: let the factory judge
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in opts:
+        if key not in accepted:
+            import difflib
+
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            choices = ", ".join(accepted) or "none"
+            raise ArchOptionError(f"architecture {arch.name!r} has no option {key!r}{hint} (its options: {choices})")
+
+
+def resolve_architecture(name: str, input_shape: Optional[tuple[int, ...]] = None) -> Any:
+    """A registered architecture (name or alias), or ``package.module:factory`` for any importable
+    factory; such a factory needs ``input_shape`` (one input, no batch) for its example inputs."""
+    from mudsc_graph.records import Architecture
+    from mudsc_graph.registry import get_registry
+
+    registry = get_registry()
+    if ":" not in name or registry.arch_aliases.get(name.lower().replace("-", "_")):
+        return registry.architecture(name)
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise ArchOptionError(f"cannot import {module_name!r} for --arch {name}: {exc}") from exc
+    except AttributeError:
+        raise ArchOptionError(f"module {module_name!r} has no attribute {attr!r} (--arch {name})") from None
+    if not callable(factory):
+        raise ArchOptionError(f"--arch {name} is not callable")
+
+    def example_inputs(batch: int) -> tuple:
+        import torch
+
+        if input_shape is None:
+            raise ArchOptionError(f"--arch {name} is a factory, not a registered architecture: give --input-shape (e.g. 3,32,32)")
+        return (torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)),)
+
+    return Architecture(attr.replace(".", "_") or "factory", factory=factory, example_inputs=example_inputs)
+
+
+def parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``."""
+    if not text:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise ArchOptionError(f"--input-shape {text!r} is not a list of integers like 3,32,32") from None
+    if not shape or any(n <= 0 for n in shape):
+        raise ArchOptionError(f"--input-shape {text!r} must be positive integers like 3,32,32")
+    return shape
+
+
+def build_model(arch: Any, opts: dict[str, Any], seed: int = 0) -> Any:
+    """Build ``arch`` with ``opts`` (checked against the factory's signature), in eval mode."""
+    import torch
+
+    _check_options(arch, opts)
+    torch.manual_seed(seed)
+    try:
+        model = arch.build(**opts)
+    except (TypeError, ValueError) as exc:
+        if not opts:
+            raise
+        shown = " ".join(f"{k}={v!r}" for k, v in opts.items())
+        raise ArchOptionError(f"architecture {arch.name!r} rejected the options {shown}: {exc}") from exc
+    return model.eval()
+
+
+def build_architecture(name: str, opts: dict[str, Any], input_shape: Optional[tuple[int, ...]] = None) -> tuple[Any, Any, tuple]:
+    """Resolve ``name``; return ``(architecture, model in eval mode, example inputs)``.
+
+    The model is built with ``torch.manual_seed(0)``, so its weights are the same on every run.
+    """
+    arch = resolve_architecture(name, input_shape)
+    model = build_model(arch, opts)
+    return arch, model, tuple(arch.example_inputs(EXAMPLE_BATCH))

@@ -1,0 +1,115 @@
+"""``mudsc eval MODEL.pt --arch NAME --data SPEC [--tasks 0-4/5-9]``: accuracy of a checkpoint.
+
+A plain checkpoint gives its accuracy on the test split. With ``--tasks`` (disjoint class sets,
+one per model that was merged) it gives the joint accuracy (argmax over the union of the
+classes) and each task's accuracy (on that task's samples, argmax over its classes). A partial
+zip checkpoint written by ``mudsc merge --stop-at`` (one output per model) is rebuilt from its
+metadata and evaluated with one head per task.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from mudsc_graph.errors import MudscError
+
+from .archs import build_model, parse_arch_opts, parse_shape, resolve_architecture
+from .console import out
+from .merge_cmd import resolve_device
+
+
+class EvalCommandError(MudscError):
+    """A ``mudsc eval`` argument is wrong."""
+
+
+def parse_tasks(text: Optional[str], num_classes: int) -> Optional[list[list[int]]]:
+    """``"0-4/5-9"`` -> ``[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]`` (disjoint class sets)."""
+    if not text:
+        return None
+    from mudsc_graph.data import parse_classes
+
+    tasks = [parse_classes(part, num_classes) for part in text.split("/")]
+    seen: set[int] = set()
+    for t in tasks:
+        if seen & set(t):
+            raise EvalCommandError(f"--tasks {text!r}: the tasks share classes {sorted(seen & set(t))}; give disjoint sets like 0-4/5-9")
+        seen |= set(t)
+    return tasks
+
+
+def eval_command(
+    model_path: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (.pt, .pth, .safetensors).", show_default=False)],
+    arch: Annotated[str, typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", "-d", help="Evaluation data: dataset name, NAME:0-4, a .pt/.npz file or an image folder.", show_default=False)],
+    arch_opt: Annotated[
+        Optional[list[str]],
+        typer.Option("--arch-opt", "-o", metavar="KEY=VALUE", help="Option for the architecture's factory, e.g. num_classes=10. Repeat for several.", show_default=False),
+    ] = None,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(help="Disjoint class sets of the merged models' tasks, e.g. 0-4/5-9: report joint and per-task accuracy.", show_default=False),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Which split of --data: test or train.")] = "test",
+    device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
+    input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+) -> None:
+    """Accuracy of a checkpoint; joint and per-task accuracy of a merged multi-task model."""
+    from mudsc_graph.checkpoints import fit_state_dict, load_checkpoint
+    from mudsc_graph.data import load_data
+    from mudsc_graph.evaluate import accuracy, predict_logits, task_metrics
+
+    dev = resolve_device(device)
+    opts = parse_arch_opts(arch_opt)
+    architecture = resolve_architecture(arch, parse_shape(input_shape))
+    state, meta = load_checkpoint(model_path, trust_pickle=trust_pickle)
+    example = tuple(architecture.example_inputs(2)) if input_shape or ":" not in arch else None
+    test = load_data(data, split=split, input_shape=tuple(example[0].shape[1:]) if example else None)
+    if example is None:
+        example = (test.x[:2],)
+    n_classes = int(max(test.classes)) + 1
+    task_sets = parse_tasks(tasks, n_classes)
+    if meta.get("stop_at"):
+        from mudsc_graph.merged_model import rebuild_partial
+
+        model: Any = rebuild_partial(lambda: build_model(architecture, opts), int(meta["n_models"]), meta["stop_at"], example, state)
+    else:
+        model = build_model(architecture, opts)
+        fit_state_dict(model, state, source=model_path.name)
+    model = model.to(dev).eval()
+    outputs = predict_logits(model, test.x, batch_size=batch_size, device=dev)
+    result: dict[str, Any] = {"model": str(model_path), "data": data, "split": split, "samples": len(test)}
+    if isinstance(outputs, tuple):
+        if not task_sets or len(task_sets) != len(outputs):
+            raise EvalCommandError(
+                f"{model_path.name} has {len(outputs)} outputs (a partial merge): give --tasks with {len(outputs)} class sets, e.g. 0-4/5-9"
+            )
+        m = task_metrics(outputs, None, test.y, task_sets, heads="separate")
+    elif task_sets:
+        m = task_metrics(outputs, None, test.y, task_sets, heads="shared")
+    else:
+        m = None
+        result["accuracy"] = accuracy(outputs, test.y)
+    if m is not None:
+        result.update(joint=m.joint, per_task=list(m.per_task), mean_per_task=m.mean_per_task, tasks=task_sets)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{model_path.name} on {data} ({split}, {len(test)} samples)")
+    table.add_column("metric")
+    table.add_column("accuracy", justify="right")
+    if m is None:
+        table.add_row("accuracy", f"{result['accuracy']:.2%}")
+    else:
+        table.add_row("joint", f"{m.joint:.2%}")
+        for t, acc in zip(task_sets, m.per_task):
+            table.add_row(f"task {t[0]}-{t[-1]}" if t == list(range(t[0], t[-1] + 1)) else f"task {t}", f"{acc:.2%}")
+        table.add_row("mean per task", f"{m.mean_per_task:.2%}")
+    out().print(table)

@@ -1,0 +1,208 @@
+"""``mudsc merge A.pt B.pt [C.pt ...] --arch NAME --data SPEC --out merged.pt``.
+
+Loads the checkpoints safely, merges them with the chosen method, writes the merged checkpoint
+atomically (state_dict plus metadata: arch, method, alpha, source file hashes) and prints a
+summary. Progress and warnings go to stderr; the summary to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from mudsc_graph.errors import MudscError
+
+from .archs import build_model, parse_arch_opts, parse_shape, resolve_architecture
+from .console import err, out, print_warning
+
+METHOD_HELP = "Merging method: average, weight_matching, weight_zip, activation_matching, zipit or mudsc."
+
+
+class MergeCommandError(MudscError):
+    """A ``mudsc merge`` argument is wrong."""
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Refuse a bad output path before any work is done."""
+    from mudsc_graph.checkpoints import SAVE_SUFFIXES
+
+    if path.suffix.lower() not in SAVE_SUFFIXES:
+        raise MergeCommandError(f"--out {path} must end in {' or '.join(sorted(SAVE_SUFFIXES))}")
+    if path.exists() and not force:
+        raise MergeCommandError(f"{path} exists; pass --force to overwrite")
+    if not path.parent.exists():
+        raise MergeCommandError(f"the directory of --out {path} does not exist")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MergeCommandError(f"--device {device!r} is not auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeCommandError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return device
+
+
+def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle: bool) -> list[Any]:
+    from mudsc_graph.checkpoints import fit_state_dict, load_checkpoint
+
+    models = []
+    for path in paths:
+        state, _ = load_checkpoint(path, trust_pickle=trust_pickle)
+        model = build_model(arch, opts)
+        fit_state_dict(model, state, source=path.name)
+        models.append(model)
+    return models
+
+
+def merge_command(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture (.pt, .pth, .safetensors).", show_default=False)],
+    arch: Annotated[str, typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory.", show_default=False)],
+    out_path: Annotated[Path, typer.Option("--out", "-O", help="Where to write the merged checkpoint (.pt or .safetensors).", show_default=False)],
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", "-d", help="Calibration data: a dataset name (digits, mnist5k, animal_mnist), NAME:0-4 for a class subset, a .pt/.npz file with x and y, or an image folder."),
+    ] = None,
+    arch_opt: Annotated[
+        Optional[list[str]],
+        typer.Option("--arch-opt", "-o", metavar="KEY=VALUE", help="Option for the architecture's factory, e.g. num_classes=10. Repeat for several.", show_default=False),
+    ] = None,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "mudsc",
+    mode: Annotated[str, typer.Option(help="Matcher of the mudsc method: align (permutation) or zip (ZipIt! greedy).")] = "zip",
+    alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act (mudsc only).")] = 0.5,
+    stop_at: Annotated[
+        Optional[str],
+        typer.Option("--stop-at", help="Partial zip: merge up to this module path (e.g. layer3); after it each model keeps its own layers.", show_default=False),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
+    samples: Annotated[int, typer.Option(help="Number of calibration samples taken from the training split of --data.")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the group order in the iterative scheme and of the sample choice.")] = 0,
+    max_iter: Annotated[int, typer.Option(help="Most sweeps of the iterative dual-space scheme.")] = 100,
+    tol: Annotated[int, typer.Option(help="Stop after this many sweeps without improvement.")] = 5,
+    reset_bn: Annotated[bool, typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics of the base models and of the merged model on the data.")] = True,
+    input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Merge two or more checkpoints of one architecture into one, without training."""
+    import torch
+
+    from mudsc_graph import METHODS, merge
+    from mudsc_graph.checkpoints import file_sha256, save_checkpoint
+    from mudsc_graph.data import load_data
+
+    from .progress import RichReporter
+
+    if len(checkpoints) < 2:
+        raise MergeCommandError(f"give at least two checkpoints to merge, got {len(checkpoints)}")
+    if method not in METHODS:
+        raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    check_output(out_path, force)
+    dev = resolve_device(device)
+    opts = parse_arch_opts(arch_opt)
+    architecture = resolve_architecture(arch, parse_shape(input_shape))
+    needs_data = method != "weight_matching" and method != "weight_zip" and method != "average"
+    if data is None and (needs_data or reset_bn):
+        why = f"--method {method}" if needs_data else "resetting BatchNorm statistics (or pass --no-reset-bn)"
+        raise MergeCommandError(f"{why} needs calibration data: pass --data (e.g. --data mnist5k)")
+
+    stderr = err()
+    started = time.perf_counter()
+    with stderr.status("loading checkpoints ...", spinner="dots") if not quiet else _nothing():
+        models = load_models(checkpoints, architecture, opts, trust_pickle)
+    example = tuple(architecture.example_inputs(2)) if input_shape or ":" not in arch else None
+    batches = None
+    if data is not None:
+        shape = tuple(example[0].shape[1:]) if example is not None else None
+        calib = load_data(data, split="train", input_shape=shape, limit=samples)
+        batches = calib.batches(batch_size)
+        if example is None:
+            example = (calib.x[:2],)
+    reporter = RichReporter(stderr, enabled=not quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with reporter:
+            result = merge(
+                models, data=batches, example_inputs=example, method=method, mode=mode, alpha=alpha, stop_at=stop_at,
+                device=dev, seed=seed, reset_bn=reset_bn, max_iter=max_iter, tol=tol, reporter=reporter,
+            )
+    for w in caught:
+        print_warning(str(w.message))
+    metadata = {
+        "arch": arch,
+        "arch_options": opts,
+        "method": result.method,
+        "mode": result.mode,
+        "alpha": result.alpha,
+        "stop_at": stop_at,
+        "n_models": len(models),
+        "data": data,
+        "samples": sum(len(b[0]) for b in batches) if batches else 0,
+        "sources": [{"file": p.name, "sha256": file_sha256(p)} for p in checkpoints],
+        "groups_merged": len(result.matchings),
+        "history": result.history,
+        "mudsc_version": _version(),
+    }
+    state = {k: v.detach().to("cpu") for k, v in result.model.state_dict().items()}
+    written = save_checkpoint(out_path, state, metadata, force=force)
+    total = time.perf_counter() - started
+    summary = {
+        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged")},
+        "permutable_units": result.spec.permutable_units,
+        "sweeps": result.sweeps,
+        "score_per_sweep": result.history,
+        "timings": result.timings,
+        "seconds": total,
+        "out": str(written),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print_summary(summary, torch.device(dev))
+
+
+def _print_summary(s: dict, device: Any) -> None:
+    table = Table(title=f"merged {s['n_models']} models: {s['method']}" + (f" ({s['mode']}, alpha={s['alpha']})" if s["method"] == "mudsc" else ""))
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("groups merged", f"{s['groups_merged']} ({s['permutable_units']} permutable units)")
+    if s["stop_at"]:
+        table.add_row("partial zip", f"merged up to {s['stop_at']}, one output per model")
+    if s["score_per_sweep"]:
+        shown = ", ".join(f"{x:.4f}" for x in s["score_per_sweep"][:12])
+        more = " ..." if len(s["score_per_sweep"]) > 12 else ""
+        table.add_row("score per sweep", f"{shown}{more} (best {max(s['score_per_sweep']):.4f})")
+    for stage, seconds in s["timings"].items():
+        table.add_row(f"time: {stage}", f"{seconds:.2f} s")
+    table.add_row("total", f"{s['seconds']:.2f} s on {device}")
+    table.add_row("written", s["out"])
+    out().print(table)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mudsc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

@@ -1,0 +1,157 @@
+"""`mudsc merge` and `mudsc eval` end to end, and every error path: one line, exit 1, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mudsc_cli.app import app
+from mudsc_graph import analyze, get_registry
+
+ARCH = ["--arch", "mlp", "--arch-opt", "hidden=(24, 16)", "--arch-opt", "bias=True"]
+runner = CliRunner()
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return get_registry().architecture("mlp").build(hidden=(24, 16), bias=True).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    a = _mlp(0)
+    x = (torch.randn(2, 1, 28, 28),)
+    spec = analyze(a, x)
+    twin = spec.apply_permutation(a, spec.random_permutation(5))
+    torch.save(a.state_dict(), d / "a.pt")
+    torch.save({"state_dict": twin.state_dict()}, d / "a_perm.pt")  # a nested layout
+    torch.save(_mlp(1).state_dict(), d / "b.pt")
+    return d
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def test_merge_a_permuted_copy_and_evaluate(ckpts, tmp_path):
+    out = tmp_path / "merged.pt"
+    r = _run("merge", ckpts / "a.pt", ckpts / "a_perm.pt", *ARCH, "--data", "digits", "--samples", "200", "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["method"] == "mudsc" and summary["groups_merged"] == 2 and out.exists()
+    from mudsc_graph.checkpoints import load_checkpoint
+
+    state, meta = load_checkpoint(out)
+    assert meta["arch"] == "mlp" and meta["method"] == "mudsc" and meta["alpha"] == 0.5
+    assert [s["file"] for s in meta["sources"]] == ["a.pt", "a_perm.pt"] and len(meta["sources"][0]["sha256"]) == 64
+    # merging a model with a permuted copy gives it back (BatchNorm-free, so exactly)
+    a = _mlp(0)
+    merged = _mlp(0)
+    merged.load_state_dict(state)
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(merged(x), a(x), rtol=1e-4, atol=1e-4)
+    ev = _run("eval", out, *ARCH, "--data", "digits", "--json")
+    assert ev.exit_code == 0, ev.output
+    assert 0.0 <= json.loads(ev.output)["accuracy"] <= 1.0
+
+
+def test_merge_with_tasks_safetensors_and_table(ckpts, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--method", "zipit", "--samples", "100", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "groups merged" in r.output and "written" in r.output
+    ev = _run("eval", out, *ARCH, "--data", "digits", "--tasks", "0-4/5-9", "--json")
+    m = json.loads(ev.output)
+    assert ev.exit_code == 0 and len(m["per_task"]) == 2 and 0 <= m["joint"] <= 1
+
+
+def test_partial_zip_checkpoint_evaluates_with_one_head_per_task(ckpts, tmp_path):
+    out = tmp_path / "partial.pt"
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--stop-at", "layers.1", "--samples", "100", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    ev = _run("eval", out, *ARCH, "--data", "digits", "--tasks", "0-4/5-9", "--json")
+    assert ev.exit_code == 0, ev.output
+    assert len(json.loads(ev.output)["per_task"]) == 2
+    _one_line_error(_run("eval", out, *ARCH, "--data", "digits"), "--tasks")
+
+
+def test_existing_output_needs_force_and_is_untouched(ckpts, tmp_path):
+    out = tmp_path / "merged.pt"
+    out.write_bytes(b"keep me")
+    _one_line_error(_run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--out", out), "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--method", "weight_matching", "--no-reset-bn", "--out", out, "--force", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() != b"keep me"
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["merge", "{d}/missing.pt", "{d}/b.pt", *ARCH, "--data", "digits"], ["no such file", "missing.pt"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", "--arch", "mpl", "--data", "digits"], ["unknown architecture", "did you mean"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", "--arch", "mlp", "--data", "digits"], ["does not fit", "missing keys"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", "--arch", "resnet20", "--data", "digits"], ["does not fit"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", *ARCH, "--data", "digitz"], ["unknown dataset", "digits"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", *ARCH, "--data", "digits:0-12"], ["class"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", *ARCH], ["needs calibration data", "--data"]),
+        (["merge", "{d}/a.pt", *ARCH, "--data", "digits"], ["at least two"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", *ARCH, "--data", "digits", "--method", "magic"], ["unknown --method"]),
+        (["merge", "{d}/nan.pt", "{d}/b.pt", *ARCH, "--data", "digits"], ["NaN"]),
+        (["merge", "{d}/pickled.pt", "{d}/b.pt", *ARCH, "--data", "digits"], ["--trust-pickle"]),
+        (["merge", "{d}/untr.pt", "{d}/untr.pt", "--arch", "tests.test_cli_merge:untraceable", "--input-shape", "1,28,28", "--data", "digits"], ["cannot trace", "x.sum()"]),
+        (["merge", "{d}/a.pt", "{d}/b.pt", *ARCH, "--data", "digits", "--stop-at", "layerz"], ["stop point"]),
+    ],
+    ids=["missing", "unknown-arch", "keys", "other-arch", "bad-data", "bad-classes", "no-data", "one-model", "method", "nan", "pickle", "untraceable", "stop-at"],
+)
+def test_merge_errors_are_one_line_and_write_nothing(ckpts, tmp_path, args, needles):
+    bad = _mlp(2).state_dict()
+    bad["layers.0.weight"][0, 0] = float("nan")
+    torch.save(bad, ckpts / "nan.pt")
+    torch.save(_mlp(3), ckpts / "pickled.pt")  # a whole pickled module
+    torch.save(untraceable().state_dict(), ckpts / "untr.pt")
+    out = tmp_path / "out.pt"
+    _one_line_error(_run(*[a.format(d=ckpts) for a in args], "--out", out, "--quiet"), *needles)
+    assert list(tmp_path.iterdir()) == []  # no partial output, no temp file
+
+
+def test_trust_pickle_loads_a_pickled_module(ckpts, tmp_path):
+    torch.save(_mlp(3), ckpts / "pickled.pt")
+    out = tmp_path / "m.pt"
+    r = _run("merge", ckpts / "pickled.pt", ckpts / "b.pt", *ARCH, "--method", "weight_matching", "--no-reset-bn", "--trust-pickle", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+
+
+def test_debug_shows_the_traceback(ckpts, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUDSC_DEBUG", "1")
+    r = _run("merge", ckpts / "missing.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--out", tmp_path / "o.pt")
+    assert r.exit_code != 0 and r.exception is not None
+
+
+class _Untraceable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(784, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.fc(x.flatten(1))
+        return self.fc(-x.flatten(1))
+
+
+def untraceable():
+    """Factory of a model that torch.fx cannot trace (used by the error test)."""
+    return _Untraceable()
