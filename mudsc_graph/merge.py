@@ -24,6 +24,7 @@ from .iterate import DualSpaceSolver
 from .merged_model import build_partial, stop_index
 from .registry import Registry, get_registry
 from .report import NullReporter, Reporter
+from .stats import default_inputs_from_batch
 from .trace import trace
 from .transform import merge_state_dicts
 
@@ -61,17 +62,6 @@ class MergeResult:
     mode: str = "zip"
     alpha: float = 0.5
     sweeps: int = 0
-
-
-def default_inputs_from_batch(batch: Any) -> tuple:
-    """A tensor is one input; a tuple or list is (inputs, labels, ...); a dict has key ``"x"``."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    if isinstance(batch, dict) and "x" in batch:
-        return (batch["x"],)
-    raise MergeError(f"cannot read model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch=")
 
 
 def check_models(models: list[nn.Module]) -> None:

@@ -91,20 +91,10 @@ class Registry:
                 reg._add_architecture(a, plugin)
         for plugin, records in _collect(pm, "mudsc_matching_strategies", MatchingStrategy):
             for m in records:
-                if m.name in reg.matchers:
-                    raise PluginError(
-                        f"matching strategy {m.name!r} is registered by both {reg.matcher_plugins[m.name]!r} and {plugin!r}; rename one"
-                    )
-                reg.matchers[m.name] = m
-                reg.matcher_plugins[m.name] = plugin
+                _add_unique("matching strategy", reg.matchers, reg.matcher_plugins, m, plugin)
         for plugin, records in _collect(pm, "mudsc_datasets", Dataset):
             for d in records:
-                if d.name in reg.datasets:
-                    raise PluginError(
-                        f"dataset {d.name!r} is registered by both {reg.dataset_plugins[d.name]!r} and {plugin!r}; rename one"
-                    )
-                reg.datasets[d.name] = d
-                reg.dataset_plugins[d.name] = plugin
+                _add_unique("dataset", reg.datasets, reg.dataset_plugins, d, plugin)
         return reg
 
     def _add_handler(self, h: LayerHandler, plugin: str) -> None:
@@ -175,6 +165,13 @@ class Registry:
             hint = f"; did you mean {', '.join(self.arch_aliases[c] for c in close)}?" if close else ""
             raise PluginError(f"unknown architecture {name!r}{hint} (see `mudsc inspect --list`)")
         return self.architectures[key]
+
+
+def _add_unique(kind: str, table: dict, owners: dict, record: Any, plugin: str) -> None:
+    if record.name in table:
+        raise PluginError(f"{kind} {record.name!r} is registered by both {owners[record.name]!r} and {plugin!r}; rename one")
+    table[record.name] = record
+    owners[record.name] = plugin
 
 
 def _norm(name: str) -> str:

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 
 from .groups import Expr, MergeSpec
-from .transform import apply_along, densify_grouped, expr_size
+from .transform import apply_along, densify_grouped, take_group
 
 
 @dataclass(frozen=True)
@@ -59,26 +59,6 @@ def neighbours(spec: MergeSpec, gid: int) -> set[int]:
     return out
 
 
-def _take(t: torch.Tensor, e: Expr, gid: int, sizes: Mapping[int, int]) -> list[torch.Tensor]:
-    """Slices of ``t`` (axis 0 carries expression ``e``) that are group ``gid``, each (O, ...)."""
-    kind = e[0]
-    if kind == "g":
-        return [t] if e[1] == gid else []
-    if kind == "sum":
-        out = []
-        for piece, x in zip(t.split([expr_size(x, sizes) for x in e[1]], dim=0), e[1]):
-            out += _take(piece, x, gid, sizes)
-        return out
-    if kind == "kron":
-        na, nb = expr_size(e[1], sizes), expr_size(e[2], sizes)
-        u = t.reshape(na, nb, *t.shape[1:])
-        got = [x for x in _take(u, e[1], gid, sizes)]
-        if got:
-            return got
-        return [x for x in _take(u.movedim(1, 0), e[2], gid, sizes)]
-    return []
-
-
 def weight_features(
     spec: MergeSpec,
     state: Mapping[str, torch.Tensor],
@@ -102,7 +82,7 @@ def weight_features(
                 continue
             t = apply_along(t, a, e, merge_of if a in consumed else unmerge_t_of, sizes)
         t = t.movedim(occ.axis, 0)
-        for piece in _take(t, occ.expr, gid, sizes):
+        for piece in take_group(t, occ.expr, gid, sizes):
             feats.append(piece.reshape(piece.shape[0], -1))
     if not feats:
         raise ValueError(f"group {gid} has no parameter to compare")

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .errors import MudscError
+from .transform import expr_size, take_group
 
 Expr = list
 
@@ -102,44 +103,6 @@ def _equal_constants(corr: torch.Tensor, dead: torch.Tensor, mean: torch.Tensor)
 
 
 # -- features of one group from one value ------------------------------------------------------------
-def expr_size(e: Expr, sizes: dict[int, int]) -> int:
-    """Number of positions an axis expression spans (``sizes``: group id -> units)."""
-    tag = e[0]
-    if tag == "g":
-        return sizes[e[1]]
-    if tag == "fixed":
-        return int(e[1])
-    if tag == "sum":
-        return sum(expr_size(p, sizes) for p in e[1])
-    if tag == "kron":
-        return expr_size(e[1], sizes) * expr_size(e[2], sizes)
-    raise ValueError(f"cannot read features through axis expression {e!r}")
-
-
-def _occurrences(x: torch.Tensor, e: Expr, gid: int, sizes: dict[int, int]) -> list[torch.Tensor]:
-    """``x`` is ``(positions of e, samples)``; return each occurrence of ``gid`` as ``(units, s)``."""
-    tag = e[0]
-    if tag == "g":
-        return [x] if e[1] == gid else []
-    if tag == "fixed":
-        return []
-    if tag == "sum":
-        out: list[torch.Tensor] = []
-        start = 0
-        for p in e[1]:
-            n = expr_size(p, sizes)
-            out += _occurrences(x[start : start + n], p, gid, sizes)
-            start += n
-        return out
-    if tag == "kron":
-        a, b = expr_size(e[1], sizes), expr_size(e[2], sizes)
-        x3 = x.reshape(a, b, x.shape[1])
-        left = _occurrences(x3.reshape(a, -1), e[1], gid, sizes)  # b positions become samples
-        right = _occurrences(x3.transpose(0, 1).reshape(b, -1), e[2], gid, sizes)  # a positions do
-        return left + right
-    return []  # "inner" and unknown tags carry no readable units of gid
-
-
 def group_features(value: torch.Tensor, axis: int, expr: Expr, gid: int, sizes: dict[int, int]) -> torch.Tensor:
     """Group ``gid``'s units of ``value`` along ``axis`` (whose expression is ``expr``) as ``(units, samples)``.
 
@@ -151,7 +114,7 @@ def group_features(value: torch.Tensor, axis: int, expr: Expr, gid: int, sizes: 
     if expr_size(expr, sizes) != n:
         raise ValueError(f"axis {axis} has {n} positions but expression {expr!r} spans {expr_size(expr, sizes)}")
     x = value.movedim(axis, 0).reshape(n, -1)
-    parts = _occurrences(x, expr, gid, sizes)
+    parts = [p.reshape(p.shape[0], -1) for p in take_group(x, expr, gid, sizes)]
     if not parts:
         raise ValueError(f"group {gid} does not occur in axis expression {expr!r}")
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -211,14 +174,14 @@ def select_probes(group: Any, probe: str = "last") -> list[Any]:
 
 
 def default_inputs_from_batch(batch: Any) -> tuple:
-    """A Tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)``; a dict -> ``(batch['x'],)``."""
+    """A Tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)`` (inputs, labels, ...); a dict -> ``(batch['x'],)``."""
     if isinstance(batch, torch.Tensor):
         return (batch,)
     if isinstance(batch, (tuple, list)) and batch:
         return (batch[0],)
     if isinstance(batch, dict) and "x" in batch:
         return (batch["x"],)
-    raise TypeError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch")
+    raise StatisticsError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch=")
 
 
 @torch.no_grad()

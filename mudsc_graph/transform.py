@@ -54,6 +54,30 @@ def has_group(e: Expr, live: Callable[[int], bool] = lambda g: True) -> bool:
     return False
 
 
+def take_group(t: torch.Tensor, e: Expr, gid: int, sizes: Mapping[int, int]) -> list[torch.Tensor]:
+    """The slices of ``t`` (axis 0 carries expression ``e``) that are group ``gid``, each ``(O, ...)``.
+
+    A group twice in a ``sum`` (fused qkv rows: Q and K) gives two slices; through a ``kron``
+    the other factor becomes the slice's second axis.
+    """
+    kind = e[0]
+    if kind == "g":
+        return [t] if e[1] == gid else []
+    if kind == "sum":
+        out = []
+        for piece, x in zip(t.split([expr_size(x, sizes) for x in e[1]], dim=0), e[1]):
+            out += take_group(piece, x, gid, sizes)
+        return out
+    if kind == "kron":
+        na, nb = expr_size(e[1], sizes), expr_size(e[2], sizes)
+        u = t.reshape(na, nb, *t.shape[1:])
+        got = [x for x in take_group(u, e[1], gid, sizes)]
+        if got:
+            return got
+        return [x for x in take_group(u.movedim(1, 0), e[2], gid, sizes)]
+    return []
+
+
 def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: Mapping[int, int], scale: float = 1.0) -> torch.Tensor:
     """Multiply ``t`` along ``axis`` by the matrix that expression ``e`` describes.
 

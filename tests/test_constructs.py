@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from construct_models import CASES, CASES_BY_NAME, PlainMLP, UnsupportedRFFT
+    from construct_models import CASES, CASES_BY_NAME, PlainMLP
 except ImportError:  # tests/ collected as a package
-    from tests.construct_models import CASES, CASES_BY_NAME, PlainMLP, UnsupportedRFFT
+    from tests.construct_models import CASES, CASES_BY_NAME, PlainMLP
 
 import mudsc_graph
 from mudsc_graph.errors import SpecCheckError, UnsupportedOpError

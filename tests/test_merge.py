@@ -126,7 +126,7 @@ def test_partial_zip_of_independent_models_keeps_tails():
 
 def test_bn_reset_gives_the_reset_model_back():
     from mudsc_graph.bn import reset_bn_stats
-    from mudsc_graph.merge import default_inputs_from_batch
+    from mudsc_graph.stats import default_inputs_from_batch
 
     arch, a = _model("resnet20")
     data = _data(arch)
