@@ -322,10 +322,6 @@ def _simplify(layout: Layout) -> Layout:
     return layout
 
 
-def shift(layout: Layout, k: int) -> Layout:
-    return _shift(layout, k)
-
-
 def select(layout: Layout, ref: int, j: int) -> Layout:
     return _select(layout, ref, j)
 

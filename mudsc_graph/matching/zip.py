@@ -10,10 +10,10 @@ carry -inf along, so for N >= 3 every remaining pair can end up blocked before t
 reached (each shares a model); then the two clusters whose representatives have the highest input
 similarity are fused (ZipIt! itself would fuse an arbitrary cluster with itself there).
 
-Implementation: the working matrix is updated in place, a cluster lives in the row/column of its
-smallest member (so rows are "representatives"), and the maximum of every row is cached, so one
-step costs O(N*O) plus the rows whose cached maximum was invalidated; one device sync per step
-for the chosen pair and one for the invalidated rows.
+Implementation: the working matrix is updated in place (one host copy, in numpy: the loop is
+sequential, so a GPU does not help it), a cluster lives in the row/column of its smallest member
+(so rows are "representatives"), and the maximum of every row is cached, so one step costs
+O(N*O) plus the rows whose cached maximum was invalidated.
 
 Merged units are ordered by their smallest member: clusters holding a model-0 unit come first, in
 model 0's order, so zipping a model with a permuted copy of itself keeps model 0's order.
@@ -50,74 +50,30 @@ def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0)
         if budget[m] <= 0:
             work[m * o:(m + 1) * o, m * o:(m + 1) * o] = _NEG
 
-    if dev.type == "cpu":  # numpy's per-call overhead is a fraction of torch's for these small steps
-        owner_np, pairs_i, pairs_j = _greedy_numpy(work.numpy(), src.numpy(), n_models, o, to_remove, a, budget)
-        owner = torch.from_numpy(owner_np)
-        pi, pj = torch.tensor(pairs_i), torch.tensor(pairs_j)
-        score = float(((src[pi, pj].double() + src[pj, pi].double()) * 0.5).mean())
-        _, labels = torch.unique(owner, sorted=True, return_inverse=True)
-        return labels, score
-
-    rowmax, rowarg = work.max(dim=1)
-    owner = torch.arange(n, device=dev)  # representative (smallest member) of each unit's cluster
-    pairs_i, pairs_j = [], []
-    for _ in range(to_remove):
-        k = rowmax.argmax()
-        r, c, best = torch.stack((k.to(dtype), rowarg[k].to(dtype), rowmax[k])).tolist()
-        r, c = int(r), int(c)
-        if best == _NEG:
-            r, c = _fallback_pair(src, owner)
-        i, j = (r, c) if r < c else (c, r)
-        pairs_i.append(i)
-        pairs_j.append(j)
-
-        v = torch.minimum(work[i], work[j])
-        if a == 0:
-            v = torch.where(v == _NEG, v, torch.zeros_like(v))
-        elif a != 1:
-            v.mul_(a)  # -inf stays -inf for a > 0
-        v[i] = _NEG
-        v[j] = _NEG
-        work[i] = v
-        work[:, i] = v
-        work[j] = _NEG
-        work[:, j] = _NEG
-        owner = torch.where(owner == j, i, owner)
-
-        stale = (rowarg == i) | (rowarg == j)
-        better = (v > rowmax) | ((v == rowmax) & (rowarg > i))  # keep the first maximum on ties
-        rowmax = torch.where(better, v, rowmax)
-        rowarg = torch.where(better, i, rowarg)
-        stale[i] = True
-        stale[j] = True
-        m = i // o
-        if m == j // o:
-            budget[m] -= 1
-            if budget[m] == 0:
-                work[m * o:(m + 1) * o, m * o:(m + 1) * o] = _NEG
-                stale[m * o:(m + 1) * o] = True
-        rows = stale.nonzero().squeeze(1)
-        rowmax[rows], rowarg[rows] = work[rows].max(dim=1)
-
-    pi = torch.tensor(pairs_i, device=dev)
-    pj = torch.tensor(pairs_j, device=dev)
-    score = float(((src[pi, pj].double() + src[pj, pi].double()) * 0.5).mean())
-    _, labels = torch.unique(owner, sorted=True, return_inverse=True)
-    return labels, score
+    # The greedy loop is sequential, so it runs on the host: numpy's per-call overhead is a
+    # fraction of torch's for these small steps, on any device.
+    owner_np, pairs_i, pairs_j = _greedy(work.cpu().numpy(), src.cpu().numpy(), o, to_remove, a, budget)
+    host = src.cpu()
+    pi, pj = torch.tensor(pairs_i), torch.tensor(pairs_j)
+    score = float(((host[pi, pj].double() + host[pj, pi].double()) * 0.5).mean())
+    _, labels = torch.unique(torch.from_numpy(owner_np), sorted=True, return_inverse=True)
+    return labels.to(dev), score
 
 
-def _fallback_pair(src: torch.Tensor, owner: torch.Tensor) -> tuple[int, int]:
+def _fallback_pair(src, owner) -> tuple[int, int]:
     """The two current representatives with the highest (symmetrised) input similarity."""
-    reps = torch.unique(owner)
-    sub = src[reps][:, reps]
+    import numpy as np
+
+    reps = np.unique(owner)
+    sub = src[np.ix_(reps, reps)]
     sub = (sub + sub.T) * 0.5
-    sub.fill_diagonal_(_NEG)
+    np.fill_diagonal(sub, _NEG)
     flat = int(sub.argmax())
-    return int(reps[flat // reps.numel()]), int(reps[flat % reps.numel()])
+    return int(reps[flat // reps.size]), int(reps[flat % reps.size])
 
 
-def _greedy_numpy(work, src, n_models: int, o: int, to_remove: int, a: float, budget: list[int]):
-    """The greedy loop of :func:`zip_labels` on CPU arrays (same steps, same ties)."""
+def _greedy(work, src, o: int, to_remove: int, a: float, budget: list[int]):
+    """The greedy loop of :func:`zip_labels` on host arrays; returns (owner, pairs_i, pairs_j)."""
     import numpy as np
 
     n = work.shape[0]
@@ -129,7 +85,7 @@ def _greedy_numpy(work, src, n_models: int, o: int, to_remove: int, a: float, bu
         k = int(rowmax.argmax())
         r, c, best = k, int(rowarg[k]), rowmax[k]
         if best == _NEG:
-            r, c = _fallback_pair(torch.from_numpy(src), torch.from_numpy(owner))
+            r, c = _fallback_pair(src, owner)
         i, j = (r, c) if r < c else (c, r)
         pairs_i.append(i)
         pairs_j.append(j)
