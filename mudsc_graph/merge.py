@@ -168,10 +168,8 @@ def merge(
 
     t0 = time.perf_counter()
     if reset_bn and batches is not None:
-        for m in work:
+        for m in work:  # leaves each model in eval mode, as it was
             reset_bn_stats(m, batches, inputs_from_batch, dev)
-        for m in work:
-            m.eval()
     timings["bn_reset_bases"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -249,7 +247,6 @@ def merge(
     t0 = time.perf_counter()
     if reset_bn and batches is not None:
         reset_bn_stats(merged, batches, inputs_from_batch, dev)
-        merged.eval()
     timings["bn_reset_merged"] = time.perf_counter() - t0
     return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
 
