@@ -1,0 +1,332 @@
+"""Reproduce the paper's accuracy tables: every merging method on model pairs trained on disjoint 5+5 class splits.
+
+Run::
+
+    python benchmarks/reproduce/accuracy.py [--quick] [--out DIR] [--datasets mnist5k animal_mnist]
+        [--archs mlp resnet20x1 ...] [--splits N] [--threads N]
+
+For each dataset, architecture setting and class split ``k`` (``split_classes(10, 2, seed=k)``),
+model A is trained on task A and model B on task B (different init seeds, the same fixed
+class-embedding head; cached, see :mod:`common`). Both backbones are merged with every method;
+MuDSC-align / MuDSC-zip run the whole alpha sweep, and alpha is chosen on a 10 % validation
+hold-out of the train split (best mean per-task accuracy; ties go to the better joint accuracy,
+then to the smaller alpha). Test metrics (joint, task A, task B, mean per task) are reported at the
+chosen alpha and for the whole sweep, with the base models and their ensemble as references,
+as mean +- sample std over splits.
+
+Outputs in ``--out`` (default ``docs/results``): ``accuracy.csv`` (one row per
+dataset/arch/split/method/alpha), ``accuracy_summary.csv`` (mean +- std per dataset/arch/method),
+``alpha_sweep.csv`` (MuDSC's sweep, aggregated over splits) and ``accuracy.md`` (one table per
+dataset/arch). Everything is seeded: two runs give the same numbers on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from benchmarks.reproduce.common import (  # noqa: E402
+    ArchSetting,
+    DataSetting,
+    as_jsonable,
+    input_shape_for,
+    mean_std,
+    model_pair,
+    prepare_data,
+    setting,
+    timed,
+)
+from mudsc_graph.demo import DEFAULT_METHODS, parse_method  # noqa: E402
+from mudsc_graph.evaluate import ensemble_logits, predict_logits, task_metrics  # noqa: E402
+from mudsc_graph.merge import merge  # noqa: E402
+from mudsc_graph.tasks import HeadedModel  # noqa: E402
+
+DATASETS: tuple[str, ...] = ("mnist5k", "animal_mnist")
+FULL_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
+QUICK_ALPHAS: tuple[float, ...] = (0.1, 0.5, 0.9)
+SWEPT = ("mudsc-align", "mudsc-zip")
+
+#: Full-mode settings: training budgets scale down with the measured per-image training cost
+#: (1 CPU thread: mlp ~2, resnet20x1 ~6, x2 ~19, x4 ~80, GN ~5.5, vit_tiny ~2.3 ms/image/epoch).
+#: NOTE: the full grid does NOT fit in 35 minutes on 2 cores: the 23 merges per pair (9-alpha
+#: sweeps of two MuDSC modes) dominate, e.g. one MuDSC-zip merge of the paper MLP takes ~34 s and
+#: of resnet20x4 ~46 s on 1 thread (estimated full run: ~6 h on 1 thread). Never tuned to make a
+#: method win.
+FULL_ARCHS: dict[str, ArchSetting] = {
+    s.label: s
+    for s in (
+        setting("mlp", "mlp", epochs=3, train_limit=1000, hidden=(1024, 1024, 1024, 512), bias=False),
+        setting("resnet20x1", "resnet20", epochs=2, train_limit=800, width=1),
+        setting("resnet20x2", "resnet20", epochs=2, train_limit=400, width=2),
+        setting("resnet20x4", "resnet20", epochs=1, train_limit=200, width=4),
+        setting("resnet20gn", "resnet20", epochs=2, train_limit=800, width=1, norm="gn"),
+        setting("vit_tiny", "vit_tiny", epochs=3, train_limit=1000),
+    )
+}
+FULL_DATA = DataSetting(val_fraction=0.1, val_seed=0, calib_samples=200, test_limit=500)
+
+QUICK_ARCHS: dict[str, ArchSetting] = {
+    s.label: s
+    for s in (
+        setting("mlp-small", "mlp", epochs=2, train_limit=600, hidden=(128, 128), bias=False),
+        setting("resnet20x1", "resnet20", epochs=2, train_limit=900, width=1),
+    )
+}
+QUICK_DATA = DataSetting(val_fraction=0.1, val_seed=0, calib_samples=100, test_limit=300)
+
+CSV_COLUMNS = [
+    "dataset", "arch", "split", "tasks", "method", "kind", "alpha", "chosen",
+    "val_joint", "val_mean_per_task", "joint", "task_a", "task_b", "mean_per_task", "merge_seconds",
+]
+SUMMARY_COLUMNS = [
+    "dataset", "arch", "method", "kind", "n_splits", "alphas",
+    "joint_mean", "joint_std", "task_a_mean", "task_a_std", "task_b_mean", "task_b_std",
+    "mean_per_task_mean", "mean_per_task_std", "merge_seconds_mean",
+]
+SWEEP_COLUMNS = [
+    "dataset", "arch", "method", "alpha", "n_splits", "times_chosen", "val_mean_per_task_mean",
+    "joint_mean", "joint_std", "mean_per_task_mean", "mean_per_task_std",
+]
+
+
+def choose_alpha(rows: Sequence[dict[str, Any]]) -> float:
+    """The alpha of the best validation mean per-task accuracy; ties -> better validation joint, then smaller alpha."""
+    best = max(rows, key=lambda r: (r["val_mean_per_task"], r["val_joint"], -r["alpha"]))
+    return float(best["alpha"])
+
+
+def _metrics(outputs: torch.Tensor, y: torch.Tensor, tasks: list[list[int]]) -> dict[str, float]:
+    m = task_metrics(outputs, None, y, tasks)
+    return {"joint": m.joint, "task_a": m.per_task[0], "task_b": m.per_task[1], "mean_per_task": m.mean_per_task}
+
+
+def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, methods: Sequence[str],
+             alphas: Sequence[float], *, cache_dir: Path | None = None, log: Callable[[str], None] = print,
+             timings: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every row of one (dataset, arch, split), and info about the pair (training seconds, cache)."""
+    timings = timings if timings is not None else {}
+    shape, _ = input_shape_for(dataset, arch)
+    data = prepare_data(dataset, split, shape, ds)
+    tasks = data.tasks
+    with timed(timings, f"train_or_load:{arch.label}"):
+        pair = model_pair(dataset, arch, split, data, ds, cache_dir=cache_dir, log=log)
+    models = pair.models
+    base = {"dataset": dataset, "arch": arch.label, "split": split, "tasks": json.dumps(tasks)}
+    rows: list[dict[str, Any]] = []
+
+    def row(method: str, kind: str, test_out: torch.Tensor, val_out: torch.Tensor | None = None,
+            alpha: float | None = None, seconds: float | None = None) -> dict[str, Any]:
+        r = {**base, "method": method, "kind": kind, "alpha": alpha, "chosen": None,
+             "val_joint": None, "val_mean_per_task": None, "merge_seconds": seconds}
+        if val_out is not None:
+            v = _metrics(val_out, data.val.y, tasks)
+            r["val_joint"], r["val_mean_per_task"] = v["joint"], v["mean_per_task"]
+        r.update(_metrics(test_out, data.test.y, tasks))
+        rows.append(r)
+        return r
+
+    with timed(timings, "evaluate"):
+        for i, m in enumerate(models):
+            row(f"model {'AB'[i]}", "base", predict_logits(m, data.test.x))
+        row("ensemble", "ensemble", ensemble_logits(models, data.test.x, classes=tasks))
+    head = models[0].head
+    for name in methods:
+        method, mode = parse_method(name)
+        sweep = list(alphas) if name in SWEPT else [None]
+        method_rows = []
+        for alpha in sweep:
+            t0 = time.perf_counter()
+            result = merge([m.backbone for m in models], data=data.calib_batches, method=method, mode=mode,
+                           alpha=0.5 if alpha is None else float(alpha), seed=split)
+            seconds = time.perf_counter() - t0
+            timings[f"merge:{arch.label}"] = timings.get(f"merge:{arch.label}", 0.0) + seconds
+            merged = HeadedModel(result.model, copy.deepcopy(head)).eval()
+            with timed(timings, "evaluate"):
+                r = row(name, "merged", predict_logits(merged, data.test.x),
+                        predict_logits(merged, data.val.x) if alpha is not None else None, alpha, seconds)
+            method_rows.append(r)
+        if name in SWEPT:
+            chosen = choose_alpha(method_rows)
+            for r in method_rows:
+                r["chosen"] = r["alpha"] == chosen
+        else:
+            method_rows[0]["chosen"] = True
+    info = {"train_seconds": pair.train_seconds, "trained": pair.trained, "cache_path": pair.cache_path,
+            "train_images": [min(int(torch.isin(data.train.y, torch.tensor(t)).sum()), arch.train_limit or 10**12)
+                             for t in tasks],
+            "val_images": len(data.val), "test_images": len(data.test),
+            "calib_images": sum(len(y) for _, y in data.calib_batches)}
+    return rows, info
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:.6g}" if v == v else "nan"
+    return v
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: _fmt(r.get(c)) for c in columns})
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(summary rows at the chosen alpha per dataset/arch/method, sweep rows per dataset/arch/method/alpha)."""
+    summary, sweep = [], []
+    keys: list[tuple[str, str, str, str]] = []
+    for r in rows:
+        k = (r["dataset"], r["arch"], r["method"], r["kind"])
+        if k not in keys:
+            keys.append(k)
+    for ds, arch, method, kind in keys:
+        group = [r for r in rows if (r["dataset"], r["arch"], r["method"]) == (ds, arch, method)]
+        chosen = [r for r in group if r["kind"] != "merged" or r["chosen"]]
+        s = {"dataset": ds, "arch": arch, "method": method, "kind": kind, "n_splits": len(chosen),
+             "alphas": ";".join(f"{r['alpha']:.1f}" for r in chosen if r["alpha"] is not None)}
+        for metric in ("joint", "task_a", "task_b", "mean_per_task"):
+            s[f"{metric}_mean"], s[f"{metric}_std"] = mean_std([r[metric] for r in chosen])
+        secs = [r["merge_seconds"] for r in chosen if r["merge_seconds"] is not None]
+        s["merge_seconds_mean"] = mean_std(secs)[0] if secs else None
+        summary.append(s)
+        alphas = sorted({r["alpha"] for r in group if r["alpha"] is not None})
+        for a in alphas:
+            at = [r for r in group if r["alpha"] == a]
+            w = {"dataset": ds, "arch": arch, "method": method, "alpha": a, "n_splits": len(at),
+                 "times_chosen": sum(1 for r in at if r["chosen"]),
+                 "val_mean_per_task_mean": mean_std([r["val_mean_per_task"] for r in at])[0]}
+            w["joint_mean"], w["joint_std"] = mean_std([r["joint"] for r in at])
+            w["mean_per_task_mean"], w["mean_per_task_std"] = mean_std([r["mean_per_task"] for r in at])
+            sweep.append(w)
+    return summary, sweep
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def markdown(summary: Sequence[dict[str, Any]], sweep: Sequence[dict[str, Any]], *, header: str = "") -> str:
+    """One table per dataset/arch (accuracies in %, mean ± std over splits), then MuDSC's alpha sweep."""
+    lines = [header] if header else []
+    pairs: list[tuple[str, str]] = []
+    for s in summary:
+        if (s["dataset"], s["arch"]) not in pairs:
+            pairs.append((s["dataset"], s["arch"]))
+    for ds, arch in pairs:
+        group = [s for s in summary if (s["dataset"], s["arch"]) == (ds, arch)]
+        lines += [f"### {ds} / {arch} ({group[0]['n_splits']} split(s))", "",
+                  "| method | joint | per-task mean | task A | task B | alpha (chosen per split) |",
+                  "|---|---|---|---|---|---|"]
+        for s in group:
+            lines.append(
+                f"| {s['method']} | {_pm(s['joint_mean'], s['joint_std'])} | "
+                f"{_pm(s['mean_per_task_mean'], s['mean_per_task_std'])} | {_pm(s['task_a_mean'], s['task_a_std'])} | "
+                f"{_pm(s['task_b_mean'], s['task_b_std'])} | {s['alphas'].replace(';', ', ') or '–'} |"
+            )
+        sw = [w for w in sweep if (w["dataset"], w["arch"]) == (ds, arch)]
+        if sw:
+            methods = list(dict.fromkeys(w["method"] for w in sw))
+            alphas = sorted({w["alpha"] for w in sw})
+            lines += ["", "Alpha sweep (test joint / per-task mean, %, mean over splits):", "",
+                      "| method | " + " | ".join(f"α={a:.1f}" for a in alphas) + " |",
+                      "|---|" + "---|" * len(alphas)]
+            for m in methods:
+                cells = []
+                for a in alphas:
+                    w = next((w for w in sw if w["method"] == m and w["alpha"] == a), None)
+                    cells.append(f"{100 * w['joint_mean']:.1f} / {100 * w['mean_per_task_mean']:.1f}" if w else "")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, data_setting: DataSetting,
+        methods: Sequence[str] = DEFAULT_METHODS, alphas: Sequence[float] = FULL_ALPHAS, out: Path,
+        cache_dir: Path | None = None, log: Callable[[str], None] = print, mode: str = "custom") -> dict[str, Any]:
+    """Run the whole grid and write the four output files; returns rows, summary, sweep, timings."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    pairs_info: list[dict[str, Any]] = []
+    for ds in datasets:
+        for arch in archs:
+            for k in range(splits):
+                t0 = time.perf_counter()
+                log(f"[{time.perf_counter() - t_all:7.1f}s] {ds} / {arch.label} / split {k}")
+                r, info = run_pair(ds, arch, k, data_setting, methods, alphas, cache_dir=cache_dir, log=log,
+                                   timings=timings)
+                rows += r
+                pairs_info.append({"dataset": ds, "arch": arch.label, "split": k, **info,
+                                   "seconds": time.perf_counter() - t0})
+                best = {m: x for m, x in ((x["method"], x) for x in r if x["chosen"] or x["kind"] != "merged")}
+                log("    " + ", ".join(f"{m}={100 * x['joint']:.1f}" for m, x in best.items())
+                    + f"  ({time.perf_counter() - t0:.1f}s)")
+    summary, sweep = summarize(rows)
+    _write_csv(out / "accuracy.csv", CSV_COLUMNS, rows)
+    _write_csv(out / "accuracy_summary.csv", SUMMARY_COLUMNS, summary)
+    _write_csv(out / "alpha_sweep.csv", SWEEP_COLUMNS, sweep)
+    total = time.perf_counter() - t_all
+    header = (f"<!-- generated by benchmarks/reproduce/accuracy.py ({mode} mode); accuracies in %, "
+              f"mean ± sample std over splits; alpha chosen on a validation hold-out of the train split -->\n")
+    (out / "accuracy.md").write_text(markdown(summary, sweep, header=header))
+    meta = {"mode": mode, "datasets": list(datasets), "archs": [as_jsonable(a) for a in archs], "splits": splits,
+            "data": as_jsonable(data_setting), "methods": list(methods), "alphas": list(alphas),
+            "pairs": pairs_info, "timings": timings, "total_seconds": total, "threads": torch.get_num_threads()}
+    (out / "accuracy_run.json").write_text(json.dumps(as_jsonable(meta), indent=1))
+    return {"rows": rows, "summary": summary, "sweep": sweep, "timings": timings, "total_seconds": total,
+            "pairs": pairs_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny grid (one dataset, small MLP + resnet20x1, 1 split) in minutes")
+    p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
+    p.add_argument("--datasets", nargs="+", default=None, help=f"default {' '.join(DATASETS)} (quick: mnist5k)")
+    p.add_argument("--archs", nargs="+", default=None, help="labels of the architecture settings (default: all of the mode)")
+    p.add_argument("--splits", type=int, default=None, help="number of class splits (default 3; quick 1)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    table = QUICK_ARCHS if args.quick else FULL_ARCHS
+    labels = args.archs or list(table)
+    unknown = [a for a in labels if a not in table]
+    if unknown:
+        p.error(f"unknown arch setting(s) {unknown}; choose from {', '.join(table)}")
+    for m in args.methods:
+        parse_method(m)
+    datasets = args.datasets or (["mnist5k"] if args.quick else list(DATASETS))
+    splits = args.splits if args.splits is not None else (1 if args.quick else 3)
+    res = run(datasets=datasets, archs=[table[a] for a in labels], splits=splits,
+              data_setting=QUICK_DATA if args.quick else FULL_DATA, methods=args.methods,
+              alphas=QUICK_ALPHAS if args.quick else FULL_ALPHAS, out=Path(args.out),
+              mode="quick" if args.quick else "full", log=lambda s: print(s, flush=True))
+    print()
+    print(markdown(res["summary"], res["sweep"]))
+    print(f"wrote {args.out}/accuracy.csv, accuracy_summary.csv, alpha_sweep.csv, accuracy.md "
+          f"in {res['total_seconds']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""A tiny run of benchmarks/reproduce/accuracy.py: files, columns and the validation choice of alpha."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mudsc_graph.tasks import split_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("reproduce_accuracy", ROOT / "benchmarks" / "reproduce" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_run(acc, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("results")
+    cache = tmp_path_factory.mktemp("cache")
+    arch = acc.setting("mlp-tiny", "mlp", epochs=2, train_limit=300, hidden=(32, 32), bias=False)
+    data = acc.DataSetting(calib_samples=100, test_limit=200)
+    res = acc.run(datasets=["digits"], archs=[arch], splits=1, data_setting=data, methods=["zipit", "mudsc-zip"],
+                  alphas=(0.2, 0.8), out=out, cache_dir=cache, log=lambda s: None, mode="test")
+    return out, res
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_files_and_columns(acc, tiny_run):
+    out, _ = tiny_run
+    for name in ("accuracy.csv", "accuracy_summary.csv", "alpha_sweep.csv", "accuracy.md"):
+        assert (out / name).is_file(), name
+    with open(out / "accuracy.csv", newline="") as f:
+        assert next(csv.reader(f)) == acc.CSV_COLUMNS
+    with open(out / "accuracy_summary.csv", newline="") as f:
+        assert next(csv.reader(f)) == acc.SUMMARY_COLUMNS
+    with open(out / "alpha_sweep.csv", newline="") as f:
+        assert next(csv.reader(f)) == acc.SWEEP_COLUMNS
+    rows = _read(out / "accuracy.csv")
+    assert [r["method"] for r in rows] == ["model A", "model B", "ensemble", "zipit", "mudsc-zip", "mudsc-zip"]
+    assert [r["alpha"] for r in rows if r["method"] == "mudsc-zip"] == ["0.2", "0.8"]
+    for r in rows:
+        for k in ("joint", "task_a", "task_b", "mean_per_task"):
+            assert 0.0 <= float(r[k]) <= 1.0
+        assert json.loads(r["tasks"]) == split_classes(10, 2, seed=0)
+    summary = _read(out / "accuracy_summary.csv")
+    assert [s["method"] for s in summary] == ["model A", "model B", "ensemble", "zipit", "mudsc-zip"]
+    sweep = _read(out / "alpha_sweep.csv")
+    assert [(w["method"], w["alpha"]) for w in sweep] == [("mudsc-zip", "0.2"), ("mudsc-zip", "0.8")]
+    md = (out / "accuracy.md").read_text()
+    assert "### digits / mlp-tiny" in md and "| mudsc-zip |" in md and "α=0.2" in md
+
+
+def test_alpha_is_validation_best(tiny_run):
+    out, _ = tiny_run
+    rows = [r for r in _read(out / "accuracy.csv") if r["method"] == "mudsc-zip"]
+    best = max(rows, key=lambda r: (float(r["val_mean_per_task"]), float(r["val_joint"]), -float(r["alpha"])))
+    assert [r["chosen"] for r in rows] == ["1" if r is best else "0" for r in rows]
+    summary = {s["method"]: s for s in _read(out / "accuracy_summary.csv")}
+    assert summary["mudsc-zip"]["alphas"] == f"{float(best['alpha']):.1f}"
+    assert float(summary["mudsc-zip"]["joint_mean"]) == pytest.approx(float(best["joint"]), abs=1e-5)
+
+
+def test_choose_alpha_ties(acc):
+    rows = [
+        {"alpha": 0.3, "val_mean_per_task": 0.8, "val_joint": 0.5},
+        {"alpha": 0.5, "val_mean_per_task": 0.8, "val_joint": 0.6},
+        {"alpha": 0.7, "val_mean_per_task": 0.8, "val_joint": 0.6},
+        {"alpha": 0.9, "val_mean_per_task": 0.7, "val_joint": 0.9},
+    ]
+    assert acc.choose_alpha(rows) == 0.5  # best per-task mean, tie -> better joint, tie -> smaller alpha
+
+
+def test_deterministic(acc, tiny_run, tmp_path):
+    out, res = tiny_run
+    arch = acc.setting("mlp-tiny", "mlp", epochs=2, train_limit=300, hidden=(32, 32), bias=False)
+    again = acc.run_pair("digits", arch, 0, acc.DataSetting(calib_samples=100, test_limit=200), ["mudsc-zip"], (0.2,),
+                         cache_dir=tmp_path, log=lambda s: None)[0]
+    first = {(r["method"], r["alpha"]): r for r in res["rows"]}
+    for r in again:
+        assert r["joint"] == first[(r["method"], r["alpha"])]["joint"]
