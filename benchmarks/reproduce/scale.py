@@ -1,0 +1,281 @@
+"""Speed and scale of merging (issue 5, section 4): per-stage time, ratio to the calibration
+forward passes, and growth of time and peak memory with width, number of models and samples.
+
+Run::
+
+    python benchmarks/reproduce/scale.py [--quick] [--out DIR] [--threads 2] [--device cpu|cuda]
+                                         [--budget SECONDS]
+
+Models are independently (randomly) initialised -- timing does not depend on training -- and
+calibration inputs are random tensors of the architecture's input shape. Every configuration runs
+in a fresh subprocess (``scale.py --one JSON``) so that its peak memory is its own: on CPU the
+child reports its peak resident set size (``ru_maxrss``) and its resident size just before the
+merge; on CUDA ``torch.cuda.max_memory_allocated`` during the merge.
+
+Experiments (full / ``--quick``):
+
+1. ``stages``: ResNet-20 x4, 2 models, 200 samples (quick: x2, 100): every stage of
+   ``mudsc_graph.merge(reset_bn=True)`` for MuDSC-zip, MuDSC-align and ZipIt!, and the ratio of
+   the whole merge to the calibration forward passes alone (the N models run once over the same
+   data, after a warm-up batch, timed in the same child before the merge).
+2. ``width``: ResNet-20 x1, x2, x4, x8, x16 (quick: x1, x2), 2 models, 100 samples, the three
+   methods. x16 runs last, and only if its projected time (from x8) fits the remaining budget;
+   the markdown says when it was skipped.
+3. ``models``: N = 2, 3, 4 models of ResNet-20 x2, 100 samples, MuDSC-zip and MuDSC-align.
+4. ``samples``: 50, 100, 200, 400 calibration samples (quick: 50, 100), ResNet-20 x2, 2 models,
+   the three methods.
+5. ``vit``: ``vit_b16`` (224 x 224), 2 models, 4 images: MuDSC-align (``max_iter=3``) and ZipIt!
+   (full mode only: about 5 minutes and 12 GB peak RSS on 2 cores).
+
+Writes ``scale.csv`` (one row per measurement) and ``scale.md`` (tables) into ``--out``
+(default ``docs/results``) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STAGES = ("check", "bn_reset_bases", "analysis", "statistics", "matching", "merge", "bn_reset_merged")
+METHODS = {"mudsc-zip": ("mudsc", "zip"), "mudsc-align": ("mudsc", "align"), "zipit": ("zipit", "zip")}
+FIELDS = ("experiment", "arch", "width", "n_models", "samples", "method", *STAGES, "total_s", "forward_s",
+          "ratio", "sweeps", "peak_mb", "base_mb", "device", "threads")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- one configuration (child)
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Build ``n_models`` fresh models, time their forward passes (optional) and one merge."""
+    import torch
+
+    from mudsc_graph import get_registry
+    from mudsc_graph.merge import merge
+
+    torch.set_num_threads(int(cfg.get("threads", 2)))
+    dev = torch.device(cfg.get("device", "cpu"))
+    arch = get_registry().architecture(cfg["arch"])
+    opts = {"width": cfg["width"]} if cfg.get("width") else {}
+    models = []
+    for seed in range(cfg["n_models"]):
+        torch.manual_seed(seed)
+        models.append(arch.build(**opts).to(dev).eval())
+    shape = tuple(arch.example_inputs(1)[0].shape[1:])
+    samples, batch = cfg["samples"], min(cfg.get("batch", 50), cfg["samples"])
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(min(batch, samples - i), *shape, generator=g).to(dev) for i in range(0, samples, batch)]
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    forward = None
+    if cfg.get("forward", True):
+        with torch.no_grad():  # warm-up, then the calibration forward passes alone
+            for m in models:
+                m(data[0])
+            sync()
+            t0 = time.perf_counter()
+            for m in models:
+                for x in data:
+                    m(x)
+            sync()
+        forward = time.perf_counter() - t0
+    method, mode = METHODS[cfg["method"]]
+    base = _rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) / 2**20
+    sync()
+    t0 = time.perf_counter()
+    result = merge(models, data=data, method=method, mode=mode, alpha=0.5, device=dev, reset_bn=True,
+                   max_iter=int(cfg.get("max_iter", 100)))
+    sync()
+    total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
+    return {"timings": dict(result.timings), "total_s": total, "forward_s": forward, "sweeps": result.sweeps,
+            "peak_mb": peak, "base_mb": base}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def spawn(cfg: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter; returns its JSON (last stdout line)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.get("threads", 2))}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"configuration {cfg} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plan(quick: bool) -> list[dict[str, Any]]:
+    """Configurations in run order. The first child of each (arch, width, N, samples) times the forward
+    passes; a configuration already run for another experiment is reported again, not rerun."""
+    three = list(METHODS)
+    cfgs: list[dict[str, Any]] = []
+
+    def add(experiment: str, methods: list[str], **kw: Any) -> None:
+        for m in methods:
+            cfgs.append({"experiment": experiment, "method": m, **kw})
+
+    if quick:
+        add("stages", three, arch="resnet20", width=2, n_models=2, samples=100)
+        for w in (1, 2):
+            add("width", three, arch="resnet20", width=w, n_models=2, samples=100)
+        for n in (2, 3, 4):
+            add("models", ["mudsc-zip", "mudsc-align"], arch="resnet20", width=2, n_models=n, samples=100)
+        for s in (50, 100):
+            add("samples", three, arch="resnet20", width=2, n_models=2, samples=s)
+    else:
+        add("stages", three, arch="resnet20", width=4, n_models=2, samples=200)
+        for w in (1, 2, 4, 8):
+            add("width", three, arch="resnet20", width=w, n_models=2, samples=100)
+        for n in (2, 3, 4):
+            add("models", ["mudsc-zip", "mudsc-align"], arch="resnet20", width=2, n_models=n, samples=100)
+        for s in (50, 100, 200, 400):
+            add("samples", three, arch="resnet20", width=2, n_models=2, samples=s)
+    if not quick:  # ~5 min and ~12 GB peak RSS on 2 cores: full mode only
+        add("vit", ["mudsc-align", "zipit"], arch="vit_b16", width=None, n_models=2, samples=4, batch=4, max_iter=3)  # last, and only if it fits the budget (decided in main)
+        add("width", three, arch="resnet20", width=16, n_models=2, samples=100)
+    return cfgs
+
+
+def fmt(v: Any, nd: int = 2) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def to_markdown(rows: list[dict[str, Any]], notes: list[str], header: str) -> str:
+    titles = {
+        "stages": "1. Per-stage time and ratio of the whole merge to the calibration forward passes",
+        "width": "2. Growth with width (ResNet-20, 2 models, 100 samples)",
+        "models": "3. Growth with the number of models (ResNet-20 x2, 100 samples)",
+        "samples": "4. Growth with calibration samples (ResNet-20 x2, 2 models)",
+        "vit": "5. vit_b16 on CPU-sized data (2 models, 4 images 224x224; MuDSC-align max_iter=3)",
+    }
+    mem = "peak MB (GPU alloc)" if rows and rows[0]["device"].startswith("cuda") else "peak RSS MB"
+    cols = ["arch", "width", "N", "samples", "method", *STAGES, "total s", "forward s", "ratio", "sweeps", mem]
+    out = [header, ""]
+    for exp, title in titles.items():
+        sel = [r for r in rows if r["experiment"] == exp]
+        out += [f"## {title}", ""]
+        if not sel:
+            out += ["(not run)", ""]
+            continue
+        out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in sel:
+            vals = [r["arch"], fmt(r["width"]), fmt(r["n_models"]), fmt(r["samples"]), r["method"],
+                    *(fmt(r[s]) for s in STAGES), fmt(r["total_s"]), fmt(r["forward_s"]), fmt(r["ratio"], 1),
+                    fmt(r["sweeps"]), fmt(r["peak_mb"], 0)]
+            out.append("| " + " | ".join(vals) + " |")
+        out.append("")
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes on 2 cores")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--budget", type=float, default=1200.0,
+                   help="seconds: the x16 width runs only if its projection fits what is left (full mode)")
+    p.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return 0
+
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    if args.quick:
+        notes.append("quick mode: vit_b16 is left out (full mode only: about 5 min and 12 GB peak RSS on 2 cores).")
+    forward: dict[tuple, float] = {}
+    done: dict[tuple, dict[str, Any]] = {}  # identical configurations of several experiments run once
+    skip_x16: bool | None = None
+    for cfg in plan(args.quick):
+        cfg = {**cfg, "threads": args.threads, "device": args.device}
+        key = (cfg["arch"], cfg["width"], cfg["n_models"], cfg["samples"])
+        if cfg["width"] == 16 and skip_x16 is None:
+            prev = [r for r in rows if r["experiment"] == "width" and r["width"] == 8]
+            # conv cost grows with width^2 (the matching faster still): x16 ~ 4.5x the x8 runs, 3 methods
+            projected = 4.5 * sum(r["total_s"] + (r["forward_s"] or 0) + 5.0 for r in prev)
+            left = args.budget - (time.perf_counter() - start)
+            skip_x16 = projected > left
+            if skip_x16:
+                note = (f"ResNet-20 x16 skipped: projected {projected:.0f} s for its three merges (4.5x the x8 runs) "
+                        f"exceeds the {max(left, 0):.0f} s left of the {args.budget:.0f} s budget (`--budget`)")
+                notes.append(note)
+                print(note, flush=True)
+        if cfg["width"] == 16 and skip_x16:
+            continue
+        ckey = (*key, cfg["method"], cfg.get("batch"), cfg.get("max_iter"))
+        if ckey in done:
+            res = done[ckey]
+        else:
+            cfg["forward"] = key not in forward
+            res = done[ckey] = spawn(cfg)
+        if res["forward_s"] is not None and key not in forward:
+            forward[key] = res["forward_s"]
+        fwd = forward.get(key)
+        row = {"experiment": cfg["experiment"], "arch": cfg["arch"], "width": cfg["width"] or "",
+               "n_models": cfg["n_models"], "samples": cfg["samples"], "method": cfg["method"],
+               **{s: res["timings"].get(s, 0.0) for s in STAGES}, "total_s": res["total_s"], "forward_s": fwd,
+               "ratio": res["total_s"] / fwd if fwd else None, "sweeps": res["sweeps"], "peak_mb": res["peak_mb"],
+               "base_mb": res["base_mb"], "device": args.device, "threads": args.threads}
+        rows.append(row)
+        print(f"[{time.perf_counter() - start:6.0f} s] {row['experiment']:7s} {row['arch']}x{row['width'] or '-'} "
+              f"N={row['n_models']} samples={row['samples']} {row['method']:11s} total {row['total_s']:7.2f} s "
+              f"ratio {fmt(row['ratio'], 1):>5s} peak {row['peak_mb']:7.0f} MB", flush=True)
+    elapsed = time.perf_counter() - start
+    import torch
+
+    header = (f"# Speed and scale ({'quick' if args.quick else 'full'} run)\n\n"
+              f"Device {args.device}, {args.threads} threads, torch {torch.__version__}; models randomly "
+              f"initialised, random calibration inputs, `merge(..., alpha=0.5, reset_bn=True)`. Stage times in "
+              f"seconds; `forward s`: the N models once over the calibration data (after a warm-up); `ratio`: "
+              f"whole merge / forward. Peak memory per configuration, each in a fresh process "
+              f"({'CUDA max_memory_allocated during the merge' if args.device == 'cuda' else 'peak RSS of the whole process, torch and data included'}). "
+              f"A configuration that appears in several tables is measured once. "
+              f"Generated by `python benchmarks/reproduce/scale.py{' --quick' if args.quick else ''}` in {elapsed:.0f} s.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scale.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()})
+    md = to_markdown(rows, notes, header)
+    (out / "scale.md").write_text(md)
+    print()
+    print((out / "scale.csv").read_text())
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
