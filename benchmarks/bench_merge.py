@@ -9,12 +9,16 @@ Targets on 2 CPU threads: MuDSC-zip under 30 s, MuDSC-align under 10 s.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from mudsc_graph import get_registry
-from mudsc_graph.merge import merge
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.reproduce.common import forward_seconds, sync  # noqa: E402
+from mudsc_graph import get_registry  # noqa: E402
+from mudsc_graph.merge import merge  # noqa: E402
 
 
 def main() -> None:
@@ -36,28 +40,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(args.batch, 3, 32, 32, generator=g).to(dev) for _ in range(args.samples // args.batch)]
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    with torch.no_grad():  # warm-up, then the calibration forward passes alone
-        for m in models:
-            m(data[0])
-        sync()
-        t0 = time.perf_counter()
-        for m in models:
-            for x in data:
-                m(x)
-        sync()
-    forward = time.perf_counter() - t0
+    forward = forward_seconds(models, data, dev)
     print(f"resnet20x{args.width}, {args.samples} samples, device {dev}, {args.threads} threads: "
           f"calibration forward passes {forward:.2f} s")
     for spec in args.methods.split(","):
         method, mode = spec.split(":")
-        sync()
+        sync(dev)
         t0 = time.perf_counter()
         result = merge(models, data=data, method=method, mode=mode, alpha=0.5, device=dev)
-        sync()
+        sync(dev)
         total = time.perf_counter() - t0
         stages = "  ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
         print(f"{method}-{mode:5s}: total {total:6.2f} s  ratio to forward {total / forward:6.1f}x  "

@@ -155,7 +155,8 @@ def _backbone_options(architecture: Any, arch_options: dict[str, Any] | None, x_
     return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
 
 
-def _config_key(config: dict[str, Any]) -> str:
+def config_key(config: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able config: the name of its cache file."""
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -178,7 +179,12 @@ def _save_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def _load_cached(path: Path, n_models: int, config: dict[str, Any]) -> list[dict[str, torch.Tensor]] | None:
+def save_cached(path: Path, config: dict[str, Any], states: list[dict[str, torch.Tensor]], **extra: Any) -> None:
+    """Cache trained state dicts with the config that made them (atomically)."""
+    _save_atomic(path, {"config": json.dumps(config, sort_keys=True, default=str), "models": states, **extra})
+
+
+def load_cached(path: Path, n_models: int, config: dict[str, Any]) -> list[dict[str, torch.Tensor]] | None:
     """The cached state dicts, or ``None`` when the file is missing, unreadable or for another config."""
     if not path.is_file():
         return None
@@ -258,7 +264,7 @@ def run_demo(
         "lr": lr, "batch_size": batch_size, "optimizer": "adam", "seed": seed,
     }
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cache_path = cache_root / f"{architecture.name}-{dataset.replace(':', '_').replace('/', '_')}-{_config_key(config)}.pt"
+    cache_path = cache_root / f"{architecture.name}-{dataset.replace(':', '_').replace('/', '_')}-{config_key(config)}.pt"
 
     def fresh(i: int) -> HeadedModel:
         with torch.random.fork_rng(devices=[]):
@@ -267,7 +273,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     models = [fresh(i) for i in range(len(tasks))]
-    states = None if retrain else _load_cached(cache_path, len(models), config)
+    states = None if retrain else load_cached(cache_path, len(models), config)
     trained = states is None
     if states is None:
         for i, (model, task) in enumerate(zip(models, tasks)):
@@ -276,7 +282,7 @@ def run_demo(
                 device=dev, reporter=_Prefixed(reporter, f"model {'AB'[i]}: "),
             )
         states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
-        _save_atomic(cache_path, {"config": json.dumps(config, sort_keys=True, default=str), "models": states})
+        save_cached(cache_path, config, states)
     for m, s in zip(models, states):
         m.load_state_dict(s)
         m.to(dev).eval()

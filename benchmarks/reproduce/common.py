@@ -15,7 +15,6 @@ The training and caching machinery is the demo's (:mod:`mudsc_graph.demo`), impo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -32,9 +31,9 @@ from mudsc_graph.demo import (
     CACHE_ENV,
     EMBED_DIM,
     _backbone_options,
-    _config_key,
-    _load_cached,
-    _save_atomic,
+    config_key,
+    load_cached,
+    save_cached,
 )
 from mudsc_graph.registry import get_registry
 from mudsc_graph.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
@@ -100,16 +99,31 @@ class TaskData:
 # --------------------------------------------------------------------------- paths, hashing, timing
 
 
-def reproduce_cache_dir() -> Path:
-    """``$MUDSC_CACHE_DIR/reproduce`` if the variable is set, else ``~/.cache/mudsc/reproduce``."""
+def cache_dir(kind: str = "reproduce") -> Path:
+    """``$MUDSC_CACHE_DIR/KIND`` if the variable is set, else ``~/.cache/mudsc/KIND``."""
     env = os.environ.get(CACHE_ENV, "").strip()
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "mudsc"
-    return base / "reproduce"
+    return base / kind
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-able config (the demo's key function)."""
-    return _config_key(config)
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock timings cover its work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_seconds(models: Sequence[torch.nn.Module], batches: Sequence[torch.Tensor], device: torch.device) -> float:
+    """Seconds for the models' calibration forward passes alone (after one warm-up batch)."""
+    with torch.no_grad():
+        for m in models:
+            m(batches[0])
+        sync(device)
+        t0 = time.perf_counter()
+        for m in models:
+            for x in batches:
+                m(x)
+        sync(device)
+    return time.perf_counter() - t0
 
 
 @contextmanager
@@ -212,8 +226,8 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
         "train_limit": arch.train_limit, "optimizer": "adam", "val_fraction": ds.val_fraction, "val_seed": ds.val_seed,
         "train_samples": len(data.train),
     }
-    root = cache_dir if cache_dir is not None else reproduce_cache_dir()
-    path = root / f"{arch.label}-{dataset.replace(':', '_').replace('/', '_')}-s{split}-{config_hash(config)}.pt"
+    root = cache_dir if cache_dir is not None else cache_dir()
+    path = root / f"{arch.label}-{dataset.replace(':', '_').replace('/', '_')}-s{split}-{config_key(config)}.pt"
     seeds = [1000 * split + 1, 1000 * split + 2]
 
     def fresh(i: int) -> HeadedModel:
@@ -222,7 +236,7 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
             return with_class_head(architecture.build(**opts), EMBED_DIM, num_classes, seed=HEAD_SEED)
 
     models = [fresh(0), fresh(1)]
-    states = None if retrain else _load_cached(path, 2, config)
+    states = None if retrain else load_cached(path, 2, config)
     seconds = [0.0, 0.0]
     trained = states is None
     if states is None:
@@ -234,8 +248,7 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
             if log:
                 log(f"    trained model {'AB'[i]} ({len(y)} images x {arch.epochs} epochs) in {seconds[i]:.1f}s")
         states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
-        _save_atomic(path, {"config": json.dumps(config, sort_keys=True, default=str), "models": states,
-                            "train_seconds": seconds})
+        save_cached(path, config, states, train_seconds=seconds)
     else:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)

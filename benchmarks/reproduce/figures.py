@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +42,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.reproduce.common import cache_dir  # noqa: E402
 from mudsc_graph.analyze import analyze_full  # noqa: E402
 from mudsc_graph.data import load_data  # noqa: E402
+from mudsc_graph.demo import config_key, load_cached, save_cached  # noqa: E402
 from mudsc_graph.iterate import DualSpaceSolver  # noqa: E402
 from mudsc_graph.merge import merge  # noqa: E402
 from mudsc_graph.registry import get_registry  # noqa: E402
@@ -59,11 +58,6 @@ EMBED_DIM = 128
 METHODS = (("MuDSC-zip", "mudsc", "zip", 0.5), ("ZipIt", "zipit", "zip", 0.0), ("weight zip", "weight_zip", "zip", 1.0))
 COLORS = {"MuDSC-zip": "tab:red", "ZipIt": "tab:blue", "weight zip": "tab:green"}
 HIGH_QUANTILE = 0.9
-
-
-def cache_root() -> Path:
-    env = os.environ.get("MUDSC_CACHE_DIR", "").strip()
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "mudsc") / "figures"
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -79,8 +73,7 @@ def train_pair(dataset: str, hidden: tuple[int, ...], epochs: int, seed: int = 0
     in_features = int(torch.tensor(train.x.shape[1:]).prod())
     opts = {"hidden": list(hidden), "bias": False, "num_classes": EMBED_DIM, "in_features": in_features}
     config = {"dataset": dataset, "n": len(train), "opts": opts, "epochs": epochs, "seed": seed, "tasks": tasks, "v": 1}
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    path = (cache or cache_root()) / f"mlp-{dataset.replace(':', '_')}-{key}.pt"
+    path = (cache or cache_dir("figures")) / f"mlp-{dataset.replace(':', '_')}-{config_key(config)}.pt"
 
     def fresh(i: int) -> HeadedModel:
         with torch.random.fork_rng(devices=[]):
@@ -88,17 +81,13 @@ def train_pair(dataset: str, hidden: tuple[int, ...], epochs: int, seed: int = 0
             return with_class_head(arch.build(**opts), EMBED_DIM, num_classes, seed=seed)
 
     models = [fresh(0), fresh(1)]
-    trained = False
-    states = torch.load(path, weights_only=True) if path.exists() else None
-    if states is None:
+    states = load_cached(path, 2, config)
+    trained = states is None
+    if trained:
         for i, (m, task) in enumerate(zip(models, tasks)):
             train_classifier(m, train.x, train.y, task, epochs=epochs, seed=seed * 1000 + i)
         states = [m.state_dict() for m in models]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(states, tmp)
-        os.replace(tmp, path)
-        trained = True
+        save_cached(path, config, states)
     for m, s in zip(models, states):
         m.load_state_dict(s)
         m.eval()

@@ -49,6 +49,8 @@ METHODS = {"mudsc-zip": ("mudsc", "zip"), "mudsc-align": ("mudsc", "align"), "zi
 FIELDS = ("experiment", "arch", "width", "n_models", "samples", "method", *STAGES, "total_s", "forward_s",
           "ratio", "sweeps", "peak_mb", "base_mb", "device", "threads")
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 # --------------------------------------------------------------------------- one configuration (child)
@@ -64,6 +66,7 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     """Build ``n_models`` fresh models, time their forward passes (optional) and one merge."""
     import torch
 
+    from benchmarks.reproduce.common import forward_seconds, sync
     from mudsc_graph import get_registry
     from mudsc_graph.merge import merge
 
@@ -80,32 +83,17 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(min(batch, samples - i), *shape, generator=g).to(dev) for i in range(0, samples, batch)]
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    forward = None
-    if cfg.get("forward", True):
-        with torch.no_grad():  # warm-up, then the calibration forward passes alone
-            for m in models:
-                m(data[0])
-            sync()
-            t0 = time.perf_counter()
-            for m in models:
-                for x in data:
-                    m(x)
-            sync()
-        forward = time.perf_counter() - t0
+    forward = forward_seconds(models, data, dev) if cfg.get("forward", True) else None
     method, mode = METHODS[cfg["method"]]
     base = _rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev) / 2**20
-    sync()
+    sync(dev)
     t0 = time.perf_counter()
     result = merge(models, data=data, method=method, mode=mode, alpha=0.5, device=dev, reset_bn=True,
                    max_iter=int(cfg.get("max_iter", 100)))
-    sync()
+    sync(dev)
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
     return {"timings": dict(result.timings), "total_s": total, "forward_s": forward, "sweeps": result.sweeps,
