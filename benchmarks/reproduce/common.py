@@ -99,7 +99,7 @@ class TaskData:
 # --------------------------------------------------------------------------- paths, hashing, timing
 
 
-def cache_dir(kind: str = "reproduce") -> Path:
+def cache_root(kind: str = "reproduce") -> Path:
     """``$MUDSC_CACHE_DIR/KIND`` if the variable is set, else ``~/.cache/mudsc/KIND``."""
     env = os.environ.get(CACHE_ENV, "").strip()
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "mudsc"
@@ -226,7 +226,7 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
         "train_limit": arch.train_limit, "optimizer": "adam", "val_fraction": ds.val_fraction, "val_seed": ds.val_seed,
         "train_samples": len(data.train),
     }
-    root = cache_dir if cache_dir is not None else cache_dir()
+    root = cache_dir if cache_dir is not None else cache_root()
     path = root / f"{arch.label}-{dataset.replace(':', '_').replace('/', '_')}-s{split}-{config_key(config)}.pt"
     seeds = [1000 * split + 1, 1000 * split + 2]
 

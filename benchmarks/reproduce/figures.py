@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.reproduce.common import cache_dir  # noqa: E402
+from benchmarks.reproduce.common import cache_root  # noqa: E402
 from mudsc_graph.analyze import analyze_full  # noqa: E402
 from mudsc_graph.data import load_data  # noqa: E402
 from mudsc_graph.demo import config_key, load_cached, save_cached  # noqa: E402
@@ -73,7 +73,7 @@ def train_pair(dataset: str, hidden: tuple[int, ...], epochs: int, seed: int = 0
     in_features = int(torch.tensor(train.x.shape[1:]).prod())
     opts = {"hidden": list(hidden), "bias": False, "num_classes": EMBED_DIM, "in_features": in_features}
     config = {"dataset": dataset, "n": len(train), "opts": opts, "epochs": epochs, "seed": seed, "tasks": tasks, "v": 1}
-    path = (cache or cache_dir("figures")) / f"mlp-{dataset.replace(':', '_')}-{config_key(config)}.pt"
+    path = (cache or cache_root("figures")) / f"mlp-{dataset.replace(':', '_')}-{config_key(config)}.pt"
 
     def fresh(i: int) -> HeadedModel:
         with torch.random.fork_rng(devices=[]):
