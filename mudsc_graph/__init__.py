@@ -9,7 +9,7 @@ from .analyze import Analysis, analyze, analyze_full
 from .errors import AnalysisError, MudscError, PluginError, SpecCheckError, SpecError, TraceError, UnsupportedOpError
 from .groups import Group, MergeSpec, Probe
 from .hookspecs import hookimpl
-from .merge import METHODS, MergeError, MergeResult, merge
+from .merge import METHODS, MergeError, MergeResult, PreparedMerge, merge, prepare
 from .records import Architecture, Dataset, LayerHandler, MatchingStrategy
 from .registry import Registry, get_registry, registry_with, reset_registry
 
@@ -18,5 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatchingStrategy", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
-    "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "METHODS", "registry_with", "reset_registry",
+    "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "METHODS", "prepare", "PreparedMerge", "registry_with",
+    "reset_registry",
 ]

@@ -1,5 +1,7 @@
 """``merge``: N models of one architecture -> one merged model, without training.
 
+``prepare`` does the shared stages once for many merges (an alpha sweep); ``merge`` is one of each.
+
 The stages, in order (each timed in ``MergeResult.timings``): check the models, reset the base
 models' BatchNorm statistics, analyse the graph (merge groups), gather activation correlations,
 match (the iterative dual-space scheme), form the merged weights, build the merged module (partial
@@ -99,6 +101,199 @@ def _resolve_device(device: Any, model: nn.Module) -> torch.device:
     return dev
 
 
+def _resolve_method(method: str, mode: str, alpha: float) -> tuple[str, str, float]:
+    """(matcher name, mode, alpha) of ``method``; one clear error for a bad method, mode or alpha."""
+    if method not in METHODS:
+        raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    fixed_alpha, matcher_name = METHODS[method]
+    if method == "mudsc":
+        if mode not in ("align", "zip"):
+            raise MergeError(f"unknown mode {mode!r}; choose align or zip")
+        if not 0.0 <= alpha <= 1.0:
+            raise MergeError(f"alpha must lie in [0, 1], got {alpha}")
+        return mode, mode, alpha
+    assert matcher_name is not None
+    return matcher_name, {"identity": "average"}.get(matcher_name, matcher_name), fixed_alpha if fixed_alpha is not None else 0.0
+
+
+class PreparedMerge:
+    """What every merge of the same models and data shares, done once: the checks, the BatchNorm
+    reset of the base models, the graph analysis and (on first need) the activation correlations.
+
+    ``prepare(...)`` builds one; each ``.merge(method=..., mode=..., alpha=...)`` then runs only the
+    matching, forms the merged weights and resets the merged model's BatchNorm statistics, which is
+    what an alpha sweep or a comparison of methods needs. ``timings`` holds the shared stages'
+    seconds. The input models are not modified, and no merge modifies what is shared.
+    """
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        *,
+        data: Iterable | None,
+        example_inputs: tuple | None = None,
+        device: Any = None,
+        reset_bn: bool = True,
+        probe: str = "last",
+        registry: Registry | None = None,
+        reporter: Reporter | None = None,
+        inputs_from_batch: Callable[[Any], tuple] | None = None,
+    ) -> None:
+        self.timings: dict[str, float] = {}
+        self.reporter = reporter or NullReporter()
+        self.registry = registry or get_registry()
+        self.inputs_from_batch = inputs_from_batch or default_inputs_from_batch
+        self.reset_bn, self.probe = reset_bn, probe
+
+        t0 = time.perf_counter()
+        check_models(models)
+        self.batches = list(data) if data is not None else None
+        if self.batches is not None and not self.batches:
+            raise MergeError("the calibration data is empty: give at least one batch")
+        if self.batches is None and reset_bn and has_batchnorm(models[0]):
+            raise MergeError("resetting BatchNorm statistics (reset_bn=True) needs calibration data: pass data=")
+        self.device = dev = _resolve_device(device, models[0])
+        self.models = [copy.deepcopy(m).to(dev).eval() for m in models]
+        if example_inputs is None:
+            if self.batches is None:
+                raise MergeError("pass example_inputs= (or data=) so the model can be traced")
+            example_inputs = tuple(x[:2] for x in self.inputs_from_batch(self.batches[0]))  # tracing needs only shapes
+        example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        example_inputs = tuple(x.to(dev) for x in example_inputs)
+        self.timings["check"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if reset_bn and self.batches is not None:
+            for m in self.models:  # leaves each model in eval mode, as it was
+                reset_bn_stats(m, self.batches, self.inputs_from_batch, dev)
+        self.timings["bn_reset_bases"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.reporter.start("tracing", total=len(self.models))
+        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry)
+        self.spec: MergeSpec = self.analysis.spec
+        leaves = self.registry.leaf_module_types()
+        self.graph_modules = [self.analysis.graph_module] + [trace(m, example_inputs, leaf_types=leaves) for m in self.models[1:]]
+        self.reporter.advance(len(self.models))
+        self.reporter.end()
+        self.order = [(n, self.analysis.graph.nodes[n]["path"]) for n in self.analysis.graph.graph["order"]]
+        self.anchored = _anchored_groups(self.spec, self.models)
+        self.states = [dict(m.state_dict()) for m in self.models]
+        self.timings["analysis"] = time.perf_counter() - t0
+        self._act: dict[int, torch.Tensor] | None = None
+
+    def activations(self) -> dict[int, torch.Tensor]:
+        """``{group id: (N*units) x (N*units) activation correlation}``, gathered on first call."""
+        if self._act is None:
+            if self.batches is None:
+                raise MergeError("activation similarities need calibration data: pass data=")
+            from .stats import activation_correlations
+
+            t0 = time.perf_counter()
+            self.reporter.start("statistics", total=len(self.batches))
+            self._act = activation_correlations(
+                self.graph_modules, self.spec, self.batches, device=self.device, probe=self.probe,
+                inputs_from_batch=self.inputs_from_batch, reporter=self.reporter, registry=self.registry,
+            )
+            self.reporter.end()
+            self.timings["statistics"] = time.perf_counter() - t0
+        return self._act
+
+    def merge(
+        self,
+        *,
+        method: str = "mudsc",
+        mode: str = "zip",
+        alpha: float = 0.5,
+        stop_at: str | None = None,
+        seed: int = 0,
+        max_iter: int = 100,
+        tol: int = 5,
+        zip_a: float = 0.5,
+        zip_b: float = 1.0,
+    ) -> MergeResult:
+        """One merged model (the arguments as in :func:`merge`); ``timings`` covers this call's stages."""
+        matcher_name, mode, alpha = _resolve_method(method, mode, alpha)
+        matcher = self.registry.matcher(matcher_name)
+        needs_act = method != "average" and alpha < 1.0
+        if needs_act and self.batches is None:
+            raise MergeError(f"method {method!r} needs calibration data: pass data=")
+        timings: dict[str, float] = {}
+        spec, dev, n = self.spec, self.device, len(self.models)
+        trunk = None
+        if stop_at is not None:
+            k = stop_index(self.order, stop_at)
+            trunk = {name for name, _ in self.order[: k + 1]}
+        gids = [g for g in _groups_to_merge(spec, self.analysis, trunk) if g not in self.anchored]
+
+        act = None
+        if needs_act and gids:
+            first = self._act is None
+            act = self.activations()
+            if first:
+                timings["statistics"] = self.timings["statistics"]
+            missing = [g for g in gids if g not in act]
+            if missing:
+                import warnings
+
+                warnings.warn(
+                    f"groups {missing[:5]} have no activation probe (units inside a leaf module whose handler "
+                    "gives no features): they are matched by weights alone",
+                    stacklevel=3,
+                )
+
+        t0 = time.perf_counter()
+        from .matching import identity_matching
+
+        if matcher_name == "identity":
+            matchings = {g: identity_matching(spec.groups[g].size, n, device=dev) for g in gids}
+            history, sweeps = [], 0
+        else:
+            options = {"a": zip_a, "b": zip_b} if matcher_name == "zip" else {}
+            solver = DualSpaceSolver(
+                spec, self.states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=self.reporter,
+                cross_only=not matcher.uses_within_model,
+            )
+            outcome = solver.run(lambda g: identity_matching(spec.groups[g].size, n, device=dev), max_iter=max_iter, tol=tol, seed=seed)
+            matchings, history, sweeps = outcome.matchings, outcome.history, outcome.sweeps
+        timings["matching"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        merged = copy.deepcopy(self.models[0])
+        merged.load_state_dict(merge_state_dicts(spec, self.states, matchings))
+        if trunk is not None:
+            sizes = {g.id: g.size for g in spec.groups}
+
+            def unmerge_of(i: int, gid: int):
+                m = matchings.get(gid)
+                return None if m is None else m.unmerge_block(i)
+
+            graph = self.analysis.graph_module.graph
+            merged = build_partial(
+                merged, self.models, graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
+            ).to(dev)
+        merged.eval()
+        timings["merge"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if self.reset_bn and self.batches is not None:
+            reset_bn_stats(merged, self.batches, self.inputs_from_batch, dev)
+        timings["bn_reset_merged"] = time.perf_counter() - t0
+        return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
+
+
+def prepare(models: list[nn.Module], *, data: Iterable | None, **options: Any) -> PreparedMerge:
+    """Do once what every merge of ``models`` on ``data`` shares; see :class:`PreparedMerge`.
+
+        >>> prepared = prepare([a, b], data=batches)
+        >>> results = {alpha: prepared.merge(method="mudsc", mode="zip", alpha=alpha) for alpha in (0.1, 0.5, 0.9)}
+
+    ``options``: ``example_inputs``, ``device``, ``reset_bn``, ``probe``, ``registry``, ``reporter``,
+    ``inputs_from_batch`` (as in :func:`merge`).
+    """
+    return PreparedMerge(models, data=data, **options)
+
+
 def merge(
     models: list[nn.Module],
     *,
@@ -129,126 +324,22 @@ def merge(
     batches (read into memory once), needed for activation similarities and BatchNorm resets.
     ``stop_at``: a module path or node name; merge up to it, then each model keeps its own tail
     (the result returns one output per model). The input models are not modified.
+
+    Several merges of the same models and data (an alpha sweep, a comparison of methods) share
+    most of the work through :func:`prepare`.
     """
-    timings: dict[str, float] = {}
-    reporter = reporter or NullReporter()
-    registry = registry or get_registry()
-    inputs_from_batch = inputs_from_batch or default_inputs_from_batch
-    if method not in METHODS:
-        raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    fixed_alpha, matcher_name = METHODS[method]
-    if method == "mudsc":
-        if mode not in ("align", "zip"):
-            raise MergeError(f"unknown mode {mode!r}; choose align or zip")
-        if not 0.0 <= alpha <= 1.0:
-            raise MergeError(f"alpha must lie in [0, 1], got {alpha}")
-        matcher_name = mode
-    else:
-        alpha = fixed_alpha if fixed_alpha is not None else 0.0
-        mode = {"identity": "average"}.get(matcher_name, matcher_name)
-    matcher = registry.matcher(matcher_name)
-    needs_act = method != "average" and alpha < 1.0
-
-    t0 = time.perf_counter()
-    check_models(models)
-    batches = list(data) if data is not None else None
-    if batches is not None and not batches:
-        raise MergeError("the calibration data is empty: give at least one batch")
-    if batches is None and (needs_act or (reset_bn and has_batchnorm(models[0]))):
-        what = f"method {method!r}" if needs_act else "resetting BatchNorm statistics (reset_bn=True)"
-        raise MergeError(f"{what} needs calibration data: pass data=")
-    dev = _resolve_device(device, models[0])
-    work = [copy.deepcopy(m).to(dev).eval() for m in models]
-    if example_inputs is None:
-        if batches is None:
-            raise MergeError("pass example_inputs= (or data=) so the model can be traced")
-        example_inputs = tuple(x[:2] for x in inputs_from_batch(batches[0]))  # tracing needs only shapes
-    example_inputs = tuple(x.to(dev) for x in (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
-    timings["check"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if reset_bn and batches is not None:
-        for m in work:  # leaves each model in eval mode, as it was
-            reset_bn_stats(m, batches, inputs_from_batch, dev)
-    timings["bn_reset_bases"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    reporter.start("tracing", total=len(work))
-    analysis = analyze_full(work[0], example_inputs, registry=registry)
-    spec = analysis.spec
-    gms = [analysis.graph_module] + [trace(m, example_inputs, leaf_types=registry.leaf_module_types()) for m in work[1:]]
-    reporter.advance(len(work))
-    reporter.end()
-    order = [(n, analysis.graph.nodes[n]["path"]) for n in analysis.graph.graph["order"]]
-    trunk = None
-    if stop_at is not None:
-        k = stop_index(order, stop_at)
-        trunk = {n for n, _ in order[: k + 1]}
-    anchored = _anchored_groups(spec, work)
-    gids = [g for g in _groups_to_merge(spec, analysis, trunk) if g not in anchored]
-    timings["analysis"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    act = None
-    if needs_act and gids:
-        from .stats import activation_correlations
-
-        reporter.start("statistics", total=len(batches))
-        act = activation_correlations(
-            gms, spec, batches, device=dev, probe=probe, inputs_from_batch=inputs_from_batch, reporter=reporter, registry=registry
-        )
-        reporter.end()
-        missing = [g for g in gids if g not in act]
-        if missing:
-            import warnings
-
-            warnings.warn(
-                f"groups {missing[:5]} have no activation probe (units inside a leaf module whose handler "
-                "gives no features): they are matched by weights alone",
-                stacklevel=2,
-            )
-    timings["statistics"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    from .matching import identity_matching
-
-    n = len(work)
-    states = [{k: v for k, v in m.state_dict().items()} for m in work]
-    if matcher_name == "identity":
-        matchings = {g: identity_matching(spec.groups[g].size, n, device=dev) for g in gids}
-        history, sweeps = [], 0
-    else:
-        options = {"a": zip_a, "b": zip_b} if matcher_name == "zip" else {}
-        solver = DualSpaceSolver(
-            spec, states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=reporter,
-            cross_only=not matcher.uses_within_model,
-        )
-        outcome = solver.run(lambda g: identity_matching(spec.groups[g].size, n, device=dev), max_iter=max_iter, tol=tol, seed=seed)
-        matchings, history, sweeps = outcome.matchings, outcome.history, outcome.sweeps
-    timings["matching"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    merged_state = merge_state_dicts(spec, states, matchings)
-    merged = copy.deepcopy(work[0])
-    merged.load_state_dict(merged_state)
-    if trunk is not None:
-        sizes = {g.id: g.size for g in spec.groups}
-
-        def unmerge_of(i: int, gid: int):
-            m = matchings.get(gid)
-            return None if m is None else m.unmerge_block(i)
-
-        merged = build_partial(
-            merged, work, analysis.graph_module.graph, trunk, lambda name: analysis.value_axes.get(name), unmerge_of, sizes
-        ).to(dev)
-    merged.eval()
-    timings["merge"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if reset_bn and batches is not None:
-        reset_bn_stats(merged, batches, inputs_from_batch, dev)
-    timings["bn_reset_merged"] = time.perf_counter() - t0
-    return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
+    _, _, checked_alpha = _resolve_method(method, mode, alpha)
+    if data is None and method != "average" and checked_alpha < 1.0:
+        raise MergeError(f"method {method!r} needs calibration data: pass data=")
+    prepared = PreparedMerge(
+        models, data=data, example_inputs=example_inputs, device=device, reset_bn=reset_bn, probe=probe,
+        registry=registry, reporter=reporter, inputs_from_batch=inputs_from_batch,
+    )
+    result = prepared.merge(
+        method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, tol=tol, zip_a=zip_a, zip_b=zip_b
+    )
+    result.timings = {**prepared.timings, "statistics": 0.0, **result.timings}
+    return result
 
 
 def _anchored_groups(spec: MergeSpec, models: list[nn.Module]) -> set[int]:

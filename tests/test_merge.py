@@ -260,3 +260,29 @@ def test_a_shared_fixed_head_anchors_its_units():
     assert [result.spec.groups[g].size for g in result.matchings] == [16]  # only the hidden layer is matched
     expected = (a.state_dict()["backbone.2.bias"] + b.state_dict()["backbone.2.bias"]) / 2
     torch.testing.assert_close(result.model.state_dict()["backbone.2.bias"], expected)
+
+
+def test_a_prepared_merge_gives_what_merge_gives_for_every_method():
+    """prepare() once + many .merge() calls == one merge() per call, in any order, and the shared
+    state (BN-reset bases, statistics) is not changed by the merges that read it."""
+    from mudsc_graph.merge import METHODS, prepare
+
+    arch, a = _model("resnet20", seed=0)
+    _, b = _model("resnet20", seed=1)
+    data = _data(arch)
+    calls = [dict(method=m) for m in METHODS if m != "mudsc"] + [
+        dict(method="mudsc", mode="align", alpha=0.4), dict(method="mudsc", mode="zip", alpha=0.2), dict(method="mudsc", mode="zip", alpha=0.7)
+    ]
+    prepared = prepare([a, b], data=data)
+    before = [{k: v.clone() for k, v in s.items()} for s in prepared.states]
+    for call in calls + calls[:2]:  # the repeats read the state the other merges left
+        got = prepared.merge(**call, max_iter=4, seed=3)
+        want = merge([a, b], data=data, **call, max_iter=4, seed=3)
+        assert got.history == want.history
+        for k, v in want.model.state_dict().items():
+            torch.testing.assert_close(got.model.state_dict()[k], v, rtol=0, atol=0, msg=f"{call}: {k}")
+    for s, old in zip(prepared.states, before):
+        assert all(torch.equal(s[k], old[k]) for k in old)
+    assert set(prepared.timings) == {"check", "bn_reset_bases", "analysis", "statistics"}
+    with pytest.raises(MergeError, match="unknown method"):
+        prepared.merge(method="nope")
