@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def acc():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location("reproduce_accuracy", ROOT / "benchmarks" / "reproduce" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.reproduce.accuracy")  # importable by name: worker processes need it
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +93,15 @@ def test_deterministic(acc, tiny_run, tmp_path):
     first = {(r["method"], r["alpha"]): r for r in res["rows"]}
     for r in again:
         assert r["joint"] == first[(r["method"], r["alpha"])]["joint"]
+
+
+def test_worker_processes_give_the_sequential_rows_in_grid_order(acc, tmp_path):
+    arch = acc.setting("mlp-tiny", "mlp", epochs=1, train_limit=200, hidden=(16,), bias=False)
+    data = acc.DataSetting(calib_samples=50, test_limit=100)
+    kw = dict(datasets=["digits"], archs=[arch], splits=2, data_setting=data, methods=["average", "mudsc-zip"],
+              alphas=(0.3,), cache_dir=tmp_path / "cache", log=lambda s: None)
+    seq = acc.run(out=tmp_path / "seq", jobs=1, threads=1, **kw)
+    par = acc.run(out=tmp_path / "par", jobs=2, threads=2, **kw)
+    key = lambda r: (r["split"], r["method"], r["alpha"], r["joint"], r["mean_per_task"])  # noqa: E731
+    assert [key(r) for r in par["rows"]] == [key(r) for r in seq["rows"]]
+    assert [r["split"] for r in par["rows"]] == sorted(r["split"] for r in par["rows"])

@@ -3,11 +3,12 @@
 Run::
 
     python benchmarks/reproduce/accuracy.py [--quick] [--out DIR] [--datasets mnist5k animal_mnist]
-        [--archs mlp resnet20x1 ...] [--splits N] [--threads N]
+        [--archs mlp resnet20x1 ...] [--splits N] [--threads N] [--jobs N]
 
 For each dataset, architecture setting and class split ``k`` (``split_classes(10, 2, seed=k)``),
 model A is trained on task A and model B on task B (different init seeds, the same fixed
-class-embedding head; cached, see :mod:`common`). Both backbones are merged with every method;
+class-embedding head; cached, see :mod:`common`). Both backbones are prepared once (BatchNorm
+reset, analysis, activation statistics: :func:`mudsc_graph.prepare`) and merged with every method;
 MuDSC-align / MuDSC-zip run the whole alpha sweep, and alpha is chosen on a 10 % validation
 hold-out of the train split (best mean per-task accuracy; ties go to the better joint accuracy,
 then to the smaller alpha). Test metrics (joint, task A, task B, mean per task) are reported at the
@@ -50,7 +51,7 @@ from benchmarks.reproduce.common import (  # noqa: E402
 )
 from mudsc_graph.demo import DEFAULT_METHODS, parse_method  # noqa: E402
 from mudsc_graph.evaluate import ensemble_logits, predict_logits, task_metrics  # noqa: E402
-from mudsc_graph.merge import merge  # noqa: E402
+from mudsc_graph.merge import prepare  # noqa: E402
 from mudsc_graph.tasks import HeadedModel  # noqa: E402
 
 DATASETS: tuple[str, ...] = ("mnist5k", "animal_mnist")
@@ -115,8 +116,15 @@ def _metrics(outputs: torch.Tensor, y: torch.Tensor, tasks: list[list[int]]) -> 
 def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, methods: Sequence[str],
              alphas: Sequence[float], *, cache_dir: Path | None = None, log: Callable[[str], None] = print,
              timings: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every row of one (dataset, arch, split), and info about the pair (training seconds, cache)."""
+    """Every row of one (dataset, arch, split), and info about the pair (training seconds, cache).
+
+    The pair is prepared once (:func:`mudsc_graph.prepare`: BatchNorm reset of the bases, analysis,
+    activation statistics); every method and alpha then runs only its matching, merged weights and
+    the merged model's BatchNorm reset. ``merge_seconds`` of a row is that part; the shared part is
+    ``prepare_seconds`` in the info.
+    """
     timings = timings if timings is not None else {}
+    ds = arch.data or ds
     shape, _ = input_shape_for(dataset, arch)
     data = prepare_data(dataset, split, shape, ds)
     tasks = data.tasks
@@ -142,14 +150,18 @@ def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, metho
             row(f"model {'AB'[i]}", "base", predict_logits(m, data.test.x))
         row("ensemble", "ensemble", ensemble_logits(models, data.test.x, classes=tasks))
     head = models[0].head
+    t0 = time.perf_counter()
+    prepared = prepare([m.backbone for m in models], data=data.calib_batches)
+    prepared.activations()
+    prepare_seconds = time.perf_counter() - t0
+    timings[f"prepare:{arch.label}"] = timings.get(f"prepare:{arch.label}", 0.0) + prepare_seconds
     for name in methods:
         method, mode = parse_method(name)
         sweep = list(alphas) if name in SWEPT else [None]
         method_rows = []
         for alpha in sweep:
             t0 = time.perf_counter()
-            result = merge([m.backbone for m in models], data=data.calib_batches, method=method, mode=mode,
-                           alpha=0.5 if alpha is None else float(alpha), seed=split)
+            result = prepared.merge(method=method, mode=mode, alpha=0.5 if alpha is None else float(alpha), seed=split)
             seconds = time.perf_counter() - t0
             timings[f"merge:{arch.label}"] = timings.get(f"merge:{arch.label}", 0.0) + seconds
             merged = HeadedModel(result.model, copy.deepcopy(head)).eval()
@@ -164,11 +176,23 @@ def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, metho
         else:
             method_rows[0]["chosen"] = True
     info = {"train_seconds": pair.train_seconds, "trained": pair.trained, "cache_path": pair.cache_path,
+            "prepare_seconds": prepare_seconds,
             "train_images": [min(int(torch.isin(data.train.y, torch.tensor(t)).sum()), arch.train_limit or 10**12)
                              for t in tasks],
             "val_images": len(data.val), "test_images": len(data.test),
             "calib_images": sum(len(y) for _, y in data.calib_batches)}
     return rows, info
+
+
+def _pair_job(job: tuple) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float], float]:
+    """One (dataset, arch, split) in a worker process with its own thread count."""
+    threads, dataset, arch, split, ds, methods, alphas, cache_dir, quiet = job
+    torch.set_num_threads(threads)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    rows, info = run_pair(dataset, arch, split, ds, methods, alphas, cache_dir=cache_dir, log=log, timings=timings)
+    return rows, info, timings, time.perf_counter() - t0
 
 
 def _fmt(v: Any) -> Any:
@@ -260,27 +284,58 @@ def markdown(summary: Sequence[dict[str, Any]], sweep: Sequence[dict[str, Any]],
 
 def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, data_setting: DataSetting,
         methods: Sequence[str] = DEFAULT_METHODS, alphas: Sequence[float] = FULL_ALPHAS, out: Path,
-        cache_dir: Path | None = None, log: Callable[[str], None] = print, mode: str = "custom") -> dict[str, Any]:
-    """Run the whole grid and write the four output files; returns rows, summary, sweep, timings."""
+        cache_dir: Path | None = None, log: Callable[[str], None] = print, mode: str = "custom",
+        jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
+    """Run the whole grid and write the four output files; returns rows, summary, sweep, timings.
+
+    ``jobs > 1`` runs that many (dataset, arch, split) pairs at once in worker processes, each with
+    ``threads // jobs`` torch threads (at least 1), the archs in the order given (put the costliest
+    first); rows are ordered by dataset, arch, split either way.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    threads = threads or torch.get_num_threads()
+    per_job = max(1, threads // max(1, jobs))
+    grid = [(ds, arch, k) for arch in archs for ds in datasets for k in range(splits)]
+    work = [(per_job if jobs > 1 else threads, ds, arch, k, data_setting, tuple(methods), tuple(alphas), cache_dir, jobs > 1)
+            for ds, arch, k in grid]
     timings: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     pairs_info: list[dict[str, Any]] = []
-    for ds in datasets:
-        for arch in archs:
-            for k in range(splits):
-                t0 = time.perf_counter()
-                log(f"[{time.perf_counter() - t_all:7.1f}s] {ds} / {arch.label} / split {k}")
-                r, info = run_pair(ds, arch, k, data_setting, methods, alphas, cache_dir=cache_dir, log=log,
-                                   timings=timings)
-                rows += r
-                pairs_info.append({"dataset": ds, "arch": arch.label, "split": k, **info,
-                                   "seconds": time.perf_counter() - t0})
-                best = {m: x for m, x in ((x["method"], x) for x in r if x["chosen"] or x["kind"] != "merged")}
-                log("    " + ", ".join(f"{m}={100 * x['joint']:.1f}" for m, x in best.items())
-                    + f"  ({time.perf_counter() - t0:.1f}s)")
+
+    def done(key: tuple[str, ArchSetting, int], result: tuple) -> None:
+        r, info, t, seconds = result
+        ds, arch, k = key
+        for name, v in t.items():
+            timings[name] = timings.get(name, 0.0) + v
+        pairs_info.append({"dataset": ds, "arch": arch.label, "split": k, **info, "seconds": seconds})
+        best = {m: x for m, x in ((x["method"], x) for x in r if x["chosen"] or x["kind"] != "merged")}
+        log(f"[{time.perf_counter() - t_all:7.1f}s] {ds} / {arch.label} / split {k} ({seconds:.1f}s): "
+            + ", ".join(f"{m}={100 * x['joint']:.1f}" for m, x in best.items()))
+
+    results: dict[int, list[dict[str, Any]]] = {}
+    if jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_pair_job, w): i for i, w in enumerate(work)}
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                res = fut.result()
+                results[i] = res[0]
+                done(grid[i], res)
+    else:
+        for i, w in enumerate(work):
+            log(f"[{time.perf_counter() - t_all:7.1f}s] {grid[i][0]} / {grid[i][1].label} / split {grid[i][2]}")
+            res = _pair_job(w[:-1] + (False,))
+            results[i] = res[0]
+            done(grid[i], res)
+    order = sorted(range(len(grid)), key=lambda i: (list(datasets).index(grid[i][0]), list(archs).index(grid[i][1]), grid[i][2]))  # tables: dataset first
+    rows = [r for i in order for r in results[i]]
+    position = {(grid[i][0], grid[i][1].label, grid[i][2]): n for n, i in enumerate(order)}
+    pairs_info.sort(key=lambda p: position[(p["dataset"], p["arch"], p["split"])])
     summary, sweep = summarize(rows)
     _write_csv(out / "accuracy.csv", CSV_COLUMNS, rows)
     _write_csv(out / "accuracy_summary.csv", SUMMARY_COLUMNS, summary)
@@ -291,7 +346,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
     (out / "accuracy.md").write_text(markdown(summary, sweep, header=header))
     meta = {"mode": mode, "datasets": list(datasets), "archs": [as_jsonable(a) for a in archs], "splits": splits,
             "data": as_jsonable(data_setting), "methods": list(methods), "alphas": list(alphas),
-            "pairs": pairs_info, "timings": timings, "total_seconds": total, "threads": torch.get_num_threads()}
+            "pairs": pairs_info, "timings": timings, "total_seconds": total, "threads": threads, "jobs": jobs}
     (out / "accuracy_run.json").write_text(json.dumps(as_jsonable(meta), indent=1))
     return {"rows": rows, "summary": summary, "sweep": sweep, "timings": timings, "total_seconds": total,
             "pairs": pairs_info}
@@ -305,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--archs", nargs="+", default=None, help="labels of the architecture settings (default: all of the mode)")
     p.add_argument("--splits", type=int, default=None, help="number of class splits (default 3; quick 1)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
+    p.add_argument("--jobs", type=int, default=2, help="pairs run at once in worker processes, threads split among them (default 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     table = QUICK_ARCHS if args.quick else FULL_ARCHS
@@ -320,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run(datasets=datasets, archs=[table[a] for a in labels], splits=splits,
               data_setting=QUICK_DATA if args.quick else FULL_DATA, methods=args.methods,
               alphas=QUICK_ALPHAS if args.quick else FULL_ALPHAS, out=Path(args.out),
-              mode="quick" if args.quick else "full", log=lambda s: print(s, flush=True))
+              mode="quick" if args.quick else "full", log=lambda s: print(s, flush=True),
+              jobs=max(1, args.jobs), threads=max(1, args.threads))
     print()
     print(markdown(res["summary"], res["sweep"]))
     print(f"wrote {args.out}/accuracy.csv, accuracy_summary.csv, alpha_sweep.csv, accuracy.md "

@@ -53,6 +53,7 @@ class ArchSetting:
 
     ``train_limit``: at most this many training images per task (after the validation hold-out;
     ``None``: all of them). ``epochs``, ``lr``, ``batch_size``: Adam training of each model.
+    ``data``: this setting's own data cut (evaluation sizes), else the run's.
     """
 
     label: str
@@ -62,6 +63,7 @@ class ArchSetting:
     lr: float = 1e-3
     batch_size: int = 128
     train_limit: int | None = None
+    data: "DataSetting | None" = None
 
     @property
     def opts(self) -> dict[str, Any]:
@@ -69,19 +71,22 @@ class ArchSetting:
 
 
 def setting(label: str, arch: str, *, epochs: int, train_limit: int | None = None, lr: float = 1e-3,
-            batch_size: int = 128, **options: Any) -> ArchSetting:
+            batch_size: int = 128, data: "DataSetting | None" = None, **options: Any) -> ArchSetting:
     """Shorthand: ``setting("resnet20x2", "resnet20", epochs=3, width=2)``."""
-    return ArchSetting(label, arch, tuple(sorted(options.items())), epochs, lr, batch_size, train_limit)
+    return ArchSetting(label, arch, tuple(sorted(options.items())), epochs, lr, batch_size, train_limit, data)
 
 
 @dataclass(frozen=True)
 class DataSetting:
-    """How the data of one dataset is cut: validation share, calibration size, optional test cap."""
+    """How the data of one dataset is cut: validation share, calibration size, optional caps on the
+    test images and on the validation images that are evaluated (the whole share is held out of
+    training either way)."""
 
     val_fraction: float = 0.1
     val_seed: int = 0
     calib_samples: int = 300
     test_limit: int | None = None
+    val_limit: int | None = None
 
 
 @dataclass
@@ -181,10 +186,8 @@ def prepare_data(dataset: str, split: int, input_shape: tuple[int, ...], ds: Dat
     keep = torch.ones(len(full), dtype=torch.bool)
     keep[val_idx] = False
     train = _subset(full, torch.nonzero(keep).flatten(), f"{dataset}:train-val")
-    val = _subset(full, val_idx, f"{dataset}:val")
-    if ds.test_limit is not None and ds.test_limit < len(test):
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(12345))[: ds.test_limit]
-        test = _subset(test, torch.sort(order).values, f"{dataset}:test[:{ds.test_limit}]")
+    val = _capped(_subset(full, val_idx, f"{dataset}:val"), ds.val_limit, seed=54321)
+    test = _capped(test, ds.test_limit, seed=12345)
     union = torch.tensor([c for t in tasks for c in t])
     pool = torch.nonzero(torch.isin(train.y, union)).flatten()
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(777 + split))[: ds.calib_samples]
@@ -192,6 +195,14 @@ def prepare_data(dataset: str, split: int, input_shape: tuple[int, ...], ds: Dat
     cx, cy = train.x[cidx], train.y[cidx]
     calib_batches = list(zip(cx.split(100), cy.split(100)))
     return TaskData(tasks, train, val, test, calib_batches, input_shape)
+
+
+def _capped(data: LabeledData, limit: int | None, seed: int) -> LabeledData:
+    """A seeded random subset of ``limit`` samples (in their original order), or ``data`` itself."""
+    if limit is None or limit >= len(data):
+        return data
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
+    return _subset(data, torch.sort(order).values, f"{data.name}[:{limit}]")
 
 
 def _limit_task(x: torch.Tensor, y: torch.Tensor, classes: Sequence[int], limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
