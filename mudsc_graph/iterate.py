@@ -10,6 +10,12 @@ matchings so far are restored. The scheme stops after ``tol`` misses or ``max_it
 
 Block-coupled groups (Q/K and V/O of an attention layer) are matched together, so they agree on
 the block pairing.
+
+Memory: a similarity is built only when its unit must be solved again (a unit whose similarity key
+did not change reuses its last matching), and is not kept. Each model's normalised weight features
+are cached for narrow groups (model 0's are reused for the whole run under a permutation matcher);
+a group whose features would exceed :data:`STREAM_NUMEL` floats per model (the residual stream of
+a transformer) is streamed tensor by tensor instead (:func:`~mudsc_graph.similarity.streamed_correlation`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,19 @@ import torch
 
 from .groups import MergeSpec
 from .report import NullReporter, Reporter
-from .similarity import neighbours, normal_rows, occurrences, stacked_correlation, weight_features
+from .similarity import (
+    feature_numel,
+    feature_pieces,
+    neighbours,
+    normal_rows,
+    occurrences,
+    stacked_correlation,
+    streamed_correlation,
+    weight_features,
+)
+
+STREAM_NUMEL = 2**24
+"""Above this many feature floats per model (64 MiB), a group's weight similarity is streamed."""
 
 
 @dataclass
@@ -69,18 +87,17 @@ class DualSpaceSolver:
         self.nbrs = {g: neighbours(spec, g) for g in gids}
         self.version: dict[int, int] = {g: 0 for g in gids}
         self.cross_only = cross_only
-        self._cache: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self.stream = {g: feature_numel(spec, states[0], self.occs[g]) > STREAM_NUMEL for g in gids}
         self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}
         self.built = 0
 
     # -- similarities ----------------------------------------------------------------------------
-    def _model_rows(self, gid: int, i: int, matchings: Mapping[int, Any]) -> tuple[tuple, Any]:
-        """Model ``i``'s normalised weight features of ``gid``, rebuilt only when a neighbour's
-        model-``i`` blocks changed (model 0's never change under a permutation matcher)."""
-        key = tuple(sorted((nb, _signature(matchings.get(nb), i)) for nb in self.nbrs[gid]))
-        hit = self._rows.get((gid, i))
-        if hit is not None and hit[0] == key:
-            return hit
+    def _row_key(self, gid: int, i: int, matchings: Mapping[int, Any]) -> tuple:
+        """Fingerprint of what model ``i``'s features of ``gid`` depend on: its neighbours' blocks."""
+        return tuple(sorted((nb, _signature(matchings.get(nb), i)) for nb in self.nbrs[gid]))
+
+    def _blocks(self, i: int, matchings: Mapping[int, Any]) -> tuple[Callable, Callable]:
+        """(merge block, transposed unmerge block) of model ``i`` per group, ``None`` if unmatched."""
 
         def merge_of(g: int) -> torch.Tensor | None:
             m = matchings.get(g)
@@ -90,35 +107,53 @@ class DualSpaceSolver:
             m = matchings.get(g)
             return None if m is None else m.unmerge_block(i).T
 
-        rows = normal_rows(weight_features(self.spec, self.states[i], gid, merge_of, unmerge_t_of, self.occs[gid]))
+        return merge_of, unmerge_t_of
+
+    def _model_rows(self, gid: int, i: int, matchings: Mapping[int, Any]) -> Any:
+        """Model ``i``'s normalised weight features of ``gid``, rebuilt only when a neighbour's
+        model-``i`` blocks changed (model 0's never change under a permutation matcher)."""
+        key = self._row_key(gid, i, matchings)
+        hit = self._rows.get((gid, i))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        rows = normal_rows(weight_features(self.spec, self.states[i], gid, *self._blocks(i, matchings), self.occs[gid]))
         self._rows[(gid, i)] = (key, rows)
-        return key, rows
+        return rows
+
+    def weight_key(self, gid: int, matchings: Mapping[int, Any]) -> tuple:
+        """Equal keys mean equal weight similarities of ``gid``."""
+        return tuple(self._row_key(gid, i, matchings) for i in range(self.n))
 
     def weight_similarity(self, gid: int, matchings: Mapping[int, Any]) -> tuple[tuple, torch.Tensor]:
-        """(key, S_weight): equal keys mean equal similarities."""
-        parts = [self._model_rows(gid, i, matchings) for i in range(self.n)]
-        key = tuple(k for k, _ in parts)
-        hit = self._cache.get(gid)
-        if hit is not None and hit[0] == key:
-            return hit
-        sim = stacked_correlation([r for _, r in parts], cross_only=self.cross_only)
-        self._cache[gid] = (key, sim)
+        """(key, S_weight), built anew (see the module docstring for what is cached)."""
         self.built += 1
-        return key, sim
+        key = self.weight_key(gid, matchings)
+        if self.stream[gid]:
+            pieces = [
+                feature_pieces(self.spec, self.states[i], gid, *self._blocks(i, matchings), self.occs[gid])
+                for i in range(self.n)
+            ]
+            return key, streamed_correlation(pieces, cross_only=self.cross_only)
+        rows = [self._model_rows(gid, i, matchings) for i in range(self.n)]
+        return key, stacked_correlation(rows, cross_only=self.cross_only)
 
     def alpha_of(self, gid: int) -> float:
         """``alpha``, or 1 (weights only) for a group whose activations could not be read."""
         return self.alpha if self.act is not None and gid in self.act else 1.0
 
-    def similarity(self, gid: int, matchings: Mapping[int, Any]) -> tuple[tuple, torch.Tensor]:
-        """(key, S) with ``S = alpha * S_weight + (1 - alpha) * S_act``."""
+    def key(self, gid: int, matchings: Mapping[int, Any]) -> tuple:
+        """Equal keys mean equal :meth:`similarity` of ``gid``."""
+        return () if self.alpha_of(gid) <= 0.0 else self.weight_key(gid, matchings)
+
+    def similarity(self, gid: int, matchings: Mapping[int, Any]) -> torch.Tensor:
+        """``S = alpha * S_weight + (1 - alpha) * S_act``."""
         alpha = self.alpha_of(gid)
         if alpha <= 0.0:
-            return (), self.act[gid]
-        key, w = self.weight_similarity(gid, matchings)
+            return self.act[gid]
+        w = self.weight_similarity(gid, matchings)[1]
         if alpha >= 1.0:
-            return key, w
-        return key, alpha * w + (1.0 - alpha) * self.act[gid]
+            return w
+        return w.mul_(alpha).add_(self.act[gid] * (1.0 - alpha))  # w is fresh: scaled in place
 
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks
@@ -150,13 +185,12 @@ class DualSpaceSolver:
             scores = []
             for k in torch.randperm(len(self.units), generator=gen).tolist():
                 unit = self.units[k]
-                keyed = [self.similarity(g, matchings) for g in unit]
-                key = tuple(kk for kk, _ in keyed)
+                key = tuple(self.key(g, matchings) for g in unit)
                 hit = last.get(unit)
                 if hit is not None and hit[0] == key:  # same similarity: same matching, no need to solve
                     result = hit[1]
                 else:
-                    result = self._match_unit(unit, [s for _, s in keyed])
+                    result = self._match_unit(unit, [self.similarity(g, matchings) for g in unit])
                     last[unit] = (key, result)
                 for gid, new in zip(unit, result):
                     if not _same(new, matchings[gid]):
