@@ -7,6 +7,10 @@ class-embedding head (same head seed), so every backbone layer can be merged.
 * Data: the dataset's train split minus a seeded, per-class 10 % validation hold-out (used only to
   choose MuDSC's alpha); calibration images for merging come from the rest of the train split
   (both tasks); metrics are taken on the test split.
+* Training ends with a precise-BatchNorm pass: the running statistics are recomputed as an exact
+  average over the model's own training images (:func:`mudsc_graph.bn.reset_bn_stats`), because
+  the short training budgets leave momentum-averaged statistics far behind the weights (a
+  ResNet-20 x4 measured 72 % on its task before the pass, 96 % after).
 * Model pairs are cached under ``$MUDSC_CACHE_DIR/reproduce`` (or ``~/.cache/mudsc/reproduce``),
   keyed by a hash of everything that affects the trained weights.
 
@@ -26,6 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from mudsc_graph.bn import reset_bn_stats
 from mudsc_graph.data import LabeledData, load_data
 from mudsc_graph.demo import (
     CACHE_ENV,
@@ -36,10 +41,11 @@ from mudsc_graph.demo import (
     save_cached,
 )
 from mudsc_graph.registry import get_registry
+from mudsc_graph.stats import default_inputs_from_batch
 from mudsc_graph.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
 
 #: Bumped whenever training or data preparation changes in a way the config hash does not capture.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Seed of the fixed class-embedding head shared by every model.
 HEAD_SEED = 0
 
@@ -255,6 +261,7 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
             x, y = _limit_task(data.train.x, data.train.y, task, arch.train_limit, seeds[i])
             t0 = time.perf_counter()
             train_classifier(model, x, y, task, epochs=arch.epochs, lr=arch.lr, batch_size=arch.batch_size, seed=seeds[i])
+            reset_bn_stats(model, [(b,) for b in x.split(100)], default_inputs_from_batch)
             seconds[i] = time.perf_counter() - t0
             if log:
                 log(f"    trained model {'AB'[i]} ({len(y)} images x {arch.epochs} epochs) in {seconds[i]:.1f}s")
