@@ -1,0 +1,198 @@
+"""Reproduce every table and figure of the MuDSC findings in one command.
+
+Run::
+
+    python benchmarks/reproduce/run_all.py            # full: about an hour on 2 cores
+    python benchmarks/reproduce/run_all.py --quick    # a few minutes, into reproduce-quick/
+
+Three parts, in order: the figures (:mod:`figures`: dual-space scatter, loss-landscape plane),
+speed and scale (:mod:`scale`, each configuration in its own process) and the accuracy grid
+(:mod:`accuracy`, pairs in ``--jobs`` worker processes). Then ``results.md`` is written: the
+paper's two orderings checked split by split (MuDSC-zip vs ZipIt!, MuDSC-align vs activation
+matching), the accuracy tables, the figures' numbers and the speed tables.
+
+Outputs (``--out``, default ``docs``; quick: ``reproduce-quick``): ``results.md``, the two PNGs,
+and ``results/`` with ``accuracy*.csv``, ``alpha_sweep.csv``, ``accuracy.md``, ``scale.csv``,
+``scale.md`` and ``figures.json``. Trained model pairs are cached (see :mod:`common`); ``--fresh``
+trains them again in a new cache folder, so that a run is "from scratch".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from benchmarks.reproduce import accuracy, figures  # noqa: E402
+from benchmarks.reproduce.common import mean_std  # noqa: E402
+
+#: The paper's two claims checked here: (MuDSC method, its single-space counterpart).
+ORDERINGS = (("mudsc-zip", "zipit"), ("mudsc-align", "activation_matching"))
+
+
+def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each dataset/arch and ordering: the paired differences (MuDSC minus counterpart) of the
+    joint and per-task-mean test accuracy over splits, at MuDSC's validation-chosen alpha."""
+    out = []
+    keys = list(dict.fromkeys((r["dataset"], r["arch"]) for r in rows))
+    for ds, arch in keys:
+        mine = [r for r in rows if (r["dataset"], r["arch"]) == (ds, arch) and r["chosen"]]
+        for ours, theirs in ORDERINGS:
+            a = {r["split"]: r for r in mine if r["method"] == ours}
+            b = {r["split"]: r for r in mine if r["method"] == theirs}
+            splits = sorted(set(a) & set(b))
+            if not splits:
+                continue
+            v = {"dataset": ds, "arch": arch, "ours": ours, "theirs": theirs, "splits": len(splits)}
+            for metric in ("joint", "mean_per_task"):
+                d = [a[k][metric] - b[k][metric] for k in splits]
+                v[f"{metric}_delta"], v[f"{metric}_std"] = mean_std(d)
+                v[f"{metric}_wins"] = sum(x > 0 for x in d)
+                v[f"{metric}_losses"] = sum(x < 0 for x in d)
+            out.append(v)
+    return out
+
+
+def _word(v: dict[str, Any], metric: str) -> str:
+    wins, losses, n = v[f"{metric}_wins"], v[f"{metric}_losses"], v["splits"]
+    if wins == n:
+        return "agrees"
+    if losses == n:
+        return "disagrees"
+    return "mixed"
+
+
+def verdict_markdown(vs: Sequence[dict[str, Any]]) -> str:
+    lines = ["| dataset / arch | ordering | Δ joint (pts) | Δ per-task mean (pts) | splits won (joint / per-task) | joint | per-task |",
+             "|---|---|---|---|---|---|---|"]
+    for v in vs:
+        lines.append(
+            f"| {v['dataset']} / {v['arch']} | {v['ours']} vs {v['theirs']} | "
+            f"{100 * v['joint_delta']:+.1f} ± {100 * v['joint_std']:.1f} | "
+            f"{100 * v['mean_per_task_delta']:+.1f} ± {100 * v['mean_per_task_std']:.1f} | "
+            f"{v['joint_wins']}/{v['splits']} / {v['mean_per_task_wins']}/{v['splits']} | "
+            f"{_word(v, 'joint')} | {_word(v, 'mean_per_task')} |"
+        )
+    tally = []
+    for ours, theirs in ORDERINGS:
+        sel = [v for v in vs if v["ours"] == ours]
+        for metric, label in (("joint", "joint"), ("mean_per_task", "per-task mean")):
+            words = [_word(v, metric) for v in sel]
+            tally.append(f"- **{ours} vs {theirs}, {label}**: agrees (ahead on every split) in "
+                         f"{words.count('agrees')} of {len(sel)} settings, disagrees (behind on every split) in "
+                         f"{words.count('disagrees')}, mixed in {words.count('mixed')}.")
+    return "\n".join(tally) + "\n\n" + "\n".join(lines) + "\n"
+
+
+def figures_markdown(fig: dict[str, Any]) -> str:
+    lines = ["![dual-space scatter](dual_space_scatter.png)", "",
+             "Share of each method's chosen unit pairs that are high (above the 90th percentile of all candidate "
+             "pairs) in *both* weight and activation similarity, per hidden layer:", "",
+             "| method | " + " | ".join(f"group {g}" for g in next(iter(fig["high_both"].values()))) + " |",
+             "|---|" + "---|" * len(next(iter(fig["high_both"].values())))]
+    for label, per in fig["high_both"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{100 * x:.0f}%" for x in per.values()) + " |")
+    lines += ["", "![loss landscape](loss_landscape.png)", "",
+              "Test loss and joint accuracy at the points of each plane (A, B' = B permuted onto A, M' = the merged "
+              "model permuted onto A):", "", "| plane | point | loss | joint acc. |", "|---|---|---|---|"]
+    for label, pts in fig["points"].items():
+        for name, p in pts.items():
+            lines.append(f"| {label} | {name} | {p['loss']:.3f} | {100 * p['acc']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, a few minutes (writes into reproduce-quick/)")
+    p.add_argument("--out", default=None, help="output folder (default docs; quick: reproduce-quick)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
+    p.add_argument("--jobs", type=int, default=2, help="accuracy pairs run at once (default 2)")
+    p.add_argument("--fresh", action="store_true", help="train every model again, in a new temporary cache")
+    p.add_argument("--skip", nargs="*", default=[], choices=("figures", "scale", "accuracy"),
+                   help="parts to leave out (their section of results.md says so)")
+    args = p.parse_args(argv)
+    out = Path(args.out or (_ROOT / ("reproduce-quick" if args.quick else "docs")))
+    res_dir = out / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    quick = ["--quick"] if args.quick else []
+    cache = Path(tempfile.mkdtemp(prefix="mudsc-reproduce-")) if args.fresh else None
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    fig = None
+    if "figures" not in args.skip:
+        t0 = time.perf_counter()
+        fig = figures.run(out, quick=args.quick, cache=cache / "figures" if cache else None)
+        numbers = {k: v for k, v in fig.items() if k not in ("scatter", "landscape")}  # no machine paths
+        (res_dir / "figures.json").write_text(json.dumps(numbers, indent=1))
+        seconds["figures"] = time.perf_counter() - t0
+    if "scale" not in args.skip:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).with_name("scale.py")), *quick, "--out", str(res_dir),
+               "--threads", str(args.threads)]
+        subprocess.run(cmd, check=True)
+        seconds["scale"] = time.perf_counter() - t0
+    acc = None
+    if "accuracy" not in args.skip:
+        t0 = time.perf_counter()
+        table = accuracy.QUICK_ARCHS if args.quick else accuracy.FULL_ARCHS
+        acc = accuracy.run(
+            datasets=["mnist5k"] if args.quick else list(accuracy.DATASETS), archs=list(table.values()),
+            splits=1 if args.quick else 3, data_setting=accuracy.QUICK_DATA if args.quick else accuracy.FULL_DATA,
+            alphas=accuracy.QUICK_ALPHAS if args.quick else accuracy.FULL_ALPHAS, out=res_dir,
+            cache_dir=cache / "reproduce" if cache else None, log=lambda s: print(s, flush=True),
+            mode="quick" if args.quick else "full", jobs=max(1, args.jobs), threads=max(1, args.threads),
+            first=() if args.quick else accuracy.FULL_COST_ORDER,
+        )
+        seconds["accuracy"] = time.perf_counter() - t0
+    total = time.perf_counter() - start
+
+    command = f"python benchmarks/reproduce/run_all.py{' --quick' if args.quick else ''}"
+    parts = [
+        "# Results: reproducing the MuDSC findings",
+        "",
+        f"<!-- generated by `{command}`; do not edit by hand, run it again -->",
+        "",
+        f"Generated by `{command}` in {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())}) "
+        f"on {args.threads} CPU threads ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        f"{'quick' if args.quick else 'full'} mode{', models trained from scratch' if args.fresh else ''}. "
+        "What the numbers mean, where they agree with the paper and where not, and why: "
+        f"[findings.md]({'../docs/' if args.quick else ''}findings.md). The CSV files are in [results/](results/).",
+        "",
+    ]
+    if acc is not None:
+        parts += ["## The paper's orderings, split by split", "",
+                  "Test accuracy of MuDSC (at the alpha chosen on the validation hold-out) minus its single-space "
+                  "counterpart, mean ± std of the paired difference over splits. *agrees*: MuDSC ahead on every split; "
+                  "*disagrees*: behind on every split; *mixed*: otherwise.", "",
+                  verdict_markdown(verdicts(acc["rows"])), "## Accuracy", "",
+                  (res_dir / "accuracy.md").read_text()]
+    else:
+        parts += ["## Accuracy", "", "Left out of this run (`--skip accuracy`).", ""]
+    parts += ["## Figures", ""]
+    parts += [figures_markdown(fig) if fig else "Left out of this run (`--skip figures`).\n"]
+    if "scale" not in args.skip:
+        scale_md = (res_dir / "scale.md").read_text()
+        parts += [scale_md.replace("# Speed and scale", "## Speed and scale", 1)]
+    else:
+        parts += ["## Speed and scale", "", "Left out of this run (`--skip scale`).", ""]
+    (out / "results.md").write_text("\n".join(parts))
+    print(f"wrote {out / 'results.md'} in {total / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""benchmarks/reproduce/run_all.py: the paper's orderings are read off the rows split by split."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_all():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("benchmarks.reproduce.run_all")
+
+
+def _rows(joint_ours, joint_theirs, ours="mudsc-zip", theirs="zipit", arch="mlp"):
+    rows = []
+    for k, (a, b) in enumerate(zip(joint_ours, joint_theirs)):
+        rows.append({"dataset": "d", "arch": arch, "split": k, "method": ours, "chosen": True, "joint": a, "mean_per_task": a + 0.1})
+        rows.append({"dataset": "d", "arch": arch, "split": k, "method": ours, "chosen": False, "joint": 0.0, "mean_per_task": 0.0})
+        rows.append({"dataset": "d", "arch": arch, "split": k, "method": theirs, "chosen": True, "joint": b, "mean_per_task": b})
+    return rows
+
+
+def test_verdicts_pair_splits_and_count_wins(run_all):
+    rows = _rows([0.70, 0.60, 0.80], [0.65, 0.62, 0.70])
+    rows += _rows([0.5, 0.5, 0.5], [0.6, 0.7, 0.8], ours="mudsc-align", theirs="activation_matching")
+    vs = {v["ours"]: v for v in run_all.verdicts(rows)}
+    zip_ = vs["mudsc-zip"]
+    assert zip_["splits"] == 3 and zip_["joint_wins"] == 2 and zip_["joint_losses"] == 1
+    assert zip_["joint_delta"] == pytest.approx((0.05 - 0.02 + 0.10) / 3)  # the unchosen alphas are ignored
+    assert zip_["mean_per_task_wins"] == 3
+    assert run_all._word(zip_, "joint") == "mixed" and run_all._word(zip_, "mean_per_task") == "agrees"
+    assert run_all._word(vs["mudsc-align"], "joint") == "disagrees"
+    md = run_all.verdict_markdown(run_all.verdicts(rows))
+    assert "| d / mlp | mudsc-zip vs zipit | +4.3 ± 6.0 |" in md
+    assert "mudsc-align vs activation_matching, joint**: agrees (ahead on every split) in 0 of 1 settings, disagrees (behind on every split) in 1" in md
+
+
+def test_a_method_missing_from_a_setting_is_left_out(run_all):
+    rows = [r for r in _rows([0.7], [0.6]) if r["method"] != "zipit"]
+    assert run_all.verdicts(rows) == []
