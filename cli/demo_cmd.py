@@ -19,22 +19,11 @@ from rich.table import Table
 from mudsc_graph.errors import MudscError
 
 from .console import err, out, print_warning
+from .merge_cmd import resolve_device
 
 
 class DemoCommandError(MudscError):
     """A ``mudsc demo`` argument is wrong."""
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise DemoCommandError(f"--device {device!r} is not auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DemoCommandError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return device
 
 
 def _task_label(classes: list[int]) -> str:
@@ -80,7 +69,7 @@ def demo_command(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
         raise DemoCommandError("--methods is empty; name at least one method, e.g. --methods zipit,mudsc-zip")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     stderr = err()
     reporter = RichReporter(stderr, enabled=not quiet, keep_finished=False)
     with warnings.catch_warnings(record=True) as caught:

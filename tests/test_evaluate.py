@@ -15,12 +15,7 @@ from mudsc_graph.tasks import ClassEmbeddingHead, HeadedModel, class_embeddings,
 TASKS = [[0, 1], [2, 3]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _onehot_logits(rows: list[list[float]]) -> torch.Tensor:

@@ -38,12 +38,7 @@ BIG = ["resnet18", "resnet50", "vit_b16", "timm_vit_b16"]
 OVERRIDES = {n: {"width": 0.125} for n in TINY if n.startswith("vgg")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _n_params(model: torch.nn.Module) -> int:
