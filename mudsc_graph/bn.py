@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .inputs import as_inputs, call, to_device
+
 
 def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
@@ -31,8 +33,7 @@ def reset_bn_stats(model: torch.nn.Module, batches: Iterable, inputs_from_batch:
     model.train()
     try:
         for batch in batches:
-            inputs = tuple(x.to(device) if device is not None else x for x in inputs_from_batch(batch))
-            model(*inputs)
+            call(model, to_device(as_inputs(inputs_from_batch(batch)), device))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom

@@ -107,10 +107,12 @@ class MergeSpec:
 
         return permute_state_dict(self, state, perm)
 
-    def check(self, model: torch.nn.Module, example_inputs: tuple, *, seed: int = 0, rtol: float = 1e-4) -> float:
+    def check(self, model: torch.nn.Module, example_inputs: Any, *, seed: int = 0, rtol: float = 1e-4, trials: int = 3) -> float:
+        """Raise :class:`~mudsc_graph.errors.SpecCheckError` if one of ``trials`` random valid
+        permutations changes the output by more than ``rtol`` of its scale; see :func:`~mudsc_graph.permute.check`."""
         from .permute import check
 
-        return check(self, model, example_inputs, seed=seed, rtol=rtol)
+        return check(self, model, example_inputs, seed=seed, rtol=rtol, trials=trials)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self, indent: int | None = None) -> str:
@@ -180,8 +182,8 @@ class _Builder:
         if sp.is_fixed(s):
             reason = sp.fixed[s]
             return ["g", self._gid(("fixed", s), n, 1, True, reason)] if reason else ["fixed", n]
-        if strict and (s in self.families or s in self.block_spaces):
-            self.bad.add(self.families[s][0] if s in self.families else s)
+        if strict and s in self.families:
+            self.bad.add(self.families[s][0])
         d = sp.defn.get(s)
         if d is None:
             return ["g", self._gid(("atom", s), n, 1, False, None)]
@@ -227,18 +229,34 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
             break
         for r in b.bad:
             sp.fix(r, "")
-    # couplings: block groups that share a block space
+    # couplings: block groups that share a block space. A block space that is also a group of its
+    # own (whole heads: a per-head bias table's columns, T5's relative_attention_bias; Q/K rows
+    # kron(heads, fixed) when RoPE fixes the head dimensions) moves with those blocks: it joins the
+    # coupling as a block group of one-unit blocks
     by_block: dict[int, list[int]] = {}
     for key, gid in b.keys.items():
         if key[0] == "block":
             by_block.setdefault(key[1], []).append(gid)
-    for gids in by_block.values():
+    for r, gids in by_block.items():
+        atom = b.keys.get(("atom", r))
+        if atom is not None:
+            b.groups[atom].blocks = b.groups[atom].size
+            gids.append(atom)
         for gid in gids:
             b.groups[gid].coupled = tuple(x for x in gids if x != gid)
+    for alias, canon in getattr(prop, "aliases", {}).items():  # tied weights: every name of the tensor
+        if canon in axes:
+            axes[alias] = axes[canon]
+    for name in getattr(prop, "frozen", ()):  # not in the state_dict: not the spec's business
+        axes.pop(name, None)
+    buffers = _buffer_names(prop)
     for name, exprs in axes.items():
         for axis, e in enumerate(exprs):
             for gid in _gids(e):
                 b.groups[gid].members.append((name, axis))
+    for g in b.groups:  # units that only buffers carry (the unused tail of position_ids): nothing to merge
+        if not g.fixed and g.members and all(name in buffers for name, _ in g.members):
+            g.fixed, g.reason = True, "only buffers carry these units (no parameter to merge)"
     _add_probes(prop, b)
     value_axes = _value_axes(prop, b)
     # keep only groups that index parameters; renumber densely in order of first appearance
@@ -255,12 +273,22 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
     consumed: dict[str, list[int]] = {}
     for name, axis in sorted(prop.consumed):
         consumed.setdefault(name, []).append(axis)
-    buffers = [name for name, _ in prop.gm.named_buffers()]
+    for alias, canon in getattr(prop, "aliases", {}).items():
+        if canon in consumed and alias in axes:
+            consumed[alias] = list(consumed[canon])
+    shapes = {name: tuple(prop.attr_shapes[prop.canonical.get(name, name)]) for name in axes}
+    buffers = [name for name in axes if name in buffers]
     value_axes = {
         k: [None if e is None else _renumber(e, remap, b.groups) for e in v] if isinstance(v, list) else None
         for k, v in value_axes.items()
     }
-    return MergeSpec(used, axes, dict(prop.attr_shapes), list(prop.warnings), consumed, buffers), value_axes
+    return MergeSpec(used, axes, shapes, list(prop.warnings), consumed, buffers), value_axes
+
+
+def _buffer_names(prop: Any) -> set[str]:
+    names = {name for name, _ in prop.gm.named_buffers(remove_duplicate=False)}
+    names |= {alias for alias, canon in getattr(prop, "aliases", {}).items() if canon in names}
+    return names
 
 
 def _param_axes(prop: Any, b: _Builder) -> dict[str, list[Expr]]:

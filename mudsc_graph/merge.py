@@ -26,8 +26,9 @@ from .iterate import DualSpaceSolver
 from .merged_model import build_partial, stop_index
 from .registry import Registry, get_registry
 from .report import NullReporter, Reporter
+from .inputs import as_inputs, take_rows, to_device
+from .permute import set_mode
 from .stats import default_inputs_from_batch
-from .trace import trace
 from .transform import merge_state_dicts
 
 
@@ -72,7 +73,9 @@ def check_models(models: list[nn.Module]) -> None:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
     ref = models[0].state_dict()
     for i, m in enumerate(models[1:], start=1):
-        if type(m) is not type(models[0]):
+        # exported GraphModules (ep.module()) get a class of their own each: same keys and shapes decide
+        graph_modules = isinstance(m, torch.fx.GraphModule) and isinstance(models[0], torch.fx.GraphModule)
+        if type(m) is not type(models[0]) and not graph_modules:
             raise MergeError(f"model {i} is a {type(m).__name__} but model 0 is a {type(models[0]).__name__}: models must share one architecture")
         sd = m.state_dict()
         missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
@@ -131,13 +134,14 @@ class PreparedMerge:
         models: list[nn.Module],
         *,
         data: Iterable | None,
-        example_inputs: tuple | None = None,
+        example_inputs: Any = None,
         device: Any = None,
         reset_bn: bool = True,
         probe: str = "last",
         registry: Registry | None = None,
         reporter: Reporter | None = None,
-        inputs_from_batch: Callable[[Any], tuple] | None = None,
+        inputs_from_batch: Callable[[Any], Any] | None = None,
+        tracer: str = "auto",
     ) -> None:
         self.timings: dict[str, float] = {}
         self.reporter = reporter or NullReporter()
@@ -153,13 +157,14 @@ class PreparedMerge:
         if self.batches is None and reset_bn and has_batchnorm(models[0]):
             raise MergeError("resetting BatchNorm statistics (reset_bn=True) needs calibration data: pass data=")
         self.device = dev = _resolve_device(device, models[0])
-        self.models = [copy.deepcopy(m).to(dev).eval() for m in models]
+        self.models = [copy.deepcopy(m).to(dev) for m in models]
+        for m in self.models:
+            set_mode(m, False)
         if example_inputs is None:
             if self.batches is None:
                 raise MergeError("pass example_inputs= (or data=) so the model can be traced")
-            example_inputs = tuple(x[:2] for x in self.inputs_from_batch(self.batches[0]))  # tracing needs only shapes
-        example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        example_inputs = tuple(x.to(dev) for x in example_inputs)
+            example_inputs = take_rows(as_inputs(self.inputs_from_batch(self.batches[0])), 2)  # tracing needs only shapes
+        example_inputs = to_device(as_inputs(example_inputs), dev)
         self.timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -169,12 +174,10 @@ class PreparedMerge:
         self.timings["bn_reset_bases"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        self.reporter.start("tracing", total=len(self.models))
-        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry)
+        self.reporter.start("tracing", total=1)
+        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry, tracer=tracer)
         self.spec: MergeSpec = self.analysis.spec
-        leaves = self.registry.leaf_module_types()
-        self.graph_modules = [self.analysis.graph_module] + [trace(m, example_inputs, leaf_types=leaves) for m in self.models[1:]]
-        self.reporter.advance(len(self.models))
+        self.reporter.advance(1)
         self.reporter.end()
         self.order = [(n, self.analysis.graph.nodes[n]["path"]) for n in self.analysis.graph.graph["order"]]
         self.anchored = _anchored_groups(self.spec, self.models)
@@ -192,7 +195,7 @@ class PreparedMerge:
             t0 = time.perf_counter()
             self.reporter.start("statistics", total=len(self.batches))
             self._act = activation_correlations(
-                self.graph_modules, self.spec, self.batches, device=self.device, probe=self.probe,
+                self.analysis.graph_module, self.spec, self.batches, states=self.states, device=self.device, probe=self.probe,
                 inputs_from_batch=self.inputs_from_batch, reporter=self.reporter, registry=self.registry,
             )
             self.reporter.end()
@@ -268,11 +271,15 @@ class PreparedMerge:
                 m = matchings.get(gid)
                 return None if m is None else m.unmerge_block(i)
 
-            graph = self.analysis.graph_module.graph
+            gm = self.analysis.graph_module
+            if self.analysis.tracer == "export":  # the graph reads the exported module's attributes: give it the weights
+                trunk_module, tails = with_state(gm, merged.state_dict()), [with_state(gm, st) for st in self.states]
+            else:
+                trunk_module, tails = merged, self.models
             merged = build_partial(
-                merged, self.models, graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
+                trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
             ).to(dev)
-        merged.eval()
+        set_mode(merged, False)
         timings["merge"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -282,6 +289,14 @@ class PreparedMerge:
         return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
 
 
+def with_state(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` holding ``state``'s tensors under the names it has (tied names once)."""
+    new = copy.deepcopy(gm)
+    own = new.state_dict()
+    new.load_state_dict({k: state[k] if k in state else v for k, v in own.items()})
+    return new
+
+
 def prepare(models: list[nn.Module], *, data: Iterable | None, **options: Any) -> PreparedMerge:
     """Do once what every merge of ``models`` on ``data`` shares; see :class:`PreparedMerge`.
 
@@ -289,7 +304,7 @@ def prepare(models: list[nn.Module], *, data: Iterable | None, **options: Any) -
         >>> results = {alpha: prepared.merge(method="mudsc", mode="zip", alpha=alpha) for alpha in (0.1, 0.5, 0.9)}
 
     ``options``: ``example_inputs``, ``device``, ``reset_bn``, ``probe``, ``registry``, ``reporter``,
-    ``inputs_from_batch`` (as in :func:`merge`).
+    ``inputs_from_batch``, ``tracer`` (as in :func:`merge`).
     """
     return PreparedMerge(models, data=data, **options)
 
@@ -298,7 +313,7 @@ def merge(
     models: list[nn.Module],
     *,
     data: Iterable | None,
-    example_inputs: tuple | None = None,
+    example_inputs: Any = None,
     method: str = "mudsc",
     mode: str = "zip",
     alpha: float = 0.5,
@@ -313,7 +328,8 @@ def merge(
     zip_b: float = 1.0,
     registry: Registry | None = None,
     reporter: Reporter | None = None,
-    inputs_from_batch: Callable[[Any], tuple] | None = None,
+    inputs_from_batch: Callable[[Any], Any] | None = None,
+    tracer: str = "auto",
 ) -> MergeResult:
     """Merge ``models`` (same architecture, any number >= 2) into one, without training.
 
@@ -323,7 +339,14 @@ def merge(
     space in ``S = alpha * S_weight + (1 - alpha) * S_act``. ``data``: an iterable of calibration
     batches (read into memory once), needed for activation similarities and BatchNorm resets.
     ``stop_at``: a module path or node name; merge up to it, then each model keeps its own tail
-    (the result returns one output per model). The input models are not modified.
+    (the result returns one output per model). The input models are not modified; the merged
+    model is a copy of the first, of its class (a Hugging Face model stays one).
+
+    Inputs are given as users give them: ``example_inputs`` and each batch's model inputs (through
+    ``inputs_from_batch``, by default the first element of a ``(x, y)`` batch or a dict batch of
+    keyword tensors such as ``{"input_ids": ..., "attention_mask": ...}``) are a tuple of positional
+    tensors or a dict of keyword tensors. ``tracer``: ``"auto"``, ``"fx"`` or ``"export"`` (see
+    :func:`~mudsc_graph.analyze`).
 
     Several merges of the same models and data (an alpha sweep, a comparison of methods) share
     most of the work through :func:`prepare`.
@@ -333,7 +356,7 @@ def merge(
         raise MergeError(f"method {method!r} needs calibration data: pass data=")
     prepared = PreparedMerge(
         models, data=data, example_inputs=example_inputs, device=device, reset_bn=reset_bn, probe=probe,
-        registry=registry, reporter=reporter, inputs_from_batch=inputs_from_batch,
+        registry=registry, reporter=reporter, inputs_from_batch=inputs_from_batch, tracer=tracer,
     )
     result = prepared.merge(
         method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, tol=tol, zip_a=zip_a, zip_b=zip_b

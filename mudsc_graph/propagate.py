@@ -64,8 +64,18 @@ class OpContext:
         self.handler: Any = None
 
     # -- reading ---------------------------------------------------------------------------
-    def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
-        """The raw argument at position ``i`` (or keyword ``name``), fx Nodes left as is."""
+    def arg(self, i: int | None, name: str | None = None, default: Any = None) -> Any:
+        """The raw argument at position ``i`` (or keyword ``name``), fx Nodes left as is.
+
+        For an ATen operator ``name`` is looked up in its schema first, so one rule reads the
+        arguments of ``F.embedding(input, weight)`` and ``aten.embedding(weight, indices)`` alike.
+        """
+        if name is not None and isinstance(self.node.target, torch._ops.OpOverload):
+            pos = _schema_positions(self.node.target).get(name)
+            if pos is not None:
+                i = pos
+            elif name not in self.node.kwargs:
+                i = i if i is not None and i < len(self.node.target._schema.arguments) else None
         if i is not None and i < len(self.node.args):
             return self.node.args[i]
         if name is not None and name in self.node.kwargs:
@@ -106,13 +116,15 @@ class OpContext:
         """The space of axis ``axis`` of the model's parameter or buffer ``full_name``."""
         return self._prop.attr_space(full_name, axis)
 
-    def param_inner(self, name: str, axis: int, space: Layout, groups: int) -> None:
+    def param_inner(self, name: str, axis: int, space: Layout, groups: int, *, full: bool = False) -> None:
         """Axis ``axis`` of parameter ``name`` indexes the inside of a block of ``space``.
 
         For a grouped convolution the weight is ``(out, in / groups, ...)``: the row block ``j``
-        (along axis 0) reads the units of block ``j`` of the input space ``space``.
+        (along axis 0) reads the units of block ``j`` of the input space ``space``. ``name`` is
+        relative to this node's module, or the model's full name with ``full=True``.
         """
-        full = f"{self.path}.{name}" if self.path else name
+        full = name if full or not self.path else f"{self.path}.{name}"
+        full = self._prop.canonical.get(full, full)
         self.spaces.fix(self._prop.attr_space(full, axis), "")
         key = (full, axis % len(self._prop.attr_shapes[full]))
         self._prop.inner_params[key] = (self.spaces.collapse(space), groups)
@@ -227,6 +239,26 @@ class OpContext:
         return f"unsupported {what} at node {self.node.name}{where}"
 
 
+_POSITIONS: dict[Any, dict[str, int]] = {}
+
+
+def _schema_positions(op: Any) -> dict[str, int]:
+    """``{argument name: position}`` of an ATen operator's schema."""
+    pos = _POSITIONS.get(op)
+    if pos is None:
+        pos = _POSITIONS[op] = {a.name: k for k, a in enumerate(op._schema.arguments)}
+    return pos
+
+
+def op_name(target: Any) -> str:
+    """``"max_pool2d"`` for ``aten.max_pool2d.default``, ``F.max_pool2d`` or the method name."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[-1]
+    return getattr(target, "__name__", None) or str(target)
+
+
 def _map_shape(shape: Any, fn) -> Any:
     if shape is None:
         return None
@@ -238,7 +270,14 @@ def _map_shape(shape: Any, fn) -> Any:
 class Propagator:
     """Runs the layer handlers over the IR and owns the :class:`SpaceTable`."""
 
-    def __init__(self, graph: nx.DiGraph, registry: Registry, *, strict: bool = False) -> None:
+    def __init__(
+        self,
+        graph: nx.DiGraph,
+        registry: Registry,
+        *,
+        strict: bool = False,
+        model: torch.nn.Module | None = None,
+    ) -> None:
         self.graph = graph
         self.gm: fx.GraphModule = graph.graph["module"]
         self.registry = registry
@@ -253,11 +292,41 @@ class Propagator:
         self.attr_of_space: dict[int, tuple[str, int]] = {}
         self.consumed: set[tuple[str, int]] = set()
         self.warnings: list[str] = []
+        self.unsupported_modules: list[str] = []
         self.modules = dict(self.gm.named_modules())
-        for name, t in list(self.gm.named_parameters()) + list(self.gm.named_buffers()):
-            self.attr_shapes[name] = tuple(t.shape)
+        # one canonical name per tensor: a tied weight (GPT-2's lm_head = wte) is one tensor whose
+        # axes join every space it is used in
+        self.canonical: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for name, t in list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False)):
+            canon = first.setdefault(id(t), name)
+            self.canonical[name] = canon
+            if canon == name:
+                self.attr_shapes[name] = tuple(t.shape)
+        # with the user's model: its other names of a tensor the graph names once (a GraphModule from
+        # torch.export keeps one name of a tied weight) become aliases, and attributes outside its
+        # state_dict (non-persistent buffers such as RoPE's inv_freq, lifted constants) are frozen:
+        # no permutation can move them
+        self.aliases: dict[str, str] = {}
+        self.frozen: set[str] = set()
+        if model is not None:
+            state = set(model.state_dict().keys())
+            names: dict[int, list[str]] = {}
+            for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+                names.setdefault(id(t), []).append(name)
+            for tied in names.values():
+                canon = next((self.canonical[n] for n in tied if n in self.canonical), None)
+                for n in tied if canon is not None else ():
+                    self.canonical.setdefault(n, canon)
+                    if n != canon and n in state:
+                        self.aliases[n] = canon
+            self.frozen = {n for n in self.attr_shapes if n not in state and not any(a in state for a, c in self.aliases.items() if c == n)}
+        for n, canon in self.canonical.items():  # the graph's own duplicate names (fx shares the modules)
+            if n != canon and (model is None or n in state):
+                self.aliases.setdefault(n, canon)
 
     def attr_space(self, full_name: str, axis: int) -> int:
+        full_name = self.canonical.get(full_name, full_name)
         shape = self.attr_shapes.get(full_name)
         if shape is None:
             raise AnalysisError(f"the model has no parameter or buffer named {full_name!r}")
@@ -265,7 +334,8 @@ class Propagator:
         key = (full_name, axis)
         sid = self.attr_spaces.get(key)
         if sid is None:
-            sid = self.spaces.new(shape[axis])
+            frozen = f"{full_name} is not in the state_dict (a non-persistent buffer or constant), so it cannot be permuted"
+            sid = self.spaces.new(shape[axis], frozen if full_name in self.frozen else None)
             self.attr_spaces[key] = sid
             self.attr_of_space[sid] = key
         return sid
@@ -281,18 +351,23 @@ class Propagator:
             node: fx.Node = attrs["fx"]
             try:
                 self._visit(node, attrs)
-            except SizeMismatch as exc:
-                ctx = OpContext(self, node)
-                self.unsupported(ctx, f"handler {attrs.get('handler')!r} linked mismatched sizes ({exc})")
-                self.values[name] = ctx._output
-            except (AnalysisError, UnsupportedOpError):
+            except UnsupportedOpError:
                 raise
-            except Exception as exc:
-                raise AnalysisError(
-                    f"propagation failed at node {name} ({attrs['op']} {_tname(attrs['target'])}"
-                    f"{', module ' + attrs['path'] if attrs['path'] else ''}) in handler {attrs.get('handler')!r}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+            except Exception as exc:  # a handler that cannot describe this node: fall back, never crash
+                why = (
+                    f"handler {attrs.get('handler')!r} linked mismatched sizes ({exc})"
+                    if isinstance(exc, SizeMismatch)
+                    else f"handler {attrs.get('handler')!r} failed ({type(exc).__name__}: {exc})"
+                )
+                if self.strict and not isinstance(exc, SizeMismatch):
+                    raise AnalysisError(
+                        f"propagation failed at node {name} ({attrs['op']} {_tname(attrs['target'])}"
+                        f"{', module ' + attrs['path'] if attrs['path'] else ''}) in handler {attrs.get('handler')!r}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                ctx = OpContext(self, node)
+                self.unsupported(ctx, why)
+                self.values[name] = _as_values(ctx._output, attrs["shape"])
             attrs["value"] = self.values.get(name)
 
     def _visit(self, node: fx.Node, attrs: dict) -> None:
@@ -315,12 +390,13 @@ class Propagator:
             return
         if node.op == "get_attr":
             attrs["handler"] = "get_attr"
-            if isinstance(shape, tuple) and str(node.target).startswith("_tensor_constant"):
-                # a tensor built inside forward (torch.tensor(...)): not in the state_dict, so its
-                # values cannot move with a permutation; whatever it touches keeps its order
+            target = self.canonical.get(str(node.target), str(node.target))
+            if isinstance(shape, tuple) and (target.startswith(("_tensor_constant", "lifted_tensor", "c_lifted_tensor"))):
+                # a tensor built inside forward (torch.tensor(...)) or lifted by torch.export: not in
+                # the state_dict, so its values cannot move with a permutation; what it touches keeps its order
                 self.values[node.name] = Value(shape, [self.spaces.new(n, f"constant tensor built in forward ({node.name})") for n in shape])
-            elif isinstance(shape, tuple) and node.target in self.attr_shapes:
-                self.values[node.name] = Value(shape, [self.attr_space(node.target, i) for i in range(len(shape))])
+            elif isinstance(shape, tuple) and target in self.attr_shapes:
+                self.values[node.name] = Value(shape, [self.attr_space(target, i) for i in range(len(shape))])
             else:
                 self.values[node.name] = _as_values(_map_shape(shape, lambda n: self.spaces.new(n, "")), shape)
             return
@@ -352,6 +428,8 @@ class Propagator:
             if self.strict:
                 raise UnsupportedOpError(f"{msg}. Register a LayerHandler for it (hook mudsc_layer_handlers)")
             self.warnings.append(msg)
+            if ctx.module is not None:
+                self.unsupported_modules.append(ctx.path)
             warnings.warn(msg, stacklevel=3)
         for L in touched:
             self.spaces.fix_layout(L, reason)
@@ -359,6 +437,8 @@ class Propagator:
 
 
 def _tname(t: Any) -> str:
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(t)
     return getattr(t, "__name__", None) or str(t)
 
 

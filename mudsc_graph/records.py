@@ -26,6 +26,12 @@ def _check_name(kind: str, name: str) -> None:
         raise PluginError(f"{kind} name {name!r} is invalid: use letters, digits, '_', '.', ':' or '-'")
 
 
+def _is_tag(t: Any) -> bool:
+    import torch
+
+    return isinstance(t, torch.Tag)
+
+
 @dataclass(frozen=True)
 class LayerHandler:
     """Tells the propagation pass how the axes of one kind of op relate.
@@ -34,7 +40,15 @@ class LayerHandler:
     targets: module classes for ``call_module`` (matched by exact class, then by base class),
     functions for ``call_function`` (``torch.add``, ``operator.add``, ``F.relu`` ...), method
     names for ``call_method`` (``"view"``, ``"transpose"`` ...). Module classes named here are
-    traced as leaves, so the handler sees the module call rather than its insides.
+    traced as leaves, so the handler sees the module call rather than its insides; a subclass
+    that overrides ``forward`` is not matched by its base's handler (it is traced through).
+
+    The graphs of the torch.export tracer are ATen-level: their ``call_function`` targets are
+    ATen operators. A handler names an overload (``torch.ops.aten.linear.default``), a whole packet
+    (``torch.ops.aten.linear``, every overload) or a ``torch.Tag`` (``torch.Tag.pointwise``: any
+    operator with that tag that nothing more specific handles). The built-ins list each ATen
+    operator beside its torch-level twin, with the same rule: a rule reads arguments with
+    ``ctx.arg(i, name)``, which for ATen operators finds ``name`` in the operator's schema.
 
     ``propagate(ctx)`` receives an :class:`~mudsc_graph.propagate.OpContext` and must set the
     layout of the node's output (``ctx.set_output``) after linking axes. ``priority`` resolves two
@@ -65,8 +79,8 @@ class LayerHandler:
                 raise PluginError(f"LayerHandler {self.name!r}: call_method targets are method names (str), got {t!r}")
             if self.opcode == "call_module" and not isinstance(t, type):
                 raise PluginError(f"LayerHandler {self.name!r}: call_module targets are module classes, got {t!r}")
-            if self.opcode == "call_function" and not callable(t):
-                raise PluginError(f"LayerHandler {self.name!r}: call_function targets are callables, got {t!r}")
+            if self.opcode == "call_function" and not (callable(t) or _is_tag(t)):
+                raise PluginError(f"LayerHandler {self.name!r}: call_function targets are callables, ATen operators or torch.Tag values, got {t!r}")
         if not callable(self.propagate):
             raise PluginError(f"LayerHandler {self.name!r}: propagate must be callable")
 

@@ -20,6 +20,7 @@ from importlib.metadata import entry_points
 from typing import Any, Iterable
 
 import pluggy
+import torch
 
 from . import hookspecs
 from .errors import PluginError
@@ -125,19 +126,38 @@ class Registry:
         self.arch_plugins[a.name] = plugin
 
     def handler_for(self, opcode: str, target: Any) -> LayerHandler | None:
+        """The handler of an fx node target, or ``None``.
+
+        Module classes: the class itself, then its bases, but a base's handler only while the
+        class still runs that base's ``forward`` (a subclass that overrides ``forward``, such as
+        timm's ``LayerNorm2d(nn.LayerNorm)``, is traced through instead). ATen operators
+        (``torch.ops.aten.linear.default``): the overload, then its packet (``aten.linear``), then
+        the first of its tags with a handler (``torch.Tag.pointwise``).
+        """
         if opcode == "call_module" and isinstance(target, type):
             for cls in target.__mro__:
                 h = self.handlers.get((opcode, cls))
                 if h is not None:
-                    return h
+                    return h if runs_forward_of(target, cls) else None
             return None
         try:
-            return self.handlers.get((opcode, target))
+            h = self.handlers.get((opcode, target))
         except TypeError:  # unhashable target
             return None
+        if h is None and isinstance(target, torch._ops.OpOverload):
+            h = self.handlers.get((opcode, target.overloadpacket))
+            for tag in target.tags if h is None else ():
+                h = self.handlers.get((opcode, tag))
+                if h is not None:
+                    break
+        return h
 
     def leaf_module_types(self) -> tuple[type, ...]:
         return tuple(t for (op, t) in self.handlers if op == "call_module")
+
+    def is_leaf(self, module: Any) -> bool:
+        """Whether a module has a ``call_module`` handler (then fx traces it as one leaf node)."""
+        return self.handler_for("call_module", type(module)) is not None
 
     def matcher(self, name: str) -> MatchingStrategy:
         m = self.matchers.get(name)
@@ -167,6 +187,11 @@ class Registry:
         return self.architectures[key]
 
 
+def runs_forward_of(cls: type, base: type) -> bool:
+    """Whether instances of ``cls`` run ``base.forward`` (``cls`` does not override it)."""
+    return getattr(cls, "forward", None) is getattr(base, "forward", None)
+
+
 def _add_unique(kind: str, table: dict, owners: dict, record: Any, plugin: str) -> None:
     if record.name in table:
         raise PluginError(f"{kind} {record.name!r} is registered by both {owners[record.name]!r} and {plugin!r}; rename one")
@@ -181,6 +206,8 @@ def _norm(name: str) -> str:
 def _target_name(t: Any) -> str:
     if isinstance(t, str):
         return repr(t)
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch.Tag)):
+        return str(t)
     return f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}"
 
 

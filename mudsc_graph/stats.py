@@ -6,18 +6,20 @@ features are stacked in model order into ``(N*units) x samples`` and folded into
 :class:`CorrelationAccumulator`. Memory is O(sum over groups of (N*units)^2), never O(samples).
 
     >>> corr = activation_correlations(gms, spec, loader, device="cuda")
+    >>> corr = activation_correlations(gm, spec, loader, states=[sd_a, sd_b])   # one graph, N weights
     >>> corr[gid].shape   # (N * spec.groups[gid].size,) * 2
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from .errors import MudscError
+from .inputs import InputError, as_inputs, bind, call_graph, describe, to_device
 from .transform import expr_size, take_group
 
 Expr = list
@@ -173,26 +175,38 @@ def select_probes(group: Any, probe: str = "last") -> list[Any]:
     return [p for p in consumers if (p.node, p.axis) not in seen and not seen.add((p.node, p.axis))]
 
 
-def default_inputs_from_batch(batch: Any) -> tuple:
-    """A Tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)`` (inputs, labels, ...); a dict -> ``(batch['x'],)``."""
+#: Keys of a dict batch that are targets, not model inputs.
+LABEL_KEYS = ("labels", "label", "y")
+
+
+def default_inputs_from_batch(batch: Any) -> Any:
+    """The model inputs of one calibration batch.
+
+    A tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)`` (inputs, labels, ...); a dict with
+    ``"x"`` -> ``(batch["x"],)``; any other dict is keyword inputs (``{"input_ids": ..., "attention_mask":
+    ...}``), without its label keys (``labels``, ``label``, ``y``).
+    """
     if isinstance(batch, torch.Tensor):
         return (batch,)
     if isinstance(batch, (tuple, list)) and batch:
         return (batch[0],)
-    if isinstance(batch, dict) and "x" in batch:
+    if isinstance(batch, Mapping) and "x" in batch:
         return (batch["x"],)
+    if isinstance(batch, Mapping) and batch:
+        return {str(k): v for k, v in batch.items() if k not in LABEL_KEYS}
     raise StatisticsError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch=")
 
 
 @torch.no_grad()
 def activation_correlations(
-    gms: list[fx.GraphModule],
+    gms: list[fx.GraphModule] | fx.GraphModule,
     spec: Any,
     batches: Iterable,
     *,
+    states: list[Mapping[str, torch.Tensor]] | None = None,
     device: torch.device | str | None = None,
     probe: str = "last",
-    inputs_from_batch: Callable[[Any], tuple] | None = None,
+    inputs_from_batch: Callable[[Any], Any] | None = None,
     reporter: Any = None,
     eps: float | None = None,
     registry: Any = None,
@@ -200,14 +214,20 @@ def activation_correlations(
     """Pearson correlation ``(N*units) x (N*units)`` of every non-fixed group with probes.
 
     ``gms`` are the N models' GraphModules (same graph, own weights, already on ``device`` and in
-    the wanted mode). Rows/columns are the models' units stacked in model order. ``probe``:
+    the wanted mode); or one GraphModule and ``states``, the N models' state dicts, which are
+    swapped into it in turn (``torch.func.functional_call``), so one graph serves every model. Rows/columns are the models' units stacked in model order. ``probe``:
     ``"last"`` (the last consumer probe in graph order, as the official MuDSC code), ``"first"``
     or ``"all"`` (every consumer probe, stacked as more samples); a group without consumer probes
     uses its first producer probe. One pass over ``batches``; ``reporter.advance()`` per batch.
     ``eps``: see :meth:`CorrelationAccumulator.correlation` (``1e-7``: the official formula).
+    Batches give the models' inputs through ``inputs_from_batch`` (positional or keyword tensors).
     """
+    if isinstance(gms, fx.GraphModule):
+        gms = [gms]
     if not gms:
         raise ValueError("activation_correlations needs at least one model")
+    if states is not None and len(gms) != 1:
+        raise ValueError("with states=, pass a single GraphModule")
     if device is None:
         p = next(iter(gms[0].parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -218,12 +238,17 @@ def activation_correlations(
     internal = {_out_key(p): (p.node, p.key, _features_fn(p, registry)) for ps in plan.values() for p in ps if p.key is not None}
     if not nodes and not internal:
         return {}
-    extractors = [probe_extractor(gm, nodes, internal) for gm in gms]
-    accs = {gid: CorrelationAccumulator(len(gms) * sizes[gid], device) for gid in plan}
+    if states is None:
+        runs = [(ext, None) for ext in (probe_extractor(gm, nodes, internal) for gm in gms)]
+    else:
+        ext = probe_extractor(gms[0], nodes, internal)
+        own = {n for n, _ in ext.named_parameters()} | {n for n, _ in ext.named_buffers()}  # one name per tied tensor
+        runs = [(ext, {k: v for k, v in st.items() if k in own}) for st in states]
+    accs = {gid: CorrelationAccumulator(len(runs) * sizes[gid], device) for gid in plan}
     n_batches = 0
     for batch in batches:
-        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs_from_batch(batch))
-        outs = [ext(*inputs) for ext in extractors]
+        inputs = to_device(as_inputs(inputs_from_batch(batch)), device)
+        outs = [_run(ext, state, inputs) for ext, state in runs]
         checks: list[tuple[torch.Tensor, int, str, int]] = []
         for gid, probes in plan.items():
             feats = []
@@ -240,6 +265,22 @@ def activation_correlations(
     if n_batches == 0:
         raise StatisticsError("no calibration batches: the data iterable was empty; pass at least one batch")
     return {gid: acc.correlation(eps) for gid, acc in accs.items()}
+
+
+def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: Any) -> dict:
+    """The probe values of one model on one batch, with a clear error when the batch does not fit."""
+    try:
+        if state is None:
+            return call_graph(ext, inputs)
+        return torch.func.functional_call(ext, dict(state), tuple(bind(ext, inputs)))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise StatisticsError(
+            f"running the model on a calibration batch ({describe(inputs)}) failed: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; calibration batches must have the example inputs' "
+            "shapes apart from the batch size (pad text to one length)"
+        ) from exc
 
 
 def _check_finite(checks: list[tuple[torch.Tensor, int, str, int]]) -> None:

@@ -1,25 +1,45 @@
-"""Tracing: any ``torch.fx``-traceable model to a GraphModule with the shape of every value.
+"""Tracing: a model to an fx GraphModule with the shape of every value, by torch.fx or torch.export.
 
-Module classes that have a registered ``call_module`` layer handler are traced as leaves (so a
-handler sees ``nn.MultiheadAttention`` whole); everything else follows torch.fx's defaults.
-Shapes are recorded by running the graph once on the example inputs, under
+Two tracers feed one IR:
+
+- ``"fx"``: ``torch.fx`` symbolic tracing. Module classes that have a registered ``call_module``
+  layer handler are traced as leaves (so a handler sees ``nn.MultiheadAttention`` whole); every
+  other module is traced through, torch.nn's own modules are leaves (fx's default). Nodes target
+  torch functions, methods and modules.
+- ``"export"``: ``torch.export.export`` (non-strict), for models that symbolic tracing cannot
+  capture (Hugging Face transformers v5, code that reads shapes and dtypes). The graph is ATen-level
+  (``aten.linear.default``, ``aten.view.default`` ...), with the batch axis of every input dynamic so
+  that calibration batches of any size run. Parameters and buffers keep the user's ``state_dict``
+  names (``get_attr`` targets such as ``encoder.layer.0.attention.self.query.weight``).
+- ``"auto"`` (default): fx, and torch.export when fx cannot trace the model.
+
+Either way the result is a plain ``fx.GraphModule`` whose placeholders are the model's inputs, by
+position or by keyword name (see :mod:`mudsc_graph.inputs`); ``gm.meta["mudsc_tracer"]`` says which
+tracer made it. Shapes are recorded by running the graph once on the example inputs, under
 ``node.meta["mudsc_shape"]``: a tuple of ints for a tensor, a list of such for a tuple or list of
 tensors, ``None`` for anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import linecache
+import logging
 import os
 import traceback
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 
 from .errors import TraceError
+from .registry import runs_forward_of
+from .inputs import Inputs, as_inputs, batch_size, bind, call, describe, map_tensors
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)),)
+TRACERS = ("auto", "fx", "export")
 
 
 class MergeTracer(fx.Tracer):
@@ -27,36 +47,154 @@ class MergeTracer(fx.Tracer):
 
     def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
         super().__init__()
-        self.leaf_types = leaf_types
+        self.leaf_types = frozenset(leaf_types)
         # buffers become get_attr nodes like parameters, so `self.buf.T` stays tied to the buffer
         # instead of being folded into an anonymous constant that merging would not see
         self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
+        # the nearest registered class decides, as in Registry.handler_for: a subclass that
+        # overrides forward is traced through (unless fx's own rule makes it a leaf)
+        for cls in type(m).__mro__ if self.leaf_types else ():
+            if cls in self.leaf_types:
+                if runs_forward_of(type(m), cls):
+                    return True
+                break
         return super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(
     model: torch.nn.Module,
-    example_inputs: tuple,
+    example_inputs: Any,
     *,
     leaf_types: tuple[type, ...] = (),
     concrete_args: dict[str, Any] | None = None,
+    tracer: str = "auto",
 ) -> fx.GraphModule:
-    """Trace ``model`` and record shapes; raise :class:`TraceError` with the offending code."""
+    """Trace ``model`` and record shapes; raise :class:`TraceError` with the offending code.
+
+    ``example_inputs``: a tuple of positional tensors or a dict of keyword tensors (one forward
+    call). ``tracer``: ``"auto"``, ``"fx"`` or ``"export"`` (see the module docstring).
+    """
+    if tracer not in TRACERS:
+        raise TraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}")
+    inputs = as_inputs(example_inputs)
+    _runs_on(model, inputs)
+    fx_error: TraceError | None = None
+    if tracer in ("auto", "fx"):
+        try:
+            return trace_fx(model, inputs, leaf_types=leaf_types, concrete_args=concrete_args)
+        except TraceError as exc:
+            if tracer == "fx":
+                raise
+            fx_error = exc
+    try:
+        return trace_export(model, inputs, fx_error=fx_error)
+    except TraceError:
+        raise
+
+
+def _runs_on(model: torch.nn.Module, inputs: Inputs) -> None:
+    """The model itself must accept the example inputs, or no tracer will."""
+    try:
+        with torch.no_grad():
+            call(model, inputs)
+    except Exception as exc:
+        raise TraceError(
+            f"running {type(model).__name__} on the example inputs ({describe(inputs)}) failed: {type(exc).__name__}: "
+            f"{_first_line(exc)}; check that the example inputs match the model's forward signature"
+        ) from exc
+
+
+def trace_fx(
+    model: torch.nn.Module, inputs: Inputs, *, leaf_types: tuple[type, ...] = (), concrete_args: dict[str, Any] | None = None
+) -> fx.GraphModule:
+    """Symbolic tracing with :class:`MergeTracer`, then shapes."""
     tracer = MergeTracer(leaf_types)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
-        raise TraceError(_explain(model, exc)) from exc
+        raise TraceError(_explain("torch.fx", model, exc)) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    record_shapes(gm, example_inputs)
+    gm.meta["mudsc_tracer"] = "fx"
+    record_shapes(gm, inputs)
     return gm
 
 
-def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+def trace_export(model: torch.nn.Module, inputs: Inputs, *, fx_error: BaseException | None = None) -> fx.GraphModule:
+    """``torch.export.export`` with a dynamic batch axis, as a plain GraphModule, then shapes.
+
+    The model is exported in eval mode (its mode is restored after); a Hugging Face model's
+    ``config.use_cache`` is off meanwhile, so the key/value cache is not an output.
+    """
+    from torch.export import Dim, export
+
+    n = batch_size(inputs)
+    # a batch of one would be specialised to a constant: export with two rows, record shapes on the real inputs
+    export_inputs = map_tensors(inputs, lambda t: t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() else t) if n == 1 else inputs
+    dyn = lambda v: {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None  # noqa: E731
+    if isinstance(export_inputs, dict):
+        args, kwargs, dynamic = (), export_inputs, {k: dyn(v) for k, v in export_inputs.items()}
+    else:
+        args, kwargs, dynamic = export_inputs, {}, tuple(dyn(v) for v in export_inputs)
+    try:
+        with _exportable(model), _quiet_torch_logs():
+            ep = export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # export raises many types; all mean "cannot capture"
+        cause = fx_error.__cause__ if fx_error is not None and fx_error.__cause__ is not None else fx_error
+        raise TraceError(_explain("torch.export", model, exc, cause)) from exc
+    gm = plain_graph_module(ep.module(), type(model).__name__)
+    gm.meta["mudsc_tracer"] = "export"
+    record_shapes(gm, inputs)
+    return gm
+
+
+def plain_graph_module(exported: fx.GraphModule, name: str) -> fx.GraphModule:
+    """``ep.module()`` as an ordinary GraphModule: placeholders are the flat inputs (by position or
+    name), no input guards, and ``train()``/``eval()`` work (the graph is fixed in eval mode)."""
+    graph = exported.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
+            graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()  # flat placeholders instead of the exported pytree signature
+    gm = fx.GraphModule(exported, graph, name)
+    gm.recompile()
+    return gm
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export logs its failed guesses (and whole graphs) as warnings: keep them off the user's terminal."""
+    names = ("torch", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _exportable(model: torch.nn.Module) -> Iterator[None]:
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    try:
+        if use_cache:
+            config.use_cache = False
+        model.eval()
+        yield
+    finally:
+        model.train(was_training)
+        if use_cache:
+            config.use_cache = use_cache
+
+
+def record_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     """Run ``gm`` once and store every node's output shape under ``node.meta['mudsc_shape']``."""
 
     class _Recorder(fx.Interpreter):
@@ -65,13 +203,15 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             n.meta["mudsc_shape"] = _shape_of(out)
             return out
 
+    inputs = as_inputs(example_inputs)
     try:
+        values = bind(gm, inputs)
         with torch.no_grad():
-            _Recorder(gm).run(*example_inputs)
+            _Recorder(gm).run(*values)
     except Exception as exc:
         raise TraceError(
-            f"running the traced {type(gm).__name__} on the example inputs failed: {type(exc).__name__}: {exc}; "
-            "check that example_inputs match the model's forward signature"
+            f"running the traced {type(gm).__name__} on the example inputs ({describe(inputs)}) failed: "
+            f"{type(exc).__name__}: {_first_line(exc)}; check that the example inputs match the model's forward signature"
         ) from exc
 
 
@@ -83,18 +223,40 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def _explain(model: torch.nn.Module, exc: Exception) -> str:
-    """One line: what fx said, where in the user's code, and what to do."""
-    where = ""
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if frame.filename.startswith(_TORCH_DIR) or frame.filename.startswith("<"):
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _user_frame(exc: BaseException) -> tuple[str, Any]:
+    """`` at file:line in fn(): `code` `` for the innermost frame outside torch and mudsc, and the
+    ``self`` of that frame when it is a module."""
+    for frame, lineno in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        filename = frame.f_code.co_filename
+        if filename.startswith(_TORCH_DIR) or filename.startswith("<") or filename.startswith(_OWN_DIRS):
             continue
-        code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-        where = f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}(): `{code}`"
-        break
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return (
-        f"torch.fx cannot trace {type(model).__name__}: {msg}{where}. "
-        "Register a LayerHandler for the module that contains this code so it is traced as a leaf, "
-        "or pass concrete_args to fix the value the branch depends on"
-    )
+        code = linecache.getline(filename, lineno).strip()
+        owner = frame.f_locals.get("self")
+        return f" at {os.path.basename(filename)}:{lineno} in {frame.f_code.co_name}(): `{code}`", owner
+    cause = exc.__cause__ or exc.__context__
+    return _user_frame(cause) if cause is not None and cause is not exc else ("", None)
+
+
+def _explain(tool: str, model: torch.nn.Module, exc: BaseException, fx_exc: BaseException | None = None) -> str:
+    """One line: what the tracer(s) said, where in the model's code, and what to do."""
+    where, owner = _user_frame(exc)
+    if not where and fx_exc is not None:
+        where, owner = _user_frame(fx_exc)
+    path = next((name for name, m in model.named_modules() if m is owner), None) if isinstance(owner, torch.nn.Module) else None
+    module = f" (module {path or '<top>'}: {type(owner).__name__})" if path is not None else ""
+    culprit = type(owner).__name__ if path is not None else "the module that contains this code"
+    said = f"torch.fx: {_first_line(fx_exc)}; torch.export: {_first_line(exc)}" if fx_exc is not None else _first_line(exc)
+    if tool == "torch.fx":
+        advice = f"register a LayerHandler for {culprit} so that it is traced as a leaf, or use tracer='export'"
+    else:
+        advice = (
+            f"register a LayerHandler for {culprit} (with tracer='fx' it is then traced as a leaf), or write its "
+            "Python branches on tensor values with torch.where / torch.cond, which torch.export can capture"
+        )
+    what = "with torch.fx or torch.export" if fx_exc is not None else f"with {tool}"
+    return f"cannot trace {type(model).__name__} {what}: {said}{where}{module}; {advice}"

@@ -50,13 +50,20 @@ def test_the_low_rank_layer_merges_through_the_plugin(monkeypatch):
     torch.testing.assert_close(result.model(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)
 
 
-def test_without_the_plugin_the_layer_cannot_even_be_traced():
+def test_without_the_plugin_the_layer_is_kept_as_it_is():
+    """fx cannot trace the layer and says which module to write a handler for; torch.export captures
+    it, but nothing understands its op: the units it touches stay fixed, with a warning."""
     from mudsc_graph import TraceError
 
     reg = R.Registry.from_plugin_manager(R.make_plugin_manager(load_entry_points=False))
     model = example.lowrank_mlp().eval()
-    with pytest.raises(TraceError, match="multi_dot.*LayerHandler"):
-        analyze(model, (torch.randn(2, 1, 8, 8),), registry=reg)
+    x = (torch.randn(2, 1, 8, 8),)
+    with pytest.raises(TraceError, match=r"LowRankLinear\).*register a LayerHandler for LowRankLinear"):
+        analyze(model, x, registry=reg, tracer="fx")
+    with pytest.warns(UserWarning, match="unsupported op aten.linalg_multi_dot"):
+        spec = analyze(model, x, registry=reg)
+    assert spec.permutable_units == 0
+    spec.check(model, x)
 
 
 def test_cli_sees_the_plugin(monkeypatch):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mudsc_graph import analyze
+from mudsc_graph import analyze, analyze_full
 
 
 class EinsumAttention(nn.Module):
@@ -146,7 +148,8 @@ def test_unfactorable_reshape_falls_back_with_a_warning():
 
 
 def test_multihead_attention_without_its_handler_stays_correct():
-    """torch.fx cannot trace through nn.MultiheadAttention; without the handler it is an opaque leaf."""
+    """torch.fx cannot trace through nn.MultiheadAttention: without the handler it is an opaque leaf.
+    torch.export can: its ATen graph (batch and heads merged into one axis) gives the handler's groups."""
     from mudsc_graph import registry as R
 
     reg = R.Registry.from_plugin_manager(R.make_plugin_manager(load_entry_points=False))
@@ -155,11 +158,18 @@ def test_multihead_attention_without_its_handler_stays_correct():
     arch = R.get_registry().architecture("vit_tiny")
     model, x = arch.build().eval(), arch.example_inputs(2)
     with pytest.warns(UserWarning, match="MultiheadAttention at node"):
-        spec = analyze(model, x, registry=reg)
+        spec = analyze(model, x, registry=reg, tracer="fx")
     spec.check(model, x)
-    with_handler = analyze(model, x)
     assert spec.permutable_units == 4 * 128  # only the MLP hidden layers remain
+    with_handler = analyze(model, x)
     assert with_handler.permutable_units == 64 + 4 * (64 + 64 + 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seen_through = analyze_full(model, x, registry=reg)  # auto: fx leaves the module unsupported, export sees through it
+    assert seen_through.tracer == "export"
+    assert seen_through.spec.permutable_units == with_handler.permutable_units
+    assert sorted((g.size, g.blocks) for g in seen_through.spec.free_groups()) == sorted((g.size, g.blocks) for g in with_handler.free_groups())
+    seen_through.spec.check(model, x)
 
 
 class GlobalMax(nn.Module):

@@ -7,7 +7,7 @@ custom view op, ...). Rules fall back to ``ctx.unsupported`` on anything they do
 the result is less merged, never wrong.
 """
 from .base import param_value, rebase
-from .contract import einsum, matmul, sdpa
+from .contract import addmm, einsum, matmul, sdpa
 from .layers import (
     channel_norm, conv_layer, embedding, f_batch_norm, f_conv, f_embedding, f_group_norm, f_layer_norm, f_linear,
     group_norm, layer_norm, linear_layer, multihead_attention, multihead_attention_features, nn_conv, nn_embedding,
@@ -15,12 +15,12 @@ from .layers import (
 )
 from .pointwise import arg_reduce, constant_like, elementwise, no_tensor_output, pad, reduce, spatial, unary
 from .shapes import (
-    cat, expand, getitem, movedim, permute, permute_axes, repeat, reshape, reshape_layouts, split, stack,
+    aten_index, aten_select, aten_slice, cat, expand, index_axes, roll, getitem, movedim, permute, permute_axes, repeat, reshape, reshape_layouts, split, stack,
     tensor_attribute, transpose, unbind,
 )
 
 __all__ = [
-    "arg_reduce", "cat", "channel_norm", "constant_like", "conv_layer", "einsum", "elementwise", "embedding", "expand",
+    "addmm", "aten_index", "aten_select", "aten_slice", "index_axes", "roll", "arg_reduce", "cat", "channel_norm", "constant_like", "conv_layer", "einsum", "elementwise", "embedding", "expand",
     "f_batch_norm", "f_conv", "f_embedding", "f_group_norm", "f_layer_norm", "f_linear", "getitem", "group_norm",
     "layer_norm", "linear_layer", "matmul", "movedim", "multihead_attention", "multihead_attention_features", "nn_conv", "nn_embedding",
     "nn_group_norm", "nn_layer_norm", "nn_linear", "no_tensor_output", "pad", "param_value", "permute",

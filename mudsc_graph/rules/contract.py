@@ -42,9 +42,11 @@ def matmul(ctx: OpContext) -> None:
 
 
 def sdpa(ctx: OpContext) -> None:
-    """scaled_dot_product_attention(q, k, v): q/k contracted on the last axis, k/v share tokens."""
+    """scaled_dot_product_attention(q, k, v, attn_mask): q/k contracted on the last axis, k/v share
+    tokens, and the mask is added to the scores ``(..., Tq, Tk)``: its axes join theirs, so a
+    per-head mask or bias (T5's relative positions, Swin's window bias) moves with the heads."""
     q, k, v = ctx.input(0, "query"), ctx.input(1, "key"), ctx.input(2, "value")
-    if ctx.node.kwargs.get("enable_gqa") or not (q.ndim == k.ndim == v.ndim) or q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+    if ctx.arg(7, "enable_gqa") or not (q.ndim == k.ndim == v.ndim) or q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
         ctx.unsupported("attention with broadcast or grouped-query heads")
         return
     n = q.ndim
@@ -56,17 +58,32 @@ def sdpa(ctx: OpContext) -> None:
     ctx.link(rebase(ctx, k.axis(-2), batch), rebase(ctx, v.axis(-2), batch))
     mask = ctx.input(3, "attn_mask")
     if isinstance(mask, Value):
-        ctx.fix(*mask.layout, reason="")
+        scores = Value(q.shape[:-1] + (k.shape[-2],), [rebase(ctx, L, batch) for L in q.layout[:-1]] + [rebase(ctx, k.axis(-2), batch)])
+        ctx.broadcast([scores, mask], scores.shape)
     ctx.set_output(
         [rebase(ctx, L, batch) for L in q.layout[:-1]] + [rebase(ctx, v.axis(-1), batch)]
     )
+
+
+def addmm(ctx: OpContext) -> None:
+    """``addmm(bias, a, b)`` = ``a @ b + bias`` (``aten.addmm``, ``torch.addmm``)."""
+    bias, a, b = ctx.input(0, "self"), ctx.input(1, "mat1"), ctx.input(2, "mat2")
+    if not all(isinstance(v, Value) for v in (bias, a, b)) or a.ndim != 2 or b.ndim != 2:
+        ctx.unsupported("addmm with non-matrix operands")
+        return
+    ctx.link(a.axis(1), b.axis(0))
+    for i, operand, ax in ((1, a, 1), (2, b, 0)):
+        if ctx.is_constant(ctx.arg(i)):
+            ctx.reads(operand.axis(ax))
+    product = Value((a.shape[0], b.shape[1]), [_plain(ctx, a.axis(0)), _plain(ctx, b.axis(1))])
+    ctx.set_output(ctx.broadcast([product, bias], product.shape))
 
 
 def einsum(ctx: OpContext) -> None:
     """einsum: axes with the same subscript letter index the same units; "..." aligns right."""
     eq = ctx.arg(0, "equation")
     ops = [v for v in ctx.node.args[1:]]
-    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+    if ops and isinstance(ops[0], (list, tuple)):  # torch.einsum(eq, [a, b]) and aten.einsum(eq, [a, b], path)
         ops = list(ops[0])
     values = [ctx.value(o) for o in ops]
     if not isinstance(eq, str) or not all(isinstance(v, Value) for v in values):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..propagate import OpContext, Value
+from ..propagate import OpContext, Value, op_name
 from ..spaces import Layout, Sum
 from .base import _plain, param_value, rebase
 
@@ -29,7 +29,14 @@ def f_linear(ctx: OpContext) -> None:
     linear_layer(ctx, ctx.input(0), w, b if isinstance(b, Value) else None)
 
 
-def conv_layer(ctx: OpContext, x: Value, w: Value, b: Value | None, groups: int, transposed: bool = False) -> None:
+def _attr_name(ctx: OpContext, node: Any) -> str | None:
+    """The state_dict name behind a ``get_attr`` argument, else ``None``."""
+    return str(node.target) if getattr(node, "op", None) == "get_attr" else None
+
+
+def conv_layer(
+    ctx: OpContext, x: Value, w: Value, b: Value | None, groups: int, transposed: bool = False, *, weight_name: str | None = None
+) -> None:
     """Convolution: channel axis ``-k-1`` of x is read, a new channel space is produced.
 
     ``groups > 1`` gives both channel spaces ``groups`` blocks that share one block
@@ -50,7 +57,10 @@ def conv_layer(ctx: OpContext, x: Value, w: Value, b: Value | None, groups: int,
         r_in, _ = ctx.blocks(x.axis(c), groups)
         r_out, _ = ctx.blocks(w.axis(0), groups)
         ctx.link(r_in, r_out)
-        ctx.param_inner("weight", 1, x.axis(c), groups)
+        if weight_name is None:  # a weight computed in forward: no parameter to express the inner axis on
+            ctx.fix(x.axis(c), w.axis(0), w.axis(1), reason="")
+        else:
+            ctx.param_inner(weight_name, 1, x.axis(c), groups, full=True)
         out_space = w.axis(0)
     if b is not None:
         ctx.link(b.axis(0), out_space)
@@ -63,16 +73,27 @@ def conv_layer(ctx: OpContext, x: Value, w: Value, b: Value | None, groups: int,
 def nn_conv(ctx: OpContext) -> None:
     m = ctx.module
     transposed = bool(getattr(m, "transposed", False))
-    conv_layer(ctx, ctx.input(0), param_value(ctx, "weight"), param_value(ctx, "bias"), m.groups, transposed)
+    weight = f"{ctx.path}.weight" if ctx.path else "weight"
+    conv_layer(ctx, ctx.input(0), param_value(ctx, "weight"), param_value(ctx, "bias"), m.groups, transposed, weight_name=weight)
 
 
 def f_conv(ctx: OpContext) -> None:
+    """``F.conv*d``, ``F.conv_transpose*d`` and their ATen twins (``aten.convolution`` included).
+
+    The weight may be computed in forward (``F.conv2d(x, self.w * s, groups=g)``): only its axes'
+    spaces matter, so a weight that is not a parameter works as long as it is a tensor.
+    """
     w, b = ctx.input(1, "weight"), ctx.input(2, "bias")
     if not isinstance(w, Value):
-        ctx.unsupported("convolution with a weight that is not a parameter")
+        ctx.unsupported("convolution with a weight that is not a tensor")
         return
-    groups = ctx.arg(6, "groups", 1)
-    conv_layer(ctx, ctx.input(0), w, b if isinstance(b, Value) else None, groups)
+    name = op_name(ctx.node.target)
+    transposed = "transpose" in name or bool(ctx.arg(None, "transposed", False))
+    groups = ctx.arg(None if transposed and "transpose" in name else 6, "groups", 1)
+    if not isinstance(groups, int):
+        ctx.unsupported("convolution with computed groups")
+        return
+    conv_layer(ctx, ctx.input(0), w, b if isinstance(b, Value) else None, groups, transposed, weight_name=_attr_name(ctx, ctx.arg(1, "weight")))
 
 
 def channel_norm(ctx: OpContext) -> None:
@@ -87,11 +108,18 @@ def channel_norm(ctx: OpContext) -> None:
 
 
 def f_batch_norm(ctx: OpContext) -> None:
+    """``F.batch_norm`` and its ATen twins (``aten.batch_norm``, ``_native_batch_norm_legit*``, whose
+    extra outputs are per-channel statistics)."""
     x = ctx.input(0)
+    c = 1 if x.ndim > 1 else 0
     for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
         p = ctx.input(i, name)
         if isinstance(p, Value):
-            ctx.link(x.axis(1 if x.ndim > 1 else 0), p.axis(0))
+            ctx.link(x.axis(c), p.axis(0))
+    if isinstance(ctx.out_shape, list):  # (output, saved mean, saved inverse std)
+        extra = [[x.axis(c)] if s == (x.shape[c],) else [ctx.fixed(n) for n in s] for s in ctx.out_shape[1:]]
+        ctx.set_output([ctx.like(x)] + extra)
+        return
     ctx.set_output(ctx.like(x))
 
 
@@ -101,6 +129,9 @@ def layer_norm(ctx: OpContext, x: Value, k: int, w: Value | None, b: Value | Non
         if p is not None:
             for i in range(k):
                 ctx.link(x.axis(x.ndim - k + i), p.axis(i))
+    if isinstance(ctx.out_shape, list):  # native_layer_norm: (output, mean, rstd) per normalised row
+        ctx.set_output([ctx.like(x)] + [[ctx.fixed(n) for n in s] for s in ctx.out_shape[1:]])
+        return
     ctx.set_output(ctx.like(x))
 
 
@@ -145,7 +176,8 @@ def nn_embedding(ctx: OpContext) -> None:
 
 
 def f_embedding(ctx: OpContext) -> None:
-    embedding(ctx, ctx.input(0), ctx.input(1, "weight"))
+    """``F.embedding(input, weight)`` and ``aten.embedding(weight, indices)`` (found by name)."""
+    embedding(ctx, ctx.input(0, "indices"), ctx.input(1, "weight"))
 
 
 def prelu(ctx: OpContext) -> None:

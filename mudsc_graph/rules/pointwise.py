@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..propagate import OpContext, Value
+from ..propagate import OpContext, Value, op_name
 from .base import _dims, rebase
 
 
@@ -36,18 +36,22 @@ def constant_like(ctx: OpContext) -> None:
 def spatial(ctx: OpContext, k: int | None = None) -> None:
     """Pooling, upsampling: the last ``k`` (spatial) axes change, the others pass through."""
     x = ctx.input(0)
-    out = list(ctx.out_shape)
+    out = list(ctx.out_shape) if isinstance(ctx.out_shape, tuple) else []
     if k is None:
         k = _spatial_dims(ctx)
     keep = x.ndim - k
     for L in x.layout[keep:]:  # pooling reads positions in order: those axes must not move
         ctx.spaces.fix_layout(L, "" if ctx.spaces.settled(L) else ctx._reason() + " (pooling over a unit axis)")
     layout = [rebase(ctx, L, {i: i for i in range(keep)}) for L in x.layout[:keep]]
+    if isinstance(ctx.out_shape, list):  # (values, indices) of max_pool*_with_indices
+        ctx.set_output([layout + [ctx.fixed(n) for n in s[keep:]] for s in ctx.out_shape])
+        return
     ctx.set_output(layout + [ctx.fixed(n) for n in out[keep:]])
 
 
 def _spatial_dims(ctx: OpContext) -> int:
-    name = type(ctx.module).__name__ if ctx.module is not None else getattr(ctx.node.target, "__name__", "")
+    name = type(ctx.module).__name__ if ctx.module is not None else op_name(ctx.node.target)
+    name = name.removesuffix("_with_indices")
     for d in ("1d", "2d", "3d"):
         if name.endswith(d):
             return int(d[0])
@@ -107,6 +111,6 @@ def arg_reduce(ctx: OpContext) -> None:
     if isinstance(other, type(ctx.node)):
         elementwise(ctx)
         return
-    name = getattr(ctx.node.target, "__name__", ctx.node.target)
+    name = op_name(ctx.node.target)
     has_dim = ctx.arg(1, "dim") is not None
     reduce(ctx, returns_indices=has_dim or name in ("argmax", "argmin"))

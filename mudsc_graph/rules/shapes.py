@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..propagate import OpContext, Value
+from ..propagate import OpContext, Value, op_name
 from ..spaces import Dep, Layout, Sum, select
 from .base import rebase
 
@@ -34,11 +34,22 @@ def reshape_layouts(ctx: OpContext, x: Value, out_shape: Sequence[int]) -> list[
         return out
 
     in_ranges, out_ranges = ranges(cum_in), ranges(cum_out)
-    # the factor that each input axis maps to, when it maps to exactly one
-    single_in = {in_idx[k]: r[0] for k, r in enumerate(in_ranges) if len(r) == 1}
+    range_of_input = {in_idx[k]: r for k, r in enumerate(in_ranges)}
     factors: list[Layout] = [None] * len(sizes)  # type: ignore[list-item]
+
+    def from_input(ref: int, parts: tuple) -> Layout | None:
+        """A dependence on input axis ``ref`` as one on its factors: the factor itself, or, for an
+        axis split into several, the one factor whose index alone picks the part (the heads of a
+        ``(batch * heads)`` axis, as torch's multi-head attention makes them)."""
+        r = range_of_input.get(ref)
+        if r is None:
+            return None
+        if len(r) == 1:
+            return Dep(r[0], parts)
+        return _periodic(sp, parts, [sizes[f] for f in r], list(r))
+
     for k, r in enumerate(in_ranges):
-        L = rebase(ctx, x.layout[in_idx[k]], single_in)
+        L = _reindex(sp, x.layout[in_idx[k]], from_input)
         if len(r) == 1:
             factors[r[0]] = L
             continue
@@ -50,15 +61,59 @@ def reshape_layouts(ctx: OpContext, x: Value, out_shape: Sequence[int]) -> list[
         else:
             for f, s in zip(r, sp.split(L, sub_sizes)):
                 factors[f] = _offset(s, r[0])
-    single_out = {r[0]: out_idx[k] for k, r in enumerate(out_ranges) if len(r) == 1}
+    axis_of_factor = {f: k for k, r in enumerate(out_ranges) for f in r}
+
+    def to_output(ref: int, parts: tuple) -> Layout:
+        """A dependence on factor ``ref`` as one on its output axis (for a merged axis, the part
+        of every merged index is the part of its ``ref`` digit)."""
+        k = axis_of_factor[ref]
+        r = out_ranges[k]
+        stride = _prod(sizes[g] for g in r if g > ref)
+        total = _prod(sizes[g] for g in r)
+        return Dep(out_idx[k], parts if len(r) == 1 else tuple(parts[(m // stride) % sizes[ref]] for m in range(total)))
+
     out: list[Layout] = [None] * len(out_shape)  # type: ignore[list-item]
     for k, r in enumerate(out_ranges):
         if len(r) == 1:
-            out[out_idx[k]] = rebase(ctx, factors[r[0]], single_out)
+            out[out_idx[k]] = _reindex(sp, factors[r[0]], to_output)
         else:
             local = {f: f - r[0] for f in r}
             out[out_idx[k]] = sp.merge([rebase(ctx, factors[f], local) for f in r])
     return [L if L is not None else ctx.fixed(1) for L in out]
+
+
+def _reindex(sp: Any, layout: Layout, move: Any) -> Layout:
+    """``layout`` with every ``Dep`` re-expressed by ``move(ref, parts)``; ``None`` from ``move``
+    collapses that level (its parts become one space)."""
+    if isinstance(layout, int):
+        return layout
+    parts = tuple(_reindex(sp, p, move) for p in layout.parts)
+    moved = move(layout.ref, parts)
+    return moved if moved is not None else sp.collapse(Dep(layout.ref, parts))
+
+
+def _periodic(sp: Any, parts: tuple, sizes: list[int], refs: list[int]) -> Dep | None:
+    """``parts`` indexed row-major by digits of ``sizes``: a Dep on the one digit that decides them."""
+    for pos in reversed(range(len(sizes))):
+        n, stride = sizes[pos], _prod(sizes[pos + 1:])
+        if all(_same(sp, parts[m], parts[((m // stride) % n) * stride]) for m in range(len(parts))):
+            return Dep(refs[pos], tuple(parts[j * stride] for j in range(n)))
+    return None
+
+
+def _same(sp: Any, a: Layout, b: Layout) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return sp.find(a) == sp.find(b)
+    if isinstance(a, Dep) and isinstance(b, Dep):
+        return a.ref == b.ref and len(a.parts) == len(b.parts) and all(_same(sp, p, q) for p, q in zip(a.parts, b.parts))
+    return False
+
+
+def _prod(xs: Any) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
 
 
 def _offset(layout: Layout, k: int) -> Layout:
@@ -111,7 +166,7 @@ def transpose(ctx: OpContext) -> None:
         return
     a = ctx.arg(1, "dim0", 0)
     b = ctx.arg(2, "dim1", 1)
-    if getattr(ctx.node.target, "__name__", ctx.node.target) in ("t", "T"):
+    if op_name(ctx.node.target) in ("t", "T"):
         a, b = 0, 1
     order = list(range(x.ndim))
     a, b = a % x.ndim, b % x.ndim
@@ -256,22 +311,42 @@ def getitem(ctx: OpContext) -> None:
         ctx.set_output(None if not isinstance(ctx.out_shape, tuple) else ctx.fresh_output())
         return
     items = list(idx) if isinstance(idx, tuple) else [idx]
-    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
-        ctx.unsupported("indexing with tensors or lists")
+    if any(isinstance(ctx.value(i), Value) for i in items):  # x[index_tensor], x[:, idx]: advanced indexing
+        if Ellipsis in items:
+            e = items.index(Ellipsis)
+            items = items[:e] + [slice(None)] * (src.ndim - len(items) + 1) + items[e + 1 :]
+        if len(items) > src.ndim or any(not (isinstance(ctx.value(i), Value) or i == slice(None)) for i in items):
+            ctx.unsupported("indexing that mixes tensors with ints, new axes or partial slices")
+            return
+        advanced_index(ctx, src, [ctx.value(i) if isinstance(ctx.value(i), Value) else None for i in items])
         return
-    if any(isinstance(i, slice) and any(not (v is None or isinstance(v, int)) for v in (i.start, i.stop, i.step)) for i in items):
-        ctx.unsupported("slicing with computed bounds")
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
+        ctx.unsupported("indexing with lists")
         return
     n_consume = sum(1 for i in items if i is not None and i is not Ellipsis)
     if Ellipsis in items:
         e = items.index(Ellipsis)
         items = items[:e] + [slice(None)] * (src.ndim - n_consume) + items[e + 1 :]
     items += [slice(None)] * (src.ndim - sum(1 for i in items if i is not None))
+    index_axes(ctx, src, items)
+
+
+def index_axes(ctx: OpContext, src: Value, items: list[Any]) -> None:
+    """Basic indexing of ``src``, one item per axis (``None`` adds an axis): the core of
+    ``x[...]``, ``aten.slice``, ``aten.select`` and ``narrow``.
+
+    A slice splits its axis into (before, kept, after) pieces (a sum); an int selects one unit,
+    which fixes that axis's space. Bounds that the graph computes (``x[:, :H]`` with ``H`` from a
+    shape) are read off the output shape: a slice that keeps the whole axis is the identity, any
+    other fixes that axis only, and so does a strided slice (``x[:, 0::2]``); the other axes pass
+    through untouched.
+    """
     layout = list(src.layout)
     sp = ctx.spaces
     kept: list[tuple[str, int]] = []  # ("axis", input axis) or ("new", 0)
     ax = 0
     selected: dict[int, int] = {}
+    computed: dict[int, int] = {}  # input axis -> output axis, for slices with computed bounds
     for it in items:
         if it is None:
             kept.append(("new", 0))
@@ -280,22 +355,114 @@ def getitem(ctx: OpContext) -> None:
         if isinstance(it, int):
             sp.fix_layout(layout[ax], "" if sp.settled(layout[ax]) else f"a single unit is selected at node {ctx.node.name}")
             selected[ax] = it % n
+        elif any(not (v is None or isinstance(v, int)) for v in (it.start, it.stop, it.step)):
+            computed[ax] = len(kept)
+            kept.append(("axis", ax))
         else:
             start, stop, step = it.indices(n)
+            if step != 1 and (start, stop, step) != (0, n, 1):
+                computed[ax] = len(kept)  # every other position (Swin's patch merging): positions matter
+                kept.append(("axis", ax))
+                ax += 1
+                continue
             if (start, stop, step) != (0, n, 1):
-                if step != 1:
-                    ctx.unsupported("strided slicing")
-                    return
                 sizes = [start, max(stop - start, 0), n - max(stop, start)]
                 pieces = _split_outputs(ctx, Value((n,), [layout[ax]]), 0, sizes)
                 layout[ax] = pieces[1][0]
             kept.append(("axis", ax))
         ax += 1
+    for a, k in computed.items():
+        if ctx.out_shape[k] != src.shape[a]:  # part of the axis, at positions only the data (or a stride) picks
+            sp.fix_layout(layout[a], "" if sp.settled(layout[a]) else f"slicing with computed bounds at node {ctx.node.name}")
     for a, j in selected.items():
         layout = [select(L, a, j) for L in layout]
-    to_out = {a: k for k, (kind, a) in enumerate(kept) if kind == "axis"}
-    out = [rebase(ctx, layout[a], to_out) if kind == "axis" else ctx.fixed(1) for kind, a in kept]
+    to_out = {a: k for k, (kind, a) in enumerate(kept) if kind == "axis" and (a not in computed or ctx.out_shape[k] == src.shape[a])}
+    out = [
+        ctx.fixed(1) if kind == "new" else rebase(ctx, layout[a], to_out) if a in to_out.keys() else ctx.fixed(ctx.out_shape[k])
+        for k, (kind, a) in enumerate(kept)
+    ]
     ctx.set_output(out)
+
+
+def aten_slice(ctx: OpContext) -> None:
+    """``aten.slice(x, dim, start, end, step)`` and ``narrow(x, dim, start, length)``."""
+    x = ctx.input(0)
+    d = ctx.arg(1, "dim", 0) % x.ndim
+    start = ctx.arg(2, "start")
+    if op_name(ctx.node.target) == "narrow":
+        length = ctx.arg(3, "length")
+        item = slice(start, start + length) if isinstance(start, int) and isinstance(length, int) else slice(start, length, None)
+    else:
+        item = slice(start, ctx.arg(3, "end"), ctx.arg(4, "step", 1))
+    if isinstance(item.stop, int) and item.stop > x.shape[d]:
+        item = slice(item.start, x.shape[d], item.step)
+    index_axes(ctx, x, [slice(None)] * d + [item] + [slice(None)] * (x.ndim - d - 1))
+
+
+def aten_index(ctx: OpContext) -> None:
+    """Advanced indexing ``x[idx0, idx1, ...]`` (``aten.index.Tensor``, ``x[tensor]``): the indexed
+    axes of ``x`` are read by position (fixed); the index tensors broadcast to the new axes, which
+    sit where the indexed axes were when those are adjacent, else first; other axes pass through.
+    Swin's relative position bias (``table[index]``) keeps the table's head axis this way."""
+    x = ctx.input(0)
+    raw = ctx.arg(1, "indices")
+    if not isinstance(x, Value) or not isinstance(raw, (list, tuple)):
+        ctx.unsupported("indexing with a non-tensor")
+        return
+    idx = [ctx.value(a) if a is not None else None for a in raw]
+    if any(a is not None and not isinstance(v, Value) for a, v in zip(raw, idx)):
+        ctx.unsupported("indexing with lists of non-tensors")
+        return
+    advanced_index(ctx, x, idx)
+
+
+def advanced_index(ctx: OpContext, x: Value, idx: list[Value | None]) -> None:
+    """``x[idx...]`` with index tensors (``None``: the whole axis); see :func:`aten_index`."""
+    where = [i for i, v in enumerate(idx) if v is not None]
+    if not where:
+        ctx.set_output(ctx.like(x))
+        return
+    for i in where:
+        ctx.spaces.fix_layout(x.axis(i), "" if ctx.spaces.settled(x.axis(i)) else f"{ctx._reason()} (indexing a unit axis)")
+    rest = [i for i in range(x.ndim) if i not in where]
+    nb = len(ctx.out_shape) - len(rest)
+    adjacent = where == list(range(where[0], where[-1] + 1))
+    first = where[0] if adjacent else 0
+    bshape = tuple(ctx.out_shape[first : first + nb])
+    new = ctx.broadcast([idx[i] for i in where], bshape)
+    before = [i for i in rest if adjacent and i < first]
+    after = [i for i in rest if i not in before]
+    to_out = {i: k for k, i in enumerate(before)} | {i: len(before) + nb + k for k, i in enumerate(after)}
+    ctx.set_output([rebase(ctx, x.layout[i], to_out) for i in before] + new + [rebase(ctx, x.layout[i], to_out) for i in after])
+
+
+def aten_select(ctx: OpContext) -> None:
+    """``aten.select(x, dim, index)``: ``x[..., index, ...]``."""
+    x = ctx.input(0)
+    d = ctx.arg(1, "dim", 0) % x.ndim
+    j = ctx.arg(2, "index")
+    if not isinstance(j, int):
+        ctx.unsupported("select with a computed index")
+        return
+    index_axes(ctx, x, [slice(None)] * d + [j] + [slice(None)] * (x.ndim - d - 1))
+
+
+def roll(ctx: OpContext) -> None:
+    """``torch.roll(x, shifts, dims)``: the rolled axes depend on the order of their positions (fixed);
+    the others pass through (Swin's cyclic shift rolls the spatial axes, not the channels)."""
+    x = ctx.input(0)
+    dims = ctx.arg(2, "dims")
+    dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    if not dims:  # a roll of the flattened tensor mixes every axis
+        ctx.unsupported("roll without dims")
+        return
+    out = ctx.like(x)
+    for d in dims:
+        d %= x.ndim
+        ctx.spaces.fix_layout(x.axis(d), "" if ctx.spaces.settled(x.axis(d)) else f"{ctx._reason()} (rolling a unit axis)")
+        out[d] = ctx.fixed(x.shape[d])
+    keep = {i: i for i in range(x.ndim) if i not in [d % x.ndim for d in dims]}
+    ctx.set_output([rebase(ctx, L, keep) if i in keep else L for i, L in enumerate(out)])
 
 
 def _as_layouts(v: Any) -> Any:
