@@ -28,6 +28,7 @@ import linecache
 import logging
 import os
 import traceback
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -171,7 +172,8 @@ def _quiet_torch_logs() -> Iterator[None]:
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's own notes about the model's attributes
             yield
     finally:
         for lg, level in zip(loggers, levels):
