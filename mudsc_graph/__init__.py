@@ -5,7 +5,11 @@
     >>> result = mudsc_graph.merge([model_a, model_b], data=batches, method="mudsc", mode="zip")
 """
 
-from .analyze import Analysis, analyze, analyze_full
+from . import _compat
+
+_compat.torchvision_without_compiled_ops()
+
+from .analyze import Analysis, analyze, analyze_full  # noqa: E402
 from .errors import AnalysisError, MudscError, PluginError, SpecCheckError, SpecError, TraceError, UnsupportedOpError
 from .groups import Group, MergeSpec, Probe
 from .hookspecs import hookimpl
