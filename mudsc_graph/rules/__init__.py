@@ -13,6 +13,7 @@ from .layers import (
     group_norm, layer_norm, linear_layer, multihead_attention, multihead_attention_features, nn_conv, nn_embedding,
     nn_group_norm, nn_layer_norm, nn_linear, prelu,
 )
+from .recurrent import aten_rnn, nn_rnn, rnn_features
 from .pointwise import arg_reduce, constant_like, elementwise, no_tensor_output, pad, reduce, spatial, unary
 from .shapes import (
     aten_index, aten_select, aten_slice, cat, expand, index_axes, roll, getitem, movedim, permute, permute_axes, repeat, reshape, reshape_layouts, split, stack,
@@ -20,10 +21,10 @@ from .shapes import (
 )
 
 __all__ = [
-    "addmm", "aten_index", "aten_select", "aten_slice", "index_axes", "roll", "arg_reduce", "cat", "channel_norm", "constant_like", "conv_layer", "einsum", "elementwise", "embedding", "expand",
+    "addmm", "aten_index", "aten_rnn", "aten_select", "aten_slice", "index_axes", "roll", "arg_reduce", "cat", "channel_norm", "constant_like", "conv_layer", "einsum", "elementwise", "embedding", "expand",
     "f_batch_norm", "f_conv", "f_embedding", "f_group_norm", "f_layer_norm", "f_linear", "getitem", "group_norm",
     "layer_norm", "linear_layer", "matmul", "movedim", "multihead_attention", "multihead_attention_features", "nn_conv", "nn_embedding",
-    "nn_group_norm", "nn_layer_norm", "nn_linear", "no_tensor_output", "pad", "param_value", "permute",
-    "permute_axes", "prelu", "rebase", "reduce", "repeat", "reshape", "reshape_layouts", "sdpa", "spatial", "split",
+    "nn_group_norm", "nn_layer_norm", "nn_linear", "nn_rnn", "no_tensor_output", "pad", "param_value", "permute",
+    "permute_axes", "prelu", "rebase", "reduce", "repeat", "reshape", "reshape_layouts", "rnn_features", "sdpa", "spatial", "split",
     "stack", "tensor_attribute", "transpose", "unary", "unbind",
 ]
