@@ -4,7 +4,8 @@ A plain checkpoint gives its accuracy on the test split. With ``--tasks`` (disjo
 one per model that was merged) it gives the joint accuracy (argmax over the union of the
 classes) and each task's accuracy (on that task's samples, argmax over its classes). A partial
 zip checkpoint written by ``mudsc merge --stop-at`` (one output per model) is rebuilt from its
-metadata and evaluated with one head per task.
+metadata and evaluated with one head per task. ``mudsc eval DIR --data DATA`` evaluates a
+Hugging Face classifier from its directory (:func:`mudsc_cli.hf_cmds.eval_dir`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,24 @@ def parse_tasks(text: Optional[str], num_classes: int) -> Optional[list[list[int
 
 
 def eval_command(
-    model_path: Annotated[Path, typer.Argument(help="Checkpoint to evaluate (.pt, .pth, .safetensors).", show_default=False)],
-    arch: Annotated[str, typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory.", show_default=False)],
-    data: Annotated[str, typer.Option("--data", "-d", help="Evaluation data: dataset name, NAME:0-4, a .pt/.npz file or an image folder.", show_default=False)],
+    model_path: Annotated[
+        Path,
+        typer.Argument(help="Checkpoint to evaluate (.pt, .pth, .safetensors), or a Hugging Face classifier's model directory (no --arch).", show_default=False),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Evaluation data: dataset name, NAME:0-4, a .pt/.npz file or an image folder; for a Hugging Face text "
+            "classifier a text file of LABEL<TAB>text lines or a .pt/.npz file with input_ids and labels.",
+            show_default=False,
+        ),
+    ],
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory; required for a checkpoint file.", show_default=False),
+    ] = None,
     arch_opt: Annotated[
         Optional[list[str]],
         typer.Option("--arch-opt", "-o", metavar="KEY=VALUE", help="Option for the architecture's factory, e.g. num_classes=10. Repeat for several.", show_default=False),
@@ -54,10 +70,11 @@ def eval_command(
         Optional[str],
         typer.Option(help="Disjoint class sets of the merged models' tasks, e.g. 0-4/5-9: report joint and per-task accuracy.", show_default=False),
     ] = None,
-    split: Annotated[str, typer.Option(help="Which split of --data: test or train.")] = "test",
+    split: Annotated[str, typer.Option(help="Which split of --data: test or train (a tensor, text or token file is used whole).")] = "test",
     device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
     input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
+    max_length: Annotated[int, typer.Option(help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
@@ -66,6 +83,14 @@ def eval_command(
     from mudsc_graph.data import load_data
     from mudsc_graph.evaluate import accuracy, predict_logits, task_metrics
 
+    from .hf_cmds import eval_dir, input_kind, refuse_options
+
+    if input_kind([model_path]) == "dir":
+        refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
+        eval_dir(model_path, data=data, tasks=tasks, split=split, device=device, batch_size=batch_size, max_length=max_length, as_json=as_json)
+        return
+    if not arch:
+        raise EvalCommandError("--arch is required to evaluate a checkpoint file: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
     dev = resolve_device(device)
     opts = parse_arch_opts(arch_opt)
     architecture = resolve_architecture(arch, parse_shape(input_shape))

@@ -1,4 +1,4 @@
-"""``mudsc inspect``: build a registered architecture and show its merge groups.
+"""``mudsc inspect``: build a registered architecture (or load a Hugging Face model directory) and show its merge groups.
 
 Results go to stdout (a table and a summary, or with ``--json`` the MergeSpec as JSON and
 nothing else); warnings, progress and errors go to stderr.
@@ -6,6 +6,7 @@ nothing else); warnings, progress and errors go to stderr.
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -16,6 +17,10 @@ from .console import err, out, print_warning
 
 #: How many member names a row of the group table shows.
 MEMBERS_SHOWN = 3
+#: Least width of the "first members" column; it gets what the other columns leave of a wider terminal.
+MEMBER_WIDTH = 24
+#: Width of every column but "first members", with the borders, when nothing is folded.
+_OTHER_COLUMNS = 56
 
 
 def _list_architectures(as_json: bool) -> None:
@@ -48,14 +53,16 @@ def _member_label(member: Any) -> str:
     return f"{name}:{axis}"
 
 
-def _groups_table(spec: Any, title: str) -> Table:
+def _groups_table(spec: Any, title: str, width: int = 80) -> Table:
     table = Table(title=title)
     table.add_column("id", justify="right")
     table.add_column("units", justify="right")
     table.add_column("blocks", justify="right")
     table.add_column("fixed", overflow="fold")
     table.add_column("members", justify="right")
-    table.add_column("first members", no_wrap=True, overflow="ellipsis")
+    # capped: a Hugging Face model's long member paths are cut instead of squeezing the other columns
+    members_width = max(MEMBER_WIDTH, int(width) - _OTHER_COLUMNS)
+    table.add_column("first members", no_wrap=True, overflow="ellipsis", max_width=members_width)
     table.add_column("coupled")
     for g in spec.groups:
         fixed = ("fixed: " + g.reason if g.reason else "fixed") if g.fixed else ""
@@ -68,6 +75,14 @@ def _groups_table(spec: Any, title: str) -> Table:
 
 
 def inspect_command(
+    model_dir: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="A Hugging Face model directory (save_pretrained: config.json + weights) to inspect instead of --arch; "
+            "it is analysed on example inputs built from its config.",
+            show_default=False,
+        ),
+    ] = None,
     arch: Annotated[
         Optional[str],
         typer.Option("--arch", "-a", help="Name or alias of a registered architecture (see --list).", show_default=False),
@@ -98,12 +113,24 @@ def inspect_command(
         Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")
     ] = None,
 ) -> None:
-    """Show the merge groups that mudsc infers for an architecture."""
+    """Show the merge groups that mudsc infers for an architecture or a Hugging Face model directory."""
     if list_:
         _list_architectures(as_json)
         return
+    if model_dir is not None:
+        from .hf_cmds import HFCommandError, input_kind, inspect_dir, refuse_options
+
+        if arch:
+            raise HFCommandError(f"give either a model directory ({model_dir}) or --arch {arch}, not both")
+        refuse_options(arch_opt=arch_opt, input_shape=input_shape)
+        if input_kind([model_dir]) != "dir":
+            raise HFCommandError(
+                f"{model_dir} is not a directory; mudsc inspect takes a Hugging Face model directory or --arch NAME (see --list)"
+            )
+        inspect_dir(model_dir, as_json=as_json, check=check, strict=strict)
+        return
     if not arch:
-        raise typer.BadParameter("give an architecture name, or --list to see them", param_hint="'--arch'")
+        raise typer.BadParameter("give an architecture name, a model directory, or --list to see them", param_hint="'--arch'")
     opts = parse_arch_opts(arch_opt)
     stderr = err()
     architecture, model, inputs = build_architecture(arch, opts, parse_shape(input_shape))
@@ -114,9 +141,15 @@ def inspect_command(
         start = time.perf_counter()
         spec = analyze(model, inputs, strict=strict)
         seconds = time.perf_counter() - start
+    shown_opts = "".join(f" {k}={v!r}" for k, v in opts.items())
+    show_spec(spec, model, inputs, f"merge groups of {architecture.name}{shown_opts}", seconds, as_json=as_json, check=check)
+
+
+def show_spec(spec: Any, model: Any, inputs: Any, title: str, seconds: float, *, as_json: bool, check: bool) -> None:
+    """The spec's warnings, the groups table and summary (or the MergeSpec as JSON), after the self-check when asked."""
     for warning in spec.warnings:
         print_warning(warning)
-
+    stderr = err()
     difference = None
     if check:
         with stderr.status("self-check: permuting every group ...", spinner="dots"):
@@ -129,9 +162,8 @@ def inspect_command(
         return
 
     n_fixed = sum(1 for g in spec.groups if g.fixed)
-    shown_opts = "".join(f" {k}={v!r}" for k, v in opts.items())
     console = out()
-    console.print(_groups_table(spec, f"merge groups of {architecture.name}{shown_opts}"))
+    console.print(_groups_table(spec, title, console.width))
     console.print(
         f"{len(spec.groups)} groups ({len(spec.groups) - n_fixed} permutable, {n_fixed} fixed), "
         f"{spec.permutable_units} permutable units, analysed in {seconds:.2f} s"

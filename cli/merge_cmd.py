@@ -1,8 +1,10 @@
-"""``mudsc merge A.pt B.pt [C.pt ...] --arch NAME --data SPEC --out merged.pt``.
+"""``mudsc merge A.pt B.pt [C.pt ...] --arch NAME --data SPEC --out merged.pt``, or
+``mudsc merge DIR_A DIR_B [...] --data SPEC --out DIR_M`` for Hugging Face model directories.
 
 Loads the checkpoints safely, merges them with the chosen method, writes the merged checkpoint
 atomically (state_dict plus metadata: arch, method, alpha, source file hashes) and prints a
-summary. Progress and warnings go to stderr; the summary to stdout.
+summary. Progress and warnings go to stderr; the summary to stdout. Model directories are handled
+by :func:`mudsc_cli.hf_cmds.merge_dirs` (the class from config.json, a merged directory out).
 """
 
 from __future__ import annotations
@@ -65,12 +67,31 @@ def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle
 
 
 def merge_command(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one architecture (.pt, .pth, .safetensors).", show_default=False)],
-    arch: Annotated[str, typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory.", show_default=False)],
-    out_path: Annotated[Path, typer.Option("--out", "-O", help="Where to write the merged checkpoint (.pt or .safetensors).", show_default=False)],
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Two or more checkpoints of one architecture (.pt, .pth, .safetensors), or two or more Hugging Face "
+            "model directories (save_pretrained: config.json + weights; no --arch).",
+            show_default=False,
+        ),
+    ],
+    out_path: Annotated[
+        Path,
+        typer.Option("--out", "-O", help="Where to write the merged checkpoint (.pt or .safetensors); for model directories, the merged directory.", show_default=False),
+    ],
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory; required for checkpoint files, not used with model directories.", show_default=False),
+    ] = None,
     data: Annotated[
         Optional[str],
-        typer.Option("--data", "-d", help="Calibration data: a dataset name (digits, mnist5k, animal_mnist), NAME:0-4 for a class subset, a .pt/.npz file with x and y, or an image folder."),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Calibration data: a dataset name (digits, mnist5k, animal_mnist), NAME:0-4 for a class subset, a .pt/.npz file "
+            "with x and y, or an image folder; for a Hugging Face text model a text file (one example per line) or a "
+            ".pt/.npz file with input_ids (and attention_mask).",
+        ),
     ] = None,
     arch_opt: Annotated[
         Optional[list[str]],
@@ -91,24 +112,36 @@ def merge_command(
     tol: Annotated[int, typer.Option(help="Stop after this many sweeps without improvement.")] = 5,
     reset_bn: Annotated[bool, typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics of the base models and of the merged model on the data.")] = True,
     input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    max_length: Annotated[int, typer.Option(help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (a directory only if it holds a model).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
-    """Merge two or more checkpoints of one architecture into one, without training."""
+    """Merge two or more checkpoints (or Hugging Face model directories) of one architecture into one, without training."""
     import torch
 
     from mudsc_graph import METHODS, merge
     from mudsc_graph.checkpoints import file_sha256, save_checkpoint
     from mudsc_graph.data import load_data
 
+    from .hf_cmds import input_kind, merge_dirs, refuse_options
     from .progress import RichReporter
 
     if len(checkpoints) < 2:
         raise MergeCommandError(f"give at least two checkpoints to merge, got {len(checkpoints)}")
     if method not in METHODS:
         raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if input_kind(checkpoints) == "dir":
+        refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
+        merge_dirs(
+            checkpoints, out_path=out_path, data=data, method=method, mode=mode, alpha=alpha, stop_at=stop_at, device=device,
+            samples=samples, batch_size=batch_size, seed=seed, max_iter=max_iter, tol=tol, reset_bn=reset_bn,
+            max_length=max_length, force=force, quiet=quiet, as_json=as_json,
+        )
+        return
+    if not arch:
+        raise MergeCommandError("--arch is required to merge checkpoint files: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
     check_output(out_path, force)
     dev = resolve_device(device)
     opts = parse_arch_opts(arch_opt)
@@ -126,7 +159,7 @@ def merge_command(
     batches = None
     if data is not None:
         shape = tuple(example[0].shape[1:]) if example is not None else None
-        calib = load_data(data, split="train", input_shape=shape, limit=samples)
+        calib = load_data(data, split="train", input_shape=shape, limit=samples, seed=seed)
         batches = calib.batches(batch_size)
         if example is None:
             example = (calib.x[:2],)

@@ -182,12 +182,14 @@ def load_data(
     input_shape: tuple[int, ...] | None = None,
     registry: Any = None,
     limit: int | None = None,
+    seed: int = SPLIT_SEED,
 ) -> LabeledData:
     """Load the labelled data that ``spec`` names (see the module docstring for the grammar).
 
     ``split`` is ``"train"`` or ``"test"``; ``input_shape`` adapts the inputs to a model
-    (:func:`adapt_inputs`); ``limit`` keeps the first ``limit`` samples after a seeded shuffle;
-    ``registry`` defaults to :func:`mudsc_graph.get_registry`. Raises :class:`DataError`.
+    (:func:`adapt_inputs`); ``limit`` keeps the first ``limit`` samples after a shuffle seeded
+    with ``seed`` (the train/test split itself always uses :data:`SPLIT_SEED`); ``registry``
+    defaults to :func:`mudsc_graph.get_registry`. Raises :class:`DataError`.
     """
     _check_split(split)
     if limit is not None and int(limit) < 1:
@@ -211,7 +213,7 @@ def load_data(
             raise DataError(f"{spec!r} selects no samples of the {split} split: none has a class in {classes}")
         x, y = x[keep], y[keep]
     if limit is not None:
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))[: int(limit)]
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))[: int(limit)]
         x, y = x[order], y[order]
     if input_shape is not None:
         x = adapt_inputs(x, input_shape, pad_value=pad_value)
@@ -298,8 +300,20 @@ def _from_file(path: Path) -> tuple[torch.Tensor, torch.Tensor, int]:
     return x.clone(), y.clone(), int(y.max()) + 1 if len(y) else 0
 
 
-@functools.lru_cache(maxsize=8)
-def _read_file(path: str, stamp: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def read_tensor_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The arrays of a ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or ``.npz``
+    (``numpy.load(allow_pickle=False)``) file, as a dict; nothing pickled is ever executed.
+
+    Raises :class:`DataError` for another extension, an unreadable file, pickled objects, or a
+    file that does not hold a dict.
+    """
+    content = _load_plain(str(path))
+    if not isinstance(content, dict):
+        raise DataError(f"data file {path} must hold a dict of arrays, found an object of type {type(content).__name__}")
+    return content
+
+
+def _load_plain(path: str) -> Any:
     where = f"data file {path}"
     suffix = Path(path).suffix.lower()
     if suffix not in FILE_SUFFIXES:
@@ -309,11 +323,9 @@ def _read_file(path: str, stamp: tuple) -> tuple[torch.Tensor, torch.Tensor]:
             loaded = np.load(path, allow_pickle=False)
             if isinstance(loaded, np.lib.npyio.NpzFile):
                 with loaded:
-                    content = {k: loaded[k] for k in loaded.files}
-            else:  # a single array saved with np.save under a .npz name
-                content = loaded
-        else:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+                    return {k: loaded[k] for k in loaded.files}
+            return loaded  # a single array saved with np.save under a .npz name
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign files raise anything from pickle, zipfile, numpy
         if suffix == ".npz" and "pickle" in str(exc):
             raise DataError(f"{where} is not a .npz archive of plain arrays; save it with numpy.savez(path, x=..., y=...)") from None
@@ -323,6 +335,12 @@ def _read_file(path: str, stamp: tuple) -> tuple[torch.Tensor, torch.Tensor]:
                 f"save a dict {{'x': tensor, 'y': tensor}} with torch.save"
             ) from None
         raise DataError(f"{where} cannot be read ({type(exc).__name__}: {_first_line(exc)}); save it with torch.save or numpy.savez") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_file(path: str, stamp: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    where = f"data file {path}"
+    content = _load_plain(path)
     if not isinstance(content, dict) or "x" not in content or "y" not in content:
         have = f"keys {', '.join(map(repr, content)) or '(none)'}" if isinstance(content, dict) else f"an object of type {type(content).__name__}"
         raise DataError(f"{where} must hold a dict with 'x' (inputs) and 'y' (labels), found {have}")
@@ -379,5 +397,5 @@ def _read_folder(root_name: str, stamp: tuple) -> tuple[np.ndarray, np.ndarray, 
 
 
 __all__ = [
-    "DataError", "LabeledData", "SPLITS", "adapt_inputs", "load_data", "make_split", "parse_classes", "split_indices",
+    "DataError", "LabeledData", "SPLITS", "adapt_inputs", "load_data", "make_split", "parse_classes", "read_tensor_file", "split_indices",
 ]

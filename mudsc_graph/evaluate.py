@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence, Union
 
@@ -55,23 +56,44 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _logits(out: Any) -> Any:
+    """A tensor, a tuple of tensors, or the ``.logits`` of a Hugging Face ``ModelOutput``."""
+    if isinstance(out, torch.Tensor) or isinstance(out, (tuple, list)):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    raise ValueError(f"the model returned a {type(out).__name__}, not logits (a tensor, a tuple of tensors or an output with .logits)")
+
+
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: str | torch.device | None = None
+    model: nn.Module, x: torch.Tensor | Mapping[str, torch.Tensor], batch_size: int = 512, device: str | torch.device | None = None
 ) -> Outputs:
     """The model's outputs on ``x`` in eval mode, batch by batch, concatenated on the CPU.
 
-    A model that returns a tuple or list (one output per model after a partial zip) gives a tuple
-    of tensors. ``device``: where to run (default: where the model's parameters are); the model is
-    moved there. The model's train/eval mode is restored afterwards.
+    ``x``: a tensor of inputs, or a dict of keyword tensors with one row per sample
+    (``{"input_ids": ..., "attention_mask": ...}``), sliced into batches row-wise. A model that
+    returns a tuple or list (one output per model after a partial zip) gives a tuple of tensors;
+    one that returns a Hugging Face output gives its ``.logits``. ``device``: where to run
+    (default: where the model's parameters are); the model is moved there. The model's
+    train/eval mode is restored afterwards.
     """
     dev = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.to(dev).eval()
     chunks: list[Any] = []
+    keywords = isinstance(x, Mapping)
+    n = len(next(iter(x.values()))) if keywords and x else len(x)
     try:
-        for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size].to(dev))
+        for i in range(0, n, batch_size):
+            if keywords:
+                out = model(**{k: v[i : i + batch_size].to(dev) for k, v in x.items()})
+            else:
+                out = model(x[i : i + batch_size].to(dev))
+            out = _logits(out)
             if isinstance(out, (tuple, list)):
                 chunks.append(tuple(o.detach().float().cpu() for o in out))
             else:
