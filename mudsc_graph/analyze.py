@@ -49,7 +49,7 @@ def _run(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
     except Exception as exc:  # a bug in a pass: say which pass
         raise AnalysisError(f"pass {name!r} failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        timings[name] = time.perf_counter() - t0
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def analyze_full(

@@ -80,18 +80,18 @@ def trace(
     if tracer not in TRACERS:
         raise TraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}")
     inputs = as_inputs(example_inputs)
-    _runs_on(model, inputs)
     fx_error: TraceError | None = None
-    if tracer in ("auto", "fx"):
-        try:
-            return trace_fx(model, inputs, leaf_types=leaf_types, concrete_args=concrete_args)
-        except TraceError as exc:
-            if tracer == "fx":
-                raise
-            fx_error = exc
     try:
+        if tracer in ("auto", "fx"):
+            try:
+                return trace_fx(model, inputs, leaf_types=leaf_types, concrete_args=concrete_args)
+            except TraceError as exc:
+                if tracer == "fx":
+                    raise
+                fx_error = exc
         return trace_export(model, inputs, fx_error=fx_error)
     except TraceError:
+        _runs_on(model, inputs)  # inputs the model itself refuses are the error to report
         raise
 
 
@@ -146,8 +146,43 @@ def trace_export(model: torch.nn.Module, inputs: Inputs, *, fx_error: BaseExcept
         raise TraceError(_explain("torch.export", model, exc, cause)) from exc
     gm = plain_graph_module(ep.module(), type(model).__name__)
     gm.meta["mudsc_tracer"] = "export"
-    record_shapes(gm, inputs)
+    if not _shapes_from_export(gm):  # the shapes of the inputs export ran on (two rows for a batch of one)
+        record_shapes(gm, export_inputs)
     return gm
+
+
+def _shapes_from_export(gm: fx.GraphModule) -> bool:
+    """Concrete shapes from the values torch.export recorded (``node.meta["val"]``, symbolic sizes
+    with the example's value as their hint): no second run of the model. False if one is missing."""
+    def concrete(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return tuple(int(d) if isinstance(d, int) else int(d.node.hint) for d in v.shape)
+        if isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v):
+            return [concrete(x) for x in v]
+        return None
+
+    shapes: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            out = fx.node.map_arg(node.args[0], lambda n: shapes[n])
+            shapes[node] = list(out) if isinstance(out, (tuple, list)) else out
+        elif node.op == "get_attr":
+            value = gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            shapes[node] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        elif "val" in node.meta:
+            try:
+                shapes[node] = concrete(node.meta["val"])
+            except (AttributeError, TypeError, ValueError):  # a size without a hint
+                return False
+        elif node.op == "call_function" and not node.users:  # assertions
+            shapes[node] = None
+        else:
+            return False
+    for node, shape in shapes.items():
+        node.meta["mudsc_shape"] = shape
+    return True
 
 
 def plain_graph_module(exported: fx.GraphModule, name: str) -> fx.GraphModule:

@@ -57,7 +57,9 @@ def conv_layer(
         r_in, _ = ctx.blocks(x.axis(c), groups)
         r_out, _ = ctx.blocks(w.axis(0), groups)
         ctx.link(r_in, r_out)
-        if weight_name is None:  # a weight computed in forward: no parameter to express the inner axis on
+        if w.shape[1] == 1:  # depthwise: each row reads the one channel of its block, nothing moves inside
+            pass
+        elif weight_name is None:  # a weight computed in forward: no parameter to express the inner axis on
             ctx.fix(x.axis(c), w.axis(0), w.axis(1), reason="")
         else:
             ctx.param_inner(weight_name, 1, x.axis(c), groups, full=True)
