@@ -70,9 +70,13 @@ def resolve_architecture(name: str, input_shape: Optional[tuple[int, ...]] = Non
         return registry.architecture(name)
     module_name, _, attr = name.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ArchOptionError(f"cannot import {module_name!r} for --arch {name}: {exc}") from exc
+    if module_name == "timm" and not hasattr(module, attr):
+        return _timm_architecture(module, attr, input_shape)
+    try:
+        factory = getattr(module, attr)
     except AttributeError:
         raise ArchOptionError(f"module {module_name!r} has no attribute {attr!r} (--arch {name})") from None
     if not callable(factory):
@@ -86,6 +90,40 @@ def resolve_architecture(name: str, input_shape: Optional[tuple[int, ...]] = Non
         return (torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)),)
 
     return Architecture(attr.replace(".", "_") or "factory", factory=factory, example_inputs=example_inputs)
+
+
+def _timm_architecture(timm: Any, model_name: str, input_shape: Optional[tuple[int, ...]]) -> Any:
+    """``--arch timm:NAME``: ``timm.create_model(NAME, pretrained=False, **options)`` (nothing is
+    downloaded), with example inputs of the model's default input size unless ``--input-shape``."""
+    import torch
+
+    from mudsc_graph.records import Architecture
+
+    if model_name not in timm.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        raise ArchOptionError(f"timm has no model {model_name!r}{hint}")
+    shape = input_shape or tuple(timm.get_pretrained_cfg(model_name).input_size)
+
+    def factory(**options: Any) -> Any:
+        return timm.create_model(model_name, pretrained=False, **options)
+
+    def example_inputs(batch: int) -> tuple:
+        return (torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)),)
+
+    return Architecture(f"timm_{model_name}".replace(".", "_"), factory=factory, example_inputs=example_inputs,
+                        description=f"timm's {model_name}")
+
+
+def example_or_none(arch: Any) -> Optional[tuple]:
+    """The architecture's example inputs (batch 2), or ``None`` for a factory without ``--input-shape``
+    (the data's own shape is used then)."""
+    try:
+        return tuple(arch.example_inputs(EXAMPLE_BATCH))
+    except ArchOptionError:
+        return None
 
 
 def parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from mudsc_graph.errors import MudscError
 
-from .archs import build_model, parse_arch_opts, parse_shape, resolve_architecture
+from .archs import build_model, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
 from .console import out
 from .merge_cmd import resolve_device
 
@@ -95,7 +95,7 @@ def eval_command(
     opts = parse_arch_opts(arch_opt)
     architecture = resolve_architecture(arch, parse_shape(input_shape))
     state, meta = load_checkpoint(model_path, trust_pickle=trust_pickle)
-    example = tuple(architecture.example_inputs(2)) if input_shape or ":" not in arch else None
+    example = example_or_none(architecture)
     test = load_data(data, split=split, input_shape=tuple(example[0].shape[1:]) if example else None)
     if example is None:
         example = (test.x[:2],)

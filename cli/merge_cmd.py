@@ -20,7 +20,7 @@ from rich.table import Table
 
 from mudsc_graph.errors import MudscError
 
-from .archs import build_model, parse_arch_opts, parse_shape, resolve_architecture
+from .archs import build_model, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
 from .console import err, out, print_warning
 
 METHOD_HELP = "Merging method: average, weight_matching, weight_zip, activation_matching, zipit or mudsc."
@@ -155,7 +155,7 @@ def merge_command(
     started = time.perf_counter()
     with stderr.status("loading checkpoints ...", spinner="dots") if not quiet else _nothing():
         models = load_models(checkpoints, architecture, opts, trust_pickle)
-    example = tuple(architecture.example_inputs(2)) if input_shape or ":" not in arch else None
+    example = example_or_none(architecture)
     batches = None
     if data is not None:
         shape = tuple(example[0].shape[1:]) if example is not None else None

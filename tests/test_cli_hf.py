@@ -322,18 +322,14 @@ def test_text_file_is_padded_to_its_longest_line_and_sampled_by_seed(hf):
     assert [len(b["input_ids"]) for b in batches] == [3, 3, 2] and {b["input_ids"].shape[1] for b in batches} == {longest}
 
 
-def test_readme_hugging_face_commands_run(hf, tmp_path, monkeypatch):
-    """The README's `shell` block of Hugging Face commands runs as written, on two tiny BERTs."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = [b for b in re.findall(r"^```shell\n(.*?)^```", text, flags=re.S | re.M) if "mudsc merge" in b]
-    assert blocks, "README.md has no shell block of Hugging Face commands"
-    for name in ("a", "b"):
-        shutil.copytree(hf / name, tmp_path / f"bert-{name}")
-    shutil.copy(hf / "lines.txt", tmp_path / "calib.txt")
-    shutil.copy(hf / "lines.txt", tmp_path / "test.txt")
-    monkeypatch.chdir(tmp_path)
+def _shell_blocks(page: Path) -> list[str]:
+    text = page.read_text(encoding="utf-8")
+    return re.findall(r"^```shell\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def _run_block(block: str) -> int:
     ran = 0
-    for line in blocks[0].splitlines():
+    for line in block.splitlines():
         words = shlex.split(line.split("#", 1)[0])
         if words[:1] != ["mudsc"]:
             continue
@@ -341,4 +337,46 @@ def test_readme_hugging_face_commands_run(hf, tmp_path, monkeypatch):
         r = _run(*words[1:], *extra)
         assert r.exit_code == 0, (words, r.stderr)
         ran += 1
-    assert ran >= 3 and (tmp_path / "bert-merged" / "mudsc.json").is_file()
+    return ran
+
+
+def _prepare_commands_folder(hf: Path, folder: Path) -> None:
+    """What the documented commands expect in the current directory: two BERT directories, text and token data."""
+    for name in ("a", "b"):
+        shutil.copytree(hf / name, folder / f"bert-{name}")
+    shutil.copy(hf / "lines.txt", folder / "calib.txt")
+    shutil.copy(hf / "lines.txt", folder / "test.txt")
+    shutil.copy(hf / "tokens.pt", folder / "tokens.pt")
+
+
+def test_readme_hugging_face_commands_run(hf, tmp_path, monkeypatch):
+    """The README's `shell` block of Hugging Face commands runs as written, on two tiny BERTs."""
+    blocks = [b for b in _shell_blocks(ROOT / "README.md") if "mudsc merge" in b]
+    assert blocks, "README.md has no shell block of Hugging Face commands"
+    _prepare_commands_folder(hf, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert _run_block(blocks[0]) >= 3 and (tmp_path / "bert-merged" / "mudsc.json").is_file()
+
+
+def test_the_real_models_page_commands_run(hf, tmp_path, monkeypatch):
+    """Every command of docs/real-models.md runs as written: Hugging Face directories, then timm checkpoints."""
+    timm = pytest.importorskip("timm")
+    blocks = _shell_blocks(ROOT / "docs" / "real-models.md")
+    assert len(blocks) == 2
+    _prepare_commands_folder(hf, tmp_path)
+    for seed, name in ((0, "r18-a.pt"), (1, "r18-b.pt")):
+        torch.manual_seed(seed)
+        torch.save(timm.create_model("resnet18", pretrained=False, num_classes=10).state_dict(), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert sum(_run_block(b) for b in blocks) == 7
+    assert _load(tmp_path / "bert-merged") is not None and (tmp_path / "bert-zipit" / "mudsc.json").is_file()
+    assert (tmp_path / "r18-merged.pt").is_file()
+
+
+def test_the_real_models_page_code_runs():
+    """The page's Python blocks run as written (a Hugging Face BERT merged with a permuted copy; an LSTM tagger)."""
+    text = (ROOT / "docs" / "real-models.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "real-models.md", "exec"), {"__name__": "docs"})
