@@ -60,7 +60,7 @@ def eval_command(
     ],
     arch: Annotated[
         Optional[str],
-        typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory; required for a checkpoint file.", show_default=False),
+        typer.Option("--arch", "-a", help="Registered architecture name or alias, package.module:factory or timm:NAME; required for a checkpoint file.", show_default=False),
     ] = None,
     arch_opt: Annotated[
         Optional[list[str]],

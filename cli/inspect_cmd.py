@@ -85,7 +85,7 @@ def inspect_command(
     ] = None,
     arch: Annotated[
         Optional[str],
-        typer.Option("--arch", "-a", help="Name or alias of a registered architecture (see --list).", show_default=False),
+        typer.Option("--arch", "-a", help="Name or alias of a registered architecture (see --list), package.module:factory or timm:NAME.", show_default=False),
     ] = None,
     arch_opt: Annotated[
         Optional[list[str]],

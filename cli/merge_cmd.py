@@ -81,7 +81,7 @@ def merge_command(
     ],
     arch: Annotated[
         Optional[str],
-        typer.Option("--arch", "-a", help="Registered architecture name or alias, or package.module:factory; required for checkpoint files, not used with model directories.", show_default=False),
+        typer.Option("--arch", "-a", help="Registered architecture name or alias, package.module:factory or timm:NAME; required for checkpoint files, not used with model directories.", show_default=False),
     ] = None,
     data: Annotated[
         Optional[str],
