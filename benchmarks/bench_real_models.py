@@ -1,6 +1,7 @@
 """Benchmark: analysis time of Hugging Face transformers models at full size (random init, CPU).
 
-Run: python benchmarks/bench_real_models.py [bert_base vit_b16 ...]   (needs transformers: pip install 'mudsc[hf]')
+Run: python benchmarks/bench_real_models.py [bert_base vit_b16 gpt2 mobilevit_small swin_tiny t5_small_encoder llama_tiny]
+(needs transformers: pip install 'mudsc[hf]'; default: bert_base vit_b16)
 Target: under 5 s each on 2 CPU cores, torch.export included. Prints, per model, the first analysis
 in a fresh process (what one ``mudsc merge`` pays) and a second one, with the time of each pass.
 """
@@ -18,6 +19,9 @@ MODELS = {
     "bert_base": ("BertModel", "BertConfig", {}, "text"),
     "vit_b16": ("ViTForImageClassification", "ViTConfig", {}, "image"),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}, "text"),
+    "mobilevit_small": ("MobileViTForImageClassification", "MobileViTConfig", {}, "image"),
+    "swin_tiny": ("SwinForImageClassification", "SwinConfig", {}, "image"),
+    "t5_small_encoder": ("T5EncoderModel", "T5Config", {}, "text"),
     "llama_tiny": ("LlamaForCausalLM", "LlamaConfig",
                    dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, vocab_size=32000), "text"),
 }

@@ -14,6 +14,8 @@ from mudsc_graph.errors import MudscError
 
 #: Batch size of the example inputs that a model is traced and checked with.
 EXAMPLE_BATCH = 2
+#: Help of the --tracer option of every command that analyses a model.
+TRACER_HELP = "How to capture the model's graph: auto (torch.fx, and torch.export when fx cannot), fx or export."
 
 
 class ArchOptionError(MudscError):
@@ -115,6 +117,14 @@ def _timm_architecture(timm: Any, model_name: str, input_shape: Optional[tuple[i
 
     return Architecture(f"timm_{model_name}".replace(".", "_"), factory=factory, example_inputs=example_inputs,
                         description=f"timm's {model_name}")
+
+
+def check_tracer(tracer: str) -> str:
+    from mudsc_graph.trace import TRACERS
+
+    if tracer not in TRACERS:
+        raise ArchOptionError(f"--tracer {tracer!r} is not one of {', '.join(TRACERS)}")
+    return tracer
 
 
 def example_or_none(arch: Any) -> Optional[tuple]:

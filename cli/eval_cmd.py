@@ -104,7 +104,10 @@ def eval_command(
     if meta.get("stop_at"):
         from mudsc_graph.merged_model import rebuild_partial
 
-        model: Any = rebuild_partial(lambda: build_model(architecture, opts), int(meta["n_models"]), meta["stop_at"], example, state)
+        model: Any = rebuild_partial(
+            lambda: build_model(architecture, opts), int(meta["n_models"]), meta["stop_at"], example, state,
+            tracer=meta.get("tracer") if meta.get("tracer") in ("auto", "fx", "export") else "auto",
+        )
     else:
         model = build_model(architecture, opts)
         fit_state_dict(model, state, source=model_path.name)
@@ -122,19 +125,24 @@ def eval_command(
     else:
         m = None
         result["accuracy"] = accuracy(outputs, test.y)
+    report(result, m, task_sets, f"{model_path.name} on {data} ({split}, {len(test)} samples)", as_json)
+
+
+def report(result: dict[str, Any], m: Any, task_sets: Optional[list[list[int]]], title: str, as_json: bool) -> None:
+    """Print the metrics: ``result`` (with ``accuracy``, or the task metrics ``m``) as JSON or a table."""
     if m is not None:
         result.update(joint=m.joint, per_task=list(m.per_task), mean_per_task=m.mean_per_task, tasks=task_sets)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    table = Table(title=f"{model_path.name} on {data} ({split}, {len(test)} samples)")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("accuracy", justify="right")
     if m is None:
         table.add_row("accuracy", f"{result['accuracy']:.2%}")
     else:
         table.add_row("joint", f"{m.joint:.2%}")
-        for t, acc in zip(task_sets, m.per_task):
+        for t, acc in zip(task_sets or [], m.per_task):
             table.add_row(f"task {t[0]}-{t[-1]}" if t == list(range(t[0], t[-1] + 1)) else f"task {t}", f"{acc:.2%}")
         table.add_row("mean per task", f"{m.mean_per_task:.2%}")
     out().print(table)

@@ -17,7 +17,7 @@ import typer
 
 from mudsc_graph.errors import MudscError
 
-from .console import err, out, print_warning
+from .console import err, print_warning
 
 
 class HFCommandError(MudscError):
@@ -79,7 +79,7 @@ def _first_tokenizer(path: Path) -> Any:
 def merge_dirs(
     dirs: list[Path], *, out_path: Path, data: Optional[str], method: str, mode: str, alpha: float, stop_at: Optional[str],
     device: str, samples: int, batch_size: int, seed: int, max_iter: int, tol: int, reset_bn: bool, max_length: int,
-    force: bool, quiet: bool, as_json: bool,
+    force: bool, quiet: bool, as_json: bool, tracer: str = "auto",
 ) -> None:
     """``mudsc merge DIR_A DIR_B ... --out DIR_M``: see :func:`mudsc_cli.merge_cmd.merge_command`."""
     import torch
@@ -133,7 +133,7 @@ def merge_dirs(
         with reporter:
             result = merge(
                 [m.model for m in models], data=batches, example_inputs=example, method=method, mode=mode, alpha=alpha,
-                device=dev, seed=seed, reset_bn=reset_bn, max_iter=max_iter, tol=tol, reporter=reporter,
+                device=dev, seed=seed, reset_bn=reset_bn, max_iter=max_iter, tol=tol, reporter=reporter, tracer=tracer,
             )
     for w in caught:
         print_warning(str(w.message))
@@ -179,12 +179,11 @@ def eval_dir(
 ) -> None:
     """``mudsc eval DIR --data DATA``: accuracy of a sequence or image classifier in a model directory."""
     import torch
-    from rich.table import Table
 
     from mudsc_graph.evaluate import accuracy, predict_logits, task_metrics
     from mudsc_graph.hf import load_model_data
 
-    from .eval_cmd import EvalCommandError, parse_tasks
+    from .eval_cmd import EvalCommandError, parse_tasks, report
     from .merge_cmd import resolve_device
 
     dev = resolve_device(device)
@@ -207,25 +206,10 @@ def eval_dir(
     m = task_metrics(logits, None, test.labels, task_sets, heads="shared") if task_sets else None
     if m is None:
         result["accuracy"] = accuracy(logits, test.labels)
-    else:
-        result.update(joint=m.joint, per_task=list(m.per_task), mean_per_task=m.mean_per_task, tasks=task_sets)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-        return
-    table = Table(title=f"{model_dir.name} on {data} ({len(test)} samples)")
-    table.add_column("metric")
-    table.add_column("accuracy", justify="right")
-    if m is None:
-        table.add_row("accuracy", f"{result['accuracy']:.2%}")
-    else:
-        table.add_row("joint", f"{m.joint:.2%}")
-        for t, acc in zip(task_sets, m.per_task):
-            table.add_row(f"task {t[0]}-{t[-1]}" if t == list(range(t[0], t[-1] + 1)) else f"task {t}", f"{acc:.2%}")
-        table.add_row("mean per task", f"{m.mean_per_task:.2%}")
-    out().print(table)
+    report(result, m, task_sets, f"{model_dir.name} on {data} ({len(test)} samples)", as_json)
 
 
-def inspect_dir(model_dir: Path, *, as_json: bool, check: bool, strict: bool) -> None:
+def inspect_dir(model_dir: Path, *, as_json: bool, check: bool, strict: bool, tracer: str = "auto") -> None:
     """``mudsc inspect DIR``: the merge groups of the model in a directory, analysed on example inputs from its config."""
     from mudsc_graph import analyze
     from mudsc_graph.hf import example_inputs
@@ -237,7 +221,7 @@ def inspect_dir(model_dir: Path, *, as_json: bool, check: bool, strict: bool) ->
     stderr = err()
     with stderr.status(f"analysing {hf.class_name} ...", spinner="dots"):
         start = time.perf_counter()
-        spec = analyze(hf.model, inputs, strict=strict)
+        spec = analyze(hf.model, inputs, strict=strict, tracer=tracer)
         seconds = time.perf_counter() - start
     show_spec(spec, hf.model, inputs, f"merge groups of {hf.class_name} ({model_dir.name})", seconds, as_json=as_json, check=check)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from .archs import build_architecture, parse_arch_opts, parse_shape
+from .archs import TRACER_HELP, build_architecture, check_tracer, parse_arch_opts, parse_shape
 from .console import err, out, print_warning
 
 #: How many member names a row of the group table shows.
@@ -102,13 +102,14 @@ def inspect_command(
     ] = False,
     check: Annotated[
         bool,
-        typer.Option("--check", help="Also apply a random valid permutation to every group and verify that the output is unchanged."),
+        typer.Option("--check", help="Also apply three random valid permutations and verify that the output is unchanged."),
     ] = False,
     strict: Annotated[
         bool,
         typer.Option("--strict", help="Fail on an op that no layer handler understands instead of fixing the spaces it touches."),
     ] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the registered architectures and exit.")] = False,
+    tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = "auto",
     input_shape: Annotated[
         Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")
     ] = None,
@@ -127,7 +128,7 @@ def inspect_command(
             raise HFCommandError(
                 f"{model_dir} is not a directory; mudsc inspect takes a Hugging Face model directory or --arch NAME (see --list)"
             )
-        inspect_dir(model_dir, as_json=as_json, check=check, strict=strict)
+        inspect_dir(model_dir, as_json=as_json, check=check, strict=strict, tracer=check_tracer(tracer))
         return
     if not arch:
         raise typer.BadParameter("give an architecture name, a model directory, or --list to see them", param_hint="'--arch'")
@@ -139,7 +140,7 @@ def inspect_command(
 
     with stderr.status(f"analysing {architecture.name} ...", spinner="dots"):
         start = time.perf_counter()
-        spec = analyze(model, inputs, strict=strict)
+        spec = analyze(model, inputs, strict=strict, tracer=check_tracer(tracer))
         seconds = time.perf_counter() - start
     shown_opts = "".join(f" {k}={v!r}" for k, v in opts.items())
     show_spec(spec, model, inputs, f"merge groups of {architecture.name}{shown_opts}", seconds, as_json=as_json, check=check)

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from mudsc_graph.errors import MudscError
 
-from .archs import build_model, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
+from .archs import TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
 from .console import err, out, print_warning
 
 METHOD_HELP = "Merging method: average, weight_matching, weight_zip, activation_matching, zipit or mudsc."
@@ -113,6 +113,7 @@ def merge_command(
     reset_bn: Annotated[bool, typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics of the base models and of the merged model on the data.")] = True,
     input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
     max_length: Annotated[int, typer.Option(help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
+    tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (a directory only if it holds a model).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -132,12 +133,13 @@ def merge_command(
         raise MergeCommandError(f"give at least two checkpoints to merge, got {len(checkpoints)}")
     if method not in METHODS:
         raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    check_tracer(tracer)
     if input_kind(checkpoints) == "dir":
         refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
         merge_dirs(
             checkpoints, out_path=out_path, data=data, method=method, mode=mode, alpha=alpha, stop_at=stop_at, device=device,
             samples=samples, batch_size=batch_size, seed=seed, max_iter=max_iter, tol=tol, reset_bn=reset_bn,
-            max_length=max_length, force=force, quiet=quiet, as_json=as_json,
+            max_length=max_length, force=force, quiet=quiet, as_json=as_json, tracer=tracer,
         )
         return
     if not arch:
@@ -169,7 +171,7 @@ def merge_command(
         with reporter:
             result = merge(
                 models, data=batches, example_inputs=example, method=method, mode=mode, alpha=alpha, stop_at=stop_at,
-                device=dev, seed=seed, reset_bn=reset_bn, max_iter=max_iter, tol=tol, reporter=reporter,
+                device=dev, seed=seed, reset_bn=reset_bn, max_iter=max_iter, tol=tol, reporter=reporter, tracer=tracer,
             )
     for w in caught:
         print_warning(str(w.message))
@@ -180,6 +182,7 @@ def merge_command(
         "mode": result.mode,
         "alpha": result.alpha,
         "stop_at": stop_at,
+        "tracer": tracer,
         "n_models": len(models),
         "data": data,
         "samples": sum(len(b[0]) for b in batches) if batches else 0,

@@ -76,7 +76,7 @@ def analyze_full(
             other = _analyse(model, gm2, registry, False, timings)
         except MudscError:
             other = None
-        if other is not None and other.spec.permutable_units > analysis.spec.permutable_units and not other.propagator.unsupported_modules:
+        if other is not None and other.spec.permutable_units > analysis.spec.permutable_units:
             analysis = other
     if strict and analysis.propagator.warnings:
         raise UnsupportedOpError(f"{analysis.propagator.warnings[0]}. Register a LayerHandler for it (hook mudsc_layer_handlers)")

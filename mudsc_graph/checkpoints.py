@@ -249,15 +249,20 @@ def save_checkpoint(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename durable; best effort (not every platform can open a directory)
-        fd = os.open(p.parent, os.O_RDONLY)
+    fsync_dir(p.parent)  # make the rename durable
+    return p
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a directory (after a rename into it); best effort: not every platform can open one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:
         pass
-    return p
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

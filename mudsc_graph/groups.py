@@ -244,10 +244,10 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
             gids.append(atom)
         for gid in gids:
             b.groups[gid].coupled = tuple(x for x in gids if x != gid)
-    for alias, canon in getattr(prop, "aliases", {}).items():  # tied weights: every name of the tensor
+    for alias, canon in prop.aliases.items():  # tied weights: every name of the tensor
         if canon in axes:
             axes[alias] = axes[canon]
-    for name in getattr(prop, "frozen", ()):  # not in the state_dict: not the spec's business
+    for name in prop.frozen:  # not in the state_dict: not the spec's business
         axes.pop(name, None)
     buffers = _buffer_names(prop)
     for name, exprs in axes.items():
@@ -273,7 +273,7 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
     consumed: dict[str, list[int]] = {}
     for name, axis in sorted(prop.consumed):
         consumed.setdefault(name, []).append(axis)
-    for alias, canon in getattr(prop, "aliases", {}).items():
+    for alias, canon in prop.aliases.items():
         if canon in consumed and alias in axes:
             consumed[alias] = list(consumed[canon])
     shapes = {name: tuple(prop.attr_shapes[prop.canonical.get(name, name)]) for name in axes}
@@ -287,7 +287,7 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
 
 def _buffer_names(prop: Any) -> set[str]:
     names = {name for name, _ in prop.gm.named_buffers(remove_duplicate=False)}
-    names |= {alias for alias, canon in getattr(prop, "aliases", {}).items() if canon in names}
+    names |= {alias for alias, canon in prop.aliases.items() if canon in names}
     return names
 
 

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .checkpoints import file_sha256
+from .checkpoints import file_sha256, fsync_dir
 from .errors import MudscError
 
 #: What makes a directory a Hugging Face model directory.
@@ -589,19 +589,8 @@ def _fsync_tree(root: Path) -> None:
         for name in names:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(root)
-    _fsync_dir(root.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:  # best effort: not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(root)
+    fsync_dir(root.parent)
 
 
 def save_model_dir(
@@ -658,7 +647,7 @@ def save_model_dir(
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-    _fsync_dir(p.parent)
+    fsync_dir(p.parent)
     return p
 
 

@@ -151,8 +151,10 @@ def rebuild_partial(
     example_inputs: tuple,
     state: dict[str, torch.Tensor],
     registry: Any = None,
+    tracer: str = "auto",
 ) -> fx.GraphModule:
-    """Rebuild a saved partial-zip module from its architecture and state_dict.
+    """Rebuild a saved partial-zip module from its architecture and state_dict (analysed with the
+    ``tracer`` the merge used, so that node names agree).
 
     ``build()`` makes a fresh model of the architecture; the module's structure (trunk, tails,
     which values are unmerged where) is recomputed by the same analysis that made it, and the
@@ -163,7 +165,7 @@ def rebuild_partial(
     from .analyze import analyze_full
 
     merged, tails = build().eval(), [build().eval() for _ in range(n_models)]
-    analysis = analyze_full(merged, example_inputs, registry=registry)
+    analysis = analyze_full(merged, example_inputs, registry=registry, tracer=tracer)
     order = [(n, analysis.graph.nodes[n]["path"]) for n in analysis.graph.graph["order"]]
     trunk = {n for n, _ in order[: stop_index(order, stop_at) + 1]}
     found: dict[tuple[int, int], torch.Tensor] = {}
@@ -172,6 +174,10 @@ def rebuild_partial(
         if m:
             found[(int(m.group(1)), int(m.group(2)))] = value
     sizes = {g.id: g.size for g in analysis.spec.groups}
+    if analysis.tracer == "export":  # as merge builds it: the exported graph's own module holds the weights
+        import copy
+
+        merged, tails = copy.deepcopy(analysis.graph_module), [copy.deepcopy(analysis.graph_module) for _ in range(n_models)]
     module = build_partial(
         merged, tails, analysis.graph_module.graph, trunk, lambda name: analysis.value_axes.get(name),
         lambda i, gid: found.get((i, gid)), sizes,

@@ -71,11 +71,7 @@ class OpContext:
         arguments of ``F.embedding(input, weight)`` and ``aten.embedding(weight, indices)`` alike.
         """
         if name is not None and isinstance(self.node.target, torch._ops.OpOverload):
-            pos = _schema_positions(self.node.target).get(name)
-            if pos is not None:
-                i = pos
-            elif name not in self.node.kwargs:
-                i = i if i is not None and i < len(self.node.target._schema.arguments) else None
+            i = _schema_positions(self.node.target).get(name, i)
         if i is not None and i < len(self.node.args):
             return self.node.args[i]
         if name is not None and name in self.node.kwargs:

@@ -164,8 +164,9 @@ def _shapes_from_export(gm: fx.GraphModule) -> bool:
     shapes: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
-            out = fx.node.map_arg(node.args[0], lambda n: shapes[n])
-            shapes[node] = list(out) if isinstance(out, (tuple, list)) else out
+            result = node.args[0]
+            out = fx.node.map_arg(result, lambda n: shapes[n])
+            shapes[node] = list(out) if isinstance(result, (tuple, list)) else out
         elif node.op == "get_attr":
             value = gm
             for part in str(node.target).split("."):
@@ -192,6 +193,11 @@ def plain_graph_module(exported: fx.GraphModule, name: str) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
             graph.erase_node(node)
+    info = getattr(graph._codegen, "pytree_info", None)
+    out_spec = getattr(info, "out_spec", None)
+    output = next(n for n in graph.nodes if n.op == "output")
+    if out_spec is not None and out_spec.is_leaf() and isinstance(output.args[0], (tuple, list)) and len(output.args[0]) == 1:
+        output.args = (output.args[0][0],)  # the model returns one tensor: so does the graph
     graph._codegen = fx.graph.CodeGen()  # flat placeholders instead of the exported pytree signature
     gm = fx.GraphModule(exported, graph, name)
     gm.recompile()

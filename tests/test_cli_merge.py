@@ -78,9 +78,12 @@ def test_merge_with_tasks_safetensors_and_table(ckpts, tmp_path):
     assert ev.exit_code == 0 and len(m["per_task"]) == 2 and 0 <= m["joint"] <= 1
 
 
-def test_partial_zip_checkpoint_evaluates_with_one_head_per_task(ckpts, tmp_path):
+@pytest.mark.parametrize("tracer", ["auto", "export"])
+def test_partial_zip_checkpoint_evaluates_with_one_head_per_task(ckpts, tmp_path, tracer):
+    """The partial model is rebuilt at eval time by the same analysis (same tracer, same node names)."""
     out = tmp_path / "partial.pt"
-    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--stop-at", "layers.1", "--samples", "100", "--out", out, "--quiet")
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--stop-at", "layers.1", "--samples", "100",
+             "--tracer", tracer, "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     ev = _run("eval", out, *ARCH, "--data", "digits", "--tasks", "0-4/5-9", "--json")
     assert ev.exit_code == 0, ev.output

@@ -179,7 +179,8 @@ def nn_embedding(ctx: OpContext) -> None:
 
 def f_embedding(ctx: OpContext) -> None:
     """``F.embedding(input, weight)`` and ``aten.embedding(weight, indices)`` (found by name)."""
-    embedding(ctx, ctx.input(0, "indices"), ctx.input(1, "weight"))
+    ids = ctx.input(0, "indices")
+    embedding(ctx, ids if ids is not None else ctx.input(0, "input"), ctx.input(1, "weight"))
 
 
 def prelu(ctx: OpContext) -> None:
