@@ -221,14 +221,27 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
     (``None`` for an axis whose units depend on another axis and include a free group).
     """
     sp: SpaceTable = prop.spaces
+    buffers = _buffer_names(prop)
     while True:
         sp.close()
         b = _Builder(sp)
         axes = _param_axes(prop, b)
-        if not b.bad:
+        for alias, canon in prop.aliases.items():  # tied weights: every name of the tensor
+            if canon in axes:
+                axes[alias] = axes[canon]
+        for name in prop.frozen:  # not in the state_dict: not the spec's business
+            axes.pop(name, None)
+        if b.bad:
+            for r in b.bad:
+                sp.fix(r, "")
+            continue
+        # units that only buffers carry (the unused tail of position_ids) have nothing to merge: fix
+        # their spaces (not just the group, so that whatever is coupled to them stays put too)
+        lone = _buffer_only_spaces(b, axes, buffers)
+        if not lone:
             break
-        for r in b.bad:
-            sp.fix(r, "")
+        for space in lone:
+            sp.fix(space, "only buffers carry these units (no parameter to merge)")
     # couplings: block groups that share a block space. A block space that is also a group of its
     # own (whole heads: a per-head bias table's columns, T5's relative_attention_bias; Q/K rows
     # kron(heads, fixed) when RoPE fixes the head dimensions) moves with those blocks: it joins the
@@ -244,19 +257,10 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
             gids.append(atom)
         for gid in gids:
             b.groups[gid].coupled = tuple(x for x in gids if x != gid)
-    for alias, canon in prop.aliases.items():  # tied weights: every name of the tensor
-        if canon in axes:
-            axes[alias] = axes[canon]
-    for name in prop.frozen:  # not in the state_dict: not the spec's business
-        axes.pop(name, None)
-    buffers = _buffer_names(prop)
     for name, exprs in axes.items():
         for axis, e in enumerate(exprs):
             for gid in _gids(e):
                 b.groups[gid].members.append((name, axis))
-    for g in b.groups:  # units that only buffers carry (the unused tail of position_ids): nothing to merge
-        if not g.fixed and g.members and all(name in buffers for name, _ in g.members):
-            g.fixed, g.reason = True, "only buffers carry these units (no parameter to merge)"
     _add_probes(prop, b)
     value_axes = _value_axes(prop, b)
     # keep only groups that index parameters; renumber densely in order of first appearance
@@ -283,6 +287,21 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
         for k, v in value_axes.items()
     }
     return MergeSpec(used, axes, shapes, list(prop.warnings), consumed, buffers), value_axes
+
+
+def _buffer_only_spaces(b: _Builder, axes: dict[str, list[Expr]], buffers: set[str]) -> list[int]:
+    """The spaces of the free groups whose every member is a buffer."""
+    users: dict[int, set[str]] = {}
+    for name, exprs in axes.items():
+        for e in exprs:
+            for gid in _gids(e):
+                users.setdefault(gid, set()).add(name)
+    out: list[int] = []
+    for key, gid in b.keys.items():
+        names = users.get(gid)
+        if names and not b.groups[gid].fixed and names <= buffers:
+            out += [key[1]] + (list(key[2]) if key[0] == "block" else [])
+    return out
 
 
 def _buffer_names(prop: Any) -> set[str]:

@@ -69,6 +69,23 @@ def test_a_per_head_attention_mask_moves_with_the_heads(tracer):
     _merges_back(model, x, spec)
 
 
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_a_per_head_buffer_keeps_the_heads_in_place(tracer):
+    """The same bias as a buffer: only a buffer carries the whole-head units, so nothing merges them,
+    and the heads coupled to them must not move either (each head's dimensions still may)."""
+    torch.manual_seed(0)
+    model, x = PerHeadBias().eval(), (torch.randn(2, 5, 4),)
+    bias = model.bias.detach().clone()
+    del model.bias
+    model.register_buffer("bias", bias)
+    spec = analyze(model, x, tracer=tracer)
+    assert spec.axes["bias"][0] == ["fixed", 2] or spec.groups[spec.axes["bias"][0][1]].fixed
+    assert sorted((g.size, g.blocks) for g in spec.free_groups()) == [(4, 1)] * 4 + [(8, 1)] * 2  # per-head Q/K and V/O
+    for seed in (0, 1, 2):
+        spec.check(model, x, seed=seed, trials=1)
+    _merges_back(model, x, spec)
+
+
 class Tied(nn.Module):
     """An embedding and a head that share one weight (GPT-2's lm_head = wte)."""
 
