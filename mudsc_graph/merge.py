@@ -387,6 +387,8 @@ def _anchored_groups(spec: MergeSpec, models: list[nn.Module]) -> set[int]:
         if all(torch.equal(t, b[name]) for b in buffers[1:]):
             for e in spec.axes.get(name, []):
                 out.update(_gids(e))
+    for gid in list(out):  # a coupling moves as one: its other groups stay in place too
+        out.update(spec.groups[gid].coupled)
     return out
 
 
