@@ -1,12 +1,15 @@
 """The ``mudsc`` Typer app and its ``main()`` entry point.
 
-Every :class:`~mudsc_graph.errors.MudscError` (a mistake of the user's: unknown architecture,
-bad option, unsupported op in strict mode, failed self-check ...) becomes one red line on
-stderr and exit code 1; ``MUDSC_DEBUG=1`` re-raises it with its traceback instead. Any other
+Exit codes: 0 success; 1 a :class:`~mudsc_graph.errors.MudscError` (a mistake of the user's:
+unknown architecture, a checkpoint that does not fit, bad data, unsupported op in strict mode,
+failed self-check ...), one red line on stderr (``MUDSC_DEBUG=1`` re-raises it with its
+traceback instead); 2 a usage error (unknown option, a value of the wrong type, a missing
+argument, fewer than two checkpoints to merge), one red line and where to look. Any other
 exception is a bug and propagates with its traceback.
 """
 
 import os
+import sys
 from typing import Annotated, Any, Optional, Sequence
 
 import typer
@@ -15,7 +18,20 @@ from typer.core import TyperGroup
 from mudsc_graph.errors import MudscError
 
 from . import demo_cmd, eval_cmd, inspect_cmd, merge_cmd, plugins_cmd
-from .console import DEBUG_ENV, print_error
+from .console import DEBUG_ENV, print_error, print_usage_error
+
+try:  # typer vendors its own click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as _cx  # type: ignore[no-redef]
+
+#: Exit code of a command line that cannot be parsed or is incomplete (a MudscError exits 1).
+USAGE_EXIT = 2
+
+
+class UsageError(MudscError):
+    """A command line that is incomplete or self-contradictory (fewer than two models to merge, ...):
+    reported like the usage errors the parser finds, exit code 2."""
 
 
 def _debug() -> bool:
@@ -35,8 +51,38 @@ class MudscGroup(TyperGroup):
         except MudscError as exc:
             if _debug():
                 raise
+            if isinstance(exc, UsageError):
+                raise _cx.UsageError(str(exc), ctx=ctx) from None
             print_error(exc)
             raise typer.Exit(1) from None
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        """Usage errors (an unknown option, a bad value, a missing argument) are one ``error:`` line
+        and exit code 2; a mudsc error is one line and exit code 1; success is 0."""
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except _cx.NoArgsIsHelpError:
+            if not standalone_mode:
+                raise
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=True, **extra)
+        except _cx.UsageError as exc:
+            if not standalone_mode:
+                raise
+            print_usage_error(exc)
+            sys.exit(USAGE_EXIT)
+        except _cx.ClickException as exc:  # e.g. a file click itself could not open
+            if not standalone_mode:
+                raise
+            print_error(exc)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            print_error(RuntimeError("interrupted"))
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
 
 
 app = typer.Typer(

@@ -14,6 +14,8 @@ from mudsc_graph.errors import MudscError
 
 #: Batch size of the example inputs that a model is traced and checked with.
 EXAMPLE_BATCH = 2
+#: Most values in one example input (--input-shape): 2**26, a 4096 x 4096 x 4 tensor.
+MAX_INPUT_NUMEL = 2**26
 #: Help of the --tracer option of every command that analyses a model.
 TRACER_HELP = "How to capture the model's graph: auto (torch.fx, and torch.export when fx cannot), fx or export."
 
@@ -146,6 +148,14 @@ def parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
         raise ArchOptionError(f"--input-shape {text!r} is not a list of integers like 3,32,32") from None
     if not shape or any(n <= 0 for n in shape):
         raise ArchOptionError(f"--input-shape {text!r} must be positive integers like 3,32,32")
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel > MAX_INPUT_NUMEL:
+        raise ArchOptionError(
+            f"--input-shape {text!r} is {numel:.3g} values per input (at most {MAX_INPUT_NUMEL:.3g}); give the shape of one input, "
+            "without the batch axis, e.g. 3,224,224"
+        )
     return shape
 
 
@@ -153,15 +163,25 @@ def build_model(arch: Any, opts: dict[str, Any], seed: int = 0) -> Any:
     """Build ``arch`` with ``opts`` (checked against the factory's signature), in eval mode."""
     import torch
 
+    from torch import nn
+
     _check_options(arch, opts)
     torch.manual_seed(seed)
     try:
         model = arch.build(**opts)
-    except (TypeError, ValueError) as exc:
-        if not opts:
-            raise
-        shown = " ".join(f"{k}={v!r}" for k, v in opts.items())
-        raise ArchOptionError(f"architecture {arch.name!r} rejected the options {shown}: {exc}") from exc
+    except MudscError:
+        raise
+    except Exception as exc:  # the factory is the user's (or a plugin's) code: say what it said
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        if opts:
+            shown = " ".join(f"{k}={v!r}" for k, v in opts.items())
+            raise ArchOptionError(f"architecture {arch.name!r} rejected the options {shown}: {reason}") from exc
+        raise ArchOptionError(f"building architecture {arch.name!r} failed: {reason}") from exc
+    if not isinstance(model, nn.Module):
+        raise ArchOptionError(
+            f"architecture {arch.name!r} built a {type(model).__name__}, not a torch.nn.Module; --arch package.module:factory "
+            "must name a function that returns the model"
+        )
     return model.eval()
 
 

@@ -31,6 +31,17 @@ def print_error(exc: BaseException) -> None:
     console.print(Text(f"set {DEBUG_ENV}=1 for the traceback", style="dim"), soft_wrap=True)
 
 
+def print_usage_error(exc: BaseException) -> None:
+    """A command line that cannot be parsed (unknown option, bad value, missing argument): one red
+    line ``error: <message>`` and where to look, on stderr. Exit code 2, as is usual for usage errors."""
+    fmt = getattr(exc, "format_message", None)
+    message = " ".join((fmt() if callable(fmt) else str(exc)).split()) or type(exc).__name__
+    ctx = getattr(exc, "ctx", None)
+    console = err()
+    console.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    console.print(Text(f"see '{ctx.command_path if ctx is not None else 'mudsc'} --help'", style="dim"), soft_wrap=True)
+
+
 def print_warning(message: str) -> None:
     """One yellow line ``warning: <message>`` on stderr."""
     err().print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)

@@ -53,9 +53,11 @@ def render_cli_reference() -> str:
         "",
         f"<!-- Generated from the Typer app by `{REGENERATE}`; do not edit by hand. -->",
         "",
-        "Every command prints results on stdout and errors, warnings and progress on stderr. A user error "
-        "(unknown architecture, bad option, failed self-check ...) is one red `error:` line and exit code 1; "
-        "set `MUDSC_DEBUG=1` to get its traceback instead.",
+        "Every command prints results on stdout and errors, warnings and progress on stderr. Exit codes: 0 "
+        "success; 1 an input mudsc refuses (unknown architecture, a checkpoint that does not fit, bad data, "
+        "failed self-check ...), one red `error:` line (set `MUDSC_DEBUG=1` to get its traceback instead); 2 a "
+        "command line that cannot be parsed or is incomplete (unknown option, a value of the wrong type, a "
+        "missing argument), one red `error:` line and a pointer to `--help`.",
         "",
     ]
     lines += _section(root, root_ctx, "mudsc")

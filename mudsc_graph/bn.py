@@ -12,7 +12,12 @@ from typing import Callable, Iterable
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .inputs import as_inputs, call, to_device
+from .errors import MudscError
+from .inputs import as_inputs, batch_size, call, describe, to_device
+
+
+class BatchNormResetError(MudscError, ValueError):
+    """A calibration batch that the model cannot run in training mode."""
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:
@@ -32,8 +37,16 @@ def reset_bn_stats(model: torch.nn.Module, batches: Iterable, inputs_from_batch:
         m.momentum = None  # cumulative moving average
     model.train()
     try:
-        for batch in batches:
-            call(model, to_device(as_inputs(inputs_from_batch(batch)), device))
+        for k, batch in enumerate(batches):
+            inputs = to_device(as_inputs(inputs_from_batch(batch)), device)
+            try:
+                call(model, inputs)
+            except Exception as exc:  # the model refuses a batch: say which, and why
+                small = " (BatchNorm in training mode needs at least 2 samples per batch)" if batch_size(inputs) == 1 else ""
+                raise BatchNormResetError(
+                    f"resetting BatchNorm statistics: the model failed on calibration batch {k} ({describe(inputs)}){small}: "
+                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                ) from exc
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom

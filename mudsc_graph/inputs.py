@@ -119,7 +119,7 @@ def call_graph(gm: fx.GraphModule, inputs: Inputs) -> Any:
 
 def describe(inputs: Inputs) -> str:
     """``"input_ids (2, 7) int64, attention_mask (2, 7) int64"`` for messages."""
-    items = inputs.items() if isinstance(inputs, dict) else enumerate(inputs)
+    items = inputs.items() if isinstance(inputs, dict) else ((f"input {k}", v) for k, v in enumerate(inputs))
     parts = []
     for k, v in items:
         what = f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" if isinstance(v, torch.Tensor) else type(v).__name__

@@ -26,7 +26,7 @@ from .iterate import DualSpaceSolver
 from .merged_model import build_partial, stop_index
 from .registry import Registry, get_registry
 from .report import NullReporter, Reporter
-from .inputs import as_inputs, take_rows, to_device
+from .inputs import as_inputs, take_rows, tensors, to_device
 from .permute import set_mode
 from .stats import default_inputs_from_batch
 from .transform import merge_state_dicts
@@ -69,8 +69,13 @@ class MergeResult:
 
 def check_models(models: list[nn.Module]) -> None:
     """Same architecture (keys and shapes), finite weights: else one clear error."""
+    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
+        raise MergeError(f"pass the models as a list (merge([model_a, model_b], ...)), got {type(models).__name__}")
     if len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise MergeError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
     ref = models[0].state_dict()
     for i, m in enumerate(models[1:], start=1):
         # exported GraphModules (ep.module()) get a class of their own each: same keys and shapes decide
@@ -92,13 +97,40 @@ def check_models(models: list[nn.Module]) -> None:
                 raise MergeError(f"model {i} has non-finite values (NaN or inf) in {k}; fix the checkpoint before merging")
 
 
+def _read_batches(data: Iterable | None, inputs_from_batch: Callable[[Any], Any]) -> list | None:
+    """The calibration batches in memory, each checked: model inputs found, every float finite."""
+    if data is None:
+        return None
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise MergeError(f"data= must be an iterable of batches (a list, a DataLoader), got {type(data).__name__}")
+    batches = list(data)
+    for k, batch in enumerate(batches):
+        for t in tensors(as_inputs(inputs_from_batch(batch))):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MergeError(f"calibration batch {k} has NaN or inf inputs; they would poison every statistic: clean the data")
+    return batches
+
+
+def _check_merge_options(stop_at: Any, max_iter: Any, tol: Any, seed: Any) -> None:
+    if stop_at is not None and (not isinstance(stop_at, str) or not stop_at.strip()):
+        raise MergeError(f"stop_at must be a module path or node name (a non-empty str), got {stop_at!r}")
+    for name, value, least in (("max_iter", max_iter, 0), ("tol", tol, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise MergeError(f"{name} must be an integer >= {least}, got {value!r}")
+    if seed >= 2**63:
+        raise MergeError(f"seed must be below 2**63, got {seed}")
+
+
 def _resolve_device(device: Any, model: nn.Module) -> torch.device:
     if device in (None, "auto"):
         if device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergeError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu or auto")
     return dev
@@ -106,8 +138,10 @@ def _resolve_device(device: Any, model: nn.Module) -> torch.device:
 
 def _resolve_method(method: str, mode: str, alpha: float) -> tuple[str, str, float]:
     """(matcher name, mode, alpha) of ``method``; one clear error for a bad method, mode or alpha."""
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
+        raise MergeError(f"alpha must be a number in [0, 1], got {alpha!r}")
     fixed_alpha, matcher_name = METHODS[method]
     if method == "mudsc":
         if mode not in ("align", "zip"):
@@ -151,7 +185,7 @@ class PreparedMerge:
 
         t0 = time.perf_counter()
         check_models(models)
-        self.batches = list(data) if data is not None else None
+        self.batches = _read_batches(data, self.inputs_from_batch)
         if self.batches is not None and not self.batches:
             raise MergeError("the calibration data is empty: give at least one batch")
         if self.batches is None and reset_bn and has_batchnorm(models[0]):
@@ -217,6 +251,7 @@ class PreparedMerge:
     ) -> MergeResult:
         """One merged model (the arguments as in :func:`merge`); ``timings`` covers this call's stages."""
         matcher_name, mode, alpha = _resolve_method(method, mode, alpha)
+        _check_merge_options(stop_at, max_iter, tol, seed)
         matcher = self.registry.matcher(matcher_name)
         needs_act = method != "average" and alpha < 1.0
         if needs_act and self.batches is None:
@@ -286,6 +321,9 @@ class PreparedMerge:
         if self.reset_bn and self.batches is not None:
             reset_bn_stats(merged, self.batches, self.inputs_from_batch, dev)
         timings["bn_reset_merged"] = time.perf_counter() - t0
+        bad = next((k for k, t in merged.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
+            raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
 
 
@@ -352,6 +390,7 @@ def merge(
     most of the work through :func:`prepare`.
     """
     _, _, checked_alpha = _resolve_method(method, mode, alpha)
+    _check_merge_options(stop_at, max_iter, tol, seed)
     if data is None and method != "average" and checked_alpha < 1.0:
         raise MergeError(f"method {method!r} needs calibration data: pass data=")
     prepared = PreparedMerge(
