@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from mudsc_graph.errors import MudscError
 
 from . import demo_cmd, eval_cmd, inspect_cmd, merge_cmd, plugins_cmd
-from .console import DEBUG_ENV, print_error, print_usage_error
+from .console import DEBUG_ENV, UsageError, print_error, print_usage_error
 
 try:  # typer vendors its own click
     from typer._click import exceptions as _cx
@@ -28,10 +28,6 @@ except ImportError:  # pragma: no cover - older typer on the real click
 #: Exit code of a command line that cannot be parsed or is incomplete (a MudscError exits 1).
 USAGE_EXIT = 2
 
-
-class UsageError(MudscError):
-    """A command line that is incomplete or self-contradictory (fewer than two models to merge, ...):
-    reported like the usage errors the parser finds, exit code 2."""
 
 
 def _debug() -> bool:

@@ -14,6 +14,8 @@ from mudsc_graph.errors import MudscError
 
 #: Batch size of the example inputs that a model is traced and checked with.
 EXAMPLE_BATCH = 2
+#: Largest seed every seeded generator takes (torch, numpy).
+MAX_SEED = 2**63 - 1
 #: Most values in one example input (--input-shape): 2**26, a 4096 x 4096 x 4 tensor.
 MAX_INPUT_NUMEL = 2**26
 #: Help of the --tracer option of every command that analyses a model.

@@ -10,7 +10,14 @@ from __future__ import annotations
 from rich.console import Console
 from rich.text import Text
 
+from mudsc_graph.errors import MudscError
+
 DEBUG_ENV = "MUDSC_DEBUG"
+
+
+class UsageError(MudscError):
+    """A command line that is incomplete or self-contradictory (fewer than two models to merge, ...):
+    reported like the usage errors the parser finds, with exit code 2."""
 
 
 def out() -> Console:
@@ -39,7 +46,9 @@ def print_usage_error(exc: BaseException) -> None:
     ctx = getattr(exc, "ctx", None)
     console = err()
     console.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
-    console.print(Text(f"see '{ctx.command_path if ctx is not None else 'mudsc'} --help'", style="dim"), soft_wrap=True)
+    path = ctx.command_path if ctx is not None else "mudsc"
+    sub = getattr(ctx, "invoked_subcommand", None)
+    console.print(Text(f"see '{path}{' ' + sub if sub else ''} --help'", style="dim"), soft_wrap=True)
 
 
 def print_warning(message: str) -> None:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from mudsc_graph.errors import MudscError
 
+from .archs import MAX_SEED
 from .console import err, out, print_warning
 from .merge_cmd import resolve_device
 
@@ -49,8 +50,8 @@ def demo_command(
     ] = "average,weight_matching,weight_zip,activation_matching,zipit,mudsc-align,mudsc-zip",
     alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act, used by the mudsc methods.")] = 0.5,
     epochs: Annotated[int, typer.Option(help="Training epochs of each of the two models.")] = 10,
-    seed: Annotated[int, typer.Option(help="Seed of the models' initialisation, the training order, the class embeddings and the merge.")] = 0,
-    calib_samples: Annotated[int, typer.Option(help="Number of training images (from both halves) used as calibration data for every merge.")] = 500,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the models' initialisation, the training order, the class embeddings and the merge.")] = 0,
+    calib_samples: Annotated[int, typer.Option(min=1, help="Number of training images (from both halves) used as calibration data for every merge.")] = 500,
     cache_dir: Annotated[
         Optional[Path],
         typer.Option(help="Folder where the trained models are cached; the default is $MUDSC_CACHE_DIR or ~/.cache/mudsc/demo.", show_default=False),

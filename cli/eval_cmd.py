@@ -28,19 +28,96 @@ class EvalCommandError(MudscError):
     """A ``mudsc eval`` argument is wrong."""
 
 
-def parse_tasks(text: Optional[str], num_classes: int) -> Optional[list[list[int]]]:
-    """``"0-4/5-9"`` -> ``[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]`` (disjoint class sets)."""
+def parse_tasks(text: Optional[str], num_classes: Optional[int], *, what: str = "the model") -> Optional[list[list[int]]]:
+    """``"0-4/5-9"`` -> ``[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]`` (disjoint class sets, every id below
+    ``num_classes``; ``None`` checks only the syntax). ``what`` owns the classes in the error."""
     if not text:
         return None
-    from mudsc_graph.data import parse_classes
+    from mudsc_graph.data import DataError, parse_classes
 
-    tasks = [parse_classes(part, num_classes) for part in text.split("/")]
+    tasks = []
+    for part in text.split("/"):
+        try:
+            tasks.append(parse_classes(part, num_classes, what=what))
+        except DataError as exc:
+            raise EvalCommandError(f"--tasks {_short(text)!r}: {exc}") from None
     seen: set[int] = set()
     for t in tasks:
         if seen & set(t):
-            raise EvalCommandError(f"--tasks {text!r}: the tasks share classes {sorted(seen & set(t))}; give disjoint sets like 0-4/5-9")
+            raise EvalCommandError(f"--tasks {_short(text)!r}: the tasks share classes {sorted(seen & set(t))[:10]}; give disjoint sets like 0-4/5-9")
         seen |= set(t)
     return tasks
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _ranges(classes: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts, start = [], None
+    for k, c in enumerate(classes):
+        if start is None:
+            start = c
+        if k + 1 == len(classes) or classes[k + 1] != c + 1:
+            parts.append(f"{start}-{c}" if c != start else f"{c}")
+            start = None
+    return ",".join(parts)
+
+
+def _partial_args(meta: dict[str, Any], state: dict[str, Any], source: str) -> Optional[tuple[int, str, str]]:
+    """``(n_models, stop_at, tracer)`` of a partial-zip checkpoint from its metadata, checked against
+    its tensors before anything is built; ``None`` for a plain checkpoint (no ``stop_at``)."""
+    from mudsc_graph.merged_model import check_partial_args
+
+    if meta.get("stop_at") is None:
+        return None
+    n_models, stop_at = meta.get("n_models"), meta["stop_at"]
+    tracer = meta.get("tracer", "auto")
+    tracer = "auto" if tracer is None else tracer
+    check_partial_args(n_models, stop_at, state, f"{source} (metadata)", tracer)
+    return n_models, stop_at, tracer
+
+
+def check_task_labels(y: Any, task_sets: Optional[list[list[int]]], tasks: Optional[str], data: str, split: str) -> None:
+    """With ``--tasks``: every label must be in one of the tasks (a sample no task can predict is
+    not silently dropped), and every task must have samples (its accuracy would be NaN)."""
+    if not task_sets:
+        return
+    import torch
+
+    union = sorted(c for t in task_sets for c in t)
+    outside = (~torch.isin(y, torch.tensor(union, dtype=y.dtype))).nonzero()
+    if len(outside):
+        i = int(outside[0, 0])
+        base = data.rpartition(":")[0] if ":" in data and not Path(data).expanduser().exists() else data
+        raise EvalCommandError(
+            f"--data {data} has label {int(y[i])} (sample {i}), which is in none of the --tasks classes ({tasks}); "
+            f"evaluate only the tasks' classes (--data {base}:{_ranges(union)}) or add it to --tasks"
+        )
+    for t in task_sets:
+        if not bool(torch.isin(y, torch.tensor(t, dtype=y.dtype)).any()):
+            raise EvalCommandError(
+                f"task {_ranges(t)} has no samples in --data {data} ({split} split), so its accuracy is undefined; "
+                "give data with those classes or leave the task out of --tasks"
+            )
+
+
+def _check_outputs(outputs: Any, name: str) -> None:
+    """Logits the metrics can use: one row of finite class scores per sample (per head)."""
+    import torch
+
+    heads = outputs if isinstance(outputs, tuple) else (outputs,)
+    for k, o in enumerate(heads):
+        which = f"output {k} of {name}" if isinstance(outputs, tuple) else name
+        if not isinstance(o, torch.Tensor) or o.dim() != 2:
+            shape = tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
+            raise EvalCommandError(f"{which} gives outputs of shape {shape}, not one row of class scores per sample; mudsc eval needs a classifier")
+        bad = ~torch.isfinite(o).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            kind = "NaN" if bool(torch.isnan(o[i]).any()) else "inf"
+            raise EvalCommandError(f"{which} gives {kind} logits for sample {i}; check the checkpoint's weights and the data's scale")
 
 
 def eval_command(
@@ -72,19 +149,22 @@ def eval_command(
     ] = None,
     split: Annotated[str, typer.Option(help="Which split of --data: test or train (a tensor, text or token file is used whole).")] = "test",
     device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch size.")] = 512,
     input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
-    max_length: Annotated[int, typer.Option(help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
+    max_length: Annotated[int, typer.Option(min=1, help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Accuracy of a checkpoint; joint and per-task accuracy of a merged multi-task model."""
-    from mudsc_graph.checkpoints import fit_state_dict, load_checkpoint
+    from mudsc_graph.checkpoints import CheckpointError, fit_state_dict, load_checkpoint
     from mudsc_graph.data import load_data
     from mudsc_graph.evaluate import accuracy, predict_logits, task_metrics
 
     from .hf_cmds import eval_dir, input_kind, refuse_options
 
+    if isinstance(batch_size, bool) or batch_size < 1:
+        raise EvalCommandError(f"--batch-size must be at least 1, got {batch_size}")
+    parse_tasks(tasks, None)  # the syntax, before anything is loaded; the classes are checked against the model below
     if input_kind([model_path]) == "dir":
         refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
         eval_dir(model_path, data=data, tasks=tasks, split=split, device=device, batch_size=batch_size, max_length=max_length, as_json=as_json)
@@ -95,36 +175,67 @@ def eval_command(
     opts = parse_arch_opts(arch_opt)
     architecture = resolve_architecture(arch, parse_shape(input_shape))
     state, meta = load_checkpoint(model_path, trust_pickle=trust_pickle)
+    partial = _partial_args(meta, state, model_path.name)
     example = example_or_none(architecture)
     test = load_data(data, split=split, input_shape=tuple(example[0].shape[1:]) if example else None)
     if example is None:
         example = (test.x[:2],)
-    n_classes = int(max(test.classes)) + 1
-    task_sets = parse_tasks(tasks, n_classes)
-    if meta.get("stop_at"):
-        from mudsc_graph.merged_model import rebuild_partial
+    merged_with = meta.get("arch")
+    hint = f" (the file was merged with --arch {merged_with})" if isinstance(merged_with, str) and merged_with != arch else ""
+    try:
+        if partial is not None:
+            from mudsc_graph.merged_model import rebuild_partial
 
-        model: Any = rebuild_partial(
-            lambda: build_model(architecture, opts), int(meta["n_models"]), meta["stop_at"], example, state,
-            tracer=meta.get("tracer") if meta.get("tracer") in ("auto", "fx", "export") else "auto",
-        )
-    else:
-        model = build_model(architecture, opts)
-        fit_state_dict(model, state, source=model_path.name)
+            n_models, stop_at, tracer = partial
+            model: Any = rebuild_partial(
+                lambda: build_model(architecture, opts), n_models, stop_at, example, state, tracer=tracer, source=model_path.name,
+            )
+        else:
+            model = build_model(architecture, opts)
+            try:
+                fit_state_dict(model, state, source=model_path.name)
+            except CheckpointError:
+                from mudsc_graph.merged_model import looks_partial
+
+                if looks_partial(state):
+                    raise EvalCommandError(
+                        f"{model_path.name} holds a partial-zip model (keys trunk.*, tail0.*, ...) but its metadata has no stop_at, "
+                        "so it cannot be rebuilt; write it again with mudsc merge --stop-at"
+                    ) from None
+                raise
+    except CheckpointError as exc:
+        if not hint:
+            raise
+        raise CheckpointError(f"{exc}{hint}") from None
     model = model.to(dev).eval()
     outputs = predict_logits(model, test.x, batch_size=batch_size, device=dev)
+    _check_outputs(outputs, model_path.name)
     result: dict[str, Any] = {"model": str(model_path), "data": data, "split": split, "samples": len(test)}
+    y = test.y
     if isinstance(outputs, tuple):
+        task_sets = parse_tasks(tasks, sum(int(o.shape[1]) for o in outputs), what="the model's heads together")
         if not task_sets or len(task_sets) != len(outputs):
             raise EvalCommandError(
                 f"{model_path.name} has {len(outputs)} outputs (a partial merge): give --tasks with {len(outputs)} class sets, e.g. 0-4/5-9"
             )
-        m = task_metrics(outputs, None, test.y, task_sets, heads="separate")
+    else:
+        n_out = int(outputs.shape[1])
+        beyond = (y >= n_out).nonzero()
+        if len(beyond):
+            i = int(beyond[0, 0])
+            raise EvalCommandError(
+                f"--data {data} has label {int(y[i])} (sample {i}) but the model has {n_out} output classes (0-{n_out - 1}); "
+                "check --data, and --arch-opt (e.g. num_classes)"
+            )
+        task_sets = parse_tasks(tasks, n_out)
+    check_task_labels(y, task_sets, tasks, data, split)
+    if isinstance(outputs, tuple):
+        m = task_metrics(outputs, None, y, task_sets, heads="separate")
     elif task_sets:
-        m = task_metrics(outputs, None, test.y, task_sets, heads="shared")
+        m = task_metrics(outputs, None, y, task_sets, heads="shared")
     else:
         m = None
-        result["accuracy"] = accuracy(outputs, test.y)
+        result["accuracy"] = accuracy(outputs, y)
     report(result, m, task_sets, f"{model_path.name} on {data} ({split}, {len(test)} samples)", as_json)
 
 

@@ -65,7 +65,52 @@ def render_cli_reference() -> str:
         command = root.get_command(root_ctx, name)
         ctx = typer.Context(command, info_name=name, parent=root_ctx, **(command.context_settings or {}))
         lines += _section(command, ctx, f"mudsc {name}")
+    lines += _guarantees()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _guarantees() -> list[str]:
+    """What every command promises, with the limits as the code has them."""
+    from mudsc_graph.data import MAX_CLASSES, MAX_INPUT_BYTES
+    from mudsc_graph.merged_model import MAX_PARTIAL_MODELS
+
+    from .archs import MAX_INPUT_NUMEL
+
+    return [
+        "## What mudsc guarantees",
+        "",
+        "- **Exit codes.** 0 success; 1 an input mudsc refuses, as one `error:` line (`MUDSC_DEBUG=1` shows the "
+        "traceback); 2 a command line that cannot be parsed or is incomplete (unknown option, a value of the wrong "
+        "type or out of range, a missing argument, fewer than two models to merge). No other failure is expected: "
+        "a traceback without `MUDSC_DEBUG` is a bug.",
+        "- **Inputs are never changed.** An output that is one of the inputs (the same path, or the same file through "
+        "another path, a symbolic link or a hard link; for a model directory, one that contains an input, or the "
+        "`--data` file) is refused even with `--force`.",
+        "- **Outputs are all or nothing.** The output path is checked before any work (extension, the directory "
+        "exists and is writable, the name fits the file system, an existing file needs `--force`, a directory, FIFO "
+        "or device is never replaced). The file (or model directory) is written to a hidden temp name beside the "
+        "target, synced and renamed into place: a failure, a full disk or quota, Ctrl-C, SIGTERM or SIGHUP leaves "
+        "neither a partial output nor the temp file, and an existing `--force` target is untouched until the new one "
+        "is complete (SIGKILL can leave the hidden temp file, never a partial output).",
+        "- **Reproducible.** The same merge (inputs, options, seed) gives byte-identical `.pt` and `.safetensors` "
+        "files, on any number of threads.",
+        "- **Safe loading.** Checkpoints load with `torch.load(weights_only=True)` or safetensors; a pickled object "
+        "is refused unless `--trust-pickle`, which executes the file's code and is for trusted files only. A "
+        "`.safetensors` file is never unpickled, data files never (`weights_only`, `allow_pickle=False`). Hugging "
+        "Face directories load with `local_files_only` and without remote code; nothing is downloaded.",
+        "- **Checked before a merge.** Each checkpoint is read once: the recorded SHA-256 is that of the bytes merged. "
+        "Its format comes from its content; empty, truncated, corrupt (zip checksums), sparse or quantized files and "
+        "tensors are refused, so are FIFOs and devices (never waited on). A tensor must have the dtype kind the model "
+        "has (no integer, boolean or complex tensor where it has floats) and finite values. Data must be regular files "
+        f"or image folders, numeric and finite, with integer labels in 0..{MAX_CLASSES - 1:,}, at most "
+        f"{MAX_INPUT_BYTES >> 30} GiB in memory; decompression bombs (images, `.npz`) are refused before they inflate. "
+        f"`--input-shape` is at most {MAX_INPUT_NUMEL:,} values per input.",
+        "- **Checked after a merge.** The merged model must be finite (NaN calibration data or overflowing statistics "
+        "would otherwise reach BatchNorm), or nothing is written. `mudsc eval` checks a partial (`--stop-at`) "
+        f"checkpoint like any other (keys, shapes, dtypes, finite values; at most {MAX_PARTIAL_MODELS} models), its "
+        "data like merge does, and refuses labels or `--tasks` classes the model has no output for.",
+        "",
+    ]
 
 
 def main() -> None:

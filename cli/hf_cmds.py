@@ -183,7 +183,7 @@ def eval_dir(
     from mudsc_graph.evaluate import accuracy, predict_logits, task_metrics
     from mudsc_graph.hf import load_model_data
 
-    from .eval_cmd import EvalCommandError, parse_tasks, report
+    from .eval_cmd import EvalCommandError, check_task_labels, parse_tasks, report
     from .merge_cmd import resolve_device
 
     dev = resolve_device(device)
@@ -202,6 +202,7 @@ def eval_dir(
     if len(test.labels) and int(test.labels.max()) >= n_classes:
         raise EvalCommandError(f"{data} has label {int(test.labels.max())} but {hf.class_name} has {n_classes} classes (0-{n_classes - 1})")
     task_sets = parse_tasks(tasks, n_classes)
+    check_task_labels(test.labels, task_sets, tasks, data, split)
     result: dict[str, Any] = {"model": str(model_dir), "data": data, "split": split, "samples": len(test)}
     m = task_metrics(logits, None, test.labels, task_sets, heads="shared") if task_sets else None
     if m is None:

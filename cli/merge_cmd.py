@@ -13,15 +13,15 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 import typer
 from rich.table import Table
 
 from mudsc_graph.errors import MudscError
 
-from .archs import TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
-from .console import err, out, print_warning
+from .archs import MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
+from .console import UsageError, err, out, print_warning
 
 METHOD_HELP = "Merging method: average, weight_matching, weight_zip, activation_matching, zipit or mudsc."
 
@@ -30,16 +30,25 @@ class MergeCommandError(MudscError):
     """A ``mudsc merge`` argument is wrong."""
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse a bad output path before any work is done."""
-    from mudsc_graph.checkpoints import SAVE_SUFFIXES
+def check_output(path: Path, force: bool, inputs: Sequence[Path] = ()) -> Path:
+    """Refuse a bad output path before any work is done: the extension, one of ``inputs`` (even with
+    ``--force``), a missing or unwritable directory, a name too long for the file system, an
+    existing directory, an existing file without ``--force``
+    (:func:`mudsc_graph.checkpoints.check_output_file`, which ``save_checkpoint`` runs again)."""
+    from mudsc_graph.checkpoints import CheckpointError, check_output_file
 
-    if path.suffix.lower() not in SAVE_SUFFIXES:
-        raise MergeCommandError(f"--out {path} must end in {' or '.join(sorted(SAVE_SUFFIXES))}")
-    if path.exists() and not force:
-        raise MergeCommandError(f"{path} exists; pass --force to overwrite")
-    if not path.parent.exists():
-        raise MergeCommandError(f"the directory of --out {path} does not exist")
+    try:
+        return check_output_file(path, force=force, inputs=inputs)
+    except CheckpointError as exc:
+        raise MergeCommandError(f"--out: {exc}") from exc
+
+
+def protected_paths(checkpoints: Sequence[Path], data: Optional[str]) -> list[Path]:
+    """What ``--out`` must never be: the inputs, and the calibration data file when ``--data`` is one."""
+    protected = [Path(p).expanduser() for p in checkpoints]
+    if data is not None and Path(data).expanduser().exists():
+        protected.append(Path(data).expanduser())
+    return protected
 
 
 def resolve_device(device: str) -> str:
@@ -54,16 +63,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle: bool) -> list[Any]:
-    from mudsc_graph.checkpoints import fit_state_dict, load_checkpoint
+def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle: bool) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The models, and the ``{"file", "sha256"}`` of each source: the hash of the very bytes its
+    weights were loaded from (each file is read once), so a file replaced later is not misrecorded."""
+    from mudsc_graph.checkpoints import fit_state_dict, read_checkpoint
 
-    models = []
+    models, sources = [], []
     for path in paths:
-        state, _ = load_checkpoint(path, trust_pickle=trust_pickle)
+        ck = read_checkpoint(path, trust_pickle=trust_pickle)
         model = build_model(arch, opts)
-        fit_state_dict(model, state, source=path.name)
+        fit_state_dict(model, ck.state, source=path.name)
         models.append(model)
-    return models
+        sources.append({"file": path.name, "sha256": ck.sha256})
+    return models, sources
 
 
 def merge_command(
@@ -105,14 +117,14 @@ def merge_command(
         typer.Option("--stop-at", help="Partial zip: merge up to this module path (e.g. layer3); after it each model keeps its own layers.", show_default=False),
     ] = None,
     device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
-    samples: Annotated[int, typer.Option(help="Number of calibration samples taken from the training split of --data.")] = 500,
-    batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the group order in the iterative scheme and of the sample choice.")] = 0,
-    max_iter: Annotated[int, typer.Option(help="Most sweeps of the iterative dual-space scheme.")] = 100,
-    tol: Annotated[int, typer.Option(help="Stop after this many sweeps without improvement.")] = 5,
+    samples: Annotated[int, typer.Option(min=1, help="Number of calibration samples taken from the training split of --data.")] = 500,
+    batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 100,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the group order in the iterative scheme and of the sample choice.")] = 0,
+    max_iter: Annotated[int, typer.Option(min=0, help="Most sweeps of the iterative dual-space scheme.")] = 100,
+    tol: Annotated[int, typer.Option(min=1, help="Stop after this many sweeps without improvement.")] = 5,
     reset_bn: Annotated[bool, typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics of the base models and of the merged model on the data.")] = True,
     input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
-    max_length: Annotated[int, typer.Option(help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
+    max_length: Annotated[int, typer.Option(min=1, help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
     tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (a directory only if it holds a model).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
@@ -123,14 +135,14 @@ def merge_command(
     import torch
 
     from mudsc_graph import METHODS, merge
-    from mudsc_graph.checkpoints import file_sha256, save_checkpoint
+    from mudsc_graph.checkpoints import first_non_finite, save_checkpoint
     from mudsc_graph.data import load_data
 
     from .hf_cmds import input_kind, merge_dirs, refuse_options
     from .progress import RichReporter
 
     if len(checkpoints) < 2:
-        raise MergeCommandError(f"give at least two checkpoints to merge, got {len(checkpoints)}")
+        raise UsageError(f"give at least two checkpoints (or model directories) to merge, got {len(checkpoints)}")
     if method not in METHODS:
         raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     check_tracer(tracer)
@@ -144,7 +156,8 @@ def merge_command(
         return
     if not arch:
         raise MergeCommandError("--arch is required to merge checkpoint files: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
-    check_output(out_path, force)
+    protected = protected_paths(checkpoints, data)
+    check_output(out_path, force, protected)
     dev = resolve_device(device)
     opts = parse_arch_opts(arch_opt)
     architecture = resolve_architecture(arch, parse_shape(input_shape))
@@ -156,7 +169,7 @@ def merge_command(
     stderr = err()
     started = time.perf_counter()
     with stderr.status("loading checkpoints ...", spinner="dots") if not quiet else _nothing():
-        models = load_models(checkpoints, architecture, opts, trust_pickle)
+        models, sources = load_models(checkpoints, architecture, opts, trust_pickle)
     example = example_or_none(architecture)
     batches = None
     if data is not None:
@@ -186,13 +199,19 @@ def merge_command(
         "n_models": len(models),
         "data": data,
         "samples": sum(len(b[0]) for b in batches) if batches else 0,
-        "sources": [{"file": p.name, "sha256": file_sha256(p)} for p in checkpoints],
+        "sources": sources,
         "groups_merged": len(result.matchings),
         "history": result.history,
         "mudsc_version": _version(),
     }
     state = {k: v.detach().to("cpu") for k, v in result.model.state_dict().items()}
-    written = save_checkpoint(out_path, state, metadata, force=force)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise MergeCommandError(
+            f"the merged model's {bad} has NaN or inf values, so nothing was written: the calibration data or the models "
+            "are not finite (or too large; e.g. NaN images poison BatchNorm statistics); check --data and the checkpoints"
+        )
+    written = save_checkpoint(out_path, state, metadata, force=force, inputs=protected)
     total = time.perf_counter() - started
     summary = {
         **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged")},

@@ -32,9 +32,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TaskMetrics", "predict_logits", "accuracy", "task_metrics", "ensemble_logits"]
+from .errors import MudscError
+
+__all__ = ["EvaluationError", "TaskMetrics", "predict_logits", "accuracy", "task_metrics", "ensemble_logits"]
 
 Outputs = Union[torch.Tensor, tuple]
+
+
+class EvaluationError(MudscError, ValueError):
+    """Bad arguments or outputs for an evaluation: a batch size below 1, tasks or labels the model
+    has no output for, NaN logits. Also a :class:`ValueError`, which this module raised before."""
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvaluationError(f"batch size must be a whole number of samples, at least 1, got {batch_size!r}")
+    return batch_size
+
+
+def _check_logits(logits: Any, n: int | None = None, what: str = "the logits") -> torch.Tensor:
+    """``logits`` as a 2-D tensor (one row of class scores per sample), with ``n`` rows if given,
+    and no NaN (``-inf`` is allowed: it is a class that cannot be predicted)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise EvaluationError(f"{what} must be one row of class scores per sample (N x classes), got {shape}")
+    if n is not None and logits.shape[0] != n:
+        raise EvaluationError(f"{what} have {logits.shape[0]} rows but there are {n} labels; give one row per sample")
+    if logits.is_floating_point() or logits.is_complex():
+        rows = torch.isnan(logits).any(dim=1)
+        if bool(rows.any()):
+            i = int(rows.nonzero()[0, 0])
+            raise EvaluationError(f"{what} have NaN values (the first in sample {i}); check the model's weights and the inputs")
+    return logits
+
+
+def _check_labels(y: torch.Tensor, n_cols: int, what: str = "the logits") -> None:
+    if len(y) == 0:
+        return
+    bad = (y < 0) | (y >= n_cols)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise EvaluationError(f"label {int(y[i])} (sample {i}) is outside the {n_cols} classes of {what} (ids 0-{n_cols - 1})")
+
+
+def _check_classes(classes: Sequence[int], n_cols: int, what: str = "the logits") -> None:
+    bad = [c for c in classes if not 0 <= int(c) < n_cols]
+    if bad:
+        raise EvaluationError(f"class {bad[0]} is not one of the {n_cols} classes of {what} (ids 0-{n_cols - 1})")
 
 
 @dataclass
@@ -65,7 +109,7 @@ def _logits(out: Any) -> Any:
         return logits
     if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
         return out["logits"]
-    raise ValueError(f"the model returned a {type(out).__name__}, not logits (a tensor, a tuple of tensors or an output with .logits)")
+    raise EvaluationError(f"the model returned a {type(out).__name__}, not logits (a tensor, a tuple of tensors or an output with .logits)")
 
 
 @torch.no_grad()
@@ -81,12 +125,18 @@ def predict_logits(
     (default: where the model's parameters are); the model is moved there. The model's
     train/eval mode is restored afterwards.
     """
+    batch_size = _check_batch_size(batch_size)
     dev = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.to(dev).eval()
     chunks: list[Any] = []
     keywords = isinstance(x, Mapping)
     n = len(next(iter(x.values()))) if keywords and x else len(x)
+    if keywords:
+        for k, v in x.items():
+            if len(v) != n:
+                first = next(iter(x))
+                raise EvaluationError(f"keyword input {k} has {len(v)} rows but {first} has {n}; give one row per sample in every input")
     try:
         for i in range(0, n, batch_size):
             if keywords:
@@ -101,7 +151,7 @@ def predict_logits(
     finally:
         model.train(was_training)
     if not chunks:
-        raise ValueError("predict_logits needs at least one sample")
+        raise EvaluationError("predict_logits needs at least one sample")
     if isinstance(chunks[0], tuple):
         return tuple(torch.cat([c[k] for c in chunks]) for k in range(len(chunks[0])))
     return torch.cat(chunks)
@@ -116,13 +166,20 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[int] | Non
 
     ``logits`` are indexed by class id. Samples whose label is not in ``classes`` count as wrong;
     select the samples first to leave them out. An empty set of samples gives ``nan``.
+
+    Raises :class:`EvaluationError` for logits that are not ``N x classes`` for the ``N`` labels,
+    NaN logits, a class in ``classes`` that the logits have no column for, or (without
+    ``classes``) a label that has no column.
     """
+    logits = _check_logits(logits, len(y))
     if len(y) == 0:
         return float("nan")
     y = y.to(logits.device)
     if classes is None:
+        _check_labels(y, logits.shape[1])
         pred = logits.argmax(dim=1)
     else:
+        _check_classes(classes, logits.shape[1])
         cls = _as_index(classes, logits.device)
         pred = cls[logits[:, cls].argmax(dim=1)]
     return float((pred == y).float().mean())
@@ -139,19 +196,19 @@ def _head_columns(out: torch.Tensor, task: list[int], head_classes: Sequence[int
         head_classes = "position" if n_cols == len(task) else "class_id"
     if head_classes == "position":
         if n_cols != len(task):
-            raise ValueError(f"a positional head must have one column per class of its task ({len(task)}), it has {n_cols}")
+            raise EvaluationError(f"a positional head must have one column per class of its task ({len(task)}), it has {n_cols}")
         return out
     if head_classes == "class_id":
         if max(task) >= n_cols:
-            raise ValueError(f"a head indexed by class id has {n_cols} columns but its task has class {max(task)}")
+            raise EvaluationError(f"a head indexed by class id has {n_cols} columns but its task has class {max(task)}; check --tasks")
         return out[:, _as_index(task, out.device)]
     cols = list(head_classes)  # explicit: column j is class cols[j]
     if len(cols) != n_cols:
-        raise ValueError(f"head_classes lists {len(cols)} classes but the head has {n_cols} columns")
+        raise EvaluationError(f"head_classes lists {len(cols)} classes but the head has {n_cols} columns")
     where = {c: j for j, c in enumerate(cols)}
     missing = [c for c in task if c not in where]
     if missing:
-        raise ValueError(f"head_classes has no column for classes {missing}")
+        raise EvaluationError(f"head_classes has no column for classes {missing}")
     return out[:, _as_index([where[c] for c in task], out.device)]
 
 
@@ -179,13 +236,15 @@ def task_metrics(
     """
     task_lists = [[int(c) for c in t] for t in tasks]
     if not task_lists or any(not t for t in task_lists):
-        raise ValueError("tasks must be a non-empty list of non-empty class lists")
+        raise EvaluationError("tasks must be a non-empty list of non-empty class lists")
     union = [c for t in task_lists for c in t]
     if len(set(union)) != len(union):
-        raise ValueError(f"tasks must be disjoint, got {task_lists}")
+        raise EvaluationError(f"tasks must be disjoint, got {task_lists}")
+    if min(union) < 0:
+        raise EvaluationError(f"tasks must hold class ids 0..K-1, got {min(union)}")
     if isinstance(model_or_outputs, nn.Module):
         if x is None:
-            raise ValueError("x is needed to run the model")
+            raise EvaluationError("x is needed to run the model")
         outputs: Outputs = predict_logits(model_or_outputs, x, batch_size=batch_size, device=device)
     else:
         outputs = model_or_outputs
@@ -194,20 +253,22 @@ def task_metrics(
 
     if heads == "shared":
         if isinstance(outputs, (tuple, list)):
-            raise ValueError(f"heads='shared' needs one logits tensor, got {len(outputs)} outputs; use heads='separate'")
-        logits = outputs.cpu()
+            raise EvaluationError(f"heads='shared' needs one logits tensor, got {len(outputs)} outputs; use heads='separate'")
+        logits = _check_logits(outputs, len(y)).cpu()
+        _check_classes(union, logits.shape[1], "the model's output")
         joint = accuracy(logits[keep], y[keep], union)
         per_task = [accuracy(logits[_in(y, t)], y[_in(y, t)], t) for t in task_lists]
     elif heads == "separate":
         if not isinstance(outputs, (tuple, list)) or len(outputs) != len(task_lists):
             n = len(outputs) if isinstance(outputs, (tuple, list)) else 1
-            raise ValueError(f"heads='separate' needs one output per task ({len(task_lists)}), got {n}")
+            raise EvaluationError(f"heads='separate' needs one output per task ({len(task_lists)}), got {n}")
+        outputs = [_check_logits(o, len(y), f"the logits of head {i}") for i, o in enumerate(outputs)]
         if head_classes is None or isinstance(head_classes, str):
             per_head = [head_classes] * len(task_lists)
         else:
             per_head = list(head_classes)
             if len(per_head) != len(task_lists):
-                raise ValueError(f"head_classes has {len(per_head)} entries for {len(task_lists)} heads")
+                raise EvaluationError(f"head_classes has {len(per_head)} entries for {len(task_lists)} heads")
         cols = [_head_columns(o.cpu(), t, h) for o, t, h in zip(outputs, task_lists, per_head)]
         probs = torch.cat([F.softmax(c.float(), dim=1) for c in cols], dim=1)  # columns in `union` order
         pred = _as_index(union, probs.device)[probs.argmax(dim=1)]
@@ -218,7 +279,7 @@ def task_metrics(
             pred_t = _as_index(t, c.device)[c[sel].argmax(dim=1)] if sel.any() else y[sel]
             per_task.append(float((pred_t == y[sel]).float().mean()) if sel.any() else float("nan"))
     else:
-        raise ValueError(f"heads must be 'shared' or 'separate', got {heads!r}")
+        raise EvaluationError(f"heads must be 'shared' or 'separate', got {heads!r}")
     return TaskMetrics(joint=joint, per_task=per_task, mean_per_task=sum(per_task) / len(per_task))
 
 
@@ -240,14 +301,16 @@ def ensemble_logits(
     model ``i``'s. Classes no model votes on get ``-inf``.
     """
     if not models:
-        raise ValueError("ensemble_logits needs at least one model")
+        raise EvaluationError("ensemble_logits needs at least one model")
     if classes is not None and len(classes) != len(models):
-        raise ValueError(f"classes has {len(classes)} entries for {len(models)} models")
+        raise EvaluationError(f"classes has {len(classes)} entries for {len(models)} models")
     total: torch.Tensor | None = None
     for i, m in enumerate(models):
         out = predict_logits(m, x, batch_size=batch_size, device=device)
         if isinstance(out, tuple):
-            raise ValueError(f"model {i} returns {len(out)} outputs; ensemble_logits needs one logits tensor per model")
+            raise EvaluationError(f"model {i} returns {len(out)} outputs; ensemble_logits needs one logits tensor per model")
+        if classes is not None:
+            _check_classes(classes[i], out.shape[1], f"model {i}'s output")
         if classes is None:
             p = F.softmax(out, dim=1)
         else:

@@ -27,7 +27,6 @@ import inspect
 import json
 import os
 import re
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .checkpoints import file_sha256, fsync_dir
+from .checkpoints import (
+    CheckpointError, check_not_an_input, check_output_parent, cleanup_on_termination, file_sha256, fsync_dir, temp_path,
+)
 from .errors import MudscError
 
 #: What makes a directory a Hugging Face model directory.
@@ -227,6 +228,8 @@ def load_model_dir(path: str | os.PathLike[str]) -> HFModel:
             model, info = cls.from_pretrained(str(p), config=config, **kwargs)
         except Exception as exc:
             raise HFError(f"transformers cannot load {p} as {getattr(cls, '__name__', cls)}: {_one_line(exc)}") from exc
+    if [(f.name, file_sha256(f)) for f in files] != hashes:  # the hashes must describe what was loaded
+        raise HFError(f"{p}: its weight files changed while they were being read; merge a directory that nothing is writing to")
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
@@ -554,27 +557,16 @@ def example_inputs(hf: HFModel, batch: int = 2, *, length: int = EXAMPLE_LENGTH,
 # --------------------------------------------------------------------------- saving
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
 def check_output_dir(out: str | os.PathLike[str], *, force: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()) -> Path:
     """Refuse an output directory before any work: its parent must exist; an existing one needs
     ``force`` and must itself be a model directory (or empty), so ``--force`` never wipes other files;
     an output that is, or contains, one of ``inputs`` is refused even with ``force``."""
     p = Path(out).expanduser()
-    target = p.resolve()
-    for source in inputs:
-        src = Path(source).expanduser().resolve()
-        if src == target or _inside(src, target):
-            what = "is" if src == target else "contains"
-            raise HFError(f"--out {p} {what} the input {source}; write the merged model somewhere else")
-    if not p.parent.is_dir():
-        raise HFError(f"the directory of --out {p} does not exist; create {p.parent} first")
+    try:
+        check_not_an_input(p, inputs, contains=True)
+        check_output_parent(p)
+    except CheckpointError as exc:
+        raise HFError(f"--out: {exc}") from None
     if p.exists() or p.is_symlink():
         if not force:
             raise HFError(f"{p} exists; pass --force to overwrite")
@@ -609,9 +601,15 @@ def save_model_dir(
         meta_json = json.dumps(dict(metadata), indent=2)
     except (TypeError, ValueError) as exc:
         raise HFError(f"cannot save {p}: metadata is not JSON-serialisable ({exc})") from exc
-    tag = secrets.token_hex(8)
-    tmp = p.with_name(f".{p.name}.{tag}.tmp")
-    old = p.with_name(f".{p.name}.{tag}.old")
+    tmp = temp_path(p)
+    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
+    with cleanup_on_termination():  # SIGTERM mid-save: the temp directory goes too
+        _write_dir(model, p, tmp, old, tokenizer, extra_files, meta_json)
+    fsync_dir(p.parent)
+    return p
+
+
+def _write_dir(model: nn.Module, p: Path, tmp: Path, old: Path, tokenizer: Any, extra_files: Sequence[Any], meta_json: str) -> None:
     try:
         tmp.mkdir()
     except OSError as exc:
@@ -647,8 +645,6 @@ def save_model_dir(
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-    fsync_dir(p.parent)
-    return p
 
 
 __all__ = [

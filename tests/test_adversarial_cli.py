@@ -36,6 +36,11 @@ USAGE = {
     "a value of the wrong type": (["merge", "a.pt", "b.pt", "--arch", "mlp", "--samples", "1.5", "--out", "m.pt"], "--samples"),
     "an unknown option": (["merge", "--bogus"], "--bogus"),
     "no checkpoints": (["merge", "--arch", "mlp", "--out", "m.pt"], "checkpoints"),
+    # 28: one checkpoint is as incomplete as none
+    "one checkpoint": (["merge", "a.pt", "--arch", "mlp", "--out", "m.pt"], "at least two"),
+    # 18: a seed no generator takes
+    "a seed that overflows": (["merge", "a.pt", "b.pt", "--arch", "mlp", "--seed", "100000000000000000000000", "--out", "m.pt"], "--seed"),
+    "a negative batch size": (["eval", "a.pt", "--arch", "mlp", "--data", "digits", "--batch-size", "-3"], "--batch-size"),
     "an unknown command": (["nosuchcommand"], "nosuchcommand"),
     "an inspect option of the wrong type": (["inspect", "--arch", "mlp", "--list", "--json", "--check", "--strict", "--input-shape"], "--input-shape"),
 }

@@ -38,7 +38,10 @@ def _run(*args):
 
 
 def _one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
+    """One ``error:`` line and nothing else wrong: exit 1 for a refused input, 2 for a usage error
+    (fewer than two checkpoints is one, like a missing argument)."""
+    usage = any("at least two" in n for n in needles)
+    assert result.exit_code == (2 if usage else 1), result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
@@ -158,3 +161,155 @@ class _Untraceable(torch.nn.Module):
 def untraceable():
     """Factory of a model that torch.fx cannot trace (used by the error test)."""
     return _Untraceable()
+
+
+# --------------------------------------------------------------------------- the output path is checked before any work (issues 1, 24)
+
+FAST = ["--method", "weight_matching", "--no-reset-bn", "--quiet"]
+
+
+@pytest.fixture
+def no_merge(monkeypatch):
+    """Fail the test if the merge starts: the output path must be refused before any work."""
+    import mudsc_graph
+
+    def merge(*args, **kwargs):
+        raise AssertionError("the merge ran before the output path was checked")
+
+    monkeypatch.setattr(mudsc_graph, "merge", merge)
+
+
+def _snapshot(directory):
+    import os
+
+    return {p.name: (p.read_bytes() if p.is_file() and not p.is_symlink() else os.readlink(p) if p.is_symlink() else None)
+            for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("case", ["same", "dot", "symlink", "hardlink", "data"])
+def test_output_that_is_an_input_is_refused_even_with_force(ckpts, tmp_path, monkeypatch, no_merge, case):
+    import os
+    import shutil
+
+    shutil.copy(ckpts / "a.pt", tmp_path / "a.pt")
+    shutil.copy(ckpts / "b.pt", tmp_path / "b.pt")
+    torch.save({"x": torch.rand(20, 1, 28, 28), "y": torch.arange(20) % 10}, tmp_path / "calib.pt")
+    os.symlink("b.pt", tmp_path / "link.pt")
+    os.link(tmp_path / "b.pt", tmp_path / "hard.pt")
+    monkeypatch.chdir(tmp_path)
+    out = {"same": "b.pt", "dot": "./b.pt", "symlink": "link.pt", "hardlink": "hard.pt", "data": "calib.pt"}[case]
+    before = _snapshot(tmp_path)
+    extra = ["--method", "zipit", "--data", "calib.pt", "--quiet"] if case == "data" else FAST
+    r = _run("merge", "a.pt", "b.pt", *ARCH, *extra, "--force", "--out", out)
+    _one_line_error(r, "--out", "is the input", "somewhere else")
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("out", "needles"),
+    [
+        ("{d}/a.pt/m.pt", ["a.pt is a file, not a directory"]),
+        ("{t}/missing/m.pt", ["does not exist", "create it first"]),
+        ("{t}/" + "m" * 300 + ".pt", ["longer than the", "shorter name"]),
+        ("{t}", ["is a directory"]),
+        ("{t}/m.bin", [".safetensors", ".pt"]),
+    ],
+    ids=["parent-is-a-file", "no-parent", "name-too-long", "a-directory", "suffix"],
+)
+def test_bad_output_paths_are_refused_before_the_merge(ckpts, tmp_path, no_merge, out, needles):
+    before = _snapshot(ckpts), _snapshot(tmp_path)
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, *FAST, "--force", "--out", out.format(d=ckpts, t=tmp_path))
+    _one_line_error(r, "--out", *needles)
+    assert (_snapshot(ckpts), _snapshot(tmp_path)) == before
+
+
+# --------------------------------------------------------------------------- what is recorded and written (issues 8, 26, 4)
+
+
+def test_source_hashes_are_of_the_bytes_that_were_merged(ckpts, tmp_path, monkeypatch):
+    """A source replaced during the merge must not be recorded with the new file's hash."""
+    import hashlib
+    import shutil
+
+    import mudsc_graph
+
+    shutil.copy(ckpts / "a.pt", tmp_path / "a.pt")
+    original = (tmp_path / "a.pt").read_bytes()
+    real_merge = mudsc_graph.merge
+
+    def merge_while_replacing(*args, **kwargs):
+        shutil.copy(ckpts / "b.pt", tmp_path / "a.pt")  # someone replaces the file during the merge
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(mudsc_graph, "merge", merge_while_replacing)
+    out = tmp_path / "m.pt"
+    r = _run("merge", tmp_path / "a.pt", ckpts / "b.pt", *ARCH, *FAST, "--out", out)
+    assert r.exit_code == 0, r.output
+    from mudsc_graph.checkpoints import load_checkpoint
+
+    sources = load_checkpoint(out)[1]["sources"]
+    assert sources[0]["sha256"] == hashlib.sha256(original).hexdigest()
+    assert sources[1]["sha256"] == hashlib.sha256((ckpts / "b.pt").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_the_same_merge_twice_gives_the_same_bytes(ckpts, tmp_path, suffix):
+    outs = [tmp_path / f"one{suffix}", tmp_path / f"two{suffix}"]
+    for out in outs:
+        r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--samples", "100", "--out", out, "--quiet")
+        assert r.exit_code == 0, r.output
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_a_non_finite_merged_model_is_not_written(ckpts, tmp_path, monkeypatch):
+    import mudsc_graph
+
+    real_merge = mudsc_graph.merge
+
+    def poisoned(*args, **kwargs):  # what NaN calibration data does to BatchNorm statistics
+        result = real_merge(*args, **kwargs)
+        with torch.no_grad():
+            result.model.head.bias[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(mudsc_graph, "merge", poisoned)
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, *FAST, "--out", tmp_path / "m.pt")
+    _one_line_error(r, "head.bias", "NaN or inf", "calibration data")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- what is loaded (issues 5, 19)
+
+
+def test_an_edited_safetensors_dtype_is_refused(ckpts, tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "a.safetensors"
+    save_file(torch.load(ckpts / "a.pt"), str(p))
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    p.write_bytes(raw[:8] + raw[8 : 8 + n].replace(b'"F32"', b'"I32"') + raw[8 + n :])
+    out = tmp_path / "m.pt"
+    _one_line_error(_run("merge", p, ckpts / "b.pt", *ARCH, *FAST, "--out", out), "a.safetensors", "torch.int32", "torch.float32")
+    _one_line_error(_run("eval", p, *ARCH, "--data", "digits"), "a.safetensors", "torch.int32", "torch.float32")
+    assert not out.exists()
+
+
+def test_a_sparse_tensor_is_refused_at_load(ckpts, tmp_path):
+    state = torch.load(ckpts / "a.pt")
+    state["layers.0.weight"] = state["layers.0.weight"].to_sparse()
+    torch.save(state, tmp_path / "sparse.pt")
+    _one_line_error(_run("merge", tmp_path / "sparse.pt", ckpts / "b.pt", *ARCH, *FAST, "--out", tmp_path / "m.pt"), "layers.0.weight", "sparse", "to_dense")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_the_seed_picks_the_calibration_samples(ckpts, tmp_path):
+    """Defect 10: the same merge with another --seed reads other samples (so its merged weights differ)."""
+    outs = []
+    for seed in (0, 1):
+        out = tmp_path / f"m{seed}.safetensors"
+        r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--samples", "40", "--method", "zipit",
+                 "--seed", str(seed), "--out", out, "--quiet")
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_bytes())
+    assert outs[0] != outs[1]

@@ -86,6 +86,12 @@ def test_limit_keeps_a_seeded_random_subset():
     assert len(set(a.y.tolist())) > 5  # shuffled, not the first 50 in order
 
 
+def test_the_seed_picks_the_samples():
+    """Defect 10: --seed is documented to pick the calibration samples; it used to be ignored (always seed 0)."""
+    a, b, c = load_data("digits", limit=50, seed=0), load_data("digits", limit=50, seed=1), load_data("digits", limit=50, seed=1)
+    assert torch.equal(b.x, c.x) and not torch.equal(a.x, b.x)
+
+
 def test_batches():
     d = load_data("digits:0-1", split="test")
     batches = d.batches(batch_size=16)
@@ -250,3 +256,161 @@ def test_hook_mudsc_datasets():
     d = load_data("blobs:1,3", registry=reg, split="test")
     assert d.x.shape == (20, 2) and set(d.y.tolist()) == {1, 3} and d.classes == [1, 3]
     assert "unknown dataset 'blobs'" in _error("blobs")  # only in the registry it was added to
+
+
+# --------------------------------------------------------------------------- hostile files (adversarial run)
+
+try:
+    from test_adversarial_data import _within
+except ImportError:  # tests/ collected as a package
+    from tests.test_adversarial_data import _within
+
+
+
+def test_fifos_and_special_files_are_refused_without_blocking(tmp_path):
+    """Defect 3: a FIFO (or a symlink to one) as --data, or inside an image folder, blocked forever."""
+    import os
+
+    for name in ("pipe.pt", "pipe.npz"):
+        os.mkfifo(tmp_path / name)
+        message = _within(lambda name=name: _error(str(tmp_path / name)), tmp_path / name)
+        assert "not a regular file" in message and name in message
+    os.symlink(tmp_path / "pipe.pt", tmp_path / "link.pt")
+    assert "not a regular file" in _within(lambda: _error(str(tmp_path / "link.pt")), tmp_path / "pipe.pt")
+    root = _make_folder(tmp_path / "imgs")
+    os.mkfifo(root / "cat" / "9.png")
+    message = _within(lambda: _error(str(root)), root / "cat" / "9.png")
+    assert "not a regular file" in message and "9.png" in message
+    (root / "cat" / "9.png").unlink()
+    os.symlink(tmp_path / "pipe.npz", root / "dog" / "8.png")
+    message = _within(lambda: _error(str(root)), tmp_path / "pipe.npz")
+    assert "not a regular file" in message and "8.png" in message
+
+
+def test_non_finite_inputs_are_refused_with_the_first_bad_sample(tmp_path):
+    """Defect 4: NaN/inf calibration or evaluation inputs poisoned BatchNorm statistics and accuracies."""
+    x = torch.randn(6, 1, 4, 4)
+    x[3, 0, 1, 2] = float("nan")
+    x[5, 0, 0, 0] = float("inf")
+    torch.save({"x": x, "y": torch.arange(6) % 2}, tmp_path / "nan.pt")
+    message = _error(str(tmp_path / "nan.pt"))
+    assert "nan.pt" in message and "NaN" in message and "sample 3" in message
+    x[3] = 0
+    torch.save({"x": x, "y": torch.arange(6) % 2}, tmp_path / "inf.pt")
+    assert "inf" in _error(str(tmp_path / "inf.pt")) and "sample 5" in _error(str(tmp_path / "inf.pt"))
+    big = np.zeros((4, 3))
+    big[2, 1] = 1e300  # finite in float64, inf once read as float32
+    np.savez(tmp_path / "big.npz", x=big, y=np.arange(4) % 2)
+    assert "sample 2" in _error(str(tmp_path / "big.npz"))
+
+    class _NaNPlugin:
+        @hookimpl
+        def mudsc_datasets(self):
+            def load(split):
+                x = torch.zeros(8, 2)
+                x[1, 0] = float("nan")
+                return x, torch.arange(8) % 2
+
+            return [Dataset("nanblobs", load=load, classes=2, input_shape=(2,))]
+
+    message = _error("nanblobs", registry=mudsc_graph.registry_with(_NaNPlugin()))
+    assert "nanblobs" in message and "sample 1" in message
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: sparse CSR is beta, quantized tensors are deprecated
+def test_sparse_and_other_non_strided_tensors_are_refused(tmp_path):
+    """Defect 19: a sparse tensor in a data file gave NotImplementedError."""
+    dense = torch.eye(4)
+    cases = {
+        "coo": {"x": dense.to_sparse(), "y": torch.arange(4) % 2},
+        "csr": {"x": dense.to_sparse_csr(), "y": torch.arange(4) % 2},
+        "sparse_y": {"x": dense, "y": (torch.arange(4) % 2).to_sparse()},
+    }
+    for name, content in cases.items():
+        torch.save(content, tmp_path / f"{name}.pt")
+        message = _error(str(tmp_path / f"{name}.pt"))
+        assert "sparse" in message and "to_dense" in message, message
+    torch.save({"x": torch.zeros(4, 2, device="meta"), "y": torch.arange(4) % 2}, tmp_path / "meta.pt")
+    assert "meta" in _error(str(tmp_path / "meta.pt"))
+    q = torch.quantize_per_tensor(torch.zeros(4, 2), 0.1, 0, torch.qint8)
+    torch.save({"x": q, "y": torch.arange(4) % 2}, tmp_path / "q.pt")
+    _error(str(tmp_path / "q.pt"))
+
+
+@pytest.mark.parametrize(
+    "x, y, needle",
+    [
+        (np.array([["a", "b"], ["c", "d"]]), np.array([0, 1]), "not numbers"),
+        (np.zeros((2, 2)), np.array(["a", "b"]), "integer class labels"),
+        (np.zeros((2, 2), dtype="datetime64[s]"), np.array([0, 1]), "not numbers"),
+        (np.zeros((2, 2), dtype=complex), np.array([0, 1]), "not numbers"),
+        (np.zeros((2, 2), dtype=bool), np.array([0, 1]), "not numbers"),
+        (np.zeros((2, 2)), np.array([True, False]), "integer class labels"),
+        (np.zeros((2, 2)), np.array([0, 2**62]), "too large"),
+        (np.zeros((2, 2)), np.array([0, 2**64 - 1], dtype=np.uint64), "too large"),
+        (np.zeros((2, 2)), np.array([0.0, 1e30]), "too large"),
+        (np.zeros((2, 2)), np.array([0.0, np.nan]), "integer class labels"),
+        (np.zeros((2, 2)), np.array([0.0, 1.5]), "integer class labels"),
+        (np.zeros((2, 2)), np.array([0, -3]), "-3"),
+    ],
+    ids=["str-x", "str-y", "datetime-x", "complex-x", "bool-x", "bool-y", "2**62", "uint64-max", "1e30", "nan-label", "1.5", "negative"],
+)
+def test_wrong_dtypes_and_labels_are_one_line(tmp_path, x, y, needle):
+    """Defect 20: strings gave TypeError, a label of 2**62 a MemoryError from range(max label)."""
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    message = _error(str(tmp_path / "d.npz"))
+    assert needle in message and "d.npz" in message, message
+    torch_y = torch.as_tensor(y) if y.dtype.kind in "iuf" and y.dtype != np.uint64 else None
+    if torch_y is not None and x.dtype.kind == "f":  # the same through a .pt file
+        torch.save({"x": torch.as_tensor(x), "y": torch_y}, tmp_path / "d.pt")
+        assert needle in _error(str(tmp_path / "d.pt"))
+
+
+def _png_declaring(path, width: int, height: int) -> None:
+    """A 1x1 PNG whose IHDR claims ``width x height`` (with a valid CRC): a decompression bomb's header."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    assert b[12:16] == b"IHDR"
+    b[16:24] = struct.pack(">II", width, height)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (10_000, 10_000)], ids=["bomb-error", "bomb-warning"])
+def test_image_folder_decompression_bomb_is_one_line(tmp_path, size):
+    """Defect 21: Pillow's DecompressionBombError (and its warning) escaped as a traceback."""
+    import warnings
+
+    root = _make_folder(tmp_path / "imgs")
+    _png_declaring(root / "owl" / "bomb.png", *size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning must not escape either
+        message = _error(str(root))
+    assert "bomb.png" in message and "decompression bomb" in message, message
+
+
+def test_image_folder_truncated_corrupt_and_empty(tmp_path):
+    root = _make_folder(tmp_path / "imgs")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L").save(root / "cat" / "big.png")
+    data_bytes = (root / "cat" / "big.png").read_bytes()
+    (root / "cat" / "big.png").write_bytes(data_bytes[: len(data_bytes) // 2])  # header fine, pixels cut off
+    message = _error(str(root))
+    assert "cannot read image" in message and "big.png" in message
+    (root / "cat" / "big.png").write_bytes(data_bytes[:40])  # cut inside the header chunks
+    assert "big.png" in _error(str(root))
+    (root / "cat" / "big.png").write_bytes(b"")
+    assert "big.png" in _error(str(root))
+    (root / "cat" / "big.png").unlink()
+    import shutil
+
+    for sub in ("cat", "dog", "owl"):
+        shutil.rmtree(root / sub)
+        (root / sub).mkdir()
+    (root / "cat" / "a.txt").write_text("no images here")
+    assert "has no images" in _error(str(root))

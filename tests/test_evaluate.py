@@ -241,3 +241,56 @@ def test_train_classifier_is_deterministic_and_reports_epochs():
     assert events == [("start", "training", 3)] + [("advance", 1, ["loss"])] * 3 + [("end",)]
     with pytest.raises(ValueError, match="no training samples"):
         train_classifier(_tiny(0), x, y, [7], epochs=1)
+
+
+# --------------------------------------------------------------------------- bad arguments (adversarial run)
+
+
+def test_evaluation_errors_are_one_line_mudsc_errors():
+    """Defect 13: a batch size of 0 raised ValueError from range() (negative: 'needs one sample')."""
+    from mudsc_graph.errors import MudscError
+    from mudsc_graph.evaluate import EvaluationError
+
+    assert issubclass(EvaluationError, MudscError) and issubclass(EvaluationError, ValueError)  # old except ValueError still works
+    lin = nn.Linear(4, 3)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(EvaluationError, match="batch size"):
+            predict_logits(lin, torch.randn(5, 4), batch_size=bad)
+    with pytest.raises(EvaluationError, match="at least one sample"):
+        predict_logits(lin, torch.randn(0, 4))
+
+
+def test_classes_and_labels_the_logits_do_not_have_are_refused():
+    """Defect 14: --tasks naming a class the model has no output for gave an IndexError."""
+    from mudsc_graph.evaluate import EvaluationError
+
+    logits = torch.zeros(3, 5)
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(EvaluationError, match=r"class 7 .* 5 classes"):
+        accuracy(logits, y, classes=[0, 7])
+    with pytest.raises(EvaluationError, match=r"class 9 .* 5 classes"):
+        task_metrics(logits, None, y, [[0, 1], [2, 9]])
+    with pytest.raises(EvaluationError, match=r"label 9 \(sample 1\) .* 5 classes"):
+        accuracy(logits, torch.tensor([0, 9, 1]))
+    with pytest.raises(EvaluationError, match="3 rows .* 4 labels"):
+        accuracy(logits, torch.tensor([0, 1, 2, 3]))  # used to broadcast silently when one side had 1 row
+    with pytest.raises(EvaluationError, match="one row of class scores"):
+        accuracy(torch.zeros(3), y)
+
+
+def test_nan_logits_are_refused_not_counted():
+    """Defect 7 (library part): NaN outputs gave an accuracy (argmax of NaN) instead of an error."""
+    from mudsc_graph.evaluate import EvaluationError
+
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = float("nan")
+    y = torch.tensor([0, 1, 2])
+    with pytest.raises(EvaluationError, match=r"NaN .*sample 1"):
+        accuracy(logits, y)
+    with pytest.raises(EvaluationError, match=r"NaN .*sample 1"):
+        task_metrics(logits, None, y, TASKS)
+    with pytest.raises(EvaluationError, match=r"NaN .*sample 1"):
+        task_metrics((logits[:, :2], logits[:, 2:]), None, y, TASKS, heads="separate")
+    ok = torch.zeros(3, 4)
+    ok[:, 3] = float("-inf")  # -inf is what ensemble_logits gives a class no model votes on: allowed
+    assert accuracy(ok, y) == pytest.approx(1 / 3)
