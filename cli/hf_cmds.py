@@ -97,8 +97,10 @@ def merge_dirs(
             "per model, is not a Hugging Face class and cannot be saved with save_pretrained; merge the whole model, "
             "or use the library (mudsc_graph.merge(..., stop_at=...)) and save its state_dict"
         )
-    needs_data = method not in ("weight_matching", "weight_zip", "average")
-    if data is None and needs_data:
+    from mudsc_graph.merge import resolve_method
+    from mudsc_graph.registry import get_registry
+
+    if data is None and resolve_method(get_registry(), method, mode, alpha).needs_activations:
         raise MergeCommandError(f"--method {method} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
     from mudsc_graph.checkpoints import SAVE_SUFFIXES
 

@@ -23,7 +23,10 @@ from mudsc_graph.errors import MudscError
 from .archs import MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
 from .console import UsageError, err, out, print_warning
 
-METHOD_HELP = "Merging method: average, weight_matching, weight_zip, activation_matching, zipit or mudsc."
+METHOD_HELP = (
+    "Merging method: average, weight_matching, weight_zip, activation_matching, zipit, mudsc, or any method or matcher "
+    "a plugin registers (mudsc plugins lists them)."
+)
 
 
 class MergeCommandError(MudscError):
@@ -134,7 +137,9 @@ def merge_command(
     """Merge two or more checkpoints (or Hugging Face model directories) of one architecture into one, without training."""
     import torch
 
-    from mudsc_graph import METHODS, merge
+    from mudsc_graph import merge
+    from mudsc_graph.merge import resolve_method
+    from mudsc_graph.registry import get_registry
     from mudsc_graph.checkpoints import first_non_finite, save_checkpoint
     from mudsc_graph.data import load_data
 
@@ -143,8 +148,10 @@ def merge_command(
 
     if len(checkpoints) < 2:
         raise UsageError(f"give at least two checkpoints (or model directories) to merge, got {len(checkpoints)}")
-    if method not in METHODS:
-        raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    names = get_registry().method_names()
+    if method not in names:
+        raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(names)}")
+    resolved = resolve_method(get_registry(), method, mode, alpha)  # before any work: one line for a bad mode or alpha
     check_tracer(tracer)
     if input_kind(checkpoints) == "dir":
         refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
@@ -161,7 +168,7 @@ def merge_command(
     dev = resolve_device(device)
     opts = parse_arch_opts(arch_opt)
     architecture = resolve_architecture(arch, parse_shape(input_shape))
-    needs_data = method != "weight_matching" and method != "weight_zip" and method != "average"
+    needs_data = resolved.needs_activations
     if data is None and (needs_data or reset_bn):
         why = f"--method {method}" if needs_data else "resetting BatchNorm statistics (or pass --no-reset-bn)"
         raise MergeCommandError(f"{why} needs calibration data: pass --data (e.g. --data mnist5k)")

@@ -13,14 +13,23 @@ from .analyze import Analysis, analyze, analyze_full  # noqa: E402
 from .errors import AnalysisError, MudscError, PluginError, SpecCheckError, SpecError, TraceError, UnsupportedOpError
 from .groups import Group, MergeSpec, Probe
 from .hookspecs import hookimpl
-from .merge import METHODS, MergeError, MergeResult, PreparedMerge, merge, prepare
-from .records import Architecture, Dataset, LayerHandler, MatchingStrategy
+from .merge import MergeError, MergeResult, PreparedMerge, merge, prepare
+from .records import Architecture, Dataset, LayerHandler, MatchingStrategy, MergeMethod
 from .registry import Registry, get_registry, registry_with, reset_registry
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``mudsc_graph.METHODS``: the method names the registry knows (see :mod:`mudsc_graph.merge`)."""
+    if name == "METHODS":
+        from .merge import __getattr__ as methods
+
+        return methods(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
-    "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatchingStrategy", "MergeSpec", "MudscError", "PluginError",
+    "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatchingStrategy", "MergeMethod", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
     "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "METHODS", "prepare", "PreparedMerge", "registry_with",
     "reset_registry",

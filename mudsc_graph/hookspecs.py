@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pluggy
 
-from .records import Architecture, Dataset, LayerHandler, MatchingStrategy
+from .records import Architecture, Dataset, LayerHandler, MatchingStrategy, MergeMethod
 
 PROJECT = "mudsc"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -75,6 +75,23 @@ def mudsc_matching_strategies() -> Iterable[MatchingStrategy]:
         def mudsc_matching_strategies():
             return [MatchingStrategy("keep_order", match=lambda sims, n_models, blocks, **kw:
                                      [identity_matching(s.shape[0] // n_models, n_models) for s in sims])]
+    """
+
+
+@hookspec
+def mudsc_merge_methods() -> Iterable[MergeMethod]:
+    """Register merging methods that ``merge(method=NAME)`` and ``mudsc merge --method NAME`` accept.
+
+    Called once when the registry is built. Return :class:`~mudsc_graph.records.MergeMethod`
+    records: a name, the matching strategy it uses (or ``None``: the ``mode`` argument picks one),
+    the ``alpha`` it fixes (or ``None``: the argument) and when it needs activation data. The
+    built-ins (``average``, ``weight_matching``, ``weight_zip``, ``activation_matching``, ``zipit``,
+    ``mudsc``) register through this hook. A matching strategy that no method names is usable as
+    a method of its own. Example (Git Re-Basin's weight matching with a plugin's matcher)::
+
+        @hookimpl
+        def mudsc_merge_methods():
+            return [MergeMethod("greedy_weights", matcher="greedy", alpha=1.0, description="weights only, greedy pairs")]
     """
 
 

@@ -24,6 +24,7 @@ from .errors import MudscError
 from .groups import MergeSpec
 from .iterate import DualSpaceSolver
 from .merged_model import build_partial, stop_index
+from .records import MatchingStrategy, MergeMethod
 from .registry import Registry, get_registry
 from .report import NullReporter, Reporter
 from .inputs import as_inputs, take_rows, tensors, to_device
@@ -36,15 +37,12 @@ class MergeError(MudscError):
     """The models or data given to ``merge`` cannot be merged as asked."""
 
 
-# method -> (alpha, matcher); None: taken from the arguments
-METHODS: dict[str, tuple[float | None, str | None]] = {
-    "average": (None, "identity"),
-    "weight_matching": (1.0, "align"),
-    "weight_zip": (1.0, "zip"),
-    "activation_matching": (0.0, "align"),
-    "zipit": (0.0, "zip"),
-    "mudsc": (None, None),
-}
+def __getattr__(name: str) -> Any:
+    """``METHODS``: the names ``merge(method=...)`` accepts, read from the registry (methods and
+    matching strategies that plugins register included)."""
+    if name == "METHODS":
+        return tuple(get_registry().method_names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -136,21 +134,38 @@ def _resolve_device(device: Any, model: nn.Module) -> torch.device:
     return dev
 
 
-def _resolve_method(method: str, mode: str, alpha: float) -> tuple[str, str, float]:
-    """(matcher name, mode, alpha) of ``method``; one clear error for a bad method, mode or alpha."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """What one merge runs: the method record, its matching strategy, the mode it reports and alpha."""
+
+    method: MergeMethod
+    matcher: MatchingStrategy
+    mode: str
+    alpha: float
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.method.needs_activations(self.alpha)
+
+
+def resolve_method(registry: Registry, method: Any, mode: Any, alpha: Any) -> ResolvedMethod:
+    """The method, matcher, mode and alpha of a merge; one clear :class:`MergeError` for a bad one."""
+    from .errors import PluginError
+
+    try:
+        record = registry.merge_method(method)
+    except PluginError as exc:
+        raise MergeError(str(exc)) from None
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
         raise MergeError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    fixed_alpha, matcher_name = METHODS[method]
-    if method == "mudsc":
-        if mode not in ("align", "zip"):
-            raise MergeError(f"unknown mode {mode!r}; choose align or zip")
-        if not 0.0 <= alpha <= 1.0:
-            raise MergeError(f"alpha must lie in [0, 1], got {alpha}")
-        return mode, mode, alpha
-    assert matcher_name is not None
-    return matcher_name, {"identity": "average"}.get(matcher_name, matcher_name), fixed_alpha if fixed_alpha is not None else 0.0
+    if record.alpha is None and not 0.0 <= alpha <= 1.0:
+        raise MergeError(f"alpha must lie in [0, 1], got {alpha}")
+    name = record.matcher_for(mode)
+    if name not in registry.matchers:
+        choices = ", ".join(n for n in registry.matchers if n != "identity")
+        raise MergeError(f"unknown mode {mode!r} for method {record.name!r}; choose one of {choices}")
+    label = name if record.matcher is None else {"identity": "average"}.get(name, name)
+    return ResolvedMethod(record, registry.matcher(name), label, record.alpha_for(alpha))
 
 
 class PreparedMerge:
@@ -250,10 +265,11 @@ class PreparedMerge:
         zip_b: float = 1.0,
     ) -> MergeResult:
         """One merged model (the arguments as in :func:`merge`); ``timings`` covers this call's stages."""
-        matcher_name, mode, alpha = _resolve_method(method, mode, alpha)
+        resolved = resolve_method(self.registry, method, mode, alpha)
         _check_merge_options(stop_at, max_iter, tol, seed)
-        matcher = self.registry.matcher(matcher_name)
-        needs_act = method != "average" and alpha < 1.0
+        matcher, matcher_name, mode, alpha = resolved.matcher, resolved.matcher.name, resolved.mode, resolved.alpha
+        method = resolved.method.name
+        needs_act = resolved.needs_activations
         if needs_act and self.batches is None:
             raise MergeError(f"method {method!r} needs calibration data: pass data=")
         timings: dict[str, float] = {}
@@ -263,6 +279,17 @@ class PreparedMerge:
             k = stop_index(self.order, stop_at)
             trunk = {name for name, _ in self.order[: k + 1]}
         gids = [g for g in _groups_to_merge(spec, self.analysis, trunk) if g not in self.anchored]
+        if not matcher.supports_blocks:  # heads and GroupNorm groups are averaged in place
+            blocked = [g for g in gids if spec.groups[g].blocks > 1]
+            if blocked:
+                import warnings
+
+                warnings.warn(
+                    f"matcher {matcher_name!r} cannot match blocks: {len(blocked)} block groups (attention heads, GroupNorm "
+                    f"groups, grouped convolutions) are averaged in place, not matched",
+                    stacklevel=2,
+                )
+                gids = [g for g in gids if g not in blocked]
 
         act = None
         if needs_act and gids:
@@ -389,9 +416,9 @@ def merge(
     Several merges of the same models and data (an alpha sweep, a comparison of methods) share
     most of the work through :func:`prepare`.
     """
-    _, _, checked_alpha = _resolve_method(method, mode, alpha)
+    resolved = resolve_method(registry or get_registry(), method, mode, alpha)
     _check_merge_options(stop_at, max_iter, tol, seed)
-    if data is None and method != "average" and checked_alpha < 1.0:
+    if data is None and resolved.needs_activations:
         raise MergeError(f"method {method!r} needs calibration data: pass data=")
     prepared = PreparedMerge(
         models, data=data, example_inputs=example_inputs, device=device, reset_bn=reset_bn, probe=probe,

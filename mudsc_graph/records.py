@@ -120,8 +120,10 @@ class MatchingStrategy:
     coupling (usually one; Q/K and V/O of an attention layer are matched together), each
     ``(n_models * units) x (n_models * units)`` with the models' units stacked in order, and returns
     one :class:`~mudsc_graph.matching.Matching` per matrix. ``blocks > 1`` asks for a block
-    structured result (heads, GroupNorm groups); a strategy with ``supports_blocks=False`` is
-    then refused with a clear error.
+    structured result (heads, GroupNorm groups); a strategy with ``supports_blocks=False`` never
+    gets such a call: block groups are then averaged in place (not matched), with a warning.
+    A strategy is usable as a method of its own (``merge(method=NAME)``: dual-space similarity with
+    the ``alpha`` argument) and as ``merge(method="mudsc", mode=NAME)``.
     """
 
     name: str
@@ -136,6 +138,51 @@ class MatchingStrategy:
         _check_name("MatchingStrategy", self.name)
         if not callable(self.match):
             raise PluginError(f"MatchingStrategy {self.name!r}: match must be callable")
+
+
+ACTIVATIONS = ("by_alpha", "always", "never")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merging method: what ``merge(method=NAME)`` and ``mudsc merge --method NAME`` accept.
+
+    ``matcher`` names the :class:`MatchingStrategy` that turns the similarity into merge / unmerge
+    maps, or is ``None`` when the ``mode`` argument names it (``mudsc``: ``align``, ``zip`` or any
+    registered matcher; ``default_mode`` when none is given). ``alpha`` is the weight-space share the
+    method fixes in ``S = alpha * S_weight + (1 - alpha) * S_act``, or ``None`` to take the
+    ``alpha`` argument. ``activations`` says when the method needs calibration data for activation
+    statistics: ``"by_alpha"`` (when ``alpha < 1``), ``"always"`` or ``"never"``.
+    """
+
+    name: str
+    matcher: str | None
+    alpha: float | None = None
+    description: str = ""
+    default_mode: str | None = None
+    activations: str = "by_alpha"
+
+    def __post_init__(self) -> None:
+        _check_name("MergeMethod", self.name)
+        if self.matcher is None and self.default_mode is None:
+            raise PluginError(f"MergeMethod {self.name!r}: give a matcher, or a default_mode for the mode argument to override")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise PluginError(f"MergeMethod {self.name!r}: alpha must be None or a number in [0, 1], got {self.alpha!r}")
+        if self.activations not in ACTIVATIONS:
+            raise PluginError(f"MergeMethod {self.name!r}: activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+
+    def matcher_for(self, mode: str | None) -> str:
+        """The matching strategy's name: the method's own, else ``mode`` (else ``default_mode``)."""
+        return self.matcher if self.matcher is not None else (mode or self.default_mode)  # type: ignore[return-value]
+
+    def alpha_for(self, alpha: float) -> float:
+        return float(self.alpha) if self.alpha is not None else float(alpha)
+
+    def needs_activations(self, alpha: float) -> bool:
+        """Whether a merge with this (resolved) ``alpha`` reads activation statistics."""
+        if self.activations == "by_alpha":
+            return self.alpha_for(alpha) < 1.0
+        return self.activations == "always"
 
 
 @dataclass(frozen=True)

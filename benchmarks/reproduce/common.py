@@ -1,6 +1,6 @@
 """Shared helpers of the reproduction benchmarks: configs, data splits, a cached model-pair trainer, timing.
 
-The protocol is ARCHITECTURE.md section 6: two models of one architecture are trained from
+The protocol (docs/results.md, docs/findings.md): two models of one architecture are trained from
 different initialisations on disjoint class subsets (5 + 5), both ending in the same fixed
 class-embedding head (same head seed), so every backbone layer can be merged.
 

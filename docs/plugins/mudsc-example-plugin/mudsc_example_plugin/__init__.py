@@ -1,11 +1,14 @@
-"""An example mudsc plugin: a layer handler for ``LowRankLinear`` and an architecture using it."""
+"""An example mudsc plugin: a layer handler for ``LowRankLinear``, an architecture using it, and a
+matching strategy (``greedy``) that ``merge(method="greedy")`` and ``mudsc merge --method greedy``
+then accept, like the built-in methods."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mudsc_graph import Architecture, LayerHandler, hookimpl
+from mudsc_graph import Architecture, LayerHandler, MatchingStrategy, hookimpl
+from mudsc_graph.matching import matching_from_labels, validate_sims
 
 
 class LowRankLinear(nn.Module):
@@ -57,3 +60,35 @@ def mudsc_architectures():
     return [Architecture("example_lowrank_mlp", factory=lowrank_mlp,
                          example_inputs=lambda b: (torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(0)),),
                          description="MLP with a low-rank middle layer (from mudsc-example-plugin)")]
+
+
+def greedy_match(sims, n_models, blocks=1, **options):
+    """Pair every model's units with model 0's greedily: repeatedly the most similar free pair of the
+    cross block (a cheaper, less exact stand-in for the linear assignment of ``align``)."""
+    if options:
+        raise ValueError(f"matching strategy 'greedy' takes no options, got {', '.join(options)}")
+    out = []
+    for sim, o in zip(sims, validate_sims(sims, n_models, blocks)):
+        labels = torch.empty(n_models * o, dtype=torch.long)
+        labels[:o] = torch.arange(o)
+        scores = []
+        for i in range(1, n_models):
+            cross = sim[:o, i * o : (i + 1) * o].detach().cpu()
+            order = torch.argsort(cross.flatten(), descending=True)
+            taken_rows, taken_cols = torch.zeros(o, dtype=torch.bool), torch.zeros(o, dtype=torch.bool)
+            for flat in order.tolist():
+                r, c = divmod(flat, o)
+                if not taken_rows[r] and not taken_cols[c]:
+                    taken_rows[r] = taken_cols[c] = True
+                    labels[i * o + c] = r
+                    scores.append(float(cross[r, c]))
+                    if bool(taken_rows.all()):
+                        break
+        out.append(matching_from_labels(labels.to(sim.device), n_models, o, sum(scores) / max(len(scores), 1)))
+    return out
+
+
+@hookimpl
+def mudsc_matching_strategies():
+    return [MatchingStrategy("greedy", greedy_match, supports_blocks=False, uses_within_model=False,
+                             description="greedy pairs against model 0 (from mudsc-example-plugin); no block matching")]
