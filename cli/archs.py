@@ -10,7 +10,7 @@ import importlib
 import inspect
 from typing import Any, Optional
 
-from mudsc_graph.errors import MudscError
+from mudsc_graph.errors import MudscError, first_line
 
 #: Batch size of the example inputs that a model is traced and checked with.
 EXAMPLE_BATCH = 2
@@ -174,7 +174,7 @@ def build_model(arch: Any, opts: dict[str, Any], seed: int = 0) -> Any:
     except MudscError:
         raise
     except Exception as exc:  # the factory is the user's (or a plugin's) code: say what it said
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
         if opts:
             shown = " ".join(f"{k}={v!r}" for k, v in opts.items())
             raise ArchOptionError(f"architecture {arch.name!r} rejected the options {shown}: {reason}") from exc

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import MudscError
+from .errors import MudscError, first_line
 from .inputs import as_inputs, batch_size, call, describe, to_device
 
 
@@ -45,7 +45,7 @@ def reset_bn_stats(model: torch.nn.Module, batches: Iterable, inputs_from_batch:
                 small = " (BatchNorm in training mode needs at least 2 samples per batch)" if batch_size(inputs) == 1 else ""
                 raise BatchNormResetError(
                     f"resetting BatchNorm statistics: the model failed on calibration batch {k} ({describe(inputs)}){small}: "
-                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    f"{type(exc).__name__}: {first_line(exc)}"
                 ) from exc
     finally:
         for m, mom in zip(bns, momenta):

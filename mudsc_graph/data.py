@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MudscError, PluginError
+from .errors import MudscError, PluginError, first_line
 
 SPLITS = ("train", "test")
 #: Fraction of each class that goes to the train split (built-ins and image folders).
@@ -333,7 +333,7 @@ def _as_array(value: Any, name: str, where: str) -> np.ndarray:
     try:
         return np.asarray(value)
     except Exception as exc:  # ragged lists, objects that refuse conversion ...
-        raise DataError(f"{where}: {name} is not an array ({type(value).__name__}: {_first_line(exc)}); save a numeric array") from None
+        raise DataError(f"{where}: {name} is not an array ({type(value).__name__}: {first_line(exc, '.: ')}); save a numeric array") from None
 
 
 def _inputs(value: Any, where: str) -> torch.Tensor:
@@ -407,10 +407,6 @@ def _as_tensors(x: Any, y: Any, where: str, *, grey_images: bool = False) -> tup
     if grey_images and x.dim() == 3:  # N x H x W grey images
         x = x.unsqueeze(1)
     return x, y
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0].rstrip(".: ") or type(exc).__name__
 
 
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -523,7 +519,7 @@ def _parse_plain(f: Any, where: str, suffix: str) -> Any:
             ) from None
         if isinstance(exc, EOFError):
             raise DataError(f"{where} is truncated (it ends too early); save it again with torch.save or numpy.savez") from None
-        raise DataError(f"{where} cannot be read ({type(exc).__name__}: {_first_line(exc)}); save it with torch.save or numpy.savez") from None
+        raise DataError(f"{where} cannot be read ({type(exc).__name__}: {first_line(exc, '.: ')}); save it with torch.save or numpy.savez") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -599,7 +595,7 @@ def _read_folder(root_name: str, stamp: tuple) -> tuple[np.ndarray, np.ndarray, 
             except DataError:
                 raise
             except Exception as exc:  # decoding arbitrary bytes: any failure is the file's fault
-                raise DataError(f"cannot read image {p}: {_first_line(exc)}; remove or replace the file") from None
+                raise DataError(f"cannot read image {p}: {first_line(exc, '.: ')}; remove or replace the file") from None
     x = np.stack(arrays)
     x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64), len(subdirs)
@@ -646,12 +642,12 @@ class _image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             self.file.close()
             raise DataError(
-                f"image {self.path} is too large to decode safely ({_first_line(exc).split(',')[0]}): a possible decompression bomb; "
+                f"image {self.path} is too large to decode safely ({first_line(exc, '.: ').split(',')[0]}): a possible decompression bomb; "
                 "shrink it or remove it"
             ) from None
         except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from a broken header ...
             self.file.close()
-            raise DataError(f"cannot read image {self.path}: {_first_line(exc)}; remove or replace the file") from None
+            raise DataError(f"cannot read image {self.path}: {first_line(exc, '.: ')}; remove or replace the file") from None
         return self.im
 
     def __exit__(self, *exc: Any) -> None:

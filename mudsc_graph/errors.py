@@ -8,6 +8,17 @@ with code 1; anything else is a bug and propagates with its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, strip: str = "") -> str:
+    """The first line of an exception's message (ANSI colour codes removed), ``strip`` characters
+    taken off its end; the exception's type name when the message is empty. For one-line errors
+    that quote what a library said."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    line = (text.splitlines() or [""])[0].strip().rstrip(strip)
+    return line or type(exc).__name__
+
+
 class MudscError(Exception):
     """Base class of every user-facing mudsc error."""
 

@@ -35,10 +35,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .stats import LABEL_KEYS  # label columns of a token file, tried in this order
 from .checkpoints import (
     CheckpointError, check_not_an_input, check_output_parent, cleanup_on_termination, file_sha256, fsync_dir, temp_path,
 )
-from .errors import MudscError
+from .errors import MudscError, first_line
 
 #: What makes a directory a Hugging Face model directory.
 CONFIG_FILE = "config.json"
@@ -56,8 +57,6 @@ EXTRA_FILES = ("preprocessor_config.json",)
 #: Suffixes of checkpoint and data files: a missing path with one is a missing file, not a hub id.
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz", ".txt", ".json")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-#: Label columns of a token file, tried in this order.
-LABEL_KEYS = ("labels", "label", "y")
 #: Sequence length of the example inputs built from a text model's config.
 EXAMPLE_LENGTH = 8
 
@@ -127,12 +126,6 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _one_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    first = (text.splitlines() or [""])[0].strip().rstrip(".")
-    return first or type(exc).__name__
-
-
 def weight_files(path: Path) -> list[Path]:
     """The weight files transformers loads from ``path``: safetensors first, then ``.bin``; shards by their index."""
     for single, index in WEIGHT_FILES:
@@ -143,7 +136,7 @@ def weight_files(path: Path) -> list[Path]:
                 weight_map = json.loads((path / index).read_text())["weight_map"]
                 names = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise HFError(f"cannot read the shard index {path / index}: {_one_line(exc)}") from None
+                raise HFError(f"cannot read the shard index {path / index}: {first_line(exc, '.')}") from None
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise HFError(f"{path}: the shard index {index} names {missing[0]}, which is missing; copy every shard")
@@ -219,7 +212,7 @@ def load_model_dir(path: str | os.PathLike[str]) -> HFModel:
         try:
             config = AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # transformers parsing a user's directory: any failure is the directory's
-            raise HFError(f"cannot read {p / CONFIG_FILE}: {_one_line(exc)}") from exc
+            raise HFError(f"cannot read {p / CONFIG_FILE}: {first_line(exc, '.')}") from exc
         cls = model_class(config, p)
         kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True, "trust_remote_code": False}
         if "weights_only" in inspect.signature(cls.from_pretrained).parameters:
@@ -227,7 +220,7 @@ def load_model_dir(path: str | os.PathLike[str]) -> HFModel:
         try:
             model, info = cls.from_pretrained(str(p), config=config, **kwargs)
         except Exception as exc:
-            raise HFError(f"transformers cannot load {p} as {getattr(cls, '__name__', cls)}: {_one_line(exc)}") from exc
+            raise HFError(f"transformers cannot load {p} as {getattr(cls, '__name__', cls)}: {first_line(exc, '.')}") from exc
     if [(f.name, file_sha256(f)) for f in files] != hashes:  # the hashes must describe what was loaded
         raise HFError(f"{p}: its weight files changed while they were being read; merge a directory that nothing is writing to")
     missing = sorted(info.get("missing_keys") or [])
@@ -295,7 +288,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
         try:
             return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         except Exception as exc:
-            raise HFError(f"transformers cannot load the tokenizer of {p}: {_one_line(exc)}") from exc
+            raise HFError(f"transformers cannot load the tokenizer of {p}: {first_line(exc, '.')}") from exc
 
 
 @dataclass
@@ -399,7 +392,7 @@ def load_text_file(tokenizer: Any, path: str | os.PathLike[str], *, max_length: 
     try:
         encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False)
     except Exception as exc:  # a tokenizer's failure on a user's text
-        raise HFError(f"the tokenizer cannot tokenise {path}: {_one_line(exc)}") from exc
+        raise HFError(f"the tokenizer cannot tokenise {path}: {first_line(exc, '.')}") from exc
     ids_list = [list(ids) for ids in encoded["input_ids"]]
     length = max(len(ids) for ids in ids_list)
     if length == 0:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .analyze import analyze_full
 from .bn import has_batchnorm, reset_bn_stats
+from .checkpoints import first_non_finite
 from .errors import MudscError
 from .groups import MergeSpec
 from .iterate import DualSpaceSolver
@@ -348,7 +349,7 @@ class PreparedMerge:
         if self.reset_bn and self.batches is not None:
             reset_bn_stats(merged, self.batches, self.inputs_from_batch, dev)
         timings["bn_reset_merged"] = time.perf_counter() - t0
-        bad = next((k for k, t in merged.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        bad = first_non_finite(merged.state_dict())
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)

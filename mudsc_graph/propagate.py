@@ -316,7 +316,8 @@ class Propagator:
                     self.canonical.setdefault(n, canon)
                     if n != canon and n in state:
                         self.aliases[n] = canon
-            self.frozen = {n for n in self.attr_shapes if n not in state and not any(a in state for a, c in self.aliases.items() if c == n)}
+            named = set(self.aliases.values())  # a canonical name some state_dict alias stands for
+            self.frozen = {n for n in self.attr_shapes if n not in state and n not in named}
         for n, canon in self.canonical.items():  # the graph's own duplicate names (fx shares the modules)
             if n != canon and (model is None or n in state):
                 self.aliases.setdefault(n, canon)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import MudscError
+from .errors import MudscError, first_line
 from .inputs import InputError, as_inputs, bind, call_graph, describe, to_device
 from .transform import expr_size, take_group
 
@@ -272,13 +272,13 @@ def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: 
     try:
         if state is None:
             return call_graph(ext, inputs)
-        return torch.func.functional_call(ext, dict(state), tuple(bind(ext, inputs)))
+        return torch.func.functional_call(ext, state, tuple(bind(ext, inputs)))
     except InputError:
         raise
     except Exception as exc:
         raise StatisticsError(
             f"running the model on a calibration batch ({describe(inputs)}) failed: {type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; calibration batches must have the example inputs' "
+            f"{first_line(exc)}; calibration batches must have the example inputs' "
             "shapes apart from the batch size (pad text to one length)"
         ) from exc
 

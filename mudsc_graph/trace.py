@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from .errors import TraceError
+from .errors import TraceError, first_line
 from .registry import runs_forward_of
 from .inputs import Inputs, as_inputs, batch_size, bind, call, describe, map_tensors
 
@@ -103,7 +103,7 @@ def _runs_on(model: torch.nn.Module, inputs: Inputs) -> None:
     except Exception as exc:
         raise TraceError(
             f"running {type(model).__name__} on the example inputs ({describe(inputs)}) failed: {type(exc).__name__}: "
-            f"{_first_line(exc)}; check that the example inputs match the model's forward signature"
+            f"{first_line(exc)}; check that the example inputs match the model's forward signature"
         ) from exc
 
 
@@ -131,7 +131,7 @@ def trace_export(model: torch.nn.Module, inputs: Inputs, *, fx_error: BaseExcept
     from torch.export import Dim, export
 
     n = batch_size(inputs)
-    # a batch of one would be specialised to a constant: export with two rows, record shapes on the real inputs
+    # a batch of one would be specialised to a constant: export (and record shapes) with two rows
     export_inputs = map_tensors(inputs, lambda t: t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() else t) if n == 1 else inputs
     dyn = lambda v: {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None  # noqa: E731
     if isinstance(export_inputs, dict):
@@ -254,7 +254,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     except Exception as exc:
         raise TraceError(
             f"running the traced {type(gm).__name__} on the example inputs ({describe(inputs)}) failed: "
-            f"{type(exc).__name__}: {_first_line(exc)}; check that the example inputs match the model's forward signature"
+            f"{type(exc).__name__}: {first_line(exc)}; check that the example inputs match the model's forward signature"
         ) from exc
 
 
@@ -264,11 +264,6 @@ def _shape_of(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and value and any(isinstance(v, torch.Tensor) for v in value):
         return [_shape_of(v) for v in value]
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _user_frame(exc: BaseException) -> tuple[str, Any]:
@@ -293,7 +288,7 @@ def _explain(tool: str, model: torch.nn.Module, exc: BaseException, fx_exc: Base
     path = next((name for name, m in model.named_modules() if m is owner), None) if isinstance(owner, torch.nn.Module) else None
     module = f" (module {path or '<top>'}: {type(owner).__name__})" if path is not None else ""
     culprit = type(owner).__name__ if path is not None else "the module that contains this code"
-    said = f"torch.fx: {_first_line(fx_exc)}; torch.export: {_first_line(exc)}" if fx_exc is not None else _first_line(exc)
+    said = f"torch.fx: {first_line(fx_exc)}; torch.export: {first_line(exc)}" if fx_exc is not None else first_line(exc)
     if tool == "torch.fx":
         advice = f"register a LayerHandler for {culprit} so that it is traced as a leaf, or use tracer='export'"
     else:
