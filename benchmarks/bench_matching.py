@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from mudsc_graph.matching import match_align, match_zip
+from mudsc_graph.merging.matching import match_align, match_zip
 
 
 def similarity(units: int, seed: int = 0) -> torch.Tensor:

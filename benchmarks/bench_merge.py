@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.reproduce.common import forward_seconds, sync  # noqa: E402
 from mudsc_graph import get_registry  # noqa: E402
-from mudsc_graph.merge import merge  # noqa: E402
+from mudsc_graph.merging.api import merge  # noqa: E402
 
 
 def main() -> None:

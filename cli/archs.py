@@ -68,8 +68,8 @@ def _check_options(arch: Any, opts: dict[str, Any]) -> None:
 def resolve_architecture(name: str, input_shape: Optional[tuple[int, ...]] = None) -> Any:
     """A registered architecture (name or alias), or ``package.module:factory`` for any importable
     factory; such a factory needs ``input_shape`` (one input, no batch) for its example inputs."""
-    from mudsc_graph.records import Architecture
-    from mudsc_graph.registry import get_registry
+    from mudsc_graph.plugin.records import Architecture
+    from mudsc_graph.plugin.registry import get_registry
 
     registry = get_registry()
     if ":" not in name or registry.arch_aliases.get(name.lower().replace("-", "_")):
@@ -103,7 +103,7 @@ def _timm_architecture(timm: Any, model_name: str, input_shape: Optional[tuple[i
     downloaded), with example inputs of the model's default input size unless ``--input-shape``."""
     import torch
 
-    from mudsc_graph.records import Architecture
+    from mudsc_graph.plugin.records import Architecture
 
     if model_name not in timm.list_models():
         import difflib
@@ -124,7 +124,7 @@ def _timm_architecture(timm: Any, model_name: str, input_shape: Optional[tuple[i
 
 
 def check_tracer(tracer: str) -> str:
-    from mudsc_graph.trace import TRACERS
+    from mudsc_graph.analysis.trace import TRACERS
 
     if tracer not in TRACERS:
         raise ArchOptionError(f"--tracer {tracer!r} is not one of {', '.join(TRACERS)}")

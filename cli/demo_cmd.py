@@ -2,7 +2,7 @@
 
 Trains two models on disjoint halves of a bundled dataset (cached after the first run), merges
 them with every method and prints joint and per-task test accuracy (see
-:func:`mudsc_graph.demo.run_demo`). Progress and warnings go to stderr; the table (or ``--json``)
+:func:`mudsc_graph.experiments.demo.run_demo`). Progress and warnings go to stderr; the table (or ``--json``)
 to stdout.
 """
 
@@ -62,7 +62,7 @@ def demo_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show no progress bars.")] = False,
 ) -> None:
     """Train two models on disjoint class halves of a bundled dataset, merge them with every method, compare."""
-    from mudsc_graph.demo import run_demo
+    from mudsc_graph.experiments.demo import run_demo
 
     from .archs import parse_arch_opts
     from .progress import RichReporter

@@ -33,7 +33,7 @@ def parse_tasks(text: Optional[str], num_classes: Optional[int], *, what: str = 
     ``num_classes``; ``None`` checks only the syntax). ``what`` owns the classes in the error."""
     if not text:
         return None
-    from mudsc_graph.data import DataError, parse_classes
+    from mudsc_graph.io.data import DataError, parse_classes
 
     tasks = []
     for part in text.split("/"):
@@ -68,7 +68,7 @@ def _ranges(classes: list[int]) -> str:
 def _partial_args(meta: dict[str, Any], state: dict[str, Any], source: str) -> Optional[tuple[int, str, str]]:
     """``(n_models, stop_at, tracer)`` of a partial-zip checkpoint from its metadata, checked against
     its tensors before anything is built; ``None`` for a plain checkpoint (no ``stop_at``)."""
-    from mudsc_graph.merged_model import check_partial_args
+    from mudsc_graph.merging.partial_zip import check_partial_args
 
     if meta.get("stop_at") is None:
         return None
@@ -156,9 +156,9 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Accuracy of a checkpoint; joint and per-task accuracy of a merged multi-task model."""
-    from mudsc_graph.checkpoints import CheckpointError, fit_state_dict, load_checkpoint
-    from mudsc_graph.data import load_data
-    from mudsc_graph.evaluate import accuracy, predict_logits, task_metrics
+    from mudsc_graph.io.checkpoints import CheckpointError, fit_state_dict, load_checkpoint
+    from mudsc_graph.io.data import load_data
+    from mudsc_graph.experiments.evaluate import accuracy, predict_logits, task_metrics
 
     from .hf_cmds import eval_dir, input_kind, refuse_options
 
@@ -184,7 +184,7 @@ def eval_command(
     hint = f" (the file was merged with --arch {merged_with})" if isinstance(merged_with, str) and merged_with != arch else ""
     try:
         if partial is not None:
-            from mudsc_graph.merged_model import rebuild_partial
+            from mudsc_graph.merging.partial_zip import rebuild_partial
 
             n_models, stop_at, tracer = partial
             model: Any = rebuild_partial(
@@ -195,7 +195,7 @@ def eval_command(
             try:
                 fit_state_dict(model, state, source=model_path.name)
             except CheckpointError:
-                from mudsc_graph.merged_model import looks_partial
+                from mudsc_graph.merging.partial_zip import looks_partial
 
                 if looks_partial(state):
                     raise EvalCommandError(

@@ -71,8 +71,8 @@ def render_cli_reference() -> str:
 
 def _guarantees() -> list[str]:
     """What every command promises, with the limits as the code has them."""
-    from mudsc_graph.data import MAX_CLASSES, MAX_INPUT_BYTES
-    from mudsc_graph.merged_model import MAX_PARTIAL_MODELS
+    from mudsc_graph.io.data import MAX_CLASSES, MAX_INPUT_BYTES
+    from mudsc_graph.merging.partial_zip import MAX_PARTIAL_MODELS
 
     from .archs import MAX_INPUT_NUMEL
 

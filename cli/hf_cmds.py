@@ -2,7 +2,7 @@
 ``mudsc eval DIR --data DATA``, ``mudsc inspect DIR``.
 
 The commands in ``merge_cmd``, ``eval_cmd`` and ``inspect_cmd`` hand a directory to these
-functions; the work (loading, data, example inputs, atomic saving) is in :mod:`mudsc_graph.hf`.
+functions; the work (loading, data, example inputs, atomic saving) is in :mod:`mudsc_graph.io.hf`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def input_kind(paths: Sequence[Path]) -> str:
     """``"dir"`` when the existing paths are directories (Hugging Face model directories), ``"file"``
     when they are files (or none exists); a missing path that looks like a hub id
     (``bert-base-uncased``, ``org/name``) is an error, and so are directories mixed with files."""
-    from mudsc_graph.hf import hub_id_error, looks_like_hub_id
+    from mudsc_graph.io.hf import hub_id_error, looks_like_hub_id
 
     dirs, files = [], []
     for p in paths:
@@ -61,7 +61,7 @@ def refuse_options(**given: Any) -> None:
 
 
 def _load(paths: Sequence[Path], quiet: bool) -> list[Any]:
-    from mudsc_graph.hf import check_model_dir, load_model_dir, require_transformers
+    from mudsc_graph.io.hf import check_model_dir, load_model_dir, require_transformers
 
     dirs = [check_model_dir(p) for p in paths]
     require_transformers(dirs[0])
@@ -71,7 +71,7 @@ def _load(paths: Sequence[Path], quiet: bool) -> list[Any]:
 
 
 def _first_tokenizer(path: Path) -> Any:
-    from mudsc_graph.hf import has_tokenizer, load_tokenizer
+    from mudsc_graph.io.hf import has_tokenizer, load_tokenizer
 
     return load_tokenizer(path) if has_tokenizer(path) else None
 
@@ -85,8 +85,8 @@ def merge_dirs(
     import torch
 
     from mudsc_graph import merge
-    from mudsc_graph.bn import has_batchnorm
-    from mudsc_graph.hf import EXTRA_FILES, check_output_dir, check_same_architecture, example_inputs, load_model_data, save_model_dir
+    from mudsc_graph.merging.batchnorm import has_batchnorm
+    from mudsc_graph.io.hf import EXTRA_FILES, check_output_dir, check_same_architecture, example_inputs, load_model_data, save_model_dir
 
     from .merge_cmd import MergeCommandError, _print_summary, _version, resolve_device
     from .progress import RichReporter
@@ -97,12 +97,12 @@ def merge_dirs(
             "per model, is not a Hugging Face class and cannot be saved with save_pretrained; merge the whole model, "
             "or use the library (mudsc_graph.merge(..., stop_at=...)) and save its state_dict"
         )
-    from mudsc_graph.merge import resolve_method
-    from mudsc_graph.registry import get_registry
+    from mudsc_graph.merging.api import resolve_method
+    from mudsc_graph.plugin.registry import get_registry
 
     if data is None and resolve_method(get_registry(), method, mode, alpha).needs_activations:
         raise MergeCommandError(f"--method {method} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
-    from mudsc_graph.checkpoints import SAVE_SUFFIXES
+    from mudsc_graph.io.checkpoints import SAVE_SUFFIXES
 
     if out_path.suffix.lower() in SAVE_SUFFIXES:
         raise MergeCommandError(
@@ -182,8 +182,8 @@ def eval_dir(
     """``mudsc eval DIR --data DATA``: accuracy of a sequence or image classifier in a model directory."""
     import torch
 
-    from mudsc_graph.evaluate import accuracy, predict_logits, task_metrics
-    from mudsc_graph.hf import load_model_data
+    from mudsc_graph.experiments.evaluate import accuracy, predict_logits, task_metrics
+    from mudsc_graph.io.hf import load_model_data
 
     from .eval_cmd import EvalCommandError, check_task_labels, parse_tasks, report
     from .merge_cmd import resolve_device
@@ -215,7 +215,7 @@ def eval_dir(
 def inspect_dir(model_dir: Path, *, as_json: bool, check: bool, strict: bool, tracer: str = "auto") -> None:
     """``mudsc inspect DIR``: the merge groups of the model in a directory, analysed on example inputs from its config."""
     from mudsc_graph import analyze
-    from mudsc_graph.hf import example_inputs
+    from mudsc_graph.io.hf import example_inputs
 
     from .inspect_cmd import show_spec
 

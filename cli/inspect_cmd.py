@@ -24,7 +24,7 @@ _OTHER_COLUMNS = 56
 
 
 def _list_architectures(as_json: bool) -> None:
-    from mudsc_graph.registry import get_registry
+    from mudsc_graph.plugin.registry import get_registry
 
     registry = get_registry()
     rows = [

@@ -37,8 +37,8 @@ def check_output(path: Path, force: bool, inputs: Sequence[Path] = ()) -> Path:
     """Refuse a bad output path before any work is done: the extension, one of ``inputs`` (even with
     ``--force``), a missing or unwritable directory, a name too long for the file system, an
     existing directory, an existing file without ``--force``
-    (:func:`mudsc_graph.checkpoints.check_output_file`, which ``save_checkpoint`` runs again)."""
-    from mudsc_graph.checkpoints import CheckpointError, check_output_file
+    (:func:`mudsc_graph.io.checkpoints.check_output_file`, which ``save_checkpoint`` runs again)."""
+    from mudsc_graph.io.checkpoints import CheckpointError, check_output_file
 
     try:
         return check_output_file(path, force=force, inputs=inputs)
@@ -69,7 +69,7 @@ def resolve_device(device: str) -> str:
 def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle: bool) -> tuple[list[Any], list[dict[str, Any]]]:
     """The models, and the ``{"file", "sha256"}`` of each source: the hash of the very bytes its
     weights were loaded from (each file is read once), so a file replaced later is not misrecorded."""
-    from mudsc_graph.checkpoints import fit_state_dict, read_checkpoint
+    from mudsc_graph.io.checkpoints import fit_state_dict, read_checkpoint
 
     models, sources = [], []
     for path in paths:
@@ -138,10 +138,10 @@ def merge_command(
     import torch
 
     from mudsc_graph import merge
-    from mudsc_graph.merge import resolve_method
-    from mudsc_graph.registry import get_registry
-    from mudsc_graph.checkpoints import first_non_finite, save_checkpoint
-    from mudsc_graph.data import load_data
+    from mudsc_graph.merging.api import resolve_method
+    from mudsc_graph.plugin.registry import get_registry
+    from mudsc_graph.io.checkpoints import first_non_finite, save_checkpoint
+    from mudsc_graph.io.data import load_data
 
     from .hf_cmds import input_kind, merge_dirs, refuse_options
     from .progress import RichReporter

@@ -22,7 +22,7 @@ def plugin_version(name: str, plugin: Any) -> str:
     """The version of the distribution a plugin comes from, or ``"built-in"``."""
     from importlib.metadata import PackageNotFoundError, entry_points, packages_distributions, version
 
-    from mudsc_graph.registry import DEFAULT_PLUGINS, ENTRY_POINT_GROUP
+    from mudsc_graph.plugin.registry import DEFAULT_PLUGINS, ENTRY_POINT_GROUP
 
     if name in DEFAULT_PLUGINS:
         return "built-in"
@@ -71,7 +71,7 @@ def plugins_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plugins as JSON on stdout, with every registered name.")] = False,
 ) -> None:
     """List the loaded plugins: where they come from, which hooks they implement and what they register."""
-    from mudsc_graph.registry import get_registry
+    from mudsc_graph.plugin.registry import get_registry
 
     rows = plugin_rows(get_registry())
     if as_json:

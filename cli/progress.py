@@ -1,4 +1,4 @@
-"""``RichReporter``: the core's progress protocol (:mod:`mudsc_graph.report`) as rich progress bars.
+"""``RichReporter``: the core's progress protocol (:mod:`mudsc_graph.merging.progress`) as rich progress bars.
 
 One bar per stage (``tracing``, ``statistics``, ``matching sweeps``, ``training`` ...) on the
 console given (stderr in every command, so ``--json`` on stdout stays clean). Stages may nest: an
@@ -30,7 +30,7 @@ def _format_info(info: dict[str, Any]) -> str:
 
 
 class RichReporter:
-    """A :class:`~mudsc_graph.report.Reporter` drawing rich progress bars on ``console``.
+    """A :class:`~mudsc_graph.merging.progress.Reporter` drawing rich progress bars on ``console``.
 
     ``enabled``: draw at all (``False`` for ``--quiet``); bars are also off when the console is
     not a terminal. ``keep_finished``: leave a finished stage's bar on screen (``False``: remove

@@ -9,21 +9,35 @@ from . import _compat
 
 _compat.torchvision_without_compiled_ops()
 
-from .analyze import Analysis, analyze, analyze_full  # noqa: E402
-from .errors import AnalysisError, MudscError, PluginError, SpecCheckError, SpecError, TraceError, UnsupportedOpError
-from .groups import Group, MergeSpec, Probe
-from .hookspecs import hookimpl
-from .merge import MergeError, MergeResult, PreparedMerge, merge, prepare
-from .records import Architecture, Dataset, LayerHandler, MatchingStrategy, MergeMethod
-from .registry import Registry, get_registry, registry_with, reset_registry
+from .analysis.pipeline import Analysis, analyze, analyze_full  # noqa: E402
+from .errors import (
+    AnalysisError,
+    MudscError,
+    PluginError,
+    SpecCheckError,
+    SpecError,
+    TraceError,
+    UnsupportedOpError,
+)
+from .merging.api import MergeError, MergeResult, PreparedMerge, merge, prepare
+from .plugin.hookspecs import hookimpl
+from .plugin.records import (
+    Architecture,
+    Dataset,
+    LayerHandler,
+    MatchingStrategy,
+    MergeMethod,
+)
+from .plugin.registry import Registry, get_registry, registry_with, reset_registry
+from .spec.merge_spec import Group, MergeSpec, Probe
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``mudsc_graph.METHODS``: the method names the registry knows (see :mod:`mudsc_graph.merge`)."""
+    """``mudsc_graph.METHODS``: the method names the registry knows (see :mod:`mudsc_graph.merging.api`)."""
     if name == "METHODS":
-        from .merge import __getattr__ as methods
+        from .merging.api import __getattr__ as methods
 
         return methods(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Registers every model of the zoo (:data:`mudsc_plugins.zoo.ZOO`) as a named architecture.
 
-This is an ordinary plugin: it implements :func:`~mudsc_graph.hookspecs.mudsc_architectures`
+This is an ordinary plugin: it implements :func:`~mudsc_graph.plugin.hookspecs.mudsc_architectures`
 exactly as a third-party package would. Example inputs are drawn from a seeded generator, so
 ``arch.example_inputs(2)`` gives the same tensors on every call and in every process.
 """
@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from mudsc_graph.hookspecs import hookimpl
-from mudsc_graph.records import Architecture
+from mudsc_graph.plugin.hookspecs import hookimpl
+from mudsc_graph.plugin.records import Architecture
 
 from .zoo import ZOO
 

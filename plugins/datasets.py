@@ -5,10 +5,10 @@
 - ``animal_mnist``: the ``animal-mnist`` package's 10000 animal silhouettes, 28x28, 10 classes
   (its gzipped pickles are read directly: the package's own loader imports tensorflow).
 
-This is an ordinary plugin: it implements :func:`~mudsc_graph.hookspecs.mudsc_datasets` as a
+This is an ordinary plugin: it implements :func:`~mudsc_graph.plugin.hookspecs.mudsc_datasets` as a
 third-party package would. Each dataset is split per class, 80 % train and 20 % test after a
 seeded shuffle, and standardised with the train split's mean and std
-(:func:`mudsc_graph.data.make_split`); the arrays are read once per process.
+(:func:`mudsc_graph.io.data.make_split`); the arrays are read once per process.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mudsc_graph.data import DataError, make_split
-from mudsc_graph.hookspecs import hookimpl
-from mudsc_graph.records import Dataset
+from mudsc_graph.io.data import DataError, make_split
+from mudsc_graph.plugin.hookspecs import hookimpl
+from mudsc_graph.plugin.records import Dataset
 
 
 def _require(module: str, dataset: str, pip_args: str) -> str:

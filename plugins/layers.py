@@ -1,7 +1,7 @@
 """Built-in layer handlers, registered through the same ``mudsc_layer_handlers`` hook as any plugin.
 
 Each record maps fx targets (module classes, functions, method names) to a rule from
-:mod:`mudsc_graph.rules`. To support a new op, a plugin returns its own records; to change a
+:mod:`mudsc_graph.analysis.rules`. To support a new op, a plugin returns its own records; to change a
 built-in, it returns a record for the same target with a higher ``priority``.
 """
 
@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mudsc_graph import rules
-from mudsc_graph.hookspecs import hookimpl
-from mudsc_graph.records import LayerHandler
+from mudsc_graph.analysis import rules
+from mudsc_graph.plugin.hookspecs import hookimpl
+from mudsc_graph.plugin.records import LayerHandler
 
 M, FN, METH = "call_module", "call_function", "call_method"
 

@@ -9,9 +9,9 @@ fixed matcher and alpha.
 
 from __future__ import annotations
 
-from mudsc_graph.hookspecs import hookimpl
-from mudsc_graph.matching import match_align, match_identity, match_zip
-from mudsc_graph.records import MatchingStrategy, MergeMethod
+from mudsc_graph.plugin.hookspecs import hookimpl
+from mudsc_graph.merging.matching import match_align, match_identity, match_zip
+from mudsc_graph.plugin.records import MatchingStrategy, MergeMethod
 
 
 @hookimpl

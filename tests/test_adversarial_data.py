@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from mudsc_cli.app import app
 from mudsc_cli.eval_cmd import EvalCommandError, parse_tasks
 from mudsc_graph import get_registry
-from mudsc_graph.data import DataError, load_data, parse_classes
+from mudsc_graph.io.data import DataError, load_data, parse_classes
 from mudsc_graph.errors import MudscError
 
 try:
@@ -263,8 +263,8 @@ def _counting_build(built: list):
 def test_rebuild_partial_checks_its_arguments_before_building(ckpts, n_models, stop_at, tracer):
     """Defects 2 and 11 in the library: rebuild_partial built n_models models first (a million of
     them), and 'abc', 0 or 3 failed inside range() or load_state_dict."""
-    from mudsc_graph.checkpoints import CheckpointError
-    from mudsc_graph.merged_model import rebuild_partial
+    from mudsc_graph.io.checkpoints import CheckpointError
+    from mudsc_graph.merging.partial_zip import rebuild_partial
 
     state = torch.load(ckpts / "partial.pt", weights_only=True)["state_dict"]
     built: list = []
@@ -275,8 +275,8 @@ def test_rebuild_partial_checks_its_arguments_before_building(ckpts, n_models, s
 
 def test_rebuild_partial_checks_the_tensors_like_fit_state_dict(ckpts):
     """Defect 6 in the library: NaN weights and wrong shapes loaded silently into a partial model."""
-    from mudsc_graph.checkpoints import CheckpointError
-    from mudsc_graph.merged_model import rebuild_partial
+    from mudsc_graph.io.checkpoints import CheckpointError
+    from mudsc_graph.merging.partial_zip import rebuild_partial
 
     state = torch.load(ckpts / "partial.pt", weights_only=True)["state_dict"]
     example = (torch.randn(2, 1, 28, 28),)
@@ -621,7 +621,7 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
         (root / cls).mkdir(parents=True)
         for i in range(5):
             Image.fromarray(np.full((4, 4), 6000 * (k * 5 + i), dtype=np.uint16)).save(root / cls / f"{i}.png")
-    from mudsc_graph.data import _read_folder, _stamp
+    from mudsc_graph.io.data import _read_folder, _stamp
 
     x, y, k = _read_folder(str(root), _stamp(root))
     assert x.shape == (10, 1, 4, 4) and k == 2
@@ -655,7 +655,7 @@ def test_unreadable_folders_are_one_line(tmp_path, monkeypatch):
 
 
 def test_npz_decompression_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
-    import mudsc_graph.data as data_mod
+    import mudsc_graph.io.data as data_mod
 
     np.savez_compressed(tmp_path / "bomb.npz", x=np.zeros((4000, 64), dtype=np.float32), y=np.zeros(4000, dtype=np.int64))
     assert (tmp_path / "bomb.npz").stat().st_size < 10_000  # ~1 MiB inflated
@@ -667,14 +667,14 @@ def test_npz_decompression_bomb_is_refused_before_it_is_inflated(tmp_path, monke
 
 
 def test_adapting_to_a_huge_input_shape_is_refused_before_allocating():
-    from mudsc_graph.data import adapt_inputs
+    from mudsc_graph.io.data import adapt_inputs
 
     with pytest.raises(DataError, match="GiB"):
         adapt_inputs(torch.zeros(10, 1, 8, 8), (3, 100_000, 100_000))
 
 
 def test_keyword_inputs_of_different_lengths_are_refused():
-    from mudsc_graph.evaluate import EvaluationError, predict_logits
+    from mudsc_graph.experiments.evaluate import EvaluationError, predict_logits
 
     class Kw(torch.nn.Module):
         def forward(self, input_ids, attention_mask):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mudsc_graph import checkpoints
-from mudsc_graph.checkpoints import CheckpointError, file_sha256, fit_state_dict, load_checkpoint, save_checkpoint
+from mudsc_graph.io import checkpoints
+from mudsc_graph.io.checkpoints import CheckpointError, file_sha256, fit_state_dict, load_checkpoint, save_checkpoint
 from mudsc_graph.errors import MudscError
 
 

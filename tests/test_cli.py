@@ -54,7 +54,7 @@ def assert_one_error_line(result, *needles: str) -> str:
 
 
 def test_every_zoo_entry_is_a_registered_architecture():
-    from mudsc_graph.registry import get_registry
+    from mudsc_graph.plugin.registry import get_registry
     from mudsc_plugins.zoo import ZOO
 
     registry = get_registry()
@@ -67,7 +67,7 @@ def test_every_zoo_entry_is_a_registered_architecture():
 
 
 def test_example_inputs_are_deterministic_and_leave_the_global_rng_alone():
-    from mudsc_graph.registry import get_registry
+    from mudsc_graph.plugin.registry import get_registry
 
     arch = get_registry().architecture("resnet20")
     torch.manual_seed(123)
@@ -278,7 +278,7 @@ def test_readme_cli_commands_run(tmp_path, monkeypatch):
                 if words[:1] == ["mudsc"] and words[1:2] != ["demo"] and words[1:] not in commands:
                     commands.append(words[1:])
     assert len(commands) >= 8
-    from mudsc_graph.registry import get_registry
+    from mudsc_graph.plugin.registry import get_registry
 
     arch = get_registry().architecture("resnet20")
     for seed, name in ((0, "a.pt"), (1, "b.pt")):
@@ -292,7 +292,7 @@ def test_readme_cli_commands_run(tmp_path, monkeypatch):
 
 
 def test_readme_python_snippets_run():
-    from mudsc_graph.registry import registry_with
+    from mudsc_graph.plugin.registry import registry_with
 
     for i, block in enumerate(_readme_blocks("python")):
         module = types.ModuleType(f"readme_snippet_{i}")

@@ -89,7 +89,7 @@ def _bert(seed, **changes):
 
 
 def _save(model, path, tokenizer=None):
-    from mudsc_graph.hf import quiet_transformers
+    from mudsc_graph.io.hf import quiet_transformers
 
     with quiet_transformers():
         model.save_pretrained(path)
@@ -109,7 +109,7 @@ def _inputs(n=4):
 def _load(path):
     from transformers import AutoModelForSequenceClassification
 
-    from mudsc_graph.hf import quiet_transformers
+    from mudsc_graph.io.hf import quiet_transformers
 
     with quiet_transformers():
         return AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
@@ -160,7 +160,7 @@ def test_merge_a_permuted_copy_gives_it_back_with_tokenizer_and_hashes(hf, tmp_p
     got = json.loads(ev.stdout)
     assert got["samples"] == len(LABELLED) and 0.0 <= got["accuracy"] <= 1.0
     labels = torch.tensor([int(line.split("\t")[0]) for line in LABELLED])
-    from mudsc_graph.hf import load_text_file
+    from mudsc_graph.io.hf import load_text_file
 
     data = load_text_file(AutoTokenizer.from_pretrained(out, local_files_only=True), hf / "lines.txt")
     with torch.no_grad():
@@ -285,7 +285,7 @@ def test_output_that_is_an_input_or_exists(hf, tmp_path):
 def test_failed_save_leaves_nothing_and_keeps_the_old_directory(hf, tmp_path, monkeypatch):
     from transformers import BertForSequenceClassification
 
-    from mudsc_graph.hf import HFError, save_model_dir
+    from mudsc_graph.io.hf import HFError, save_model_dir
 
     model = _load(hf / "a")
 
@@ -306,7 +306,7 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_directory(hf, tmp_path, mo
 
 
 def test_text_file_is_padded_to_its_longest_line_and_sampled_by_seed(hf):
-    from mudsc_graph.hf import load_model_dir, load_model_data
+    from mudsc_graph.io.hf import load_model_dir, load_model_data
 
     model = load_model_dir(hf / "a")
     data = load_model_data(model, str(hf / "lines.txt"), max_length=128)

@@ -55,7 +55,7 @@ def test_merge_a_permuted_copy_and_evaluate(ckpts, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
     assert summary["method"] == "mudsc" and summary["groups_merged"] == 2 and out.exists()
-    from mudsc_graph.checkpoints import load_checkpoint
+    from mudsc_graph.io.checkpoints import load_checkpoint
 
     state, meta = load_checkpoint(out)
     assert meta["arch"] == "mlp" and meta["method"] == "mudsc" and meta["alpha"] == 0.5
@@ -245,7 +245,7 @@ def test_source_hashes_are_of_the_bytes_that_were_merged(ckpts, tmp_path, monkey
     out = tmp_path / "m.pt"
     r = _run("merge", tmp_path / "a.pt", ckpts / "b.pt", *ARCH, *FAST, "--out", out)
     assert r.exit_code == 0, r.output
-    from mudsc_graph.checkpoints import load_checkpoint
+    from mudsc_graph.io.checkpoints import load_checkpoint
 
     sources = load_checkpoint(out)[1]["sources"]
     assert sources[0]["sha256"] == hashlib.sha256(original).hexdigest()

@@ -11,7 +11,7 @@ from PIL import Image
 
 import mudsc_graph
 from mudsc_graph import Dataset, hookimpl
-from mudsc_graph.data import DataError, LabeledData, adapt_inputs, load_data, parse_classes, split_indices
+from mudsc_graph.io.data import DataError, LabeledData, adapt_inputs, load_data, parse_classes, split_indices
 from mudsc_plugins import datasets as builtin
 
 BUILTINS = {  # name: (total samples, one input's shape)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mudsc_graph import hookspecs
+from mudsc_graph.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = [name for name, fn in vars(hookspecs).items() if name.startswith("mudsc_") and callable(fn)]

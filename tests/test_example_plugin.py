@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from mudsc_cli.app import app
 from mudsc_graph import analyze, merge
-from mudsc_graph import registry as R
+from mudsc_graph.plugin import registry as R
 
 
 def test_entry_point_registers_the_handler_and_architecture(monkeypatch):

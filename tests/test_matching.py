@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mudsc_graph import get_registry
-from mudsc_graph.matching import Matching, identity_matching, match_align, match_identity, match_zip
+from mudsc_graph.merging.matching import Matching, identity_matching, match_align, match_identity, match_zip
 
 torch.set_num_threads(1)
 NEG = float("-inf")

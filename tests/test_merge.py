@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from mudsc_graph import analyze, get_registry
-from mudsc_graph.merge import MergeError, merge
+from mudsc_graph.merging.api import MergeError, merge
 
 WEIGHT_METHODS = [
     ("weight_matching", "align"),
@@ -125,8 +125,8 @@ def test_partial_zip_of_independent_models_keeps_tails():
 
 
 def test_bn_reset_gives_the_reset_model_back():
-    from mudsc_graph.bn import reset_bn_stats
-    from mudsc_graph.stats import default_inputs_from_batch
+    from mudsc_graph.merging.batchnorm import reset_bn_stats
+    from mudsc_graph.merging.statistics import default_inputs_from_batch
 
     arch, a = _model("resnet20")
     data = _data(arch)
@@ -235,7 +235,7 @@ def test_groups_without_activation_probes_are_matched_by_weights():
 
 
 def test_a_partial_merge_rebuilds_from_its_state_dict():
-    from mudsc_graph.merged_model import rebuild_partial
+    from mudsc_graph.merging.partial_zip import rebuild_partial
 
     arch, a = _model("resnet20", seed=0)
     _, b = _model("resnet20", seed=1)
@@ -251,7 +251,7 @@ def test_a_partial_merge_rebuilds_from_its_state_dict():
 def test_a_shared_fixed_head_anchors_its_units():
     """Two models trained against the same fixed class embeddings agree on their feature units:
     those are averaged in place and the head stays the shared one."""
-    from mudsc_graph.tasks import with_class_head
+    from mudsc_graph.experiments.tasks import with_class_head
 
     torch.manual_seed(0)
     a = with_class_head(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8)), 8, 4, seed=3).eval()
@@ -268,7 +268,7 @@ def test_a_shared_fixed_head_anchors_its_units():
 def test_a_prepared_merge_gives_what_merge_gives_for_every_method():
     """prepare() once + many .merge() calls == one merge() per call, in any order, and the shared
     state (BN-reset bases, statistics) is not changed by the merges that read it."""
-    from mudsc_graph.merge import METHODS, prepare
+    from mudsc_graph.merging.api import METHODS, prepare
 
     arch, a = _model("resnet20", seed=0)
     _, b = _model("resnet20", seed=1)

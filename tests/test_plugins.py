@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mudsc_graph import LayerHandler, PluginError, analyze, hookimpl, registry_with
-from mudsc_graph import registry as registry_mod
+from mudsc_graph.plugin import registry as registry_mod
 from mudsc_graph.errors import UnsupportedOpError
 
 
@@ -105,7 +105,7 @@ def test_higher_priority_overrides_a_builtin():
 
     def linear_spy(ctx):
         calls.append(ctx.node.name)
-        from mudsc_graph import rules
+        from mudsc_graph.analysis import rules
 
         rules.nn_linear(ctx)
 

@@ -35,7 +35,7 @@ except ImportError:  # tests/ collected as a package
 
 from mudsc_graph import analyze_full, prepare
 from mudsc_graph.inputs import call
-from mudsc_graph.permute import _flat_outputs
+from mudsc_graph.spec.permute import _flat_outputs
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mudsc_graph.tasks import split_classes
+from mudsc_graph.experiments.tasks import split_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,7 +42,7 @@ def test_tiny_figures(tmp_path):
 
 def test_chosen_pairs_counts_cross_and_within():
     figures = _load()
-    from mudsc_graph.matching import Matching
+    from mudsc_graph.merging.matching import Matching
 
     # 3 units per model; merged units: {A0, B1}, {A1, A2}, {B0}, {B2}
     merge = torch.zeros(4, 6)

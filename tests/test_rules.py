@@ -150,7 +150,7 @@ def test_unfactorable_reshape_falls_back_with_a_warning():
 def test_multihead_attention_without_its_handler_stays_correct():
     """torch.fx cannot trace through nn.MultiheadAttention: without the handler it is an opaque leaf.
     torch.export can: its ATen graph (batch and heads merged into one axis) gives the handler's groups."""
-    from mudsc_graph import registry as R
+    from mudsc_graph.plugin import registry as R
 
     reg = R.Registry.from_plugin_manager(R.make_plugin_manager(load_entry_points=False))
     del reg.handlers[("call_module", nn.MultiheadAttention)]

@@ -7,9 +7,9 @@ import torch
 
 from construct_models import CASES_BY_NAME
 from mudsc_graph import get_registry
-from mudsc_graph.iterate import DualSpaceSolver
-from mudsc_graph.merge import merge
-from mudsc_graph.similarity import normal_rows, stacked_correlation, streamed_correlation
+from mudsc_graph.merging.solver import DualSpaceSolver
+from mudsc_graph.merging.api import merge
+from mudsc_graph.merging.similarity import normal_rows, stacked_correlation, streamed_correlation
 
 ATOL = 2e-5
 

@@ -20,7 +20,7 @@ except ImportError:  # tests/ collected as a package
     from tests.test_constructs import randomize_
 
 from mudsc_graph import LayerHandler, SpecCheckError, analyze, analyze_full, hookimpl, merge, registry_with
-from mudsc_graph import permute as P
+from mudsc_graph.spec import permute as P
 
 TRACERS = ("fx", "export")
 

@@ -85,7 +85,7 @@ def test_check_catches_a_spec_that_links_too_little():
     spec = analyze(model, x)
     bad = copy.deepcopy(spec)
     # pretend bn1's affine has a space of its own: permuting it alone must change the output
-    from mudsc_graph.groups import Group
+    from mudsc_graph.spec.merge_spec import Group
 
     new = Group(len(bad.groups), 16)
     new.members = [("bn1.weight", 0)]

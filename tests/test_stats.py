@@ -1,4 +1,4 @@
-"""Activation statistics (mudsc_graph/stats.py) against independent oracles.
+"""Activation statistics (mudsc_graph/merging/statistics.py) against independent oracles.
 
 - the streaming accumulator against ``torch.corrcoef`` / ``torch.cov`` (float64) on the
   concatenated features;
@@ -14,8 +14,8 @@ import torch
 
 import mudsc_graph
 from mudsc_graph.errors import MudscError
-from mudsc_graph.stats import CorrelationAccumulator, activation_correlations, group_features, probe_extractor, select_probes
-from mudsc_graph.trace import trace
+from mudsc_graph.merging.statistics import CorrelationAccumulator, activation_correlations, group_features, probe_extractor, select_probes
+from mudsc_graph.analysis.trace import trace
 
 
 # -- the accumulator ---------------------------------------------------------------------------------

@@ -49,10 +49,10 @@ from benchmarks.reproduce.common import (  # noqa: E402
     setting,
     timed,
 )
-from mudsc_graph.demo import DEFAULT_METHODS, parse_method  # noqa: E402
-from mudsc_graph.evaluate import ensemble_logits, predict_logits, task_metrics  # noqa: E402
-from mudsc_graph.merge import prepare  # noqa: E402
-from mudsc_graph.tasks import HeadedModel  # noqa: E402
+from mudsc_graph.experiments.demo import DEFAULT_METHODS, parse_method  # noqa: E402
+from mudsc_graph.experiments.evaluate import ensemble_logits, predict_logits, task_metrics  # noqa: E402
+from mudsc_graph.merging.api import prepare  # noqa: E402
+from mudsc_graph.experiments.tasks import HeadedModel  # noqa: E402
 
 DATASETS: tuple[str, ...] = ("mnist5k", "animal_mnist")
 #: The full sweep covers 0.1...0.9 in steps of 0.2: the 9-point sweep (23 merges per pair instead of

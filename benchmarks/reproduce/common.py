@@ -8,13 +8,13 @@ class-embedding head (same head seed), so every backbone layer can be merged.
   choose MuDSC's alpha); calibration images for merging come from the rest of the train split
   (both tasks); metrics are taken on the test split.
 * Training ends with a precise-BatchNorm pass: the running statistics are recomputed as an exact
-  average over the model's own training images (:func:`mudsc_graph.bn.reset_bn_stats`), because
+  average over the model's own training images (:func:`mudsc_graph.merging.batchnorm.reset_bn_stats`), because
   the short training budgets leave momentum-averaged statistics far behind the weights (a
   ResNet-20 x4 measured 72 % on its task before the pass, 96 % after).
 * Model pairs are cached under ``$MUDSC_CACHE_DIR/reproduce`` (or ``~/.cache/mudsc/reproduce``),
   keyed by a hash of everything that affects the trained weights.
 
-The training and caching machinery is the demo's (:mod:`mudsc_graph.demo`), imported, not copied.
+The training and caching machinery is the demo's (:mod:`mudsc_graph.experiments.demo`), imported, not copied.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from mudsc_graph.bn import reset_bn_stats
-from mudsc_graph.data import LabeledData, load_data
-from mudsc_graph.demo import (
+from mudsc_graph.merging.batchnorm import reset_bn_stats
+from mudsc_graph.io.data import LabeledData, load_data
+from mudsc_graph.experiments.demo import (
     CACHE_ENV,
     EMBED_DIM,
     _backbone_options,
@@ -40,9 +40,9 @@ from mudsc_graph.demo import (
     load_cached,
     save_cached,
 )
-from mudsc_graph.registry import get_registry
-from mudsc_graph.stats import default_inputs_from_batch
-from mudsc_graph.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
+from mudsc_graph.plugin.registry import get_registry
+from mudsc_graph.merging.statistics import default_inputs_from_batch
+from mudsc_graph.experiments.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
 
 #: Bumped whenever training or data preparation changes in a way the config hash does not capture.
 CACHE_VERSION = 2

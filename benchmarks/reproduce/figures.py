@@ -7,10 +7,10 @@
    drawing) placed at (weight-space similarity, activation-space similarity), with the pairs that
    ZipIt (activation only), weight zip (weight only) and MuDSC-zip (dual space) chose on top.
    The activation similarity is the Pearson correlation of the two units on the calibration data
-   (:func:`mudsc_graph.stats.activation_correlations`, what every method sees). The weight
+   (:func:`mudsc_graph.merging.statistics.activation_correlations`, what every method sees). The weight
    similarity of a layer depends on how its neighbouring layers were matched, so each method's
    column uses the weight similarity that *its own* final matchings of the neighbours give
-   (:meth:`mudsc_graph.iterate.DualSpaceSolver.weight_similarity`) -- what that method saw.
+   (:meth:`mudsc_graph.merging.solver.DualSpaceSolver.weight_similarity`) -- what that method saw.
    "High in both spaces" = above the 90th percentile of all cross-model candidate pairs of that
    layer in weight space *and* in activation space.
 2. ``loss_landscape.png`` (paper Figure 3): the plane through model A, model B and a merged model
@@ -22,7 +22,7 @@
    distance.
 
 Models: two ``mlp`` backbones (hidden 256-256-128, no bias) trained on ``mnist5k`` classes 0-4 and
-5-9 with the shared fixed class-embedding head of :mod:`mudsc_graph.tasks`, cached under
+5-9 with the shared fixed class-embedding head of :mod:`mudsc_graph.experiments.tasks`, cached under
 ``$MUDSC_CACHE_DIR/figures`` (default ``~/.cache/mudsc/figures``). Only the backbones are merged.
 """
 
@@ -43,15 +43,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.reproduce.common import cache_root  # noqa: E402
-from mudsc_graph.analyze import analyze_full  # noqa: E402
-from mudsc_graph.data import load_data  # noqa: E402
-from mudsc_graph.demo import config_key, load_cached, save_cached  # noqa: E402
-from mudsc_graph.iterate import DualSpaceSolver  # noqa: E402
-from mudsc_graph.merge import merge  # noqa: E402
-from mudsc_graph.registry import get_registry  # noqa: E402
-from mudsc_graph.stats import activation_correlations  # noqa: E402
-from mudsc_graph.tasks import HeadedModel, split_classes, train_classifier, with_class_head  # noqa: E402
-from mudsc_graph.trace import trace  # noqa: E402
+from mudsc_graph.analysis.pipeline import analyze_full  # noqa: E402
+from mudsc_graph.io.data import load_data  # noqa: E402
+from mudsc_graph.experiments.demo import config_key, load_cached, save_cached  # noqa: E402
+from mudsc_graph.merging.solver import DualSpaceSolver  # noqa: E402
+from mudsc_graph.merging.api import merge  # noqa: E402
+from mudsc_graph.plugin.registry import get_registry  # noqa: E402
+from mudsc_graph.merging.statistics import activation_correlations  # noqa: E402
+from mudsc_graph.experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head  # noqa: E402
+from mudsc_graph.analysis.trace import trace  # noqa: E402
 
 EMBED_DIM = 128
 #: The merged models of the figures: (label, method, mode, alpha), in column order.

@@ -68,7 +68,7 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from benchmarks.reproduce.common import forward_seconds, sync
     from mudsc_graph import get_registry
-    from mudsc_graph.merge import merge
+    from mudsc_graph.merging.api import merge
 
     torch.set_num_threads(int(cfg.get("threads", 2)))
     dev = torch.device(cfg.get("device", "cpu"))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mudsc_graph import Architecture, LayerHandler, MatchingStrategy, hookimpl
-from mudsc_graph.matching import matching_from_labels, validate_sims
+from mudsc_graph.merging.matching import matching_from_labels, validate_sims
 
 
 class LowRankLinear(nn.Module):

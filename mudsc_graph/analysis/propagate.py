@@ -1,0 +1,451 @@
+"""The propagation pass: one walk over the IR that links tensor axes into unit spaces.
+
+For every node, the layer handler registered for its ``(opcode, target)`` receives an
+:class:`OpContext` and states how the axes of the node's inputs, parameters and output relate
+(``ctx.link``, ``ctx.set_output``). Nodes with no handler fall back to :meth:`OpContext.unsupported`:
+every space they touch becomes fixed, with a warning naming the node (an error in strict mode).
+Placeholders get fixed spaces (model inputs); the output node fixes what it returns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..errors import AnalysisError, UnsupportedOpError
+from ..plugin.registry import Registry
+from .ir import nodes_in_order
+from .spaces import Layout, SizeMismatch, SpaceTable, remap
+
+
+@dataclass
+class Value:
+    """A tensor value during propagation: its shape and one :data:`Layout` per axis."""
+
+    shape: tuple[int, ...]
+    layout: list[Layout]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def axis(self, i: int) -> Layout:
+        return self.layout[i]
+
+    def dim(self, i: int) -> int:
+        """Normalise a possibly negative axis index."""
+        return i % self.ndim if self.ndim else 0
+
+
+class OpContext:
+    """What a layer handler sees of one node, and the verbs it uses to describe the op.
+
+    Reading: ``node``, ``module`` (call_module), ``path``, ``input(i)``, ``arg(i, name)``,
+    ``out_shape``, ``param(name, axis)``. Describing: ``link(a, b)``, ``new(size)``,
+    ``fixed(size)``, ``set_output(layouts)``, ``broadcast(values)``, ``blocks(layout, n)``,
+    ``split_axis``/``merge_axes`` for reshapes, and ``unsupported()`` as a last resort.
+    """
+
+    def __init__(self, prop: "Propagator", node: fx.Node) -> None:
+        self._prop = prop
+        self.node = node
+        self.spaces: SpaceTable = prop.spaces
+        attrs = prop.graph.nodes[node.name]
+        self.path: str = attrs["path"]
+        self.module: torch.nn.Module | None = prop.modules.get(node.target) if node.op == "call_module" else None
+        self.out_shape: Any = attrs["shape"]
+        self._output: Any = None
+        self._set = False
+        self.handler: Any = None
+
+    # -- reading ---------------------------------------------------------------------------
+    def arg(self, i: int | None, name: str | None = None, default: Any = None) -> Any:
+        """The raw argument at position ``i`` (or keyword ``name``), fx Nodes left as is.
+
+        For an ATen operator ``name`` is looked up in its schema first, so one rule reads the
+        arguments of ``F.embedding(input, weight)`` and ``aten.embedding(weight, indices)`` alike.
+        """
+        if name is not None and isinstance(self.node.target, torch._ops.OpOverload):
+            i = _schema_positions(self.node.target).get(name, i)
+        if i is not None and i < len(self.node.args):
+            return self.node.args[i]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def value(self, a: Any) -> Any:
+        """The propagated value of an argument: a :class:`Value`, a list of them, or ``None``."""
+        if isinstance(a, fx.Node):
+            return self._prop.values.get(a.name)
+        if isinstance(a, (list, tuple)):
+            return [self.value(x) for x in a]
+        return None
+
+    def input(self, i: int = 0, name: str | None = None) -> Any:
+        return self.value(self.arg(i, name))
+
+    def tensor_inputs(self) -> list[Value]:
+        """Every tensor value among the node's arguments, flattened."""
+        out: list[Value] = []
+
+        def visit(v: Any) -> None:
+            if isinstance(v, Value):
+                out.append(v)
+            elif isinstance(v, list):
+                for x in v:
+                    visit(x)
+
+        fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: visit(self.value(n)) or n)
+        return out
+
+    def param(self, name: str, axis: int) -> int:
+        """The space of axis ``axis`` of this module's parameter or buffer ``name``."""
+        full = f"{self.path}.{name}" if self.path else name
+        return self._prop.attr_space(full, axis)
+
+    def attr(self, full_name: str, axis: int) -> int:
+        """The space of axis ``axis`` of the model's parameter or buffer ``full_name``."""
+        return self._prop.attr_space(full_name, axis)
+
+    def param_inner(self, name: str, axis: int, space: Layout, groups: int, *, full: bool = False) -> None:
+        """Axis ``axis`` of parameter ``name`` indexes the inside of a block of ``space``.
+
+        For a grouped convolution the weight is ``(out, in / groups, ...)``: the row block ``j``
+        (along axis 0) reads the units of block ``j`` of the input space ``space``. ``name`` is
+        relative to this node's module, or the model's full name with ``full=True``.
+        """
+        full = name if full or not self.path else f"{self.path}.{name}"
+        full = self._prop.canonical.get(full, full)
+        self.spaces.fix(self._prop.attr_space(full, axis), "")
+        key = (full, axis % len(self._prop.attr_shapes[full]))
+        self._prop.inner_params[key] = (self.spaces.collapse(space), groups)
+        self._prop.consumed.add(key)
+
+    def internal_probe(self, layout: Layout, key: str) -> None:
+        """Units of ``layout`` live inside this op: read them with the handler's ``features(..., key)``."""
+        if self.handler is None or self.handler.features is None:
+            raise AnalysisError(f"layer handler at node {self.node.name} declares an internal probe but has no features function")
+        self._prop.internal_probes.append((self.node.name, key, self.handler.name, self.spaces.collapse(layout)))
+
+    def is_constant(self, arg: Any) -> bool:
+        """Whether an argument is computed from parameters alone (``self.w``, ``self.w.T``, ...)."""
+        return isinstance(arg, fx.Node) and arg.name in self._prop.constant
+
+    def has_param(self, name: str) -> bool:
+        return self.module is not None and getattr(self.module, name, None) is not None
+
+    # -- describing --------------------------------------------------------------------------
+    def new(self, size: int) -> int:
+        """A fresh permutable space."""
+        return self.spaces.new(size)
+
+    def fixed(self, size: int) -> int:
+        """A fresh fixed space (kernel taps, spatial positions after a convolution, ...)."""
+        return self.spaces.new(size, "")
+
+    def link(self, a: Layout, b: Layout) -> None:
+        """``a`` and ``b`` index the same units (layouts in the same axis coordinates)."""
+        self.spaces.link(a, b)
+
+    def contract(self, activation: Layout, weight: Layout) -> None:
+        """``weight``'s axis is summed against ``activation``'s: it *reads* those units.
+
+        Only ``weight`` is recorded: an activation's layout may name the parameter that produced it.
+
+        Like :meth:`link`, and it records the parameter axis as a consuming one (weight columns),
+        where merging applies the unmerge matrices instead of the merge matrices.
+        """
+        self.link(activation, weight)
+        self.reads(weight)
+
+    def reads(self, layout: Layout) -> None:
+        """``layout`` is an axis of a parameter (not an activation) that is summed over: record it."""
+        self._prop.mark_consumed(layout)
+
+    def fix(self, *layouts: Layout, reason: str | None = None) -> None:
+        for L in layouts:
+            self.spaces.fix_layout(L, reason if reason is not None else self._reason())
+
+    def set_output(self, layouts: Any) -> None:
+        """The output's layouts: a list (one per axis) for a tensor, a list of lists for a tuple."""
+        self._output = layouts
+        self._set = True
+
+    def like(self, v: Value) -> list[Layout]:
+        return list(v.layout)
+
+    def fresh_output(self, reason: str = "") -> Any:
+        """Fixed fresh spaces for every output axis."""
+        return _map_shape(self.out_shape, lambda n: self.spaces.new(n, reason))
+
+    def blocks(self, layout: Layout, n: int) -> tuple[int, Layout]:
+        """Give a channel space ``n`` blocks (groups, heads): returns (block space, inner layout).
+
+        The inner layout is a :class:`Dep` on the block axis (ref 0), one part per block.
+        """
+        s = self.spaces.collapse(layout)
+        size = self.spaces.size[self.spaces.find(s)]
+        if size % n:
+            raise AnalysisError(f"cannot split {size} units into {n} blocks")
+        if size == n:  # blocks of one unit: the space itself moves block-wise (depthwise conv)
+            return s, self.fixed(1)
+        r, inner = self.spaces.split(s, (n, size // n))
+        return r, inner
+
+    def broadcast(self, values: Sequence[Value | None], out_shape: tuple[int, ...] | None = None) -> list[Layout]:
+        """Link the inputs of a broadcasting elementwise op; return the output layout."""
+        out_shape = tuple(out_shape if out_shape is not None else self.out_shape)
+        n = len(out_shape)
+        out: list[Layout | None] = [None] * n
+        for v in values:
+            if v is None:
+                continue
+            off = n - v.ndim
+            mapping = {i: i + off for i in range(v.ndim)}
+            for i in range(v.ndim):
+                size = v.shape[i]
+                if size == 1 and out_shape[i + off] != 1:
+                    continue
+                L = remap(v.layout[i], mapping)
+                if L is None:
+                    L = self.spaces.collapse(v.layout[i])
+                if size == 1:
+                    continue
+                if out[i + off] is None:
+                    out[i + off] = L
+                else:
+                    self.link(out[i + off], L)
+        return [L if L is not None else self.fixed(out_shape[i]) for i, L in enumerate(out)]
+
+    def unsupported(self, why: str = "") -> None:
+        """Fallback: fix every space the node touches and give its output fixed spaces."""
+        self._prop.unsupported(self, why)
+
+    def _reason(self) -> str:
+        if self.module is not None:
+            what = f"module {type(self.module).__name__}"
+        else:
+            what = f"op {_tname(self.node.target)}"
+        where = f" ({self.path})" if self.path else ""
+        return f"unsupported {what} at node {self.node.name}{where}"
+
+
+_POSITIONS: dict[Any, dict[str, int]] = {}
+
+
+def _schema_positions(op: Any) -> dict[str, int]:
+    """``{argument name: position}`` of an ATen operator's schema."""
+    pos = _POSITIONS.get(op)
+    if pos is None:
+        pos = _POSITIONS[op] = {a.name: k for k, a in enumerate(op._schema.arguments)}
+    return pos
+
+
+def op_name(target: Any) -> str:
+    """``"max_pool2d"`` for ``aten.max_pool2d.default``, ``F.max_pool2d`` or the method name."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[-1]
+    return getattr(target, "__name__", None) or str(target)
+
+
+def _map_shape(shape: Any, fn) -> Any:
+    if shape is None:
+        return None
+    if isinstance(shape, tuple):
+        return [fn(n) for n in shape]
+    return [_map_shape(s, fn) for s in shape]
+
+
+class Propagator:
+    """Runs the layer handlers over the IR and owns the :class:`SpaceTable`."""
+
+    def __init__(
+        self,
+        graph: nx.DiGraph,
+        registry: Registry,
+        *,
+        strict: bool = False,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        self.graph = graph
+        self.gm: fx.GraphModule = graph.graph["module"]
+        self.registry = registry
+        self.strict = strict
+        self.spaces = SpaceTable()
+        self.values: dict[str, Any] = {}
+        self.attr_spaces: dict[tuple[str, int], int] = {}
+        self.attr_shapes: dict[str, tuple[int, ...]] = {}
+        self.inner_params: dict[tuple[str, int], tuple[int, int]] = {}
+        self.internal_probes: list[tuple[str, str, str, Layout]] = []
+        self.constant: set[str] = set()  # nodes computed from parameters alone (W, W.T, W * 2 ...)
+        self.attr_of_space: dict[int, tuple[str, int]] = {}
+        self.consumed: set[tuple[str, int]] = set()
+        self.warnings: list[str] = []
+        self.unsupported_modules: list[str] = []
+        self.modules = dict(self.gm.named_modules())
+        # one canonical name per tensor: a tied weight (GPT-2's lm_head = wte) is one tensor whose
+        # axes join every space it is used in
+        self.canonical: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for name, t in list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False)):
+            canon = first.setdefault(id(t), name)
+            self.canonical[name] = canon
+            if canon == name:
+                self.attr_shapes[name] = tuple(t.shape)
+        # with the user's model: its other names of a tensor the graph names once (a GraphModule from
+        # torch.export keeps one name of a tied weight) become aliases, and attributes outside its
+        # state_dict (non-persistent buffers such as RoPE's inv_freq, lifted constants) are frozen:
+        # no permutation can move them
+        self.aliases: dict[str, str] = {}
+        self.frozen: set[str] = set()
+        if model is not None:
+            state = set(model.state_dict().keys())
+            names: dict[int, list[str]] = {}
+            for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+                names.setdefault(id(t), []).append(name)
+            for tied in names.values():
+                canon = next((self.canonical[n] for n in tied if n in self.canonical), None)
+                for n in tied if canon is not None else ():
+                    self.canonical.setdefault(n, canon)
+                    if n != canon and n in state:
+                        self.aliases[n] = canon
+            named = set(self.aliases.values())  # a canonical name some state_dict alias stands for
+            self.frozen = {n for n in self.attr_shapes if n not in state and n not in named}
+        for n, canon in self.canonical.items():  # the graph's own duplicate names (fx shares the modules)
+            if n != canon and (model is None or n in state):
+                self.aliases.setdefault(n, canon)
+
+    def attr_space(self, full_name: str, axis: int) -> int:
+        full_name = self.canonical.get(full_name, full_name)
+        shape = self.attr_shapes.get(full_name)
+        if shape is None:
+            raise AnalysisError(f"the model has no parameter or buffer named {full_name!r}")
+        axis %= len(shape)
+        key = (full_name, axis)
+        sid = self.attr_spaces.get(key)
+        if sid is None:
+            frozen = f"{full_name} is not in the state_dict (a non-persistent buffer or constant), so it cannot be permuted"
+            sid = self.spaces.new(shape[axis], frozen if full_name in self.frozen else None)
+            self.attr_spaces[key] = sid
+            self.attr_of_space[sid] = key
+        return sid
+
+    def mark_consumed(self, layout: Layout) -> None:
+        """Record the parameter axis behind ``layout`` (if any) as one that reads its units."""
+        key = self.attr_of_space.get(layout) if isinstance(layout, int) else None
+        if key is not None:
+            self.consumed.add(key)
+
+    def run(self) -> None:
+        for name, attrs in nodes_in_order(self.graph):
+            node: fx.Node = attrs["fx"]
+            try:
+                self._visit(node, attrs)
+            except UnsupportedOpError:
+                raise
+            except Exception as exc:  # a handler that cannot describe this node: fall back, never crash
+                why = (
+                    f"handler {attrs.get('handler')!r} linked mismatched sizes ({exc})"
+                    if isinstance(exc, SizeMismatch)
+                    else f"handler {attrs.get('handler')!r} failed ({type(exc).__name__}: {exc})"
+                )
+                if self.strict and not isinstance(exc, SizeMismatch):
+                    raise AnalysisError(
+                        f"propagation failed at node {name} ({attrs['op']} {_tname(attrs['target'])}"
+                        f"{', module ' + attrs['path'] if attrs['path'] else ''}) in handler {attrs.get('handler')!r}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                ctx = OpContext(self, node)
+                self.unsupported(ctx, why)
+                self.values[name] = _as_values(ctx._output, attrs["shape"])
+            attrs["value"] = self.values.get(name)
+
+    def _visit(self, node: fx.Node, attrs: dict) -> None:
+        shape = attrs["shape"]
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op.startswith("call_") and inputs and all(n.name in self.constant for n in inputs)):
+            self.constant.add(node.name)
+        if node.op == "placeholder":
+            attrs["handler"] = "input"
+            self.values[node.name] = _as_values(
+                _map_shape(shape, lambda n: self.spaces.new(n, f"model input {node.name}")), shape
+            )
+            return
+        if node.op == "output":
+            attrs["handler"] = "output"
+            ctx = OpContext(self, node)
+            for v in ctx.tensor_inputs():
+                for L in v.layout:
+                    self.spaces.fix_layout(L, "model output")
+            return
+        if node.op == "get_attr":
+            attrs["handler"] = "get_attr"
+            target = self.canonical.get(str(node.target), str(node.target))
+            if isinstance(shape, tuple) and (target.startswith(("_tensor_constant", "lifted_tensor", "c_lifted_tensor"))):
+                # a tensor built inside forward (torch.tensor(...)) or lifted by torch.export: not in
+                # the state_dict, so its values cannot move with a permutation; what it touches keeps its order
+                self.values[node.name] = Value(shape, [self.spaces.new(n, f"constant tensor built in forward ({node.name})") for n in shape])
+            elif isinstance(shape, tuple) and target in self.attr_shapes:
+                self.values[node.name] = Value(shape, [self.attr_space(target, i) for i in range(len(shape))])
+            else:
+                self.values[node.name] = _as_values(_map_shape(shape, lambda n: self.spaces.new(n, "")), shape)
+            return
+        handler = self.registry.handler_for(node.op, attrs["target"])
+        ctx = OpContext(self, node)
+        if handler is None:
+            attrs["handler"] = "unsupported"
+            self.unsupported(ctx, "no layer handler is registered for it")
+        else:
+            attrs["handler"] = handler.name
+            ctx.handler = handler
+            handler.propagate(ctx)
+            if not ctx._set:
+                raise AnalysisError(f"layer handler {handler.name!r} did not call ctx.set_output() at node {node.name}")
+        self.values[node.name] = _as_values(ctx._output, shape)
+
+    def unsupported(self, ctx: OpContext, why: str) -> None:
+        reason = ctx._reason()
+        touched = [L for v in ctx.tensor_inputs() for L in v.layout]
+        if ctx.module is not None:
+            prefix = f"{ctx.path}." if ctx.path else ""
+            for pname, p in ctx.module.named_parameters():
+                touched += [self.attr_space(prefix + pname, i) for i in range(p.dim())]
+            for bname, b in ctx.module.named_buffers():
+                touched += [self.attr_space(prefix + bname, i) for i in range(b.dim())]
+        free = not all(self.spaces.settled(L) for L in touched)
+        if free:
+            msg = f"{reason}: {why}; the spaces it touches are kept as they are (not merged)"
+            if self.strict:
+                raise UnsupportedOpError(f"{msg}. Register a LayerHandler for it (hook mudsc_layer_handlers)")
+            self.warnings.append(msg)
+            if ctx.module is not None:
+                self.unsupported_modules.append(ctx.path)
+            warnings.warn(msg, stacklevel=3)
+        for L in touched:
+            self.spaces.fix_layout(L, reason)
+        ctx.set_output(ctx.fresh_output(reason if free else ""))
+
+
+def _tname(t: Any) -> str:
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(t)
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _as_values(layouts: Any, shape: Any) -> Any:
+    if layouts is None or shape is None:
+        return None
+    if isinstance(shape, tuple):
+        if isinstance(layouts, Value):
+            return layouts
+        if len(layouts) != len(shape):
+            raise AnalysisError(f"output layout has {len(layouts)} axes but the output has shape {shape}")
+        return Value(shape, list(layouts))
+    return [_as_values(L, s) for L, s in zip(layouts, shape)]

@@ -1,0 +1,478 @@
+"""``merge``: N models of one architecture -> one merged model, without training.
+
+``prepare`` does the shared stages once for many merges (an alpha sweep); ``merge`` is one of each.
+
+The stages, in order (each timed in ``MergeResult.timings``): check the models, reset the base
+models' BatchNorm statistics, analyse the graph (merge groups), gather activation correlations,
+match (the iterative dual-space scheme), form the merged weights, build the merged module (partial
+zip when ``stop_at`` is given) and reset its BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..analysis.pipeline import analyze_full
+from ..errors import MudscError
+from ..inputs import as_inputs, take_rows, tensors, to_device
+from ..io.checkpoints import first_non_finite
+from ..plugin.records import MatchingStrategy, MergeMethod
+from ..plugin.registry import Registry, get_registry
+from ..spec.merge_spec import MergeSpec
+from ..spec.permute import set_mode
+from .batchnorm import has_batchnorm, reset_bn_stats
+from .partial_zip import build_partial, stop_index
+from .progress import NullReporter, Reporter
+from .solver import DualSpaceSolver
+from .statistics import default_inputs_from_batch
+from .weights import merge_state_dicts
+
+
+class MergeError(MudscError):
+    """The models or data given to ``merge`` cannot be merged as asked."""
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS``: the names ``merge(method=...)`` accepts, read from the registry (methods and
+    matching strategies that plugins register included)."""
+    if name == "METHODS":
+        return tuple(get_registry().method_names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass
+class MergeResult:
+    """What ``merge`` produced.
+
+    ``model``: the merged module (with ``stop_at``: a module returning one output per model);
+    ``spec``: the merge groups; ``matchings``: ``{group id: Matching}``; ``history``: the score
+    of every sweep of the iterative scheme; ``timings``: seconds per stage.
+    """
+
+    model: nn.Module
+    spec: MergeSpec
+    matchings: dict[int, Any]
+    history: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+    method: str = "mudsc"
+    mode: str = "zip"
+    alpha: float = 0.5
+    sweeps: int = 0
+
+
+def check_models(models: list[nn.Module]) -> None:
+    """Same architecture (keys and shapes), finite weights: else one clear error."""
+    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
+        raise MergeError(f"pass the models as a list (merge([model_a, model_b], ...)), got {type(models).__name__}")
+    if len(models) < 2:
+        raise MergeError(f"merging needs at least 2 models, got {len(models)}")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise MergeError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
+    ref = models[0].state_dict()
+    for i, m in enumerate(models[1:], start=1):
+        # exported GraphModules (ep.module()) get a class of their own each: same keys and shapes decide
+        graph_modules = isinstance(m, torch.fx.GraphModule) and isinstance(models[0], torch.fx.GraphModule)
+        if type(m) is not type(models[0]) and not graph_modules:
+            raise MergeError(f"model {i} is a {type(m).__name__} but model 0 is a {type(models[0]).__name__}: models must share one architecture")
+        sd = m.state_dict()
+        missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
+        if missing or extra:
+            raise MergeError(
+                f"model {i} does not have model 0's architecture: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
+        for k, t in ref.items():
+            if tuple(sd[k].shape) != tuple(t.shape):
+                raise MergeError(f"model {i} has {k} of shape {tuple(sd[k].shape)} but model 0 has {tuple(t.shape)}")
+    for i, m in enumerate(models):
+        for k, t in m.state_dict().items():
+            if torch.is_floating_point(t) and not torch.isfinite(t).all():
+                raise MergeError(f"model {i} has non-finite values (NaN or inf) in {k}; fix the checkpoint before merging")
+
+
+def _read_batches(data: Iterable | None, inputs_from_batch: Callable[[Any], Any]) -> list | None:
+    """The calibration batches in memory, each checked: model inputs found, every float finite."""
+    if data is None:
+        return None
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise MergeError(f"data= must be an iterable of batches (a list, a DataLoader), got {type(data).__name__}")
+    batches = list(data)
+    for k, batch in enumerate(batches):
+        for t in tensors(as_inputs(inputs_from_batch(batch))):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MergeError(f"calibration batch {k} has NaN or inf inputs; they would poison every statistic: clean the data")
+    return batches
+
+
+def _check_merge_options(stop_at: Any, max_iter: Any, tol: Any, seed: Any) -> None:
+    if stop_at is not None and (not isinstance(stop_at, str) or not stop_at.strip()):
+        raise MergeError(f"stop_at must be a module path or node name (a non-empty str), got {stop_at!r}")
+    for name, value, least in (("max_iter", max_iter, 0), ("tol", tol, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise MergeError(f"{name} must be an integer >= {least}, got {value!r}")
+    if seed >= 2**63:
+        raise MergeError(f"seed must be below 2**63, got {seed}")
+
+
+def _resolve_device(device: Any, model: nn.Module) -> torch.device:
+    if device in (None, "auto"):
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergeError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu or auto")
+    return dev
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """What one merge runs: the method record, its matching strategy, the mode it reports and alpha."""
+
+    method: MergeMethod
+    matcher: MatchingStrategy
+    mode: str
+    alpha: float
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.method.needs_activations(self.alpha)
+
+
+def resolve_method(registry: Registry, method: Any, mode: Any, alpha: Any) -> ResolvedMethod:
+    """The method, matcher, mode and alpha of a merge; one clear :class:`MergeError` for a bad one."""
+    from ..errors import PluginError
+
+    try:
+        record = registry.merge_method(method)
+    except PluginError as exc:
+        raise MergeError(str(exc)) from None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
+        raise MergeError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if record.alpha is None and not 0.0 <= alpha <= 1.0:
+        raise MergeError(f"alpha must lie in [0, 1], got {alpha}")
+    name = record.matcher_for(mode)
+    if name not in registry.matchers:
+        choices = ", ".join(n for n in registry.matchers if n != "identity")
+        raise MergeError(f"unknown mode {mode!r} for method {record.name!r}; choose one of {choices}")
+    label = name if record.matcher is None else {"identity": "average"}.get(name, name)
+    return ResolvedMethod(record, registry.matcher(name), label, record.alpha_for(alpha))
+
+
+class PreparedMerge:
+    """What every merge of the same models and data shares, done once: the checks, the BatchNorm
+    reset of the base models, the graph analysis and (on first need) the activation correlations.
+
+    ``prepare(...)`` builds one; each ``.merge(method=..., mode=..., alpha=...)`` then runs only the
+    matching, forms the merged weights and resets the merged model's BatchNorm statistics, which is
+    what an alpha sweep or a comparison of methods needs. ``timings`` holds the shared stages'
+    seconds. The input models are not modified, and no merge modifies what is shared.
+    """
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        *,
+        data: Iterable | None,
+        example_inputs: Any = None,
+        device: Any = None,
+        reset_bn: bool = True,
+        probe: str = "last",
+        registry: Registry | None = None,
+        reporter: Reporter | None = None,
+        inputs_from_batch: Callable[[Any], Any] | None = None,
+        tracer: str = "auto",
+    ) -> None:
+        self.timings: dict[str, float] = {}
+        self.reporter = reporter or NullReporter()
+        self.registry = registry or get_registry()
+        self.inputs_from_batch = inputs_from_batch or default_inputs_from_batch
+        self.reset_bn, self.probe = reset_bn, probe
+
+        t0 = time.perf_counter()
+        check_models(models)
+        self.batches = _read_batches(data, self.inputs_from_batch)
+        if self.batches is not None and not self.batches:
+            raise MergeError("the calibration data is empty: give at least one batch")
+        if self.batches is None and reset_bn and has_batchnorm(models[0]):
+            raise MergeError("resetting BatchNorm statistics (reset_bn=True) needs calibration data: pass data=")
+        self.device = dev = _resolve_device(device, models[0])
+        self.models = [copy.deepcopy(m).to(dev) for m in models]
+        for m in self.models:
+            set_mode(m, False)
+        if example_inputs is None:
+            if self.batches is None:
+                raise MergeError("pass example_inputs= (or data=) so the model can be traced")
+            example_inputs = take_rows(as_inputs(self.inputs_from_batch(self.batches[0])), 2)  # tracing needs only shapes
+        example_inputs = to_device(as_inputs(example_inputs), dev)
+        self.timings["check"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if reset_bn and self.batches is not None:
+            for m in self.models:  # leaves each model in eval mode, as it was
+                reset_bn_stats(m, self.batches, self.inputs_from_batch, dev)
+        self.timings["bn_reset_bases"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.reporter.start("tracing", total=1)
+        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry, tracer=tracer)
+        self.spec: MergeSpec = self.analysis.spec
+        self.reporter.advance(1)
+        self.reporter.end()
+        self.order = [(n, self.analysis.graph.nodes[n]["path"]) for n in self.analysis.graph.graph["order"]]
+        self.anchored = _anchored_groups(self.spec, self.models)
+        self.states = [dict(m.state_dict()) for m in self.models]
+        self.timings["analysis"] = time.perf_counter() - t0
+        self._act: dict[int, torch.Tensor] | None = None
+
+    def activations(self) -> dict[int, torch.Tensor]:
+        """``{group id: (N*units) x (N*units) activation correlation}``, gathered on first call."""
+        if self._act is None:
+            if self.batches is None:
+                raise MergeError("activation similarities need calibration data: pass data=")
+            from .statistics import activation_correlations
+
+            t0 = time.perf_counter()
+            self.reporter.start("statistics", total=len(self.batches))
+            self._act = activation_correlations(
+                self.analysis.graph_module, self.spec, self.batches, states=self.states, device=self.device, probe=self.probe,
+                inputs_from_batch=self.inputs_from_batch, reporter=self.reporter, registry=self.registry,
+            )
+            self.reporter.end()
+            self.timings["statistics"] = time.perf_counter() - t0
+        return self._act
+
+    def merge(
+        self,
+        *,
+        method: str = "mudsc",
+        mode: str = "zip",
+        alpha: float = 0.5,
+        stop_at: str | None = None,
+        seed: int = 0,
+        max_iter: int = 100,
+        tol: int = 5,
+        zip_a: float = 0.5,
+        zip_b: float = 1.0,
+    ) -> MergeResult:
+        """One merged model (the arguments as in :func:`merge`); ``timings`` covers this call's stages."""
+        resolved = resolve_method(self.registry, method, mode, alpha)
+        _check_merge_options(stop_at, max_iter, tol, seed)
+        matcher, matcher_name, mode, alpha = resolved.matcher, resolved.matcher.name, resolved.mode, resolved.alpha
+        method = resolved.method.name
+        needs_act = resolved.needs_activations
+        if needs_act and self.batches is None:
+            raise MergeError(f"method {method!r} needs calibration data: pass data=")
+        timings: dict[str, float] = {}
+        spec, dev, n = self.spec, self.device, len(self.models)
+        trunk = None
+        if stop_at is not None:
+            k = stop_index(self.order, stop_at)
+            trunk = {name for name, _ in self.order[: k + 1]}
+        gids = [g for g in _groups_to_merge(spec, self.analysis, trunk) if g not in self.anchored]
+        if not matcher.supports_blocks:  # heads and GroupNorm groups are averaged in place
+            blocked = [g for g in gids if spec.groups[g].blocks > 1]
+            if blocked:
+                import warnings
+
+                warnings.warn(
+                    f"matcher {matcher_name!r} cannot match blocks: {len(blocked)} block groups (attention heads, GroupNorm "
+                    f"groups, grouped convolutions) are averaged in place, not matched",
+                    stacklevel=2,
+                )
+                gids = [g for g in gids if g not in blocked]
+
+        act = None
+        if needs_act and gids:
+            first = self._act is None
+            act = self.activations()
+            if first:
+                timings["statistics"] = self.timings["statistics"]
+            missing = [g for g in gids if g not in act]
+            if missing:
+                import warnings
+
+                warnings.warn(
+                    f"groups {missing[:5]} have no activation probe (units inside a leaf module whose handler "
+                    "gives no features): they are matched by weights alone",
+                    stacklevel=3,
+                )
+
+        t0 = time.perf_counter()
+        from .matching import identity_matching
+
+        if matcher_name == "identity":
+            matchings = {g: identity_matching(spec.groups[g].size, n, device=dev) for g in gids}
+            history, sweeps = [], 0
+        else:
+            options = {"a": zip_a, "b": zip_b} if matcher_name == "zip" else {}
+            solver = DualSpaceSolver(
+                spec, self.states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=self.reporter,
+                cross_only=not matcher.uses_within_model,
+            )
+            outcome = solver.run(lambda g: identity_matching(spec.groups[g].size, n, device=dev), max_iter=max_iter, tol=tol, seed=seed)
+            matchings, history, sweeps = outcome.matchings, outcome.history, outcome.sweeps
+        timings["matching"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        merged = copy.deepcopy(self.models[0])
+        merged.load_state_dict(merge_state_dicts(spec, self.states, matchings))
+        if trunk is not None:
+            sizes = {g.id: g.size for g in spec.groups}
+
+            def unmerge_of(i: int, gid: int):
+                m = matchings.get(gid)
+                return None if m is None else m.unmerge_block(i)
+
+            gm = self.analysis.graph_module
+            if self.analysis.tracer == "export":  # the graph reads the exported module's attributes: give it the weights
+                trunk_module, tails = with_state(gm, merged.state_dict()), [with_state(gm, st) for st in self.states]
+            else:
+                trunk_module, tails = merged, self.models
+            merged = build_partial(
+                trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
+            ).to(dev)
+        set_mode(merged, False)
+        timings["merge"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if self.reset_bn and self.batches is not None:
+            reset_bn_stats(merged, self.batches, self.inputs_from_batch, dev)
+        timings["bn_reset_merged"] = time.perf_counter() - t0
+        bad = first_non_finite(merged.state_dict())
+        if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
+            raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
+        return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
+
+
+def with_state(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` holding ``state``'s tensors under the names it has (tied names once)."""
+    new = copy.deepcopy(gm)
+    own = new.state_dict()
+    new.load_state_dict({k: state[k] if k in state else v for k, v in own.items()})
+    return new
+
+
+def prepare(models: list[nn.Module], *, data: Iterable | None, **options: Any) -> PreparedMerge:
+    """Do once what every merge of ``models`` on ``data`` shares; see :class:`PreparedMerge`.
+
+        >>> prepared = prepare([a, b], data=batches)
+        >>> results = {alpha: prepared.merge(method="mudsc", mode="zip", alpha=alpha) for alpha in (0.1, 0.5, 0.9)}
+
+    ``options``: ``example_inputs``, ``device``, ``reset_bn``, ``probe``, ``registry``, ``reporter``,
+    ``inputs_from_batch``, ``tracer`` (as in :func:`merge`).
+    """
+    return PreparedMerge(models, data=data, **options)
+
+
+def merge(
+    models: list[nn.Module],
+    *,
+    data: Iterable | None,
+    example_inputs: Any = None,
+    method: str = "mudsc",
+    mode: str = "zip",
+    alpha: float = 0.5,
+    stop_at: str | None = None,
+    device: Any = None,
+    seed: int = 0,
+    reset_bn: bool = True,
+    max_iter: int = 100,
+    tol: int = 5,
+    probe: str = "last",
+    zip_a: float = 0.5,
+    zip_b: float = 1.0,
+    registry: Registry | None = None,
+    reporter: Reporter | None = None,
+    inputs_from_batch: Callable[[Any], Any] | None = None,
+    tracer: str = "auto",
+) -> MergeResult:
+    """Merge ``models`` (same architecture, any number >= 2) into one, without training.
+
+    ``method``: ``average``, ``weight_matching`` (Git Re-Basin), ``weight_zip``,
+    ``activation_matching``, ``zipit`` or ``mudsc``; ``mode``: ``align`` (permutation) or ``zip``
+    (ZipIt! greedy), used by ``mudsc`` (the baselines fix their own). ``alpha`` weighs the weight
+    space in ``S = alpha * S_weight + (1 - alpha) * S_act``. ``data``: an iterable of calibration
+    batches (read into memory once), needed for activation similarities and BatchNorm resets.
+    ``stop_at``: a module path or node name; merge up to it, then each model keeps its own tail
+    (the result returns one output per model). The input models are not modified; the merged
+    model is a copy of the first, of its class (a Hugging Face model stays one).
+
+    Inputs are given as users give them: ``example_inputs`` and each batch's model inputs (through
+    ``inputs_from_batch``, by default the first element of a ``(x, y)`` batch or a dict batch of
+    keyword tensors such as ``{"input_ids": ..., "attention_mask": ...}``) are a tuple of positional
+    tensors or a dict of keyword tensors. ``tracer``: ``"auto"``, ``"fx"`` or ``"export"`` (see
+    :func:`~mudsc_graph.analyze`).
+
+    Several merges of the same models and data (an alpha sweep, a comparison of methods) share
+    most of the work through :func:`prepare`.
+    """
+    resolved = resolve_method(registry or get_registry(), method, mode, alpha)
+    _check_merge_options(stop_at, max_iter, tol, seed)
+    if data is None and resolved.needs_activations:
+        raise MergeError(f"method {method!r} needs calibration data: pass data=")
+    prepared = PreparedMerge(
+        models, data=data, example_inputs=example_inputs, device=device, reset_bn=reset_bn, probe=probe,
+        registry=registry, reporter=reporter, inputs_from_batch=inputs_from_batch, tracer=tracer,
+    )
+    result = prepared.merge(
+        method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, tol=tol, zip_a=zip_a, zip_b=zip_b
+    )
+    result.timings = {**prepared.timings, "statistics": 0.0, **result.timings}
+    return result
+
+
+def _anchored_groups(spec: MergeSpec, models: list[nn.Module]) -> set[int]:
+    """Groups tied to a buffer that every model shares, value for value (a fixed class-embedding
+    head): the models already agree on those units, so they are averaged in place, not matched.
+
+    BatchNorm statistics and constant buffers are not anchors (fresh models share them by chance).
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from ..spec.merge_spec import _gids
+
+    stats = {f"{name}.{b}" if name else b for name, m in models[0].named_modules() if isinstance(m, _BatchNorm) for b, _ in m.named_buffers(recurse=False)}
+    buffers = [dict(m.named_buffers()) for m in models]
+    out: set[int] = set()
+    for name in spec.buffers:
+        if name in stats or name not in buffers[0]:
+            continue
+        t = buffers[0][name]
+        if t.dim() == 0 or not t.is_floating_point() or t.numel() < 2 or bool((t == t.flatten()[0]).all()):
+            continue
+        if all(torch.equal(t, b[name]) for b in buffers[1:]):
+            for e in spec.axes.get(name, []):
+                out.update(_gids(e))
+    for gid in list(out):  # a coupling moves as one: its other groups stay in place too
+        out.update(spec.groups[gid].coupled)
+    return out
+
+
+def _groups_to_merge(spec: MergeSpec, analysis: Any, trunk: set[str] | None) -> list[int]:
+    """Free groups; with a stop point, those with a parameter used in the trunk."""
+    free = [g.id for g in spec.groups if not g.fixed]
+    if trunk is None:
+        return free
+    used: set[str] = set()
+    modules = dict(analysis.graph_module.named_modules())
+    for name in trunk:
+        attrs = analysis.graph.nodes[name]
+        node = attrs["fx"]
+        if node.op == "get_attr":
+            used.add(str(node.target))
+        elif node.op == "call_module":
+            prefix = f"{node.target}."
+            used.update(prefix + p for p, _ in modules[node.target].named_parameters())
+            used.update(prefix + b for b, _ in modules[node.target].named_buffers())
+    return [g for g in free if any(name in used for name, _ in spec.groups[g].members)]

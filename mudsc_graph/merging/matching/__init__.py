@@ -1,0 +1,200 @@
+"""Matching: turn a unit similarity of N models into merge / unmerge matrices.
+
+A similarity ``S`` of one group is ``(N*O) x (N*O)``: the O units of model 0, then model 1, ...
+A matching says how the ``N*O`` stacked units become ``O`` merged units::
+
+    stacked features f (N*O)  --merge (O x N*O)-->  merged features (O)
+    merged features (O)       --unmerge (N*O x O)-> model i's features, rows i*O:(i+1)*O
+
+    e.g. N = 2, O = 2, model 1 = model 0 with its two units swapped (align):
+        merge   = [[.5, 0, 0, .5],      unmerge = [[1, 0],
+                   [0, .5, .5, 0]]                 [0, 1],
+                                                   [0, 1],
+                                                   [1, 0]]
+
+Every built-in strategy assigns each stacked unit to exactly one merged unit (a "label"), so
+``unmerge`` is 0/1 with one-hot rows and ``merge`` averages the units of each merged unit
+(``merge = (U / colsum(U))^T``). Strategies (registered by ``mudsc_plugins.matching``):
+
+- ``identity``: keep every model's order and average (:func:`identity_matching`);
+- ``align``: a permutation per model, by linear assignment against model 0 (:mod:`.align`);
+- ``zip``: ZipIt!'s greedy pair fusion, within-model fusions allowed (:mod:`.zipit`);
+- with ``blocks > 1`` (heads, GroupNorm groups) the group variants of :mod:`.blocks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .align import align_labels
+from .blocks import group_align_labels, group_zip_labels
+from .zipit import zip_labels
+
+
+@dataclass
+class Matching:
+    """Merge / unmerge matrices of one group of ``n_models`` models (see the module docstring).
+
+    ``merge`` is ``(O_m, N*O)``: merged features = ``merge @`` stacked features. ``unmerge`` is
+    ``(N*O, O_m)``: model i's features ~ ``unmerge[i*O:(i+1)*O] @`` merged features. ``score`` is
+    the mean similarity of what the strategy matched (used to compare sweeps).
+    """
+
+    merge: torch.Tensor
+    unmerge: torch.Tensor
+    score: float
+    n_models: int
+
+    @property
+    def units(self) -> int:
+        """Units of one model (O)."""
+        return self.merge.shape[1] // self.n_models
+
+    @property
+    def merged_units(self) -> int:
+        """Units of the merged model (O_m)."""
+        return self.merge.shape[0]
+
+    def merge_block(self, i: int) -> torch.Tensor:
+        """Model i's block of ``merge``, ``(O_m, O)``."""
+        o = self.units
+        return self.merge[:, i * o:(i + 1) * o]
+
+    def unmerge_block(self, i: int) -> torch.Tensor:
+        """Model i's block of ``unmerge``, ``(O, O_m)``."""
+        o = self.units
+        return self.unmerge[i * o:(i + 1) * o]
+
+    def permutations(self) -> list[torch.Tensor] | None:
+        """``perm[i][r]`` = the unit of model i that forms merged unit r, when every merged unit is
+        exactly one unit of each model averaged (align, identity); otherwise ``None`` (zip)."""
+        o, n = self.units, self.n_models
+        if self.merged_units != o:
+            return None
+        perms = []
+        for i in range(n):
+            u = self.unmerge_block(i)
+            if not (((u == 0) | (u == 1)).all() and (u.sum(0) == 1).all() and (u.sum(1) == 1).all()):
+                return None
+            if not torch.allclose(self.merge_block(i), u.T / n):
+                return None
+            perms.append(u.argmax(0))
+        return perms
+
+    def to(self, device: Any) -> "Matching":
+        return Matching(self.merge.to(device), self.unmerge.to(device), self.score, self.n_models)
+
+
+def matching_from_labels(labels: torch.Tensor, n_models: int, merged_units: int, score: float) -> Matching:
+    """The matching in which stacked unit u belongs to merged unit ``labels[u]`` (cluster average)."""
+    n = labels.numel()
+    u = torch.zeros(n, merged_units, dtype=torch.float32, device=labels.device)
+    u[torch.arange(n, device=labels.device), labels] = 1.0
+    merge = (u / u.sum(0).clamp_min(1.0)).T.contiguous()
+    return Matching(merge, u, float(score), int(n_models))
+
+
+def identity_matching(units: int, n_models: int, device: Any = None) -> Matching:
+    """Keep every model's order and average: merge = ``[I/N, ..., I/N]``, unmerge = ``[I; ...; I]``.
+
+    Its score is 0; :func:`match_identity` scores it against a similarity."""
+    labels = torch.arange(units, device=device).repeat(n_models)
+    return matching_from_labels(labels, n_models, units, 0.0)
+
+
+def validate_sims(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1) -> list[int]:
+    """Check the similarity matrices a strategy receives; return each one's units per model (O).
+
+    Raises ``ValueError`` with a one-line message on a bad shape, count or value."""
+    if isinstance(sims, torch.Tensor):
+        raise ValueError("matching expects a list of similarity matrices, got a single tensor; wrap it in a list")
+    if not sims:
+        raise ValueError("matching got no similarity matrices")
+    if int(n_models) != n_models or n_models < 1:
+        raise ValueError(f"n_models must be a positive integer, got {n_models!r}")
+    if int(blocks) != blocks or blocks < 1:
+        raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
+    units = []
+    for k, s in enumerate(sims):
+        if not isinstance(s, torch.Tensor) or s.dim() != 2 or s.shape[0] != s.shape[1]:
+            shape = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"similarity {k} must be a square 2-d tensor, got {shape}")
+        size = s.shape[0]
+        if size == 0 or size % n_models:
+            raise ValueError(f"similarity {k} has size {size}, not a positive multiple of n_models={n_models}")
+        o = size // n_models
+        if o % blocks:
+            raise ValueError(f"similarity {k} has {o} units per model, not divisible into blocks={blocks}")
+        if not s.is_floating_point():
+            raise ValueError(f"similarity {k} must be a floating-point tensor, got {s.dtype}")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"similarity {k} contains NaN or inf values; check the statistics it was computed from")
+        units.append(o)
+    return units
+
+
+def _mean_cross(sim: torch.Tensor, n_models: int) -> float:
+    """Mean over units r and models i >= 1 of S[model 0 unit r, model i unit r]."""
+    o = sim.shape[0] // n_models
+    if n_models < 2:
+        return 0.0
+    d = torch.stack([torch.diagonal(sim[:o, i * o:(i + 1) * o]) for i in range(1, n_models)])
+    return float(d.double().mean())
+
+
+def _check_options(name: str, options: dict, allowed: Sequence[str]) -> None:
+    extra = sorted(set(options) - set(allowed))
+    if extra:
+        known = ", ".join(allowed) or "none"
+        raise ValueError(f"matching strategy {name!r} got unknown options {', '.join(extra)} (accepted: {known})")
+
+
+def match_identity(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, **options: Any) -> list[Matching]:
+    """The ``identity`` strategy: average in every model's own order (scored against each S)."""
+    _check_options("identity", options, ())
+    units = validate_sims(sims, n_models, blocks)
+    out = []
+    for s, o in zip(sims, units):
+        m = identity_matching(o, n_models, device=s.device)
+        m.score = _mean_cross(s, n_models)
+        out.append(m)
+    return out
+
+
+def match_align(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, **options: Any) -> list[Matching]:
+    """The ``align`` strategy: a permutation per model i >= 1 that maximises its cross block with
+    model 0 (Git Re-Basin / MuDSC's permutation mode); block-structured when ``blocks > 1``, with
+    coupled similarities sharing one block pairing."""
+    _check_options("align", options, ())
+    units = validate_sims(sims, n_models, blocks)
+    if blocks > 1:
+        results = group_align_labels(list(sims), n_models, blocks)
+    else:
+        results = [align_labels(s, n_models) for s in sims]
+    return [matching_from_labels(lab, n_models, o, sc) for (lab, sc), o in zip(results, units)]
+
+
+def match_zip(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *, a: float = 0.5, b: float = 1.0,
+              **options: Any) -> list[Matching]:
+    """The ``zip`` strategy (ZipIt!): greedy pair fusion with within-model fusions allowed up to a
+    budget ``floor((to_remove // N) * b)`` per model; fused similarities become ``a * min``. With
+    ``blocks > 1`` blocks are paired as in group align and zipped within each paired set."""
+    _check_options("zip", options, ())
+    if not (math.isfinite(a) and a >= 0) or not (math.isfinite(b) and b >= 0):
+        raise ValueError(f"zip options a and b must be finite and >= 0, got a={a!r}, b={b!r}")
+    units = validate_sims(sims, n_models, blocks)
+    if blocks > 1:
+        results = group_zip_labels(list(sims), n_models, blocks, a=a, b=b)
+    else:
+        results = [zip_labels(s, n_models, a=a, b=b) for s in sims]
+    return [matching_from_labels(lab, n_models, o, sc) for (lab, sc), o in zip(results, units)]
+
+
+__all__ = [
+    "Matching", "identity_matching", "match_align", "match_identity", "match_zip", "matching_from_labels",
+    "validate_sims", "align_labels", "zip_labels", "group_align_labels", "group_zip_labels",
+]

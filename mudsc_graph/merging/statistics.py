@@ -1,0 +1,311 @@
+"""Activation statistics: streaming Pearson correlations of every group's units across N models.
+
+For each non-fixed group the features of its probe point(s) are laid out as ``units x samples``
+(batch, tokens and spatial positions are all samples; see :func:`group_features`), the N models'
+features are stacked in model order into ``(N*units) x samples`` and folded into a
+:class:`CorrelationAccumulator`. Memory is O(sum over groups of (N*units)^2), never O(samples).
+
+    >>> corr = activation_correlations(gms, spec, loader, device="cuda")
+    >>> corr = activation_correlations(gm, spec, loader, states=[sd_a, sd_b])   # one graph, N weights
+    >>> corr[gid].shape   # (N * spec.groups[gid].size,) * 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import MudscError, first_line
+from ..inputs import InputError, as_inputs, bind, call_graph, describe, to_device
+from .weights import expr_size, take_group
+
+Expr = list
+
+
+class StatisticsError(MudscError, ValueError):
+    """No calibration data, or features that are not finite (names the group and the node)."""
+
+
+class CorrelationAccumulator:
+    """Streaming mean and scatter of a ``(units, samples)`` feature stream, in float32.
+
+    Each batch is centred on its own mean and merged with Chan et al.'s parallel update, so large
+    feature means (post-ReLU activations) cost no precision. State: ``mean`` (units), ``m2``
+    (units x units, the centred sum of outer products) and ``count``; independent of samples.
+    """
+
+    def __init__(self, units: int, device: torch.device | str | None = None) -> None:
+        self.units = units
+        self.count = 0
+        self.mean = torch.zeros(units, dtype=torch.float32, device=device)
+        self.m2 = torch.zeros(units, units, dtype=torch.float32, device=device)
+
+    def update(self, feats: torch.Tensor) -> None:
+        """Add the columns of ``feats`` (``units x samples``, any dtype) as samples."""
+        if feats.dim() != 2 or feats.shape[0] != self.units:
+            raise ValueError(f"expected features of shape ({self.units}, samples), got {tuple(feats.shape)}")
+        nb = feats.shape[1]
+        if nb == 0:
+            return
+        x = feats.to(device=self.mean.device, dtype=torch.float32)
+        mb = x.mean(dim=1)
+        xc = x - mb[:, None]
+        na, n = self.count, self.count + nb
+        delta = mb - self.mean
+        self.m2.addmm_(xc, xc.T)
+        if na:
+            self.m2.addr_(delta, delta, alpha=na * nb / n)
+        self.mean.add_(delta, alpha=nb / n)
+        self.count = n
+
+    def state_numel(self) -> int:
+        """Number of stored elements (for memory checks): units + units^2."""
+        return self.mean.numel() + self.m2.numel()
+
+    def covariance(self) -> torch.Tensor:
+        """Sample covariance (divided by ``count - 1``, as :func:`torch.cov`)."""
+        if self.count == 0:
+            raise ValueError("CorrelationAccumulator: no samples")
+        return self.m2 / max(self.count - 1, 1)
+
+    def correlation(self, eps: float | None = None) -> torch.Tensor:
+        """Pearson correlation, in [-1, 1], never NaN.
+
+        A dead unit (zero variance, up to float32 rounding of its mean) correlates 0 with every
+        live unit and 1 with every dead unit of the same constant value (itself included): two units
+        that are constant and equal on the data are interchangeable, and matching a dead unit to
+        a live one would feed its consumers features they never saw. ``eps=None`` (default) is exact Pearson for every other unit,
+        so it does not depend on the features' scale; ``eps=1e-7`` reproduces the official
+        ZipIt!/MuDSC ``cov / clamp(sigma sigma^T, eps)``, which shrinks the correlations of
+        low-variance units (std below ~3e-4), so that even a permuted copy's partner is missed.
+        """
+        cov = self.covariance()
+        sigma = cov.diagonal().clamp(min=0).sqrt()
+        dead = sigma <= 1e-6 * self.mean.abs()
+        corr = cov / torch.outer(sigma, sigma).clamp(min=1e-30 if eps is None else eps)
+        corr = corr.clamp(-1.0, 1.0)
+        corr[dead, :] = 0.0
+        corr[:, dead] = 0.0
+        _equal_constants(corr, dead, self.mean)
+        corr.fill_diagonal_(1.0)
+        return corr
+
+
+def _equal_constants(corr: torch.Tensor, dead: torch.Tensor, mean: torch.Tensor) -> None:
+    """Set the similarity of constant units with equal values to 1 (in place)."""
+    if not bool(dead.any()):
+        return
+    idx = dead.nonzero().squeeze(1)
+    m = mean[idx]
+    scale = 1.0 + torch.maximum(m.abs()[:, None], m.abs()[None, :])
+    corr[idx[:, None], idx[None, :]] = ((m[:, None] - m[None, :]).abs() <= 1e-6 * scale).to(corr.dtype)
+
+
+# -- features of one group from one value ------------------------------------------------------------
+def group_features(value: torch.Tensor, axis: int, expr: Expr, gid: int, sizes: dict[int, int]) -> torch.Tensor:
+    """Group ``gid``'s units of ``value`` along ``axis`` (whose expression is ``expr``) as ``(units, samples)``.
+
+    Every other axis (batch, tokens, spatial) becomes samples; fixed factors of a ``kron`` become
+    samples too; several occurrences in a ``sum`` (fused qkv: Q and K rows) are concatenated as
+    more samples. Raises :class:`ValueError` if the group does not occur in ``expr``.
+    """
+    n = value.shape[axis]
+    if expr_size(expr, sizes) != n:
+        raise ValueError(f"axis {axis} has {n} positions but expression {expr!r} spans {expr_size(expr, sizes)}")
+    x = value.movedim(axis, 0).reshape(n, -1)
+    parts = [p.reshape(p.shape[0], -1) for p in take_group(x, expr, gid, sizes)]
+    if not parts:
+        raise ValueError(f"group {gid} does not occur in axis expression {expr!r}")
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+# -- running the models --------------------------------------------------------------------------------
+def probe_extractor(gm: fx.GraphModule, nodes: list[str], internal: dict[str, tuple[str, str, Callable]] | None = None) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s submodules and parameters that returns ``{node: value}``.
+
+    ``internal`` adds features computed from a node's module and arguments (units inside a leaf,
+    such as the query projection of ``nn.MultiheadAttention``): ``{output key: (node, key, fn)}``
+    where ``fn(module, args, kwargs, key)`` is the layer handler's ``features``.
+    Nothing after the last requested node is computed (dead code is eliminated).
+    """
+    internal = internal or {}
+    wanted = set(nodes) | {node for node, _, _ in internal.values()}
+    env: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph()
+    by_name: dict[str, fx.Node] = {}
+    # placeholders first (all of them, so the call signature is unchanged), then up to the last probe
+    ordered = [n for n in gm.graph.nodes if n.op == "placeholder"] + [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    for node in ordered:
+        if len(by_name) == len(wanted) and node.op != "placeholder":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.name in wanted:
+            by_name[node.name] = env[node]
+    missing = wanted - set(by_name)
+    if missing:
+        raise ValueError(f"probe nodes not in the graph: {sorted(missing)[:5]}")
+    outputs = {name: by_name[name] for name in nodes}
+    for out_key, (name, key, fn) in internal.items():
+        node = by_name[name]
+        module = graph.get_attr(node.target) if node.op == "call_module" else None
+        outputs[out_key] = graph.call_function(fn, (module, node.args, node.kwargs, key))
+    graph.output(outputs)
+    ext = fx.GraphModule(gm, graph, f"{type(gm).__name__}Probes")
+    ext.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
+    ext.recompile()
+    ext.training = gm.training  # the submodules are shared; their own modes are left untouched
+    return ext
+
+
+def select_probes(group: Any, probe: str = "last") -> list[Any]:
+    """The probes ``activation_correlations`` reads for ``group`` (see there)."""
+    if probe not in ("last", "first", "all"):
+        raise ValueError(f"probe must be 'last', 'first' or 'all', got {probe!r}")
+    consumers = [p for p in group.probes if p.consumer]
+    if not consumers:
+        return group.probes[:1]
+    if probe == "last":
+        return consumers[-1:]
+    if probe == "first":
+        return consumers[:1]
+    seen: set[tuple[str, int]] = set()
+    return [p for p in consumers if (p.node, p.axis) not in seen and not seen.add((p.node, p.axis))]
+
+
+#: Keys of a dict batch that are targets, not model inputs.
+LABEL_KEYS = ("labels", "label", "y")
+
+
+def default_inputs_from_batch(batch: Any) -> Any:
+    """The model inputs of one calibration batch.
+
+    A tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)`` (inputs, labels, ...); a dict with
+    ``"x"`` -> ``(batch["x"],)``; any other dict is keyword inputs (``{"input_ids": ..., "attention_mask":
+    ...}``), without its label keys (``labels``, ``label``, ``y``).
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)
+    if isinstance(batch, Mapping) and "x" in batch:
+        return (batch["x"],)
+    if isinstance(batch, Mapping) and batch:
+        return {str(k): v for k, v in batch.items() if k not in LABEL_KEYS}
+    raise StatisticsError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch=")
+
+
+@torch.no_grad()
+def activation_correlations(
+    gms: list[fx.GraphModule] | fx.GraphModule,
+    spec: Any,
+    batches: Iterable,
+    *,
+    states: list[Mapping[str, torch.Tensor]] | None = None,
+    device: torch.device | str | None = None,
+    probe: str = "last",
+    inputs_from_batch: Callable[[Any], Any] | None = None,
+    reporter: Any = None,
+    eps: float | None = None,
+    registry: Any = None,
+) -> dict[int, torch.Tensor]:
+    """Pearson correlation ``(N*units) x (N*units)`` of every non-fixed group with probes.
+
+    ``gms`` are the N models' GraphModules (same graph, own weights, already on ``device`` and in
+    the wanted mode); or one GraphModule and ``states``, the N models' state dicts, which are
+    swapped into it in turn (``torch.func.functional_call``), so one graph serves every model. Rows/columns are the models' units stacked in model order. ``probe``:
+    ``"last"`` (the last consumer probe in graph order, as the official MuDSC code), ``"first"``
+    or ``"all"`` (every consumer probe, stacked as more samples); a group without consumer probes
+    uses its first producer probe. One pass over ``batches``; ``reporter.advance()`` per batch.
+    ``eps``: see :meth:`CorrelationAccumulator.correlation` (``1e-7``: the official formula).
+    Batches give the models' inputs through ``inputs_from_batch`` (positional or keyword tensors).
+    """
+    if isinstance(gms, fx.GraphModule):
+        gms = [gms]
+    if not gms:
+        raise ValueError("activation_correlations needs at least one model")
+    if states is not None and len(gms) != 1:
+        raise ValueError("with states=, pass a single GraphModule")
+    if device is None:
+        p = next(iter(gms[0].parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    inputs_from_batch = inputs_from_batch or default_inputs_from_batch
+    sizes = {g.id: g.size for g in spec.groups}
+    plan = {g.id: select_probes(g, probe) for g in spec.groups if not g.fixed and g.probes}
+    nodes = list(dict.fromkeys(p.node for ps in plan.values() for p in ps if p.key is None))
+    internal = {_out_key(p): (p.node, p.key, _features_fn(p, registry)) for ps in plan.values() for p in ps if p.key is not None}
+    if not nodes and not internal:
+        return {}
+    if states is None:
+        runs = [(ext, None) for ext in (probe_extractor(gm, nodes, internal) for gm in gms)]
+    else:
+        ext = probe_extractor(gms[0], nodes, internal)
+        own = {n for n, _ in ext.named_parameters()} | {n for n, _ in ext.named_buffers()}  # one name per tied tensor
+        runs = [(ext, {k: v for k, v in st.items() if k in own}) for st in states]
+    accs = {gid: CorrelationAccumulator(len(runs) * sizes[gid], device) for gid in plan}
+    n_batches = 0
+    for batch in batches:
+        inputs = to_device(as_inputs(inputs_from_batch(batch)), device)
+        outs = [_run(ext, state, inputs) for ext, state in runs]
+        checks: list[tuple[torch.Tensor, int, str, int]] = []
+        for gid, probes in plan.items():
+            feats = []
+            for k, out in enumerate(outs):
+                per_probe = [group_features(out[_out_key(p)], p.axis, p.expr, gid, sizes) for p in probes]
+                checks += [(f, gid, p.node, k) for f, p in zip(per_probe, probes)]
+                feats.append(per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1))
+            accs[gid].update(torch.cat(feats, dim=0))
+        _check_finite(checks)
+        del outs
+        n_batches += 1
+        if reporter is not None:
+            reporter.advance(1)
+    if n_batches == 0:
+        raise StatisticsError("no calibration batches: the data iterable was empty; pass at least one batch")
+    return {gid: acc.correlation(eps) for gid, acc in accs.items()}
+
+
+def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: Any) -> dict:
+    """The probe values of one model on one batch, with a clear error when the batch does not fit."""
+    try:
+        if state is None:
+            return call_graph(ext, inputs)
+        return torch.func.functional_call(ext, state, tuple(bind(ext, inputs)))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise StatisticsError(
+            f"running the model on a calibration batch ({describe(inputs)}) failed: {type(exc).__name__}: "
+            f"{first_line(exc)}; calibration batches must have the example inputs' "
+            "shapes apart from the batch size (pad text to one length)"
+        ) from exc
+
+
+def _check_finite(checks: list[tuple[torch.Tensor, int, str, int]]) -> None:
+    """One device sync per batch: raise naming the first group and node with NaN/inf features."""
+    if not checks:
+        return
+    ok = torch.stack([torch.isfinite(f).all() for f, *_ in checks])
+    if bool(ok.all()):
+        return
+    _, gid, node, k = checks[int((~ok).nonzero()[0])]
+    raise StatisticsError(
+        f"non-finite features (NaN/inf) for group {gid} at node {node!r} of model {k}; check the model's weights and the calibration data"
+    )
+
+
+def _out_key(p: Any) -> str:
+    return p.node if p.key is None else f"{p.node}:{p.key}"
+
+
+def _features_fn(p: Any, registry: Any) -> Callable:
+    """The ``features`` function of the layer handler that declared an internal probe."""
+    from ..plugin.registry import get_registry
+
+    registry = registry or get_registry()
+    for h in registry.handlers.values():
+        if h.name == p.handler and h.features is not None:
+            return h.features
+    raise StatisticsError(f"probe {p.node}:{p.key} needs the features of layer handler {p.handler!r}, which is not registered")

@@ -1,0 +1,220 @@
+"""Forming merged weights from per-group matchings.
+
+For every tensor and model ``i``, each axis is brought into merged coordinates by a matrix
+``A`` of shape ``(merged units, model units)`` applied along it, then the models are summed:
+
+- the **averaging axis** (the first axis that does not read its units and carries a group;
+  else the first that does not read its units) uses the merge block ``M_i`` (cluster averages over
+  all models; fixed leaves use ``I / N``);
+- other axes that do not read their units use ``M_i`` with rows normalised within model ``i``
+  (for a permutation: the permutation itself);
+- axes that *read* their units (weight columns, ``spec.consumed``) use the unmerge block
+  ``U_i^T``: a consumer of merged unit ``c`` takes model ``i``'s weights of every unit in ``c``.
+
+So ``W' = sum_i M_i W_i U_i`` for a Linear, ``b' = sum_i M_i b_i`` for its bias, and a tensor with no
+axis that does not read (rare) is averaged with ``1 / N``. Expressions are applied
+structurally (``sum`` splits, ``kron`` reshapes), never as dense Kronecker products.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from ..spec.merge_spec import Expr, MergeSpec
+
+# group id -> (merged units x model units) matrix, or None for identity
+MatrixFor = Callable[[int], "torch.Tensor | None"]
+
+
+def expr_size(e: Expr, sizes: Mapping[int, int]) -> int:
+    kind = e[0]
+    if kind == "g":
+        return sizes[e[1]]
+    if kind == "fixed":
+        return e[1]
+    if kind == "sum":
+        return sum(expr_size(x, sizes) for x in e[1])
+    if kind == "kron":
+        return expr_size(e[1], sizes) * expr_size(e[2], sizes)
+    raise ValueError(f"no size for axis expression {e!r}")
+
+
+def has_group(e: Expr, live: Callable[[int], bool] = lambda g: True) -> bool:
+    kind = e[0]
+    if kind == "g":
+        return live(e[1])
+    if kind == "sum":
+        return any(has_group(x, live) for x in e[1])
+    if kind == "kron":
+        return has_group(e[1], live) or has_group(e[2], live)
+    if kind == "inner":
+        return has_group(e[1], live)
+    return False
+
+
+def take_group(t: torch.Tensor, e: Expr, gid: int, sizes: Mapping[int, int]) -> list[torch.Tensor]:
+    """The slices of ``t`` (axis 0 carries expression ``e``) that are group ``gid``, each ``(O, ...)``.
+
+    A group twice in a ``sum`` (fused qkv rows: Q and K) gives two slices; through a ``kron``
+    the other factor becomes the slice's second axis.
+    """
+    kind = e[0]
+    if kind == "g":
+        return [t] if e[1] == gid else []
+    if kind == "sum":
+        out = []
+        for piece, x in zip(t.split([expr_size(x, sizes) for x in e[1]], dim=0), e[1]):
+            out += take_group(piece, x, gid, sizes)
+        return out
+    if kind == "kron":
+        na, nb = expr_size(e[1], sizes), expr_size(e[2], sizes)
+        u = t.reshape(na, nb, *t.shape[1:])
+        got = [x for x in take_group(u, e[1], gid, sizes)]
+        if got:
+            return got
+        return [x for x in take_group(u.movedim(1, 0), e[2], gid, sizes)]
+    return []
+
+
+def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: Mapping[int, int], scale: float = 1.0) -> torch.Tensor:
+    """Multiply ``t`` along ``axis`` by the matrix that expression ``e`` describes.
+
+    ``scale`` multiplies the positions that no matched group covers (fixed leaves, unmatched
+    groups): on the averaging axis it is ``1 / N``, since a merge block already averages.
+    """
+    kind = e[0]
+    A = matrix(e[1]) if kind == "g" else None
+    if kind == "fixed" or (kind == "g" and A is None):
+        return t * scale if scale != 1.0 else t
+    if kind == "g":
+        return apply_matrix(A, t, axis)
+    if kind == "sum":
+        pieces = t.split([expr_size(x, sizes) for x in e[1]], dim=axis)
+        return torch.cat([apply_along(p, axis, x, matrix, sizes, scale) for p, x in zip(pieces, e[1])], dim=axis)
+    if kind == "kron":
+        na, nb = expr_size(e[1], sizes), expr_size(e[2], sizes)
+        shape = t.shape
+        u = t.reshape(*shape[:axis], na, nb, *shape[axis + 1 :])
+        live = lambda x: has_group(x, lambda g: matrix(g) is not None)  # noqa: E731
+        # the average is taken once: by the factor with a matched group, else by the first
+        first_scale, second_scale = (1.0, scale) if (live(e[2]) and not live(e[1])) else (scale, 1.0)
+        u = apply_along(u, axis, e[1], matrix, sizes, first_scale)
+        u = apply_along(u, axis + 1, e[2], matrix, sizes, second_scale)
+        return u.reshape(*shape[:axis], u.shape[axis] * u.shape[axis + 1], *shape[axis + 1 :])
+    raise ValueError(f"cannot apply axis expression {e!r}")
+
+
+def apply_matrix(A: torch.Tensor, t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``A`` (new x old) applied along ``axis`` of ``t``.
+
+    Matchings are assignments (every model unit feeds at most one merged unit), so ``A`` has at
+    most one nonzero per column: then this is a scatter-add, linear in the size of ``t``, instead
+    of a dense contraction that costs ``new`` times more.
+    """
+    A = A.to(t.dtype)
+    nz = A != 0
+    if bool((nz.sum(0) <= 1).all()):
+        labels = nz.to(torch.uint8).argmax(0)
+        w = A.gather(0, labels[None]).squeeze(0)
+        t0 = t.movedim(axis, 0)
+        flat = t0.reshape(t0.shape[0], -1) * w[:, None]
+        out = flat.new_zeros(A.shape[0], flat.shape[1]).index_add_(0, labels, flat)
+        return out.reshape(A.shape[0], *t0.shape[1:]).movedim(0, axis)
+    return torch.movedim(torch.tensordot(A, t, dims=([1], [axis])), 0, axis)
+
+
+def densify_grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(out, in/groups, ...) grouped-conv weight -> (out, in, ...) with zeros off the blocks."""
+    out, d = t.shape[0], t.shape[1]
+    dense = t.new_zeros(out, d * groups, *t.shape[2:])
+    per = out // groups
+    for j in range(groups):
+        dense[j * per : (j + 1) * per, j * d : (j + 1) * d] = t[j * per : (j + 1) * per]
+    return dense
+
+
+def sparsify_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`densify_grouped` (keeps the diagonal blocks)."""
+    out, n_in = dense.shape[0], dense.shape[1]
+    per, d = out // groups, n_in // groups
+    return torch.cat([dense[j * per : (j + 1) * per, j * d : (j + 1) * d] for j in range(groups)], dim=0)
+
+
+def transform_tensor(
+    t: torch.Tensor,
+    exprs: list[Expr],
+    consumed: set[int],
+    produce: MatrixFor,
+    produce_other: MatrixFor,
+    read: MatrixFor,
+    sizes: Mapping[int, int],
+    n_models: int,
+    live: Callable[[int], bool],
+) -> torch.Tensor:
+    """One model's tensor in merged coordinates (see the module docstring for the roles)."""
+    inner = [(a, e) for a, e in enumerate(exprs) if e[0] == "inner"]
+    if inner:
+        (a, e), = inner
+        t = densify_grouped(t, e[2])
+        exprs = list(exprs)
+        exprs[a] = e[1]
+    not_reading = [a for a in range(len(exprs)) if a not in consumed]
+    avg = next((a for a in not_reading if has_group(exprs[a], live)), not_reading[0] if not_reading else None)
+    for a, e in enumerate(exprs):
+        if a == avg:
+            t = apply_along(t, a, e, produce, sizes, 1.0 / n_models)
+        elif a in consumed:
+            t = apply_along(t, a, e, read, sizes)
+        else:
+            t = apply_along(t, a, e, produce_other, sizes)
+    if avg is None:
+        t = t / n_models
+    if inner:
+        t = sparsify_grouped(t, inner[0][1][2])
+    return t
+
+
+def row_normalised(M: torch.Tensor) -> torch.Tensor:
+    s = M.sum(1, keepdim=True)
+    return torch.where(s > 0, M / s.clamp_min(1e-12), M)
+
+
+def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]], matchings: Mapping[int, object]) -> dict[str, torch.Tensor]:
+    """The merged state_dict: ``sum_i`` of every model's tensors in merged coordinates.
+
+    ``matchings[gid]`` has ``merge_block(i)`` and ``unmerge_block(i)``; groups without a matching
+    (fixed ones) keep their units, and their tensors are averaged.
+    """
+    n = len(states)
+    sizes = {g.id: g.size for g in spec.groups}
+    live = lambda gid: gid in matchings  # noqa: E731
+    merged: dict[str, torch.Tensor] = {}
+    for name, t0 in states[0].items():
+        exprs = spec.axes.get(name)
+        if not torch.is_floating_point(t0):
+            merged[name] = t0.clone()
+            continue
+        if exprs is None or t0.dim() == 0:
+            merged[name] = sum(s[name].float() for s in states).to(t0.dtype) / n
+            continue
+        consumed = set(spec.consumed.get(name, ()))
+        total = None
+        for i, state in enumerate(states):
+            def produce(gid, i=i):
+                m = matchings.get(gid)
+                return None if m is None else m.merge_block(i)
+
+            def produce_other(gid, i=i):
+                m = matchings.get(gid)
+                return None if m is None else row_normalised(m.merge_block(i))
+
+            def read(gid, i=i):
+                m = matchings.get(gid)
+                return None if m is None else m.unmerge_block(i).T
+
+            part = transform_tensor(state[name].float(), exprs, consumed, produce, produce_other, read, sizes, n, live)
+            total = part if total is None else total + part
+        merged[name] = total.to(t0.dtype)
+    return merged

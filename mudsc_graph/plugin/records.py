@@ -1,0 +1,206 @@
+"""Small frozen records that plugins register through the hooks in :mod:`mudsc_graph.plugin.hookspecs`.
+
+Each record validates itself on creation, so a broken plugin fails where it is written, with a
+message naming the record, instead of deep inside an analysis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..analysis.propagate import OpContext
+
+OPCODES = ("call_module", "call_function", "call_method")
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PluginError(f"{kind} name {name!r} is invalid: use letters, digits, '_', '.', ':' or '-'")
+
+
+def _is_tag(t: Any) -> bool:
+    import torch
+
+    return isinstance(t, torch.Tag)
+
+
+@dataclass(frozen=True)
+class LayerHandler:
+    """Tells the propagation pass how the axes of one kind of op relate.
+
+    ``opcode`` is the torch.fx opcode the handler answers to and ``targets`` what the node
+    targets: module classes for ``call_module`` (matched by exact class, then by base class),
+    functions for ``call_function`` (``torch.add``, ``operator.add``, ``F.relu`` ...), method
+    names for ``call_method`` (``"view"``, ``"transpose"`` ...). Module classes named here are
+    traced as leaves, so the handler sees the module call rather than its insides; a subclass
+    that overrides ``forward`` is not matched by its base's handler (it is traced through).
+
+    The graphs of the torch.export tracer are ATen-level: their ``call_function`` targets are
+    ATen operators. A handler names an overload (``torch.ops.aten.linear.default``), a whole packet
+    (``torch.ops.aten.linear``, every overload) or a ``torch.Tag`` (``torch.Tag.pointwise``: any
+    operator with that tag that nothing more specific handles). The built-ins list each ATen
+    operator beside its torch-level twin, with the same rule: a rule reads arguments with
+    ``ctx.arg(i, name)``, which for ATen operators finds ``name`` in the operator's schema.
+
+    ``propagate(ctx)`` receives an :class:`~mudsc_graph.analysis.propagate.OpContext` and must set the
+    layout of the node's output (``ctx.set_output``) after linking axes. ``priority`` resolves two
+    handlers for one target: the higher wins; equal priorities from two plugins are an error.
+
+    ``features(module, args, kwargs, key)`` is needed only by handlers whose op has units that
+    no value of the graph shows (the heads inside ``nn.MultiheadAttention``): ``propagate`` calls
+    ``ctx.internal_probe(layout, key)`` and ``features`` computes those units' activations from
+    the op's module and arguments, units on the last axis.
+    """
+
+    name: str
+    opcode: str
+    targets: tuple[Any, ...]
+    propagate: Callable[["OpContext"], None]
+    priority: int = 0
+    description: str = ""
+    features: Callable[..., "torch.Tensor"] | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("LayerHandler", self.name)
+        if self.opcode not in OPCODES:
+            raise PluginError(f"LayerHandler {self.name!r}: opcode {self.opcode!r} is not one of {', '.join(OPCODES)}")
+        if not isinstance(self.targets, tuple) or not self.targets:
+            raise PluginError(f"LayerHandler {self.name!r}: targets must be a non-empty tuple")
+        for t in self.targets:
+            if self.opcode == "call_method" and not isinstance(t, str):
+                raise PluginError(f"LayerHandler {self.name!r}: call_method targets are method names (str), got {t!r}")
+            if self.opcode == "call_module" and not isinstance(t, type):
+                raise PluginError(f"LayerHandler {self.name!r}: call_module targets are module classes, got {t!r}")
+            if self.opcode == "call_function" and not (callable(t) or _is_tag(t)):
+                raise PluginError(f"LayerHandler {self.name!r}: call_function targets are callables, ATen operators or torch.Tag values, got {t!r}")
+        if not callable(self.propagate):
+            raise PluginError(f"LayerHandler {self.name!r}: propagate must be callable")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model family that ``mudsc`` commands accept by name (``--arch NAME``).
+
+    ``factory(**options)`` builds a freshly initialised model; ``example_inputs(batch_size)``
+    returns the tuple of tensors that one forward call takes (used for tracing and the self-check).
+    ``aliases`` are other accepted names (``vit_b_16`` for ``vit_b16``).
+    """
+
+    name: str
+    factory: Callable[..., "torch.nn.Module"]
+    example_inputs: Callable[[int], tuple]
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_name("Architecture", self.name)
+        for a in self.aliases:
+            _check_name("Architecture alias", a)
+        if not callable(self.factory) or not callable(self.example_inputs):
+            raise PluginError(f"Architecture {self.name!r}: factory and example_inputs must be callable")
+
+    def build(self, **options: Any) -> "torch.nn.Module":
+        return self.factory(**{**self.defaults, **options})
+
+
+@dataclass(frozen=True)
+class MatchingStrategy:
+    """A way to turn a unit similarity into merge / unmerge matrices (``--mode NAME``).
+
+    ``match(sims, n_models, blocks, **options)`` receives one similarity matrix per group of a
+    coupling (usually one; Q/K and V/O of an attention layer are matched together), each
+    ``(n_models * units) x (n_models * units)`` with the models' units stacked in order, and returns
+    one :class:`~mudsc_graph.merging.matching.Matching` per matrix. ``blocks > 1`` asks for a block
+    structured result (heads, GroupNorm groups); a strategy with ``supports_blocks=False`` never
+    gets such a call: block groups are then averaged in place (not matched), with a warning.
+    A strategy is usable as a method of its own (``merge(method=NAME)``: dual-space similarity with
+    the ``alpha`` argument) and as ``merge(method="mudsc", mode=NAME)``.
+    """
+
+    name: str
+    match: Callable[..., list]
+    supports_blocks: bool = True
+    description: str = ""
+    uses_within_model: bool = True
+    """False when ``match`` reads only the blocks between model 0 and the others (align): the
+    within-model blocks of the similarity are then not computed (left 0)."""
+
+    def __post_init__(self) -> None:
+        _check_name("MatchingStrategy", self.name)
+        if not callable(self.match):
+            raise PluginError(f"MatchingStrategy {self.name!r}: match must be callable")
+
+
+ACTIVATIONS = ("by_alpha", "always", "never")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merging method: what ``merge(method=NAME)`` and ``mudsc merge --method NAME`` accept.
+
+    ``matcher`` names the :class:`MatchingStrategy` that turns the similarity into merge / unmerge
+    maps, or is ``None`` when the ``mode`` argument names it (``mudsc``: ``align``, ``zip`` or any
+    registered matcher; ``default_mode`` when none is given). ``alpha`` is the weight-space share the
+    method fixes in ``S = alpha * S_weight + (1 - alpha) * S_act``, or ``None`` to take the
+    ``alpha`` argument. ``activations`` says when the method needs calibration data for activation
+    statistics: ``"by_alpha"`` (when ``alpha < 1``), ``"always"`` or ``"never"``.
+    """
+
+    name: str
+    matcher: str | None
+    alpha: float | None = None
+    description: str = ""
+    default_mode: str | None = None
+    activations: str = "by_alpha"
+
+    def __post_init__(self) -> None:
+        _check_name("MergeMethod", self.name)
+        if self.matcher is None and self.default_mode is None:
+            raise PluginError(f"MergeMethod {self.name!r}: give a matcher, or a default_mode for the mode argument to override")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise PluginError(f"MergeMethod {self.name!r}: alpha must be None or a number in [0, 1], got {self.alpha!r}")
+        if self.activations not in ACTIVATIONS:
+            raise PluginError(f"MergeMethod {self.name!r}: activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+
+    def matcher_for(self, mode: str | None) -> str:
+        """The matching strategy's name: the method's own, else ``mode`` (else ``default_mode``)."""
+        return self.matcher if self.matcher is not None else (mode or self.default_mode)  # type: ignore[return-value]
+
+    def alpha_for(self, alpha: float) -> float:
+        return float(self.alpha) if self.alpha is not None else float(alpha)
+
+    def needs_activations(self, alpha: float) -> bool:
+        """Whether a merge with this (resolved) ``alpha`` reads activation statistics."""
+        if self.activations == "by_alpha":
+            return self.alpha_for(alpha) < 1.0
+        return self.activations == "always"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A data source that commands accept in ``--data SPEC`` (``NAME``, ``NAME:0-4``, ...).
+
+    ``load(split, **options)`` returns ``(x, y)``: a float tensor of inputs (``N x C x H x W`` for
+    images) and a long tensor of class labels, for ``split`` ``"train"`` or ``"test"``.
+    ``classes`` is the number of classes; ``input_shape`` the shape of one input.
+    """
+
+    name: str
+    load: Callable[..., tuple]
+    classes: int
+    input_shape: tuple[int, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("Dataset", self.name)
+        if not callable(self.load):
+            raise PluginError(f"Dataset {self.name!r}: load must be callable")
