@@ -13,7 +13,8 @@ import torch
 from ..errors import AnalysisError, MudscError, UnsupportedOpError
 from ..inputs import as_inputs
 from ..plugin.registry import Registry, get_registry
-from ..spec.merge_spec import MergeSpec, build_spec
+from ..spec.merge_spec import MergeSpec
+from .grouping import build_spec
 from .ir import build_graph
 from .propagate import Propagator
 from .trace import trace

@@ -1,0 +1,265 @@
+"""From the propagated space table to a MergeSpec: groups, axis expressions, probes.
+
+The last step of the analysis (:func:`build_spec`): the closed :class:`~mudsc_graph.analysis.spaces.SpaceTable`
+of a finished :class:`~mudsc_graph.analysis.propagate.Propagator` becomes the groups of a
+:class:`~mudsc_graph.spec.merge_spec.MergeSpec`, one axis expression per parameter axis, and the probes
+where each group's features can be read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..spec.merge_spec import Expr, Group, MergeSpec, Probe, _gids
+from .spaces import Dep, SpaceTable, Stack, Sum
+
+
+class _Builder:
+    """Turns the closed space table into groups and axis expressions."""
+
+    def __init__(self, sp: SpaceTable) -> None:
+        self.sp = sp
+        self.keys: dict[tuple, int] = {}
+        self.groups: list[Group] = []
+        self.bad: set[int] = set()
+        self.families: dict[int, tuple[int, int]] = {}  # part root -> (block root, index)
+        self.block_spaces: set[int] = set()
+        for root, d in sp.defn.items():
+            if sp.find(root) != root or not isinstance(d, Stack):
+                continue
+            r = sp.find(d.r)
+            if sp.is_fixed(r):
+                continue
+            parts = [sp.find(p) for p in d.parts]
+            if len(set(parts)) == 1:
+                if not sp.is_fixed(parts[0]):
+                    self.bad.add(r)
+                continue
+            if len(set(parts)) != len(parts) or any(p in sp.defn or sp.is_fixed(p) for p in parts):
+                self.bad.add(r)
+                continue
+            for j, p in enumerate(parts):
+                if self.families.setdefault(p, (r, j)) != (r, j):
+                    self.bad.add(r)
+                    self.bad.add(self.families[p][0])
+            self.block_spaces.add(r)
+
+    def expr(self, s: int, strict: bool = True) -> Expr:
+        sp = self.sp
+        s = sp.find(s)
+        n = sp.size[s]
+        if n == 1:
+            return ["fixed", 1]
+        if sp.is_fixed(s):
+            reason = sp.fixed[s]
+            return ["g", self._gid(("fixed", s), n, 1, True, reason)] if reason else ["fixed", n]
+        if strict and s in self.families:
+            self.bad.add(self.families[s][0])
+        d = sp.defn.get(s)
+        if d is None:
+            return ["g", self._gid(("atom", s), n, 1, False, None)]
+        if isinstance(d, Sum):
+            return _simplify(["sum", [self.expr(p, strict) for p in d.parts]])
+        r, parts = sp.find(d.r), [sp.find(p) for p in d.parts]
+        if len(set(parts)) == 1:
+            return _simplify(["kron", self.expr(r, strict), self.expr(parts[0], strict)])
+        if sp.is_fixed(r):
+            return _simplify(["sum", [self.expr(p, strict) for p in parts]])
+        key = ("block", r, tuple(parts))
+        return ["g", self._gid(key, n, len(parts), False, None)]
+
+    def _gid(self, key: tuple, size: int, blocks: int, fixed: bool, reason: str | None) -> int:
+        gid = self.keys.get(key)
+        if gid is None:
+            gid = len(self.groups)
+            self.keys[key] = gid
+            self.groups.append(Group(gid, size, blocks, fixed, reason))
+        return gid
+
+
+def _simplify(e: Expr) -> Expr:
+    if e[0] == "sum" and all(x[0] == "fixed" for x in e[1]):
+        return ["fixed", sum(x[1] for x in e[1])]
+    if e[0] == "kron" and e[1][0] == "fixed" and e[2][0] == "fixed":
+        return ["fixed", e[1][1] * e[2][1]]
+    return e
+
+
+def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
+    """The MergeSpec of a finished :class:`~mudsc_graph.analysis.propagate.Propagator`, and value axes.
+
+    The second result maps each IR node with a tensor output to one expression per axis
+    (``None`` for an axis whose units depend on another axis and include a free group).
+    """
+    sp: SpaceTable = prop.spaces
+    buffers = _buffer_names(prop)
+    while True:
+        sp.close()
+        b = _Builder(sp)
+        axes = _param_axes(prop, b)
+        for alias, canon in prop.aliases.items():  # tied weights: every name of the tensor
+            if canon in axes:
+                axes[alias] = axes[canon]
+        for name in prop.frozen:  # not in the state_dict: not the spec's business
+            axes.pop(name, None)
+        if b.bad:
+            for r in b.bad:
+                sp.fix(r, "")
+            continue
+        # units that only buffers carry (the unused tail of position_ids) have nothing to merge: fix
+        # their spaces (not just the group, so that whatever is coupled to them stays put too)
+        lone = _buffer_only_spaces(b, axes, buffers)
+        if not lone:
+            break
+        for space in lone:
+            sp.fix(space, "only buffers carry these units (no parameter to merge)")
+    # couplings: block groups that share a block space. A block space that is also a group of its
+    # own (whole heads: a per-head bias table's columns, T5's relative_attention_bias; Q/K rows
+    # kron(heads, fixed) when RoPE fixes the head dimensions) moves with those blocks: it joins the
+    # coupling as a block group of one-unit blocks
+    by_block: dict[int, list[int]] = {}
+    for key, gid in b.keys.items():
+        if key[0] == "block":
+            by_block.setdefault(key[1], []).append(gid)
+    for r, gids in by_block.items():
+        atom = b.keys.get(("atom", r))
+        if atom is not None:
+            b.groups[atom].blocks = b.groups[atom].size
+            gids.append(atom)
+        for gid in gids:
+            b.groups[gid].coupled = tuple(x for x in gids if x != gid)
+    for name, exprs in axes.items():
+        for axis, e in enumerate(exprs):
+            for gid in _gids(e):
+                b.groups[gid].members.append((name, axis))
+    _add_probes(prop, b)
+    value_axes = _value_axes(prop, b)
+    # keep only groups that index parameters; renumber densely in order of first appearance
+    used = [g for g in b.groups if g.members]
+    remap = {g.id: i for i, g in enumerate(used)}
+    for g in used:
+        for p in g.probes:
+            p.expr = _renumber(p.expr, remap, b.groups)
+    axes = {k: [_renumber(e, remap, b.groups) for e in v] for k, v in axes.items()}
+    for g in used:
+        g.id = remap[g.id]
+        g.coupled = tuple(remap[c] for c in g.coupled if c in remap)
+        g.members = list(dict.fromkeys(g.members))
+    consumed: dict[str, list[int]] = {}
+    for name, axis in sorted(prop.consumed):
+        consumed.setdefault(name, []).append(axis)
+    for alias, canon in prop.aliases.items():
+        if canon in consumed and alias in axes:
+            consumed[alias] = list(consumed[canon])
+    shapes = {name: tuple(prop.attr_shapes[prop.canonical.get(name, name)]) for name in axes}
+    buffers = [name for name in axes if name in buffers]
+    value_axes = {
+        k: [None if e is None else _renumber(e, remap, b.groups) for e in v] if isinstance(v, list) else None
+        for k, v in value_axes.items()
+    }
+    return MergeSpec(used, axes, shapes, list(prop.warnings), consumed, buffers), value_axes
+
+
+def _buffer_only_spaces(b: _Builder, axes: dict[str, list[Expr]], buffers: set[str]) -> list[int]:
+    """The spaces of the free groups whose every member is a buffer."""
+    users: dict[int, set[str]] = {}
+    for name, exprs in axes.items():
+        for e in exprs:
+            for gid in _gids(e):
+                users.setdefault(gid, set()).add(name)
+    out: list[int] = []
+    for key, gid in b.keys.items():
+        names = users.get(gid)
+        if names and not b.groups[gid].fixed and names <= buffers:
+            out += [key[1]] + (list(key[2]) if key[0] == "block" else [])
+    return out
+
+
+def _buffer_names(prop: Any) -> set[str]:
+    names = {name for name, _ in prop.gm.named_buffers(remove_duplicate=False)}
+    names |= {alias for alias, canon in prop.aliases.items() if canon in names}
+    return names
+
+
+def _param_axes(prop: Any, b: _Builder) -> dict[str, list[Expr]]:
+    axes: dict[str, list[Expr]] = {}
+    for name, shape in prop.attr_shapes.items():
+        exprs = []
+        for axis, n in enumerate(shape):
+            inner = prop.inner_params.get((name, axis))
+            if inner is not None:
+                exprs.append(["inner", b.expr(inner[0]), inner[1]])
+            elif (name, axis) in prop.attr_spaces:
+                exprs.append(b.expr(prop.attr_spaces[(name, axis)]))
+            else:
+                exprs.append(["fixed", n])
+        axes[name] = exprs
+    return axes
+
+
+def _add_probes(prop: Any, b: _Builder) -> None:
+    graph = prop.graph
+    for name in graph.graph["order"]:
+        attrs = graph.nodes[name]
+        v = attrs.get("value")
+        if v is None or isinstance(v, list) or attrs["op"] in ("placeholder", "get_attr", "output"):
+            continue
+        consumer = any(_has_params(prop, graph.nodes[u]) for u in graph.successors(name))
+        producer = _has_params(prop, attrs)
+        if not (consumer or producer):
+            continue
+        for axis, L in enumerate(v.layout):
+            if isinstance(L, Dep):
+                continue
+            e = b.expr(L, strict=False)
+            for gid in _gids(e):
+                if not b.groups[gid].fixed:
+                    b.groups[gid].probes.append(Probe(name, axis, e, consumer))
+    for name, key, handler, L in prop.internal_probes:
+        e = b.expr(L, strict=False)
+        for gid in _gids(e):
+            if not b.groups[gid].fixed:
+                b.groups[gid].probes.append(Probe(name, -1, e, False, key, handler))
+    for g in b.groups:
+        g.probes.sort(key=lambda p: not p.consumer)
+
+
+def _value_axes(prop: Any, b: _Builder) -> dict[str, list | None]:
+    out: dict[str, list | None] = {}
+    sp = prop.spaces
+    for name in prop.graph.graph["order"]:
+        v = prop.graph.nodes[name].get("value")
+        if v is None or isinstance(v, list):
+            out[name] = None
+            continue
+        exprs = []
+        for L in v.layout:
+            if isinstance(L, Dep):
+                free = [s for s in sp.leaves(L) if not sp.is_fixed(s)]
+                exprs.append(None if free else ["fixed", sp.layout_size(L)])
+            else:
+                exprs.append(b.expr(L, strict=False))
+        out[name] = exprs
+    return out
+
+
+def _has_params(prop: Any, attrs: dict) -> bool:
+    if attrs["op"] == "call_module":
+        m = prop.modules.get(attrs["fx"].target)
+        return m is not None and any(True for _ in m.parameters(recurse=False))
+    if attrs["op"] == "call_function":
+        return any(getattr(a, "op", None) == "get_attr" for a in attrs["fx"].all_input_nodes)
+    return False
+
+
+def _renumber(e: Expr, remap: dict[int, int], groups: list[Group]) -> Expr:
+    """New group ids; a group that indexes no parameter is fixed as far as values go."""
+    if e[0] == "g":
+        return ["g", remap[e[1]]] if e[1] in remap else ["fixed", groups[e[1]].size]
+    if e[0] == "sum":
+        return ["sum", [_renumber(x, remap, groups) for x in e[1]]]
+    if e[0] == "kron":
+        return ["kron", _renumber(e[1], remap, groups), _renumber(e[2], remap, groups)]
+    if e[0] == "inner":
+        return ["inner", _renumber(e[1], remap, groups), e[2]]
+    return e
