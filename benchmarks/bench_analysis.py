@@ -1,12 +1,12 @@
 """Benchmark: analysis time (trace + IR + propagation + groups) of large zoo models on CPU.
 
-Run: python benchmarks/bench_analysis.py [ARCH ...]   (default: vit_b16 resnet50)
+Run: python -m benchmarks.bench_analysis [ARCH ...]   (default: vit_b16 resnet50)
 Target: under 5 s each on 2 CPU cores. Prints one line per model with the time of each pass.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
@@ -35,4 +35,7 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["vit_b16", "resnet50"])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_analysis", description=__doc__.splitlines()[0])
+    parser.add_argument("archs", nargs="*", default=["vit_b16", "resnet50"], metavar="ARCH",
+                        help="registered architectures (default: vit_b16 resnet50)")
+    main(parser.parse_args().archs)

@@ -1,13 +1,13 @@
 """Benchmark: time of the align and zip matchers on CPU for N = 2 models of O units.
 
-Run: python benchmarks/bench_matching.py [O ...]   (default: 64 256 512 1024)
+Run: python -m benchmarks.bench_matching [O ...]   (default: 64 256 512 1024)
 Target: zip of O = 512 well under 1 s on one CPU thread. The similarity is the correlation of a
 random model's features with a noisy permuted copy's, the typical shape of real data.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
@@ -41,4 +41,7 @@ def main(sizes: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [64, 256, 512, 1024])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_matching", description=__doc__.splitlines()[0])
+    parser.add_argument("sizes", nargs="*", type=int, default=[64, 256, 512, 1024], metavar="O",
+                        help="units per model (default: 64 256 512 1024)")
+    main(parser.parse_args().sizes)

@@ -1,6 +1,6 @@
 """Benchmark: analysis time of Hugging Face transformers models at full size (random init, CPU).
 
-Run: python benchmarks/bench_real_models.py [bert_base vit_b16 gpt2 mobilevit_small swin_tiny t5_small_encoder llama_tiny]
+Run: python -m benchmarks.bench_real_models [bert_base vit_b16 gpt2 mobilevit_small swin_tiny t5_small_encoder llama_tiny]
 (needs transformers: pip install 'mudsc[hf]'; default: bert_base vit_b16)
 Target: under 5 s each on 2 CPU cores, torch.export included. Prints, per model, the first analysis
 in a fresh process (what one ``mudsc merge`` pays) and a second one, with the time of each pass.
@@ -8,11 +8,14 @@ in a fresh process (what one ``mudsc merge`` pays) and a second one, with the ti
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
 
 import torch
+
+from benchmarks import ROOT
 
 MODELS = {
     # name: (model class, config class, config options, inputs builder)
@@ -61,11 +64,19 @@ def run_one(name: str) -> None:
 
 def main(names: list[str]) -> None:
     for name in names:  # one process each: the first analysis includes torch.export's warm-up, as a user's run does
-        subprocess.run([sys.executable, __file__, "--one", name], check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_real_models", "--one", name], check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--one"]:
-        run_one(sys.argv[2])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_real_models", description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["bert_base", "vit_b16"], metavar="MODEL",
+                        help=f"default: bert_base vit_b16; choose from {' '.join(MODELS)}")
+    parser.add_argument("--one", metavar="MODEL", choices=list(MODELS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {' '.join(unknown)}; choose from {' '.join(MODELS)}")
+    if args.one:
+        run_one(args.one)
     else:
-        main(sys.argv[1:] or ["bert_base", "vit_b16"])
+        main(args.models)

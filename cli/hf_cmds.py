@@ -7,17 +7,14 @@ functions; the work (loading, data, example inputs, atomic saving) is in :mod:`m
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import typer
 
 from mudsc_graph.errors import MudscError
 
-from .console import err, print_warning
+from .console import err
 
 
 class HFCommandError(MudscError):
@@ -76,104 +73,60 @@ def _first_tokenizer(path: Path) -> Any:
     return load_tokenizer(path) if has_tokenizer(path) else None
 
 
-def merge_dirs(
-    dirs: list[Path], *, out_path: Path, data: Optional[str], method: str, mode: str, alpha: float, stop_at: Optional[str],
-    device: str, samples: int, batch_size: int, seed: int, max_iter: int, tol: int, reset_bn: bool, max_length: int,
-    force: bool, quiet: bool, as_json: bool, tracer: str = "auto",
-) -> None:
+def merge_dirs(dirs: list[Path], out_path: Path, options: Any, calibration: Any, *, needs_data: bool, force: bool, quiet: bool,
+               as_json: bool) -> None:
     """``mudsc merge DIR_A DIR_B ... --out DIR_M``: see :func:`mudsc_cli.merge_cmd.merge_command`."""
-    import torch
-
-    from mudsc_graph import merge
-    from mudsc_graph.merging.batchnorm import has_batchnorm
+    from mudsc_graph.io.checkpoints import SAVE_SUFFIXES
     from mudsc_graph.io.hf import EXTRA_FILES, check_output_dir, check_same_architecture, example_inputs, load_model_data, save_model_dir
+    from mudsc_graph.merging.batchnorm import has_batchnorm
 
-    from .merge_cmd import MergeCommandError, _print_summary, _version, resolve_device
-    from .progress import RichReporter
+    from .merge_cmd import MergeCommandError, merge_metadata, report, run_merge
 
-    if stop_at:
+    c = calibration
+    if options.stop_at:
         raise MergeCommandError(
             "--stop-at does not work with Hugging Face model directories yet: a partial-zip model returns one output "
             "per model, is not a Hugging Face class and cannot be saved with save_pretrained; merge the whole model, "
             "or use the library (mudsc_graph.merge(..., stop_at=...)) and save its state_dict"
         )
-    from mudsc_graph.merging.api import resolve_method
-    from mudsc_graph.plugin.registry import get_registry
-
-    if data is None and resolve_method(get_registry(), method, mode, alpha).needs_activations:
-        raise MergeCommandError(f"--method {method} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
-    from mudsc_graph.io.checkpoints import SAVE_SUFFIXES
-
+    if c.data is None and needs_data:
+        raise MergeCommandError(f"--method {options.method} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
     if out_path.suffix.lower() in SAVE_SUFFIXES:
         raise MergeCommandError(
             f"--out {out_path} looks like a checkpoint file, but merging model directories writes a model directory; "
             "give a directory name (e.g. --out merged)"
         )
     protected: list[Any] = list(dirs)
-    if data is not None and Path(data).expanduser().exists():
-        protected.append(Path(data).expanduser())
+    if c.data is not None and Path(c.data).expanduser().exists():
+        protected.append(Path(c.data).expanduser())
     check_output_dir(out_path, force=force, inputs=protected)
-    dev = resolve_device(device)
 
     started = time.perf_counter()
     models = _load(dirs, quiet)
     check_same_architecture(models)
-    if data is None and reset_bn and any(has_batchnorm(m.model) for m in models):
+    if c.data is None and options.reset_bn and any(has_batchnorm(m.model) for m in models):
         raise MergeCommandError("resetting BatchNorm statistics needs calibration data: pass --data (or pass --no-reset-bn)")
-    tokenizer = _first_tokenizer(models[0].path)
+    first = models[0]
+    tokenizer = _first_tokenizer(first.path)
     batches = None
-    if data is not None:
-        calib = load_model_data(models[0], data, split="train", max_length=max_length, tokenizer=tokenizer, limit=samples, seed=seed)
-        batches = calib.batches(batch_size)
+    if c.data is not None:
+        calib = load_model_data(first, c.data, split="train", max_length=c.max_length, tokenizer=tokenizer, limit=c.samples, seed=c.seed)
+        batches = calib.batches(c.batch_size)
         example: Any = calib.example(2)
     else:
-        example = example_inputs(models[0])
-    stderr = err()
-    reporter = RichReporter(stderr, enabled=not quiet)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with reporter:
-            result = merge(
-                [m.model for m in models], data=batches, example_inputs=example, method=method, mode=mode, alpha=alpha,
-                device=dev, seed=seed, reset_bn=reset_bn, max_iter=max_iter, tol=tol, reporter=reporter, tracer=tracer,
-            )
-    for w in caught:
-        print_warning(str(w.message))
-    first = models[0]
+        example = example_inputs(first)
+    result = run_merge([m.model for m in models], batches, example, options, quiet)
     metadata = {
-        "format": "huggingface",
-        "arch": first.class_name,
-        "model_type": getattr(first.config, "model_type", None),
-        "method": result.method,
-        "mode": result.mode,
-        "alpha": result.alpha,
-        "stop_at": None,
-        "n_models": len(models),
-        "data": data,
+        "format": "huggingface", "arch": first.class_name, "model_type": getattr(first.config, "model_type", None),
+        **merge_metadata(result, options, len(models), c.data),
         "samples": sum(len(next(iter(b.values()))) for b in batches) if batches else 0,
-        "max_length": max_length if first.main_input == "input_ids" and data is not None else None,
-        "seed": seed,
-        "sources": [m.source() for m in models],
-        "groups_merged": len(result.matchings),
-        "history": result.history,
-        "mudsc_version": _version(),
+        "max_length": c.max_length if first.main_input == "input_ids" and c.data is not None else None,
+        "seed": options.seed, "sources": [m.source() for m in models],
     }
-    merged = result.model.to("cpu")
     extras = [first.path / name for name in EXTRA_FILES if (first.path / name).is_file()]
-    written = save_model_dir(merged, out_path, metadata=metadata, tokenizer=tokenizer, force=force, inputs=protected, extra_files=extras)
-    summary = {
-        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged")},
-        "permutable_units": result.spec.permutable_units,
-        "sweeps": result.sweeps,
-        "score_per_sweep": result.history,
-        "timings": result.timings,
-        "seconds": time.perf_counter() - started,
-        "out": str(written),
-    }
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    _print_summary(summary, torch.device(dev))
+    written = save_model_dir(result.model.to("cpu"), out_path, metadata=metadata, tokenizer=tokenizer, force=force, inputs=protected,
+                             extra_files=extras)
+    report(result, metadata, written, started, options.device, as_json)
 
 
 def eval_dir(

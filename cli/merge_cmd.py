@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence
 
@@ -19,6 +20,7 @@ import typer
 from rich.table import Table
 
 from mudsc_graph.errors import MudscError
+from mudsc_graph.merging.options import DEFAULTS
 
 from .archs import MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
 from .console import UsageError, err, out, print_warning
@@ -112,9 +114,9 @@ def merge_command(
         Optional[list[str]],
         typer.Option("--arch-opt", "-o", metavar="KEY=VALUE", help="Option for the architecture's factory, e.g. num_classes=10. Repeat for several.", show_default=False),
     ] = None,
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "mudsc",
-    mode: Annotated[str, typer.Option(help="Matcher of the mudsc method: align (permutation) or zip (ZipIt! greedy).")] = "zip",
-    alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act (mudsc only).")] = 0.5,
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULTS.method,
+    mode: Annotated[str, typer.Option(help="Matcher of the mudsc method: align (permutation) or zip (ZipIt! greedy).")] = DEFAULTS.mode,
+    alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act (mudsc only).")] = DEFAULTS.alpha,
     stop_at: Annotated[
         Optional[str],
         typer.Option("--stop-at", help="Partial zip: merge up to this module path (e.g. layer3); after it each model keeps its own layers.", show_default=False),
@@ -122,117 +124,146 @@ def merge_command(
     device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
     samples: Annotated[int, typer.Option(min=1, help="Number of calibration samples taken from the training split of --data.")] = 500,
     batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 100,
-    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the group order in the iterative scheme and of the sample choice.")] = 0,
-    max_iter: Annotated[int, typer.Option(min=0, help="Most sweeps of the iterative dual-space scheme.")] = 100,
-    tol: Annotated[int, typer.Option(min=1, help="Stop after this many sweeps without improvement.")] = 5,
-    reset_bn: Annotated[bool, typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics of the base models and of the merged model on the data.")] = True,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the group order in the iterative scheme and of the sample choice.")] = DEFAULTS.seed,
+    max_iter: Annotated[int, typer.Option(min=0, help="Most sweeps of the iterative dual-space scheme.")] = DEFAULTS.max_iter,
+    patience: Annotated[
+        int, typer.Option("--patience", "--tol", min=1, help="Stop after this many sweeps without improvement (--tol: its old name).")
+    ] = DEFAULTS.patience,
+    reset_bn: Annotated[
+        bool, typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics of the base models and of the merged model on the data.")
+    ] = DEFAULTS.reset_bn,
     input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
     max_length: Annotated[int, typer.Option(min=1, help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
-    tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = "auto",
+    tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = DEFAULTS.tracer,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (a directory only if it holds a model).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Merge two or more checkpoints (or Hugging Face model directories) of one architecture into one, without training."""
-    import torch
-
-    from mudsc_graph import merge
-    from mudsc_graph.merging.api import resolve_method
+    from mudsc_graph import MergeOptions
+    from mudsc_graph.merging.methods import resolve_method
     from mudsc_graph.plugin.registry import get_registry
-    from mudsc_graph.io.checkpoints import first_non_finite, save_checkpoint
-    from mudsc_graph.io.data import load_data
 
     from .hf_cmds import input_kind, merge_dirs, refuse_options
-    from .progress import RichReporter
 
     if len(checkpoints) < 2:
         raise UsageError(f"give at least two checkpoints (or model directories) to merge, got {len(checkpoints)}")
     names = get_registry().method_names()
     if method not in names:
         raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(names)}")
-    resolved = resolve_method(get_registry(), method, mode, alpha)  # before any work: one line for a bad mode or alpha
     check_tracer(tracer)
+    options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
+                           reset_bn=reset_bn, device=resolve_device(device), tracer=tracer)
+    resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
+    calibration = Calibration(data, samples, batch_size, seed, max_length)
     if input_kind(checkpoints) == "dir":
         refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
-        merge_dirs(
-            checkpoints, out_path=out_path, data=data, method=method, mode=mode, alpha=alpha, stop_at=stop_at, device=device,
-            samples=samples, batch_size=batch_size, seed=seed, max_iter=max_iter, tol=tol, reset_bn=reset_bn,
-            max_length=max_length, force=force, quiet=quiet, as_json=as_json, tracer=tracer,
-        )
+        merge_dirs(checkpoints, out_path, options, calibration, needs_data=resolved.needs_activations, force=force, quiet=quiet, as_json=as_json)
         return
     if not arch:
         raise MergeCommandError("--arch is required to merge checkpoint files: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
+    if data is None and (resolved.needs_activations or reset_bn):
+        why = f"--method {method}" if resolved.needs_activations else "resetting BatchNorm statistics (or pass --no-reset-bn)"
+        raise MergeCommandError(f"{why} needs calibration data: pass --data (e.g. --data mnist5k)")
     protected = protected_paths(checkpoints, data)
     check_output(out_path, force, protected)
-    dev = resolve_device(device)
-    opts = parse_arch_opts(arch_opt)
     architecture = resolve_architecture(arch, parse_shape(input_shape))
-    needs_data = resolved.needs_activations
-    if data is None and (needs_data or reset_bn):
-        why = f"--method {method}" if needs_data else "resetting BatchNorm statistics (or pass --no-reset-bn)"
-        raise MergeCommandError(f"{why} needs calibration data: pass --data (e.g. --data mnist5k)")
+    merge_files(checkpoints, out_path, (arch, architecture, parse_arch_opts(arch_opt)), options, calibration,
+                protected=protected, trust_pickle=trust_pickle, force=force, quiet=quiet, as_json=as_json)
 
-    stderr = err()
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the calibration batches come from: ``--data``, ``--samples``, ``--batch-size``, the
+    ``--seed`` that picks the samples, and ``--max-length`` for text."""
+
+    data: Optional[str]
+    samples: int
+    batch_size: int
+    seed: int
+    max_length: int
+
+
+def merge_files(
+    checkpoints: list[Path], out_path: Path, arch: tuple[str, Any, dict[str, Any]], options: Any, calibration: Calibration,
+    *, protected: list[Path], trust_pickle: bool, force: bool, quiet: bool, as_json: bool,
+) -> None:
+    """Checkpoint files: load them into the architecture, merge, write one checkpoint with metadata."""
+    from mudsc_graph.io.checkpoints import save_checkpoint
+    from mudsc_graph.io.data import load_data
+
+    c, (arch_name, architecture, arch_options) = calibration, arch
     started = time.perf_counter()
-    with stderr.status("loading checkpoints ...", spinner="dots") if not quiet else _nothing():
-        models, sources = load_models(checkpoints, architecture, opts, trust_pickle)
+    with err().status("loading checkpoints ...", spinner="dots") if not quiet else _nothing():
+        models, sources = load_models(checkpoints, architecture, arch_options, trust_pickle)
     example = example_or_none(architecture)
     batches = None
-    if data is not None:
+    if c.data is not None:
         shape = tuple(example[0].shape[1:]) if example is not None else None
-        calib = load_data(data, split="train", input_shape=shape, limit=samples, seed=seed)
-        batches = calib.batches(batch_size)
+        calib = load_data(c.data, split="train", input_shape=shape, limit=c.samples, seed=c.seed)
+        batches = calib.batches(c.batch_size)
         if example is None:
             example = (calib.x[:2],)
-    reporter = RichReporter(stderr, enabled=not quiet)
+    result = run_merge(models, batches, example, options, quiet)
+    metadata = {
+        "arch": arch_name, "arch_options": arch_options, **merge_metadata(result, options, len(models), c.data),
+        "samples": sum(len(b[0]) for b in batches) if batches else 0, "sources": sources,
+    }
+    state = {k: v.detach().to("cpu") for k, v in result.model.state_dict().items()}
+    written = save_checkpoint(out_path, state, metadata, force=force, inputs=protected)
+    report(result, metadata, written, started, options.device, as_json)
+
+
+def run_merge(models: list[Any], batches: Any, example: Any, options: Any, quiet: bool) -> Any:
+    """``mudsc_graph.merge`` with progress bars on stderr; its warnings printed as one line each."""
+    import mudsc_graph
+    from mudsc_graph.io.checkpoints import first_non_finite
+
+    from .progress import RichReporter
+
+    reporter = RichReporter(err(), enabled=not quiet)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with reporter:
-            result = merge(
-                models, data=batches, example_inputs=example, method=method, mode=mode, alpha=alpha, stop_at=stop_at,
-                device=dev, seed=seed, reset_bn=reset_bn, max_iter=max_iter, tol=tol, reporter=reporter, tracer=tracer,
-            )
+            result = mudsc_graph.merge(models, data=batches, example_inputs=example, options=options, reporter=reporter)
     for w in caught:
         print_warning(str(w.message))
-    metadata = {
-        "arch": arch,
-        "arch_options": opts,
-        "method": result.method,
-        "mode": result.mode,
-        "alpha": result.alpha,
-        "stop_at": stop_at,
-        "tracer": tracer,
-        "n_models": len(models),
-        "data": data,
-        "samples": sum(len(b[0]) for b in batches) if batches else 0,
-        "sources": sources,
-        "groups_merged": len(result.matchings),
-        "history": result.history,
-        "mudsc_version": _version(),
-    }
-    state = {k: v.detach().to("cpu") for k, v in result.model.state_dict().items()}
-    bad = first_non_finite(state)
-    if bad is not None:
+    bad = first_non_finite(result.model.state_dict())
+    if bad is not None:  # the library refuses these too: never write one, whatever produced it
         raise MergeCommandError(
             f"the merged model's {bad} has NaN or inf values, so nothing was written: the calibration data or the models "
             "are not finite (or too large; e.g. NaN images poison BatchNorm statistics); check --data and the checkpoints"
         )
-    written = save_checkpoint(out_path, state, metadata, force=force, inputs=protected)
-    total = time.perf_counter() - started
+    return result
+
+
+def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]) -> dict[str, Any]:
+    """What every merged output records about the merge (checkpoint files and model directories)."""
+    return {
+        "method": result.method, "mode": result.mode, "alpha": result.alpha, "stop_at": options.stop_at, "tracer": options.tracer,
+        "n_models": n_models, "data": data, "groups_merged": len(result.matchings), "history": result.history,
+        "mudsc_version": _version(),
+    }
+
+
+def report(result: Any, metadata: dict[str, Any], written: Path, started: float, device: str, as_json: bool) -> None:
+    """The summary on stdout: a table, or JSON with ``--json``."""
+    import torch
+
     summary = {
         **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged")},
         "permutable_units": result.spec.permutable_units,
         "sweeps": result.sweeps,
         "score_per_sweep": result.history,
         "timings": result.timings,
-        "seconds": total,
+        "seconds": time.perf_counter() - started,
         "out": str(written),
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    _print_summary(summary, torch.device(dev))
+    _print_summary(summary, torch.device(device))
 
 
 def _print_summary(s: dict, device: Any) -> None:

@@ -19,7 +19,8 @@ from .errors import (
     TraceError,
     UnsupportedOpError,
 )
-from .merging.api import MergeError, MergeResult, PreparedMerge, merge, prepare
+from .merging.api import MergeResult, PreparedMerge, merge, prepare
+from .merging.options import MergeError, MergeOptions
 from .plugin.hookspecs import hookimpl
 from .plugin.records import (
     Architecture,
@@ -35,9 +36,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``mudsc_graph.METHODS``: the method names the registry knows (see :mod:`mudsc_graph.merging.api`)."""
+    """``mudsc_graph.METHODS``: the method names the registry knows (see :mod:`mudsc_graph.merging.methods`)."""
     if name == "METHODS":
-        from .merging.api import __getattr__ as methods
+        from .merging.methods import __getattr__ as methods
 
         return methods(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -45,6 +46,6 @@ def __getattr__(name: str):
 __all__ = [
     "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatchingStrategy", "MergeMethod", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
-    "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "METHODS", "prepare", "PreparedMerge", "registry_with",
+    "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "MergeOptions", "METHODS", "prepare", "PreparedMerge", "registry_with",
     "reset_registry",
 ]

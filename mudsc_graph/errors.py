@@ -1,8 +1,12 @@
-"""The error hierarchy of mudsc.
+"""The base of every mudsc error, and the errors of the analysis and of plugins.
 
 Every error a user can cause derives from :class:`MudscError`. Messages are one line that says
 what is wrong, where (node, module path, op) and what to do. The CLI prints them in red and exits
-with code 1; anything else is a bug and propagates with its traceback.
+with code 1 (2 for a command line it cannot parse); anything else is a bug and propagates with its
+traceback. The errors of one stage live beside the code that raises them, all subclasses of
+:class:`MudscError`: ``MergeError`` (merging/options.py), ``StatisticsError``,
+``BatchNormResetError``, ``InputError``, ``CheckpointError``, ``DataError``, ``HFError``,
+``EvaluationError``, ``DemoError``, and the CLI's own.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ CASES = {
     "NaN calibration data": (dict(data=[torch.full((4, 4), float("nan"))], method="average"), "NaN or inf"),
     "inf calibration data": (dict(data=[torch.randn(4, 4), torch.full((4, 4), float("inf"))], method="weight_matching"), "batch 1 has NaN or inf"),
     "negative max_iter": (dict(max_iter=-1), "max_iter must be"),
-    "a float tol": (dict(tol=2.5), "tol must be"),
+    "a float patience": (dict(patience=2.5), "patience must be"),
     "a huge seed": (dict(seed=10**23), "seed must be below"),
     "data that is not iterable": (dict(data=5), "iterable of batches"),
     "a tensor as data": (dict(data=torch.randn(4, 4)), "iterable of batches"),

@@ -141,11 +141,11 @@ def test_history_and_timings_are_recorded():
     arch, a = _model("resnet20")
     _, b = _model("resnet20", seed=1)
     data = _data(arch)
-    result = merge([a, b], data=data, method="mudsc", mode="align", max_iter=8, tol=2)
+    result = merge([a, b], data=data, method="mudsc", mode="align", max_iter=8, patience=2)
     assert 1 <= len(result.history) <= 8 and result.sweeps == len(result.history)
     # the scheme returns the best sweep's matchings, not the last one's
     assert sum(m.score for m in result.matchings.values()) / len(result.matchings) == pytest.approx(max(result.history))
-    if len(result.history) < 8:  # it stopped early: after tol=2 sweeps that did not beat the best before them
+    if len(result.history) < 8:  # it stopped early: after patience=2 sweeps that did not beat the best before them
         assert all(h <= max(result.history[:-2]) + 1e-9 for h in result.history[-2:])
     assert {"analysis", "statistics", "matching", "merge"} <= set(result.timings)
 

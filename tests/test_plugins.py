@@ -222,3 +222,36 @@ def test_hook_mudsc_architectures():
     assert spec.permutable_units == 6
     with pytest.raises(PluginError, match="did you mean tiny_mlp"):
         reg.architecture("tiny_mpl")
+
+
+def test_hooks_are_called_through_pluggy_so_wrappers_see_them():
+    """A plugin's hook wrapper sees the registry's call, and a plugin that returns None (no records)
+    does not shift whose records are whose."""
+    import pluggy
+
+    from mudsc_graph import Architecture
+
+    seen = []
+
+    class Wrapper:
+        @pluggy.HookimplMarker("mudsc")(wrapper=True)
+        def mudsc_architectures(self):
+            seen.append("before")
+            result = yield
+            seen.append(len(result))
+            return result
+
+    class Nothing:
+        @hookimpl
+        def mudsc_architectures(self):
+            return None
+
+    class One:
+        @hookimpl
+        def mudsc_architectures(self):
+            return [Architecture("one_more", factory=lambda: torch.nn.Linear(2, 2), example_inputs=lambda b: (torch.randn(b, 2),))]
+
+    reg = registry_with(Wrapper(), One(), Nothing())
+    assert seen and seen[0] == "before"
+    assert reg.architecture("one_more").name == "one_more"
+    assert reg.arch_plugins["one_more"] == "extra-1"  # One, the second extra plugin

@@ -26,6 +26,7 @@ except ImportError:  # tests/ collected as a package
     from tests.test_constructs import randomize_
 
 import mudsc_graph
+from mudsc_graph.spec.axes import to_json
 
 T, F, B = 5, 4, 3  # time steps, input features, batch
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -145,10 +146,10 @@ def test_gate_blocks_and_recurrent_columns(cell):
     _, spec = _analyzed(cell, "2layers", "fx")
     G = 4 if cell == "lstm" else 3
     for l in (0, 1):
-        rows = spec.axes[f"rnn.weight_ih_l{l}"][0]
+        rows = to_json(spec.axes[f"rnn.weight_ih_l{l}"][0])
         assert rows[0] == "sum" and len(rows[1]) == G and all(e == rows[1][0] for e in rows[1]), rows
-        assert spec.axes[f"rnn.weight_hh_l{l}"] == [rows, rows[1][0]]
-        assert spec.axes[f"rnn.bias_ih_l{l}"] == spec.axes[f"rnn.bias_hh_l{l}"] == [rows]
+        assert [to_json(e) for e in spec.axes[f"rnn.weight_hh_l{l}"]] == [rows, rows[1][0]]
+        assert [to_json(e) for e in spec.axes[f"rnn.bias_ih_l{l}"]] == [to_json(e) for e in spec.axes[f"rnn.bias_hh_l{l}"]] == [rows]
         assert 1 in spec.consumed[f"rnn.weight_hh_l{l}"]
     assert spec.axes["rnn.weight_ih_l1"][1] == spec.axes["rnn.weight_hh_l0"][1]  # layer 1 reads layer 0
     assert spec.axes["rnn.weight_ih_l0"][1] == spec.axes["fc.weight"][0]

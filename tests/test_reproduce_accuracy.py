@@ -1,11 +1,10 @@
-"""A tiny run of benchmarks/reproduce/accuracy.py: files, columns and the validation choice of alpha."""
+"""A tiny run of benchmarks.reproduce.accuracy: files, columns and the validation choice of alpha."""
 
 from __future__ import annotations
 
 import csv
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,9 @@ import torch
 
 from mudsc_graph.experiments.tasks import split_classes
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def acc():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     return importlib.import_module("benchmarks.reproduce.accuracy")  # importable by name: worker processes need it
 
 

@@ -1,6 +1,6 @@
-"""A tiny run of benchmarks/reproduce/figures.py: both figures are written as valid PNGs."""
+"""A tiny run of benchmarks.reproduce.figures: both figures are written as valid PNGs."""
 
-import importlib.util
+import importlib
 import math
 from pathlib import Path
 
@@ -9,15 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce" / "figures.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("reproduce_figures", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.reproduce.figures")
 
 
 def test_tiny_figures(tmp_path):

@@ -1,20 +1,14 @@
-"""benchmarks/reproduce/run_all.py: the paper's orderings are read off the rows split by split."""
+"""benchmarks.reproduce.run_all: the paper's orderings are read off the rows split by split."""
 
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def run_all():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     return importlib.import_module("benchmarks.reproduce.run_all")
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mudsc_graph import analyze, analyze_full
+from mudsc_graph.spec.axes import to_json
 
 
 class EinsumAttention(nn.Module):
@@ -134,7 +135,7 @@ def test_rule(name, make, shape, expected):
 
 def test_slice_is_a_direct_sum():
     spec = analyze(SliceChannels(), (torch.randn(3, 4),))
-    rows = spec.axes["fc.weight"][0]
+    rows = to_json(spec.axes["fc.weight"][0])
     assert rows[0] == "sum" and [spec.group(e[1]).size for e in rows[1]] == [3, 7]
 
 

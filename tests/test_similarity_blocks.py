@@ -34,8 +34,8 @@ def _features(n_models: int, rows: int = 7, widths: tuple[int, ...] = (5, 1, 12,
 def test_streamed_equals_concatenated(n_models, cross_only):
     feats = _features(n_models)
     cat = [torch.cat(p, dim=1) for p in feats]
-    old = stacked_correlation([normal_rows(x) for x in cat], cross_only=cross_only)
-    new = streamed_correlation([iter(p) for p in feats], cross_only=cross_only)
+    old = stacked_correlation([normal_rows(x) for x in cat], within_model=not cross_only)
+    new = streamed_correlation([iter(p) for p in feats], within_model=not cross_only)
     torch.testing.assert_close(new, old, atol=ATOL, rtol=0)
     if not cross_only:  # the live rows are Pearson correlations
         live = torch.ones(old.shape[0], dtype=torch.bool)
@@ -60,7 +60,7 @@ def _solver_similarities(models, data, mode, cross_only):
     """Every group's weight similarity at a merge's matchings, cached rows vs streamed."""
     res = merge(models, data=data, method="mudsc", mode=mode, alpha=0.5, max_iter=2, reset_bn=False)
     states = [m.state_dict() for m in models]
-    solver = DualSpaceSolver(res.spec, states, sorted(res.matchings), match=lambda *a, **k: None, act=None, alpha=1.0, cross_only=cross_only)
+    solver = DualSpaceSolver(res.spec, states, sorted(res.matchings), match=lambda *a, **k: None, act=None, alpha=1.0, within_model=not cross_only)
     for gid in sorted(res.matchings):
         solver.stream[gid] = False
         key, old = solver.weight_similarity(gid, res.matchings)

@@ -14,6 +14,7 @@ import torch
 
 import mudsc_graph
 from mudsc_graph.errors import MudscError
+from mudsc_graph.spec.axes import from_json, to_json
 from mudsc_graph.merging.statistics import CorrelationAccumulator, activation_correlations, group_features, probe_extractor, select_probes
 from mudsc_graph.analysis.trace import trace
 
@@ -102,28 +103,28 @@ def test_state_is_independent_of_samples_and_dtype() -> None:
 # -- group_features ----------------------------------------------------------------------------------
 def test_group_features_plain_axis() -> None:
     v = torch.randn(2, 5, 3, 4)
-    f = group_features(v, 1, ["g", 0], 0, {0: 5})
+    f = group_features(v, 1, from_json(["g", 0]), 0, {0: 5})
     assert torch.equal(f, v.permute(1, 0, 2, 3).reshape(5, -1))
     with pytest.raises(ValueError, match="does not occur"):
-        group_features(v, 1, ["g", 0], 1, {0: 5, 1: 5})
+        group_features(v, 1, from_json(["g", 0]), 1, {0: 5, 1: 5})
     with pytest.raises(ValueError, match="spans"):
-        group_features(v, 1, ["g", 0], 0, {0: 4})
+        group_features(v, 1, from_json(["g", 0]), 0, {0: 4})
 
 
 def test_group_features_kron() -> None:
     v = torch.randn(3, 4 * 6)  # conv (4 channels) -> flatten (6 positions) -> Linear input
-    f = group_features(v, 1, ["kron", ["g", 2], ["fixed", 6]], 2, {2: 4})
+    f = group_features(v, 1, from_json(["kron", ["g", 2], ["fixed", 6]]), 2, {2: 4})
     manual = torch.stack([v[:, c * 6 : (c + 1) * 6].reshape(-1) for c in range(4)])
     assert f.shape == (4, 18)
     assert torch.equal(f.sort(dim=1).values, manual.sort(dim=1).values)  # same samples per unit
-    f = group_features(v, 1, ["kron", ["fixed", 6], ["g", 2]], 2, {2: 4})
+    f = group_features(v, 1, from_json(["kron", ["fixed", 6], ["g", 2]]), 2, {2: 4})
     manual = torch.stack([v[:, c::4].reshape(-1) for c in range(4)])
     assert torch.equal(f.sort(dim=1).values, manual.sort(dim=1).values)
 
 
 def test_group_features_sum_with_repeats() -> None:
     v = torch.randn(2, 7, 3 * 8)  # fused qkv rows: sum(QK, QK, V)
-    e = ["sum", [["g", 1], ["g", 1], ["g", 4]]]
+    e = from_json(["sum", [["g", 1], ["g", 1], ["g", 4]]])
     sizes = {1: 8, 4: 8}
     qk = group_features(v, 2, e, 1, sizes)
     q, k, val = v[..., :8], v[..., 8:16], v[..., 16:]
@@ -131,7 +132,7 @@ def test_group_features_sum_with_repeats() -> None:
     assert torch.equal(group_features(v, 2, e, 4, sizes), val.reshape(-1, 8).T)
     # nested: a fixed part, then a kron
     w = torch.randn(5, 3 + 4 * 2)
-    f = group_features(w, 1, ["sum", [["fixed", 3], ["kron", ["g", 0], ["fixed", 2]]]], 0, {0: 4})
+    f = group_features(w, 1, from_json(["sum", [["fixed", 3], ["kron", ["g", 0], ["fixed", 2]]]]), 0, {0: 4})
     manual = torch.stack([w[:, 3 + 2 * c : 5 + 2 * c].reshape(-1) for c in range(4)])
     assert torch.equal(f.sort(dim=1).values, manual.sort(dim=1).values)
 
@@ -258,7 +259,7 @@ def test_errors(resnet) -> None:
 
 def test_timm_vit_fused_qkv(vit) -> None:
     analysis, gm2, spec, perm, batches = vit
-    qk = [g for g in spec.free_groups() if any(p.expr[0] == "sum" for p in g.probes) and not any(p.consumer for p in g.probes)]
+    qk = [g for g in spec.free_groups() if any(to_json(p.expr)[0] == "sum" for p in g.probes) and not any(p.consumer for p in g.probes)]
     assert qk, "expected a Q/K group read from the fused qkv output"
     corr = activation_correlations([analysis.graph_module, gm2], spec, batches, probe="last")
     _check_permuted(corr, spec, perm, analysis.graph_module, batches, "last")

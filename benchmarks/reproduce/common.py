@@ -14,7 +14,7 @@ class-embedding head (same head seed), so every backbone layer can be merged.
 * Model pairs are cached under ``$MUDSC_CACHE_DIR/reproduce`` (or ``~/.cache/mudsc/reproduce``),
   keyed by a hash of everything that affects the trained weights.
 
-The training and caching machinery is the demo's (:mod:`mudsc_graph.experiments.demo`), imported, not copied.
+The backbone options and the cache files are the demo's (:mod:`mudsc_graph.experiments.cache`), imported, not copied.
 """
 
 from __future__ import annotations
@@ -32,14 +32,7 @@ import torch
 
 from mudsc_graph.merging.batchnorm import reset_bn_stats
 from mudsc_graph.io.data import LabeledData, load_data
-from mudsc_graph.experiments.demo import (
-    CACHE_ENV,
-    EMBED_DIM,
-    _backbone_options,
-    config_key,
-    load_cached,
-    save_cached,
-)
+from mudsc_graph.experiments.cache import CACHE_ENV, EMBED_DIM, backbone_options, config_key, load_cached, save_cached
 from mudsc_graph.plugin.registry import get_registry
 from mudsc_graph.merging.statistics import default_inputs_from_batch
 from mudsc_graph.experiments.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
@@ -177,7 +170,7 @@ def input_shape_for(dataset: str, arch: ArchSetting) -> tuple[tuple[int, ...], d
     """The input shape the architecture wants for ``dataset`` and its resolved factory options."""
     architecture = get_registry().architecture(arch.arch)
     probe = load_data(dataset, split="test", limit=2)
-    opts = _backbone_options(architecture, arch.opts, tuple(probe.x.shape[1:]))
+    opts = backbone_options(architecture, arch.opts, tuple(probe.x.shape[1:]))
     if "in_features" in opts:
         return tuple(probe.x.shape[1:]), opts
     return tuple(architecture.example_inputs(2)[0].shape[1:]), opts

@@ -1,6 +1,6 @@
 """Reproduce the MuDSC paper's two explanatory figures on a small MLP pair.
 
-    python benchmarks/reproduce/figures.py [--quick] [--out DIR]      # DIR defaults to docs
+    python -m benchmarks.reproduce.figures [--quick] [--out DIR]   # DIR: benchmark-results/figures[-quick]
 
 1. ``dual_space_scatter.png`` (paper Figure 1): for two hidden layers of the pair, every
    cross-model candidate pair of units (unit i of model A, unit j of model B; subsampled for
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,20 +37,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.reproduce.common import cache_root  # noqa: E402
-from mudsc_graph.analysis.pipeline import analyze_full  # noqa: E402
-from mudsc_graph.io.data import load_data  # noqa: E402
-from mudsc_graph.experiments.demo import config_key, load_cached, save_cached  # noqa: E402
-from mudsc_graph.merging.solver import DualSpaceSolver  # noqa: E402
-from mudsc_graph.merging.api import merge  # noqa: E402
-from mudsc_graph.plugin.registry import get_registry  # noqa: E402
-from mudsc_graph.merging.statistics import activation_correlations  # noqa: E402
-from mudsc_graph.experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head  # noqa: E402
-from mudsc_graph.analysis.trace import trace  # noqa: E402
+from benchmarks import default_out
+from benchmarks.reproduce.common import cache_root
+from mudsc_graph.analysis.pipeline import analyze_full
+from mudsc_graph.analysis.trace import trace
+from mudsc_graph.experiments.cache import config_key, load_cached, save_cached
+from mudsc_graph.experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head
+from mudsc_graph.io.data import load_data
+from mudsc_graph.merging.api import merge
+from mudsc_graph.merging.solver import DualSpaceSolver
+from mudsc_graph.merging.statistics import activation_correlations
+from mudsc_graph.plugin.registry import get_registry
 
 EMBED_DIM = 128
 #: The merged models of the figures: (label, method, mode, alpha), in column order.
@@ -373,11 +369,11 @@ def run(out: Path, *, quick: bool = False, dataset: str = "mnist5k", hidden: tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.reproduce.figures", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="5x5 grid, 300 calibration images")
-    ap.add_argument("--out", default=str(ROOT / "docs"), help="output folder (default docs)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmark-results/figures; quick: benchmark-results/figures-quick)")
     args = ap.parse_args(argv)
-    run(Path(args.out), quick=args.quick)
+    run(Path(args.out) if args.out else default_out("figures", args.quick), quick=args.quick)
     return 0
 
 

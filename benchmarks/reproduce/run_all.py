@@ -2,8 +2,9 @@
 
 Run::
 
-    python benchmarks/reproduce/run_all.py            # full: about an hour on 2 cores
-    python benchmarks/reproduce/run_all.py --quick    # a few minutes, into reproduce-quick/
+    python -m benchmarks.reproduce.run_all                    # full: about an hour on 2 cores
+    python -m benchmarks.reproduce.run_all --quick            # a few minutes
+    python -m benchmarks.reproduce.run_all --fresh --publish  # what docs/results.md comes from
 
 Three parts, in order: the figures (:mod:`figures`: dual-space scatter, loss-landscape plane),
 speed and scale (:mod:`scale`, each configuration in its own process) and the accuracy grid
@@ -11,10 +12,13 @@ speed and scale (:mod:`scale`, each configuration in its own process) and the ac
 paper's two orderings checked split by split (MuDSC-zip vs ZipIt!, MuDSC-align vs activation
 matching), the accuracy tables, the figures' numbers and the speed tables.
 
-Outputs (``--out``, default ``docs``; quick: ``reproduce-quick``): ``results.md``, the two PNGs,
-and ``results/`` with ``accuracy*.csv``, ``alpha_sweep.csv``, ``accuracy.md``, ``scale.csv``,
-``scale.md`` and ``figures.json``. Trained model pairs are cached (see :mod:`common`); ``--fresh``
-trains them again in a new cache folder, so that a run is "from scratch".
+Outputs (``--out``, default ``benchmark-results/reproduce``; quick: ``benchmark-results/reproduce-quick``):
+``results.md``, the two PNGs, and ``results/`` with ``accuracy*.csv``, ``alpha_sweep.csv``,
+``accuracy.md``, ``accuracy_run.json``, ``scale.csv``, ``scale.md``, ``figures.json`` and
+``run_all.json`` (the command, the parts run and the files written). Nothing is written into
+``docs/`` unless asked: ``--publish`` copies the run there when it is done (as
+``python -m benchmarks.publish`` does for an earlier run). Trained model pairs are cached (see
+:mod:`common`); ``--fresh`` trains them again in a new cache folder, so that a run is "from scratch".
 """
 
 from __future__ import annotations
@@ -29,12 +33,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from benchmarks.reproduce import accuracy, figures  # noqa: E402
-from benchmarks.reproduce.common import mean_std  # noqa: E402
+from benchmarks import ROOT, default_out, publish, shown
+from benchmarks.reproduce import accuracy, figures
+from benchmarks.reproduce.common import mean_std
 
 #: The paper's two claims checked here: (MuDSC method, its single-space counterpart).
 ORDERINGS = (("mudsc-zip", "zipit"), ("mudsc-align", "activation_matching"))
@@ -111,18 +112,33 @@ def figures_markdown(fig: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run's numbers (the output folder and ``--publish`` left out)."""
+    flags = [f for f, on in (("--quick", args.quick), ("--fresh", args.fresh)) if on]
+    flags += [f"--threads {args.threads}"] if args.threads != 2 else []
+    flags += [f"--jobs {args.jobs}"] if args.jobs != 2 else []
+    flags += ["--skip " + " ".join(args.skip)] if args.skip else []
+    return " ".join(["python -m benchmarks.reproduce.run_all", *flags])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, a few minutes (writes into reproduce-quick/)")
-    p.add_argument("--out", default=None, help="output folder (default docs; quick: reproduce-quick)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce.run_all", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
+    p.add_argument("--out", default=None,
+                   help="output folder (default benchmark-results/reproduce; quick: benchmark-results/reproduce-quick)")
+    p.add_argument("--publish", action="store_true",
+                   help="when done, copy results.md, the PNGs and results/ into docs/ (python -m benchmarks.publish does it later)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
     p.add_argument("--jobs", type=int, default=2, help="accuracy pairs run at once (default 2)")
     p.add_argument("--fresh", action="store_true", help="train every model again, in a new temporary cache")
     p.add_argument("--skip", nargs="*", default=[], choices=("figures", "scale", "accuracy"),
                    help="parts to leave out (their section of results.md says so)")
     args = p.parse_args(argv)
-    out = Path(args.out or (_ROOT / ("reproduce-quick" if args.quick else "docs")))
+    if args.publish and (args.quick or args.skip):
+        p.error("--publish takes a full, complete run: quick or partial numbers do not go into docs/")
+    out = Path(args.out) if args.out else default_out("reproduce", args.quick)
     res_dir = out / "results"
+    command = command_line(args)
     res_dir.mkdir(parents=True, exist_ok=True)
     quick = ["--quick"] if args.quick else []
     cache = Path(tempfile.mkdtemp(prefix="mudsc-reproduce-")) if args.fresh else None
@@ -141,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds["figures"] = time.perf_counter() - t0
     if "scale" not in args.skip:
         t0 = time.perf_counter()
-        cmd = [sys.executable, str(Path(__file__).with_name("scale.py")), *quick, "--out", str(res_dir),
+        cmd = [sys.executable, "-m", "benchmarks.reproduce.scale", *quick, "--out", str(res_dir.resolve()),
                "--threads", str(args.threads)]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
         seconds["scale"] = time.perf_counter() - t0
     acc = None
     if "accuracy" not in args.skip:
@@ -155,12 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             alphas=accuracy.QUICK_ALPHAS if args.quick else accuracy.FULL_ALPHAS, out=res_dir,
             cache_dir=cache / "reproduce" if cache else None, log=lambda s: print(s, flush=True),
             mode="quick" if args.quick else "full", jobs=max(1, args.jobs), threads=max(1, args.threads),
-            first=() if args.quick else accuracy.FULL_COST_ORDER,
+            first=() if args.quick else accuracy.FULL_COST_ORDER, command=command,
         )
         seconds["accuracy"] = time.perf_counter() - t0
     total = time.perf_counter() - start
 
-    command = f"python benchmarks/reproduce/run_all.py{' --quick' if args.quick else ''}"
     parts = [
         "# Results: reproducing the MuDSC findings",
         "",
@@ -169,8 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Generated by `{command}` in {total / 60:.1f} min ({', '.join(f'{k} {v / 60:.1f} min' for k, v in seconds.items())}) "
         f"on {args.threads} CPU threads ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
         f"{'quick' if args.quick else 'full'} mode{', models trained from scratch' if args.fresh else ''}. "
+        f"The run writes into `{shown(default_out('reproduce', args.quick))}/` (`--out` to change it); `--publish`, "
+        "or `python -m benchmarks.publish` afterwards, copies a full run into `docs/`. "
         "What the numbers mean, where they agree with the paper and where not, and why: "
-        f"[findings.md]({'../docs/' if args.quick else ''}findings.md). The CSV files are in [results/](results/).",
+        f"[findings.md]({publish.findings_link(out)}). The CSV files are in [results/](results/).",
         "",
     ]
     if acc is not None:
@@ -190,7 +207,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         parts += ["## Speed and scale", "", "Left out of this run (`--skip scale`).", ""]
     (out / "results.md").write_text("\n".join(parts))
+    written = ["results.md"]
+    if fig is not None:
+        written += ["dual_space_scatter.png", "loss_landscape.png", "results/figures.json"]
+    if "scale" not in args.skip:
+        written += ["results/scale.csv", "results/scale.md"]
+    if acc is not None:
+        written += [f"results/{name}" for name in accuracy.OUTPUT_FILES]
+    manifest = {"command": command, "mode": "quick" if args.quick else "full", "fresh": args.fresh,
+                "skipped": list(args.skip), "threads": args.threads, "jobs": args.jobs, "torch": torch.__version__,
+                "seconds": {**seconds, "total": total}, "files": [*written, "results/run_all.json"]}
+    (res_dir / "run_all.json").write_text(json.dumps(manifest, indent=1))
     print(f"wrote {out / 'results.md'} in {total / 60:.1f} min")
+    if args.publish:
+        for path in publish.publish(out):
+            print(f"published {shown(path)}")
     return 0
 
 

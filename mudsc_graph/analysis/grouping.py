@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..spec.merge_spec import Expr, Group, MergeSpec, Probe, _gids
+from ..spec.axes import Concat, Expr, Fixed, GroupedIn, Kron, Units, group_ids, renumber, simplify
+from ..spec.merge_spec import Group, MergeSpec, Probe
 from .spaces import Dep, SpaceTable, Stack, Sum
 
 
@@ -49,24 +50,24 @@ class _Builder:
         s = sp.find(s)
         n = sp.size[s]
         if n == 1:
-            return ["fixed", 1]
+            return Fixed(1)
         if sp.is_fixed(s):
             reason = sp.fixed[s]
-            return ["g", self._gid(("fixed", s), n, 1, True, reason)] if reason else ["fixed", n]
+            return Units(self._gid(("fixed", s), n, 1, True, reason)) if reason else Fixed(n)
         if strict and s in self.families:
             self.bad.add(self.families[s][0])
         d = sp.defn.get(s)
         if d is None:
-            return ["g", self._gid(("atom", s), n, 1, False, None)]
+            return Units(self._gid(("atom", s), n, 1, False, None))
         if isinstance(d, Sum):
-            return _simplify(["sum", [self.expr(p, strict) for p in d.parts]])
+            return simplify(Concat([self.expr(p, strict) for p in d.parts]))
         r, parts = sp.find(d.r), [sp.find(p) for p in d.parts]
         if len(set(parts)) == 1:
-            return _simplify(["kron", self.expr(r, strict), self.expr(parts[0], strict)])
+            return simplify(Kron(self.expr(r, strict), self.expr(parts[0], strict)))
         if sp.is_fixed(r):
-            return _simplify(["sum", [self.expr(p, strict) for p in parts]])
+            return simplify(Concat([self.expr(p, strict) for p in parts]))
         key = ("block", r, tuple(parts))
-        return ["g", self._gid(key, n, len(parts), False, None)]
+        return Units(self._gid(key, n, len(parts), False, None))
 
     def _gid(self, key: tuple, size: int, blocks: int, fixed: bool, reason: str | None) -> int:
         gid = self.keys.get(key)
@@ -77,15 +78,7 @@ class _Builder:
         return gid
 
 
-def _simplify(e: Expr) -> Expr:
-    if e[0] == "sum" and all(x[0] == "fixed" for x in e[1]):
-        return ["fixed", sum(x[1] for x in e[1])]
-    if e[0] == "kron" and e[1][0] == "fixed" and e[2][0] == "fixed":
-        return ["fixed", e[1][1] * e[2][1]]
-    return e
-
-
-def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
+def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list[Expr | None] | None]]:
     """The MergeSpec of a finished :class:`~mudsc_graph.analysis.propagate.Propagator`, and value axes.
 
     The second result maps each IR node with a tensor output to one expression per axis
@@ -113,10 +106,40 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
             break
         for space in lone:
             sp.fix(space, "only buffers carry these units (no parameter to merge)")
-    # couplings: block groups that share a block space. A block space that is also a group of its
-    # own (whole heads: a per-head bias table's columns, T5's relative_attention_bias; Q/K rows
-    # kron(heads, fixed) when RoPE fixes the head dimensions) moves with those blocks: it joins the
-    # coupling as a block group of one-unit blocks
+    _couple(b)
+    for name, exprs in axes.items():
+        for axis, e in enumerate(exprs):
+            for gid in group_ids(e):
+                b.groups[gid].members.append((name, axis))
+    _add_probes(prop, b)
+    value_axes = _value_axes(prop, b)
+    # keep only groups that index parameters; renumber densely in order of first appearance
+    used = [g for g in b.groups if g.members]
+    remap = {g.id: i for i, g in enumerate(used)}
+    sizes = {g.id: g.size for g in b.groups}
+    for g in used:
+        for p in g.probes:
+            p.expr = renumber(p.expr, remap, sizes)
+    axes = {k: [renumber(e, remap, sizes) for e in v] for k, v in axes.items()}
+    for g in used:
+        g.id = remap[g.id]
+        g.coupled = tuple(remap[c] for c in g.coupled if c in remap)
+        g.members = list(dict.fromkeys(g.members))
+    consumed = _consumed(prop, axes)
+    shapes = {name: tuple(prop.attr_shapes[prop.canonical.get(name, name)]) for name in axes}
+    buffers = [name for name in axes if name in buffers]
+    value_axes = {
+        k: [None if e is None else renumber(e, remap, sizes) for e in v] if isinstance(v, list) else None
+        for k, v in value_axes.items()
+    }
+    return MergeSpec(used, axes, shapes, list(prop.warnings), consumed, buffers), value_axes
+
+
+def _couple(b: _Builder) -> None:
+    """Couplings: block groups that share a block space. A block space that is also a group of its
+    own (whole heads: a per-head bias table's columns, T5's relative_attention_bias; Q/K rows
+    kron(heads, fixed) when RoPE fixes the head dimensions) moves with those blocks: it joins the
+    coupling as a block group of one-unit blocks."""
     by_block: dict[int, list[int]] = {}
     for key, gid in b.keys.items():
         if key[0] == "block":
@@ -128,36 +151,17 @@ def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list | None]]:
             gids.append(atom)
         for gid in gids:
             b.groups[gid].coupled = tuple(x for x in gids if x != gid)
-    for name, exprs in axes.items():
-        for axis, e in enumerate(exprs):
-            for gid in _gids(e):
-                b.groups[gid].members.append((name, axis))
-    _add_probes(prop, b)
-    value_axes = _value_axes(prop, b)
-    # keep only groups that index parameters; renumber densely in order of first appearance
-    used = [g for g in b.groups if g.members]
-    remap = {g.id: i for i, g in enumerate(used)}
-    for g in used:
-        for p in g.probes:
-            p.expr = _renumber(p.expr, remap, b.groups)
-    axes = {k: [_renumber(e, remap, b.groups) for e in v] for k, v in axes.items()}
-    for g in used:
-        g.id = remap[g.id]
-        g.coupled = tuple(remap[c] for c in g.coupled if c in remap)
-        g.members = list(dict.fromkeys(g.members))
+
+
+def _consumed(prop: Any, axes: dict[str, list[Expr]]) -> dict[str, list[int]]:
+    """The axes each parameter reads its units along, for every name of a tied tensor."""
     consumed: dict[str, list[int]] = {}
     for name, axis in sorted(prop.consumed):
         consumed.setdefault(name, []).append(axis)
     for alias, canon in prop.aliases.items():
         if canon in consumed and alias in axes:
             consumed[alias] = list(consumed[canon])
-    shapes = {name: tuple(prop.attr_shapes[prop.canonical.get(name, name)]) for name in axes}
-    buffers = [name for name in axes if name in buffers]
-    value_axes = {
-        k: [None if e is None else _renumber(e, remap, b.groups) for e in v] if isinstance(v, list) else None
-        for k, v in value_axes.items()
-    }
-    return MergeSpec(used, axes, shapes, list(prop.warnings), consumed, buffers), value_axes
+    return consumed
 
 
 def _buffer_only_spaces(b: _Builder, axes: dict[str, list[Expr]], buffers: set[str]) -> list[int]:
@@ -165,7 +169,7 @@ def _buffer_only_spaces(b: _Builder, axes: dict[str, list[Expr]], buffers: set[s
     users: dict[int, set[str]] = {}
     for name, exprs in axes.items():
         for e in exprs:
-            for gid in _gids(e):
+            for gid in group_ids(e):
                 users.setdefault(gid, set()).add(name)
     out: list[int] = []
     for key, gid in b.keys.items():
@@ -188,11 +192,11 @@ def _param_axes(prop: Any, b: _Builder) -> dict[str, list[Expr]]:
         for axis, n in enumerate(shape):
             inner = prop.inner_params.get((name, axis))
             if inner is not None:
-                exprs.append(["inner", b.expr(inner[0]), inner[1]])
+                exprs.append(GroupedIn(b.expr(inner[0]), inner[1]))
             elif (name, axis) in prop.attr_spaces:
                 exprs.append(b.expr(prop.attr_spaces[(name, axis)]))
             else:
-                exprs.append(["fixed", n])
+                exprs.append(Fixed(n))
         axes[name] = exprs
     return axes
 
@@ -212,20 +216,20 @@ def _add_probes(prop: Any, b: _Builder) -> None:
             if isinstance(L, Dep):
                 continue
             e = b.expr(L, strict=False)
-            for gid in _gids(e):
+            for gid in group_ids(e):
                 if not b.groups[gid].fixed:
                     b.groups[gid].probes.append(Probe(name, axis, e, consumer))
     for name, key, handler, L in prop.internal_probes:
         e = b.expr(L, strict=False)
-        for gid in _gids(e):
+        for gid in group_ids(e):
             if not b.groups[gid].fixed:
                 b.groups[gid].probes.append(Probe(name, -1, e, False, key, handler))
     for g in b.groups:
         g.probes.sort(key=lambda p: not p.consumer)
 
 
-def _value_axes(prop: Any, b: _Builder) -> dict[str, list | None]:
-    out: dict[str, list | None] = {}
+def _value_axes(prop: Any, b: _Builder) -> dict[str, list[Expr | None] | None]:
+    out: dict[str, list[Expr | None] | None] = {}
     sp = prop.spaces
     for name in prop.graph.graph["order"]:
         v = prop.graph.nodes[name].get("value")
@@ -236,7 +240,7 @@ def _value_axes(prop: Any, b: _Builder) -> dict[str, list | None]:
         for L in v.layout:
             if isinstance(L, Dep):
                 free = [s for s in sp.leaves(L) if not sp.is_fixed(s)]
-                exprs.append(None if free else ["fixed", sp.layout_size(L)])
+                exprs.append(None if free else Fixed(sp.layout_size(L)))
             else:
                 exprs.append(b.expr(L, strict=False))
         out[name] = exprs
@@ -251,15 +255,3 @@ def _has_params(prop: Any, attrs: dict) -> bool:
         return any(getattr(a, "op", None) == "get_attr" for a in attrs["fx"].all_input_nodes)
     return False
 
-
-def _renumber(e: Expr, remap: dict[int, int], groups: list[Group]) -> Expr:
-    """New group ids; a group that indexes no parameter is fixed as far as values go."""
-    if e[0] == "g":
-        return ["g", remap[e[1]]] if e[1] in remap else ["fixed", groups[e[1]].size]
-    if e[0] == "sum":
-        return ["sum", [_renumber(x, remap, groups) for x in e[1]]]
-    if e[0] == "kron":
-        return ["kron", _renumber(e[1], remap, groups), _renumber(e[2], remap, groups)]
-    if e[0] == "inner":
-        return ["inner", _renumber(e[1], remap, groups), e[2]]
-    return e

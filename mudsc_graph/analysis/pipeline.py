@@ -13,6 +13,7 @@ import torch
 from ..errors import AnalysisError, MudscError, UnsupportedOpError
 from ..inputs import as_inputs
 from ..plugin.registry import Registry, get_registry
+from ..spec.axes import Expr
 from ..spec.merge_spec import MergeSpec
 from .grouping import build_spec
 from .ir import build_graph
@@ -27,7 +28,7 @@ class Analysis:
     graph: nx.DiGraph
     propagator: Propagator
     spec: MergeSpec
-    value_axes: dict[str, list | None] = field(default_factory=dict)
+    value_axes: dict[str, list[Expr | None] | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     caught: list = field(default_factory=list)
 

@@ -144,7 +144,7 @@ class OpContext:
         """A fresh permutable space."""
         return self.spaces.new(size)
 
-    def fixed(self, size: int) -> int:
+    def new_fixed(self, size: int) -> int:
         """A fresh fixed space (kernel taps, spatial positions after a convolution, ...)."""
         return self.spaces.new(size, "")
 
@@ -168,8 +168,15 @@ class OpContext:
         self._prop.mark_consumed(layout)
 
     def fix(self, *layouts: Layout, reason: str | None = None) -> None:
+        """Fix every space of ``layouts``; ``reason`` (default: this op is not understood) is the
+        warning the analysis shows, ``""`` fixes them silently (kernel taps, time steps)."""
         for L in layouts:
             self.spaces.fix_layout(L, reason if reason is not None else self._reason())
+
+    def fix_units(self, layout: Layout, why: str) -> None:
+        """Fix ``layout`` because this op reads its units in a way no permutation survives
+        (``why``: "pooling over a unit axis"); silent when its spaces are fixed already."""
+        self.fix(layout, reason="" if self.spaces.settled(layout) else f"{self._reason()} ({why})")
 
     def set_output(self, layouts: Any) -> None:
         """The output's layouts: a list (one per axis) for a tensor, a list of lists for a tuple."""
@@ -193,7 +200,7 @@ class OpContext:
         if size % n:
             raise AnalysisError(f"cannot split {size} units into {n} blocks")
         if size == n:  # blocks of one unit: the space itself moves block-wise (depthwise conv)
-            return s, self.fixed(1)
+            return s, self.new_fixed(1)
         r, inner = self.spaces.split(s, (n, size // n))
         return r, inner
 
@@ -220,7 +227,7 @@ class OpContext:
                     out[i + off] = L
                 else:
                     self.link(out[i + off], L)
-        return [L if L is not None else self.fixed(out_shape[i]) for i, L in enumerate(out)]
+        return [L if L is not None else self.new_fixed(out_shape[i]) for i, L in enumerate(out)]
 
     def unsupported(self, why: str = "") -> None:
         """Fallback: fix every space the node touches and give its output fixed spaces."""

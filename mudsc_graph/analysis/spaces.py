@@ -208,8 +208,8 @@ class SpaceTable:
         self.fix(s, "")
         return [self.new(n, "") for n in sizes]
 
-    def merge(self, layouts: list[Layout]) -> int:
-        """The space of one axis made by merging ``layouts`` (row-major, refs index the list)."""
+    def flatten(self, layouts: list[Layout]) -> int:
+        """The space of one axis made by flattening ``layouts`` row-major (refs index the list)."""
         first = self.collapse(layouts[0])
         if len(layouts) == 1:
             return first
@@ -217,7 +217,7 @@ class SpaceTable:
         parts = []
         for j in range(n):
             rest = [_shift(_select(L, 0, j), -1) for L in layouts[1:]]
-            parts.append(self.merge(rest))
+            parts.append(self.flatten(rest))
         return self.stack_of(first, parts)
 
     def collapse(self, layout: Layout) -> int:

@@ -1,6 +1,6 @@
 """The built-in demo: train two models on disjoint halves of a bundled dataset, merge them every way.
 
-``run_demo()`` needs no files of the user's. It follows the paper's protocol (ARCHITECTURE §6):
+``run_demo()`` needs no files of the user's. It follows the paper's protocol (docs/findings.md, "What was run"):
 
 1. load a bundled real dataset (``mnist5k`` by default: 5000 MNIST digits, 80/20 train/test);
 2. train two models of one architecture from different seeds, model A on classes 0-4 and model B
@@ -21,12 +21,7 @@ output coordinates are shared (not permutable), exactly as with the paper's CLIP
 from __future__ import annotations
 
 import copy
-import hashlib
-import inspect
-import json
-import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +30,10 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import MudscError
+from ..merging.options import MergeOptions
 from ..merging.progress import NullReporter, Reporter
+from .cache import CACHE_ENV, EMBED_DIM, config_key, load_cached, save_cached
+from .cache import backbone_options as _backbone_options  # the name run_demo uses
 from .evaluate import ensemble_logits, predict_logits, task_metrics
 from .tasks import (
     DEFAULT_SCALE,
@@ -51,12 +49,6 @@ __all__ = ["DEFAULT_METHODS", "DemoError", "DemoResult", "DemoRow", "default_cac
 DEFAULT_METHODS: tuple[str, ...] = (
     "average", "weight_matching", "weight_zip", "activation_matching", "zipit", "mudsc-align", "mudsc-zip",
 )
-#: Architecture options the demo uses unless told otherwise: the paper's MNIST MLP, no bias.
-ARCH_DEFAULTS: dict[str, dict[str, Any]] = {"mlp": {"hidden": (1024, 1024, 1024, 512), "bias": False}}
-#: Size of the shared class-embedding space (the backbone's output width).
-EMBED_DIM = 128
-#: Environment variable that overrides the default cache folder.
-CACHE_ENV = "MUDSC_CACHE_DIR"
 #: Bumped whenever training changes in a way that the config hash does not capture.
 CACHE_VERSION = 1
 
@@ -147,65 +139,6 @@ def parse_method(name: str) -> tuple[str, str]:
     return base, "align" if base in ("weight_matching", "activation_matching") else "zip"
 
 
-def _backbone_options(architecture: Any, arch_options: dict[str, Any] | None, x_shape: tuple[int, ...]) -> dict[str, Any]:
-    """The factory options: demo defaults, the caller's options, the embedding width as classes,
-    and the data's flattened size as ``in_features`` where the factory takes it."""
-    opts = {**ARCH_DEFAULTS.get(architecture.name, {}), **(arch_options or {})}
-    opts["num_classes"] = EMBED_DIM
-    try:
-        params = inspect.signature(architecture.factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "in_features" in params and "in_features" not in (arch_options or {}):
-        opts["in_features"] = math.prod(x_shape)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
-
-
-def config_key(config: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-able config: the name of its cache file."""
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _save_atomic(path: Path, obj: Any) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def save_cached(path: Path, config: dict[str, Any], states: list[dict[str, torch.Tensor]], **extra: Any) -> None:
-    """Cache trained state dicts with the config that made them (atomically)."""
-    _save_atomic(path, {"config": json.dumps(config, sort_keys=True, default=str), "models": states, **extra})
-
-
-def load_cached(path: Path, n_models: int, config: dict[str, Any]) -> list[dict[str, torch.Tensor]] | None:
-    """The cached state dicts, or ``None`` when the file is missing, unreadable or for another config."""
-    if not path.is_file():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a corrupt or foreign file: retrain and overwrite it
-        return None
-    if not isinstance(blob, dict) or blob.get("config") != json.dumps(config, sort_keys=True, default=str):
-        return None
-    states = blob.get("models")
-    if not isinstance(states, list) or len(states) != n_models:
-        return None
-    return states
-
-
 def run_demo(
     *,
     dataset: str = "mnist5k",
@@ -236,8 +169,6 @@ def run_demo(
     resets. ``reporter`` sees stages ``model A: training``, ``merging`` (one step per method)
     and each merge's own stages prefixed with the method name.
     """
-    from ..io.data import load_data
-    from ..merging.api import merge
     from ..plugin.registry import get_registry
 
     reporter = reporter or NullReporter()
@@ -246,87 +177,114 @@ def run_demo(
         raise DemoError(f"need epochs >= 0, calib_samples >= 1 and batch_size >= 1 (got {epochs}, {calib_samples}, {batch_size})")
     dev = torch.device(device)
     timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    t0 = time.perf_counter()
-    registry = get_registry()
-    architecture = registry.architecture(arch)
-    probe = load_data(dataset, split="train")
-    if len(probe.classes) < 2:
-        raise DemoError(f"{dataset!r} has {len(probe.classes)} class; the demo splits the classes into two halves, so it needs at least 2")
-    num_classes = max(probe.classes) + 1
-    tasks = [[probe.classes[i] for i in half] for half in split_classes(len(probe.classes), 2)]
-    opts = _backbone_options(architecture, arch_options, tuple(probe.x.shape[1:]))
-    example = architecture.example_inputs(2)[0]
-    input_shape = tuple(probe.x.shape[1:]) if "in_features" in opts else tuple(example.shape[1:])
-    train = load_data(dataset, split="train", input_shape=input_shape)
-    test = load_data(dataset, split="test", input_shape=input_shape)
-    calib = load_data(dataset, split="train", input_shape=input_shape, limit=calib_samples)
+    t_all = t0 = time.perf_counter()
+    architecture = get_registry().architecture(arch)
+    data = _DemoData.load(dataset, architecture, arch_options, calib_samples)
     timings["data"] = time.perf_counter() - t0
 
     config = {
-        "version": CACHE_VERSION, "dataset": dataset, "train_samples": len(train), "arch": architecture.name,
-        "arch_options": opts, "embed_dim": EMBED_DIM, "scale": DEFAULT_SCALE, "tasks": tasks, "epochs": epochs,
+        "version": CACHE_VERSION, "dataset": dataset, "train_samples": len(data.train), "arch": architecture.name,
+        "arch_options": data.options, "embed_dim": EMBED_DIM, "scale": DEFAULT_SCALE, "tasks": data.tasks, "epochs": epochs,
         "lr": lr, "batch_size": batch_size, "optimizer": "adam", "seed": seed,
     }
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_path = cache_root / f"{architecture.name}-{dataset.replace(':', '_').replace('/', '_')}-{config_key(config)}.pt"
-
-    def fresh(i: int) -> HeadedModel:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + i)
-            return with_class_head(architecture.build(**opts), EMBED_DIM, num_classes, seed=seed)
-
     t0 = time.perf_counter()
-    models = [fresh(i) for i in range(len(tasks))]
-    states = None if retrain else load_cached(cache_path, len(models), config)
-    trained = states is None
-    if states is None:
-        for i, (model, task) in enumerate(zip(models, tasks)):
-            train_classifier(
-                model, train.x, train.y, task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed * 1000 + i,
-                device=dev, reporter=_Prefixed(reporter, f"model {'AB'[i]}: "),
-            )
-        states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
-        save_cached(cache_path, config, states)
-    for m, s in zip(models, states):
-        m.load_state_dict(s)
-        m.to(dev).eval()
+    models, trained = _trained_models(architecture, data, config, cache_path, retrain, dev, reporter)
     timings["train" if trained else "load_cache"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     rows: list[DemoRow] = []
 
     def add(name: str, kind: str, outputs: torch.Tensor, seconds: float | None = None, sweeps: int | None = None) -> None:
-        m = task_metrics(outputs, None, test.y, tasks)
+        m = task_metrics(outputs, None, data.test.y, data.tasks)
         rows.append(DemoRow(name, kind, m.joint, m.per_task[0], m.per_task[1], m.mean_per_task, seconds, sweeps))
 
     for i, m in enumerate(models):
-        add(f"model {'AB'[i]}", "base", predict_logits(m, test.x, device=dev))
-    add("ensemble", "ensemble", ensemble_logits(models, test.x, classes=tasks, device=dev))
+        add(f"model {'AB'[i]}", "base", predict_logits(m, data.test.x, device=dev))
+    add("ensemble", "ensemble", ensemble_logits(models, data.test.x, classes=data.tasks, device=dev))
     timings["evaluate_bases"] = time.perf_counter() - t0
 
-    union = torch.tensor([c for t in tasks for c in t])
-    keep = torch.isin(calib.y, union)
-    calib_batches = [(x, y) for x, y in zip(calib.x[keep].split(100), calib.y[keep].split(100))]
-    head = models[0].head
+    union = torch.tensor([c for t in data.tasks for c in t])
+    keep = torch.isin(data.calib.y, union)
+    calib_batches = [(x, y) for x, y in zip(data.calib.x[keep].split(100), data.calib.y[keep].split(100))]
     reporter.start("merging", total=len(parsed))
     try:
         for name, method, mode in parsed:
             t0 = time.perf_counter()
-            result = merge(
-                [m.backbone for m in models], data=calib_batches, method=method, mode=mode, alpha=alpha, seed=seed,
-                device=dev, reporter=_Prefixed(reporter, f"{name}: "),
-            )
+            options = MergeOptions(method=method, mode=mode, alpha=alpha, seed=seed, device=dev)
+            merged, sweeps = _merged(models, calib_batches, options, _Prefixed(reporter, f"{name}: "))
             seconds = time.perf_counter() - t0
-            merged = HeadedModel(result.model, copy.deepcopy(head)).to(dev).eval()
-            add(name, "merged", predict_logits(merged, test.x, device=dev), seconds, result.sweeps)
+            add(name, "merged", predict_logits(merged, data.test.x, device=dev), seconds, sweeps)
             timings[f"merge:{name}"] = seconds
             reporter.advance(1, method=name, joint=rows[-1].joint)
     finally:
         reporter.end()
     timings["total"] = time.perf_counter() - t_all
     return DemoResult(
-        rows=rows, tasks=tasks, config=config, timings=timings, trained=trained, cache_path=str(cache_path),
-        samples={"train": len(train), "test": len(test), "calibration": int(keep.sum())},
+        rows=rows, tasks=data.tasks, config=config, timings=timings, trained=trained, cache_path=str(cache_path),
+        samples={"train": len(data.train), "test": len(data.test), "calibration": int(keep.sum())},
     )
+
+
+@dataclass
+class _DemoData:
+    """The demo's splits of one dataset, its two tasks and the backbone's options."""
+
+    train: Any
+    test: Any
+    calib: Any
+    tasks: list[list[int]]
+    num_classes: int
+    options: dict[str, Any]
+
+    @classmethod
+    def load(cls, dataset: str, architecture: Any, arch_options: dict[str, Any] | None, calib_samples: int) -> "_DemoData":
+        from ..io.data import load_data
+
+        probe = load_data(dataset, split="train")
+        if len(probe.classes) < 2:
+            raise DemoError(f"{dataset!r} has {len(probe.classes)} class; the demo splits the classes into two halves, so it needs at least 2")
+        tasks = [[probe.classes[i] for i in half] for half in split_classes(len(probe.classes), 2)]
+        opts = _backbone_options(architecture, arch_options, tuple(probe.x.shape[1:]))
+        example = architecture.example_inputs(2)[0]
+        input_shape = tuple(probe.x.shape[1:]) if "in_features" in opts else tuple(example.shape[1:])
+        return cls(
+            load_data(dataset, split="train", input_shape=input_shape), load_data(dataset, split="test", input_shape=input_shape),
+            load_data(dataset, split="train", input_shape=input_shape, limit=calib_samples), tasks, max(probe.classes) + 1, opts,
+        )
+
+
+def _trained_models(architecture: Any, data: _DemoData, config: dict, cache_path: Path, retrain: bool, dev: torch.device,
+                    reporter: Reporter) -> tuple[list[HeadedModel], bool]:
+    """The two base models, from the cache or trained (then cached); whether they were trained."""
+    seed = config["seed"]
+
+    def fresh(i: int) -> HeadedModel:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + i)
+            return with_class_head(architecture.build(**data.options), EMBED_DIM, data.num_classes, seed=seed)
+
+    models = [fresh(i) for i in range(len(data.tasks))]
+    states = None if retrain else load_cached(cache_path, len(models), config)
+    trained = states is None
+    if states is None:
+        for i, (model, task) in enumerate(zip(models, data.tasks)):
+            train_classifier(
+                model, data.train.x, data.train.y, task, epochs=config["epochs"], lr=config["lr"], batch_size=config["batch_size"],
+                seed=seed * 1000 + i, device=dev, reporter=_Prefixed(reporter, f"model {'AB'[i]}: "),
+            )
+        states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
+        save_cached(cache_path, config, states)
+    for m, s in zip(models, states):
+        m.load_state_dict(s)
+        m.to(dev).eval()
+    return models, trained
+
+
+def _merged(models: list[HeadedModel], batches: list, options: MergeOptions, reporter: Reporter) -> tuple[HeadedModel, int]:
+    """The backbones merged, under model A's (shared, fixed) head; and the sweeps it took."""
+    from ..merging.api import merge
+
+    result = merge([m.backbone for m in models], data=batches, options=options, reporter=reporter)
+    return HeadedModel(result.model, copy.deepcopy(models[0].head)).to(options.device).eval(), result.sweeps

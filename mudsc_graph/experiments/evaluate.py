@@ -1,4 +1,4 @@
-"""Evaluation of merged models on disjoint tasks: joint and per-task accuracy (ARCHITECTURE §6).
+"""Evaluation of merged models on disjoint tasks: joint and per-task accuracy (docs/findings.md, "What was run").
 
 Two models are trained on disjoint class subsets ("tasks"), e.g. ``[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]``.
 

@@ -1,6 +1,6 @@
 """Tasks for the evaluation protocol: a fixed shared class-embedding head, class splits, training.
 
-The paper's protocol (ARCHITECTURE §6) trains two models on disjoint class subsets, both ending in
+The paper's protocol (docs/findings.md, "What was run") trains two models on disjoint class subsets, both ending in
 the *same fixed* class-embedding head::
 
     x --backbone--> f (dim) --normalize--> f / |f| --@ T^T--> logits (num_classes), times ``scale``

@@ -1,0 +1,1 @@
+"""Merging: statistics, similarities, matching, merged weights; the ``merge`` / ``prepare`` API."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -19,14 +20,16 @@ import torch
 from torch import nn
 
 from ..analysis.pipeline import analyze_full
-from ..errors import MudscError
 from ..inputs import as_inputs, take_rows, tensors, to_device
 from ..io.checkpoints import first_non_finite
-from ..plugin.records import MatchingStrategy, MergeMethod
 from ..plugin.registry import Registry, get_registry
+from ..spec.axes import group_ids
 from ..spec.merge_spec import MergeSpec
 from ..spec.permute import set_mode
 from .batchnorm import has_batchnorm, reset_bn_stats
+from .matching import identity_matching
+from .methods import ResolvedMethod, resolve_method
+from .options import MergeError, MergeOptions
 from .partial_zip import build_partial, stop_index
 from .progress import NullReporter, Reporter
 from .solver import DualSpaceSolver
@@ -34,16 +37,11 @@ from .statistics import default_inputs_from_batch
 from .weights import merge_state_dicts
 
 
-class MergeError(MudscError):
-    """The models or data given to ``merge`` cannot be merged as asked."""
-
-
 def __getattr__(name: str) -> Any:
-    """``METHODS``: the names ``merge(method=...)`` accepts, read from the registry (methods and
-    matching strategies that plugins register included)."""
-    if name == "METHODS":
-        return tuple(get_registry().method_names())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """``METHODS``: the names ``merge(method=...)`` accepts (see :mod:`.methods`)."""
+    from . import methods
+
+    return methods.__getattr__(name)
 
 
 @dataclass
@@ -110,16 +108,6 @@ def _read_batches(data: Iterable | None, inputs_from_batch: Callable[[Any], Any]
     return batches
 
 
-def _check_merge_options(stop_at: Any, max_iter: Any, tol: Any, seed: Any) -> None:
-    if stop_at is not None and (not isinstance(stop_at, str) or not stop_at.strip()):
-        raise MergeError(f"stop_at must be a module path or node name (a non-empty str), got {stop_at!r}")
-    for name, value, least in (("max_iter", max_iter, 0), ("tol", tol, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise MergeError(f"{name} must be an integer >= {least}, got {value!r}")
-    if seed >= 2**63:
-        raise MergeError(f"seed must be below 2**63, got {seed}")
-
-
 def _resolve_device(device: Any, model: nn.Module) -> torch.device:
     if device in (None, "auto"):
         if device == "auto":
@@ -135,40 +123,6 @@ def _resolve_device(device: Any, model: nn.Module) -> torch.device:
     return dev
 
 
-@dataclass(frozen=True)
-class ResolvedMethod:
-    """What one merge runs: the method record, its matching strategy, the mode it reports and alpha."""
-
-    method: MergeMethod
-    matcher: MatchingStrategy
-    mode: str
-    alpha: float
-
-    @property
-    def needs_activations(self) -> bool:
-        return self.method.needs_activations(self.alpha)
-
-
-def resolve_method(registry: Registry, method: Any, mode: Any, alpha: Any) -> ResolvedMethod:
-    """The method, matcher, mode and alpha of a merge; one clear :class:`MergeError` for a bad one."""
-    from ..errors import PluginError
-
-    try:
-        record = registry.merge_method(method)
-    except PluginError as exc:
-        raise MergeError(str(exc)) from None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha != alpha:
-        raise MergeError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if record.alpha is None and not 0.0 <= alpha <= 1.0:
-        raise MergeError(f"alpha must lie in [0, 1], got {alpha}")
-    name = record.matcher_for(mode)
-    if name not in registry.matchers:
-        choices = ", ".join(n for n in registry.matchers if n != "identity")
-        raise MergeError(f"unknown mode {mode!r} for method {record.name!r}; choose one of {choices}")
-    label = name if record.matcher is None else {"identity": "average"}.get(name, name)
-    return ResolvedMethod(record, registry.matcher(name), label, record.alpha_for(alpha))
-
-
 class PreparedMerge:
     """What every merge of the same models and data shares, done once: the checks, the BatchNorm
     reset of the base models, the graph analysis and (on first need) the activation correlations.
@@ -176,7 +130,9 @@ class PreparedMerge:
     ``prepare(...)`` builds one; each ``.merge(method=..., mode=..., alpha=...)`` then runs only the
     matching, forms the merged weights and resets the merged model's BatchNorm statistics, which is
     what an alpha sweep or a comparison of methods needs. ``timings`` holds the shared stages'
-    seconds. The input models are not modified, and no merge modifies what is shared.
+    seconds. The input models are not modified, and no merge modifies what is shared. ``options``
+    and ``settings`` as in :func:`merge`; ``options`` is the default of every ``.merge()``, whose
+    preparation fields (device, reset_bn, probe, tracer) cannot change afterwards.
     """
 
     def __init__(
@@ -185,19 +141,18 @@ class PreparedMerge:
         *,
         data: Iterable | None,
         example_inputs: Any = None,
-        device: Any = None,
-        reset_bn: bool = True,
-        probe: str = "last",
+        options: MergeOptions | None = None,
         registry: Registry | None = None,
         reporter: Reporter | None = None,
         inputs_from_batch: Callable[[Any], Any] | None = None,
-        tracer: str = "auto",
+        **settings: Any,
     ) -> None:
+        self.options = opts = MergeOptions.of(options, **settings)
         self.timings: dict[str, float] = {}
         self.reporter = reporter or NullReporter()
         self.registry = registry or get_registry()
         self.inputs_from_batch = inputs_from_batch or default_inputs_from_batch
-        self.reset_bn, self.probe = reset_bn, probe
+        reset_bn = opts.reset_bn
 
         t0 = time.perf_counter()
         check_models(models)
@@ -206,7 +161,7 @@ class PreparedMerge:
             raise MergeError("the calibration data is empty: give at least one batch")
         if self.batches is None and reset_bn and has_batchnorm(models[0]):
             raise MergeError("resetting BatchNorm statistics (reset_bn=True) needs calibration data: pass data=")
-        self.device = dev = _resolve_device(device, models[0])
+        self.device = dev = _resolve_device(opts.device, models[0])
         self.models = [copy.deepcopy(m).to(dev) for m in models]
         for m in self.models:
             set_mode(m, False)
@@ -225,7 +180,7 @@ class PreparedMerge:
 
         t0 = time.perf_counter()
         self.reporter.start("tracing", total=1)
-        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry, tracer=tracer)
+        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry, tracer=opts.tracer)
         self.spec: MergeSpec = self.analysis.spec
         self.reporter.advance(1)
         self.reporter.end()
@@ -245,90 +200,103 @@ class PreparedMerge:
             t0 = time.perf_counter()
             self.reporter.start("statistics", total=len(self.batches))
             self._act = activation_correlations(
-                self.analysis.graph_module, self.spec, self.batches, states=self.states, device=self.device, probe=self.probe,
+                self.analysis.graph_module, self.spec, self.batches, states=self.states, device=self.device, probe=self.options.probe,
                 inputs_from_batch=self.inputs_from_batch, reporter=self.reporter, registry=self.registry,
             )
             self.reporter.end()
             self.timings["statistics"] = time.perf_counter() - t0
         return self._act
 
-    def merge(
-        self,
-        *,
-        method: str = "mudsc",
-        mode: str = "zip",
-        alpha: float = 0.5,
-        stop_at: str | None = None,
-        seed: int = 0,
-        max_iter: int = 100,
-        tol: int = 5,
-        zip_a: float = 0.5,
-        zip_b: float = 1.0,
-    ) -> MergeResult:
-        """One merged model (the arguments as in :func:`merge`); ``timings`` covers this call's stages."""
-        resolved = resolve_method(self.registry, method, mode, alpha)
-        _check_merge_options(stop_at, max_iter, tol, seed)
-        matcher, matcher_name, mode, alpha = resolved.matcher, resolved.matcher.name, resolved.mode, resolved.alpha
-        method = resolved.method.name
-        needs_act = resolved.needs_activations
-        if needs_act and self.batches is None:
-            raise MergeError(f"method {method!r} needs calibration data: pass data=")
+    def merge(self, options: MergeOptions | None = None, **changes: Any) -> MergeResult:
+        """One merged model: ``options`` (default: the prepared ones) with ``changes``, as in
+        :func:`merge`; ``timings`` covers this call's stages."""
+        opts = MergeOptions.of(options or self.options, **changes)
+        moved = [k for k, v in opts.preparation().items() if v != self.options.preparation()[k]]
+        if moved:
+            raise MergeError(f"{', '.join(moved)} cannot change after prepare(): prepare the merge again with the new value")
+        resolved = resolve_method(self.registry, opts)
+        if resolved.needs_activations and self.batches is None:
+            raise MergeError(f"method {resolved.method.name!r} needs calibration data: pass data=")
         timings: dict[str, float] = {}
-        spec, dev, n = self.spec, self.device, len(self.models)
         trunk = None
-        if stop_at is not None:
-            k = stop_index(self.order, stop_at)
+        if opts.stop_at is not None:
+            k = stop_index(self.order, opts.stop_at)
             trunk = {name for name, _ in self.order[: k + 1]}
-        gids = [g for g in _groups_to_merge(spec, self.analysis, trunk) if g not in self.anchored]
-        if not matcher.supports_blocks:  # heads and GroupNorm groups are averaged in place
-            blocked = [g for g in gids if spec.groups[g].blocks > 1]
-            if blocked:
-                import warnings
-
-                warnings.warn(
-                    f"matcher {matcher_name!r} cannot match blocks: {len(blocked)} block groups (attention heads, GroupNorm "
-                    f"groups, grouped convolutions) are averaged in place, not matched",
-                    stacklevel=2,
-                )
-                gids = [g for g in gids if g not in blocked]
-
-        act = None
-        if needs_act and gids:
-            first = self._act is None
-            act = self.activations()
-            if first:
-                timings["statistics"] = self.timings["statistics"]
-            missing = [g for g in gids if g not in act]
-            if missing:
-                import warnings
-
-                warnings.warn(
-                    f"groups {missing[:5]} have no activation probe (units inside a leaf module whose handler "
-                    "gives no features): they are matched by weights alone",
-                    stacklevel=3,
-                )
+        gids = self._groups(resolved, trunk)
+        act = self._activations_for(gids, timings) if resolved.needs_activations and gids else None
 
         t0 = time.perf_counter()
-        from .matching import identity_matching
-
-        if matcher_name == "identity":
-            matchings = {g: identity_matching(spec.groups[g].size, n, device=dev) for g in gids}
-            history, sweeps = [], 0
-        else:
-            options = {"a": zip_a, "b": zip_b} if matcher_name == "zip" else {}
-            solver = DualSpaceSolver(
-                spec, self.states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=self.reporter,
-                cross_only=not matcher.uses_within_model,
-            )
-            outcome = solver.run(lambda g: identity_matching(spec.groups[g].size, n, device=dev), max_iter=max_iter, tol=tol, seed=seed)
-            matchings, history, sweeps = outcome.matchings, outcome.history, outcome.sweeps
+        matchings, history, sweeps = self._match(resolved, opts, gids, act)
         timings["matching"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        merged = self._merged_model(matchings, trunk)
+        timings["merge"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if opts.reset_bn and self.batches is not None:
+            reset_bn_stats(merged, self.batches, self.inputs_from_batch, self.device)
+        timings["bn_reset_merged"] = time.perf_counter() - t0
+        bad = first_non_finite(merged.state_dict())
+        if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
+            raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
+        return MergeResult(merged, self.spec, matchings, history, timings, resolved.method.name, resolved.mode, resolved.alpha, sweeps)
+
+    def _groups(self, resolved: ResolvedMethod, trunk: set[str] | None) -> list[int]:
+        """The groups this merge matches: free, not anchored, in the trunk; block groups only for a
+        matcher that matches blocks (the others' are averaged in place, with a warning)."""
+        spec = self.spec
+        gids = [g for g in _groups_to_merge(spec, self.analysis, trunk) if g not in self.anchored]
+        blocked = [g for g in gids if spec.groups[g].blocks > 1]
+        if blocked and not resolved.matcher.supports_blocks:
+            warnings.warn(
+                f"matcher {resolved.matcher.name!r} cannot match blocks: {len(blocked)} block groups (attention heads, GroupNorm "
+                f"groups, grouped convolutions) are averaged in place, not matched",
+                stacklevel=3,
+            )
+            gids = [g for g in gids if g not in blocked]
+        return gids
+
+    def _activations_for(self, gids: list[int], timings: dict[str, float]) -> dict[int, torch.Tensor]:
+        """The activation correlations (gathered on first need, then timed in ``timings``)."""
+        first = self._act is None
+        act = self.activations()
+        if first:
+            timings["statistics"] = self.timings["statistics"]
+        missing = [g for g in gids if g not in act]
+        if missing:
+            warnings.warn(
+                f"groups {missing[:5]} have no activation probe (units inside a leaf module whose handler "
+                "gives no features): they are matched by weights alone",
+                stacklevel=4,
+            )
+        return act
+
+    def _match(self, resolved: ResolvedMethod, opts: MergeOptions, gids: list[int], act: Any) -> tuple[dict, list[float], int]:
+        """``{group id: Matching}``, the score of every sweep and the number of sweeps."""
+        spec, n, dev = self.spec, len(self.models), self.device
+        matcher, alpha = resolved.matcher, resolved.alpha
+
+        def identity(g: int) -> Any:
+            return identity_matching(spec.groups[g].size, n, device=dev)
+
+        if matcher.name == "identity":
+            return {g: identity(g) for g in gids}, [], 0
+        options = {"a": opts.zip_a, "b": opts.zip_b} if matcher.name == "zip" else {}
+        solver = DualSpaceSolver(
+            spec, self.states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=self.reporter,
+            within_model=matcher.uses_within_model, covariances=matcher.needs_covariances,
+        )
+        outcome = solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
+        return outcome.matchings, outcome.history, outcome.sweeps
+
+    def _merged_model(self, matchings: dict[int, Any], trunk: set[str] | None) -> nn.Module:
+        """The merged module: the first model with the merged weights, or with ``trunk`` the
+        partial-zip module (merged trunk, each model's own tail)."""
         merged = copy.deepcopy(self.models[0])
-        merged.load_state_dict(merge_state_dicts(spec, self.states, matchings))
+        merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
         if trunk is not None:
-            sizes = {g.id: g.size for g in spec.groups}
+            sizes = {g.id: g.size for g in self.spec.groups}
 
             def unmerge_of(i: int, gid: int):
                 m = matchings.get(gid)
@@ -341,18 +309,9 @@ class PreparedMerge:
                 trunk_module, tails = merged, self.models
             merged = build_partial(
                 trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
-            ).to(dev)
+            ).to(self.device)
         set_mode(merged, False)
-        timings["merge"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if self.reset_bn and self.batches is not None:
-            reset_bn_stats(merged, self.batches, self.inputs_from_batch, dev)
-        timings["bn_reset_merged"] = time.perf_counter() - t0
-        bad = first_non_finite(merged.state_dict())
-        if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
-            raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
-        return MergeResult(merged, spec, matchings, history, timings, method, mode, alpha, sweeps)
+        return merged
 
 
 def with_state(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
@@ -363,16 +322,16 @@ def with_state(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> torc
     return new
 
 
-def prepare(models: list[nn.Module], *, data: Iterable | None, **options: Any) -> PreparedMerge:
+def prepare(models: list[nn.Module], *, data: Iterable | None, **arguments: Any) -> PreparedMerge:
     """Do once what every merge of ``models`` on ``data`` shares; see :class:`PreparedMerge`.
 
         >>> prepared = prepare([a, b], data=batches)
         >>> results = {alpha: prepared.merge(method="mudsc", mode="zip", alpha=alpha) for alpha in (0.1, 0.5, 0.9)}
 
-    ``options``: ``example_inputs``, ``device``, ``reset_bn``, ``probe``, ``registry``, ``reporter``,
-    ``inputs_from_batch``, ``tracer`` (as in :func:`merge`).
+    ``arguments``: ``example_inputs``, ``options``, ``registry``, ``reporter``, ``inputs_from_batch``
+    and any :class:`MergeOptions` field (as in :func:`merge`).
     """
-    return PreparedMerge(models, data=data, **options)
+    return PreparedMerge(models, data=data, **arguments)
 
 
 def merge(
@@ -380,54 +339,41 @@ def merge(
     *,
     data: Iterable | None,
     example_inputs: Any = None,
-    method: str = "mudsc",
-    mode: str = "zip",
-    alpha: float = 0.5,
-    stop_at: str | None = None,
-    device: Any = None,
-    seed: int = 0,
-    reset_bn: bool = True,
-    max_iter: int = 100,
-    tol: int = 5,
-    probe: str = "last",
-    zip_a: float = 0.5,
-    zip_b: float = 1.0,
+    options: MergeOptions | None = None,
     registry: Registry | None = None,
     reporter: Reporter | None = None,
     inputs_from_batch: Callable[[Any], Any] | None = None,
-    tracer: str = "auto",
+    **settings: Any,
 ) -> MergeResult:
     """Merge ``models`` (same architecture, any number >= 2) into one, without training.
 
-    ``method``: ``average``, ``weight_matching`` (Git Re-Basin), ``weight_zip``,
-    ``activation_matching``, ``zipit`` or ``mudsc``; ``mode``: ``align`` (permutation) or ``zip``
-    (ZipIt! greedy), used by ``mudsc`` (the baselines fix their own). ``alpha`` weighs the weight
-    space in ``S = alpha * S_weight + (1 - alpha) * S_act``. ``data``: an iterable of calibration
-    batches (read into memory once), needed for activation similarities and BatchNorm resets.
-    ``stop_at``: a module path or node name; merge up to it, then each model keeps its own tail
-    (the result returns one output per model). The input models are not modified; the merged
-    model is a copy of the first, of its class (a Hugging Face model stays one).
+    How to merge is a :class:`~mudsc_graph.MergeOptions` (``options``) with ``settings`` (its
+    fields as keywords: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``, ``max_iter``,
+    ``patience``, ``zip_a``, ``zip_b``, ``device``, ``reset_bn``, ``probe``, ``tracer``) on top:
+    ``merge(models, data=d, method="mudsc", mode="align", alpha=0.3)``. ``data``: an iterable of
+    calibration batches (read into memory once), needed for activation similarities and BatchNorm
+    resets. With ``stop_at`` each model keeps its own tail after that module (the result returns
+    one output per model). The input models are not modified; the merged model is a copy of the
+    first, of its class (a Hugging Face model stays one).
 
     Inputs are given as users give them: ``example_inputs`` and each batch's model inputs (through
     ``inputs_from_batch``, by default the first element of a ``(x, y)`` batch or a dict batch of
     keyword tensors such as ``{"input_ids": ..., "attention_mask": ...}``) are a tuple of positional
-    tensors or a dict of keyword tensors. ``tracer``: ``"auto"``, ``"fx"`` or ``"export"`` (see
-    :func:`~mudsc_graph.analyze`).
+    tensors or a dict of keyword tensors. ``registry``: the plugins (default: the installed ones);
+    ``reporter``: progress (:mod:`.progress`).
 
     Several merges of the same models and data (an alpha sweep, a comparison of methods) share
     most of the work through :func:`prepare`.
     """
-    resolved = resolve_method(registry or get_registry(), method, mode, alpha)
-    _check_merge_options(stop_at, max_iter, tol, seed)
-    if data is None and resolved.needs_activations:
-        raise MergeError(f"method {method!r} needs calibration data: pass data=")
+    opts = MergeOptions.of(options, **settings)
+    registry = registry or get_registry()
+    if data is None and resolve_method(registry, opts).needs_activations:
+        raise MergeError(f"method {opts.method!r} needs calibration data: pass data=")
     prepared = PreparedMerge(
-        models, data=data, example_inputs=example_inputs, device=device, reset_bn=reset_bn, probe=probe,
-        registry=registry, reporter=reporter, inputs_from_batch=inputs_from_batch, tracer=tracer,
+        models, data=data, example_inputs=example_inputs, options=opts, registry=registry, reporter=reporter,
+        inputs_from_batch=inputs_from_batch,
     )
-    result = prepared.merge(
-        method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, tol=tol, zip_a=zip_a, zip_b=zip_b
-    )
+    result = prepared.merge()
     result.timings = {**prepared.timings, "statistics": 0.0, **result.timings}
     return result
 
@@ -440,8 +386,6 @@ def _anchored_groups(spec: MergeSpec, models: list[nn.Module]) -> set[int]:
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from ..spec.merge_spec import _gids
-
     stats = {f"{name}.{b}" if name else b for name, m in models[0].named_modules() if isinstance(m, _BatchNorm) for b, _ in m.named_buffers(recurse=False)}
     buffers = [dict(m.named_buffers()) for m in models]
     out: set[int] = set()
@@ -453,7 +397,7 @@ def _anchored_groups(spec: MergeSpec, models: list[nn.Module]) -> set[int]:
             continue
         if all(torch.equal(t, b[name]) for b in buffers[1:]):
             for e in spec.axes.get(name, []):
-                out.update(_gids(e))
+                out.update(group_ids(e))
     for gid in list(out):  # a coupling moves as one: its other groups stay in place too
         out.update(spec.groups[gid].coupled)
     return out

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import MudscError
-from ..spec.merge_spec import Expr
+from ..spec.axes import Expr, group_ids
 from .weights import apply_along
 
 
@@ -111,7 +111,7 @@ def build_partial(
                 continue
             axes = _cut_axes(name, value_axes(name), lambda g: unmerge_of(i, g) is not None)
             if axes:
-                mats = {g: unmerge_of(i, g) for _, e in axes for g in _groups(e) if unmerge_of(i, g) is not None}
+                mats = {g: unmerge_of(i, g) for _, e in axes for g in group_ids(e) if unmerge_of(i, g) is not None}
                 mod_name = f"unmerge{i}_{name}"
                 setattr(root, mod_name, Unmerge(axes, mats, sizes))
                 local[name] = out.call_module(mod_name, (env[name],))
@@ -124,13 +124,8 @@ def build_partial(
     return gm
 
 
-def _groups(e: Expr) -> list[int]:
-    from ..spec.merge_spec import _gids
-
-    return _gids(e)
-
-
-def _cut_axes(name: str, exprs: list[Any] | None, merged: Callable[[int], bool]) -> list[tuple[int, Expr]]:
+def _cut_axes(name: str, exprs: list[Expr | None] | None, merged: Callable[[int], bool]) -> list[tuple[int, Expr]]:
+    """The axes of value ``name`` that carry a merged group (an axis split by structure: an error)."""
     if exprs is None:
         return []
     axes = []
@@ -140,7 +135,7 @@ def _cut_axes(name: str, exprs: list[Any] | None, merged: Callable[[int], bool])
                 f"cannot cut the model at value {name!r}: one of its axes is split by structure (e.g. inside an "
                 "attention layer); choose a stop point at a layer boundary"
             )
-        if any(merged(g) for g in _groups(e)):
+        if any(merged(g) for g in group_ids(e)):
             axes.append((axis, e))
     return axes
 

@@ -23,8 +23,10 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from ..spec.merge_spec import Expr, MergeSpec
-from .weights import apply_along, densify_grouped, take_group
+from ..spec.axes import Expr, group_ids, take, ungroup
+from ..spec.merge_spec import MergeSpec
+from .statistics import equal_constants
+from .weights import apply_along, densify_grouped
 
 
 @dataclass(frozen=True)
@@ -44,23 +46,19 @@ def occurrences(spec: MergeSpec, gid: int) -> list[Occurrence]:
     for name, axis in spec.groups[gid].members:
         if name in buffers:
             continue
-        exprs = spec.axes[name]
-        inner = next((e[2] for e in exprs if e[0] == "inner"), 0)
-        e = exprs[axis]
-        out.append(Occurrence(name, axis, e[1] if e[0] == "inner" else e, inner))
+        exprs, inner = ungroup(spec.axes[name])
+        out.append(Occurrence(name, axis, exprs[axis], inner))
     return out
 
 
 def neighbours(spec: MergeSpec, gid: int) -> set[int]:
     """Groups on the other axes of ``gid``'s tensors (``gid`` itself when it appears twice)."""
-    from ..spec.merge_spec import _gids
-
     out: set[int] = set()
     for occ in occurrences(spec, gid):
         for a, e in enumerate(spec.axes[occ.name]):
             if a != occ.axis:
-                out.update(_gids(e))
-        if _gids(occ.expr).count(gid) > 1:
+                out.update(group_ids(e))
+        if group_ids(occ.expr).count(gid) > 1:
             out.add(gid)
     return out
 
@@ -78,17 +76,16 @@ def feature_pieces(
     sizes = {g.id: g.size for g in spec.groups}
     for occ in occs if occs is not None else occurrences(spec, gid):
         t = state[occ.name].float()
-        exprs = list(spec.axes[occ.name])
+        exprs = ungroup(spec.axes[occ.name])[0] if occ.inner_groups else spec.axes[occ.name]
         if occ.inner_groups:
             t = densify_grouped(t, occ.inner_groups)
-            exprs = [e[1] if e[0] == "inner" else e for e in exprs]
         consumed = set(spec.consumed.get(occ.name, ()))
         for a, e in enumerate(exprs):
             if a == occ.axis:
                 continue
             t = apply_along(t, a, e, merge_of if a in consumed else unmerge_t_of, sizes)
         t = t.movedim(occ.axis, 0)
-        for piece in take_group(t, occ.expr, gid, sizes):
+        for piece in take(t, occ.expr, gid, sizes):
             yield piece.reshape(piece.shape[0], -1)
 
 
@@ -130,9 +127,9 @@ def normal_rows(x: torch.Tensor) -> NormalRows:
     return NormalRows(x / norm.clamp_min(1e-30), mean, dead)
 
 
-def _pairs(n: int, cross_only: bool) -> list[tuple[int, int]]:
+def _pairs(n: int, within_model: bool) -> list[tuple[int, int]]:
     """The blocks ``(i, j)``, ``i <= j``, that are computed (the matrix is symmetric)."""
-    return [(0, j) for j in range(1, n)] if cross_only else [(i, j) for i in range(n) for j in range(i, n)]
+    return [(i, j) for i in range(n) for j in range(i, n)] if within_model else [(0, j) for j in range(1, n)]
 
 
 def _assemble(
@@ -144,8 +141,6 @@ def _assemble(
 ) -> torch.Tensor:
     """The stacked correlation from its upper blocks: mirrored, clamped to [-1, 1], constant rows
     set to 0 (1 against constant rows of the same value), diagonal 1."""
-    from .statistics import _equal_constants
-
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
     corr = dead.new_zeros(sum(sizes), sum(sizes), dtype=mean.dtype)
     for i, j in pairs:
@@ -157,28 +152,28 @@ def _assemble(
     if dead.any():
         corr[dead] = 0.0
         corr[:, dead] = 0.0
-        _equal_constants(corr, dead, mean)
+        equal_constants(corr, dead, mean)
     corr.fill_diagonal_(1.0)
     return corr
 
 
-def stacked_correlation(rows: list[NormalRows], cross_only: bool = False) -> torch.Tensor:
+def stacked_correlation(rows: list[NormalRows], within_model: bool = True) -> torch.Tensor:
     """Pearson correlation of the stacked rows of N models.
 
     Constant rows correlate 0 with the others and 1 with constant rows of the same value.
-    ``cross_only`` computes only the blocks between model 0 and each other model (what a
-    permutation matcher reads); the other blocks are 0.
+    ``within_model=False`` computes only the blocks between model 0 and each other model (what a
+    permutation matcher reads: :attr:`MatchingStrategy.uses_within_model`); the other blocks are 0.
     """
     return _assemble(
         [r.x.shape[0] for r in rows],
-        _pairs(len(rows), cross_only),
+        _pairs(len(rows), within_model),
         lambda i, j: rows[i].x @ rows[j].x.T,
         torch.cat([r.dead for r in rows]),
         torch.cat([r.mean for r in rows]),
     )
 
 
-def streamed_correlation(pieces: list[Iterator[torch.Tensor]], cross_only: bool = False) -> torch.Tensor:
+def streamed_correlation(pieces: list[Iterator[torch.Tensor]], within_model: bool = True) -> torch.Tensor:
     """:func:`stacked_correlation` of N models whose features come as aligned pieces (one iterator
     per model, the k-th pieces of all models covering the same features), never concatenated.
 
@@ -186,7 +181,7 @@ def streamed_correlation(pieces: list[Iterator[torch.Tensor]], cross_only: bool 
     piece by piece with Chan et al.'s parallel update (each piece centred on its own mean, as
     :class:`~mudsc_graph.merging.statistics.CorrelationAccumulator`), so large row means cost no precision.
     """
-    n_models, pairs = len(pieces), _pairs(len(pieces), cross_only)
+    n_models, pairs = len(pieces), _pairs(len(pieces), within_model)
     count = 0
     mean: list[torch.Tensor] = []
     sq: list[torch.Tensor] = []

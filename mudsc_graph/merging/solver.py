@@ -6,7 +6,7 @@ is rebuilt with the neighbours' current matchings (only when a neighbour changed
 built), mixed with the fixed activation similarity, ``S = alpha * S_weight + (1 - alpha) * S_act``,
 and the group is matched again. After each sweep the score ``L`` (mean over groups of the mean
 matched similarity) is recorded; a sweep that does not improve ``L`` counts a miss and the best
-matchings so far are restored. The scheme stops after ``tol`` misses or ``max_iter`` sweeps.
+matchings so far are restored. The scheme stops after ``patience`` sweeps without improvement or ``max_iter`` sweeps.
 
 Block-coupled groups (Q/K and V/O of an attention layer) are matched together, so they agree on
 the block pairing.
@@ -76,7 +76,8 @@ class DualSpaceSolver:
         alpha: float,
         options: Mapping[str, Any] | None = None,
         reporter: Reporter | None = None,
-        cross_only: bool = False,
+        within_model: bool = True,
+        covariances: bool = False,
     ) -> None:
         self.spec, self.states, self.match, self.act, self.alpha = spec, states, match, act, alpha
         self.options = dict(options or {})
@@ -85,8 +86,8 @@ class DualSpaceSolver:
         self.units = couplings(spec, gids)
         self.occs = {g: occurrences(spec, g) for g in gids}
         self.nbrs = {g: neighbours(spec, g) for g in gids}
-        self.version: dict[int, int] = {g: 0 for g in gids}
-        self.cross_only = cross_only
+        self.within_model = within_model
+        self.covariances = covariances  # pass match(..., covariances=[...]) (MatchingStrategy.needs_covariances)
         self.stream = {g: feature_numel(spec, states[0], self.occs[g]) > STREAM_NUMEL for g in gids}
         self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}
         self.built = 0
@@ -133,9 +134,9 @@ class DualSpaceSolver:
                 feature_pieces(self.spec, self.states[i], gid, *self._blocks(i, matchings), self.occs[gid])
                 for i in range(self.n)
             ]
-            return key, streamed_correlation(pieces, cross_only=self.cross_only)
+            return key, streamed_correlation(pieces, within_model=self.within_model)
         rows = [self._model_rows(gid, i, matchings) for i in range(self.n)]
-        return key, stacked_correlation(rows, cross_only=self.cross_only)
+        return key, stacked_correlation(rows, within_model=self.within_model)
 
     def alpha_of(self, gid: int) -> float:
         """``alpha``, or 1 (weights only) for a group whose activations could not be read."""
@@ -155,8 +156,19 @@ class DualSpaceSolver:
             return w
         return w.mul_(alpha).add_(self.act[gid] * (1.0 - alpha))  # w is fresh: scaled in place
 
+    def covariance(self, gid: int) -> torch.Tensor | None:
+        """``gid``'s activation covariance (correlation times the units' standard deviations, from
+        :class:`~mudsc_graph.merging.statistics.Correlations`), or ``None`` without statistics."""
+        stds = getattr(self.act, "stds", None)
+        if self.act is None or stds is None or gid not in self.act or gid not in stds:
+            return None
+        s = stds[gid]
+        return self.act[gid] * torch.outer(s, s)
+
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks
+        if self.covariances:  # built per call, not kept (as the similarities)
+            return self.match(sims, self.n, blocks, covariances=[self.covariance(g) for g in unit], **self.options)
         return self.match(sims, self.n, blocks, **self.options)
 
     # -- the scheme --------------------------------------------------------------------------------
@@ -171,7 +183,7 @@ class DualSpaceSolver:
                     matchings[gid] = identity(gid)
         return matchings
 
-    def run(self, identity: Callable[[int], Any], *, max_iter: int = 100, tol: int = 5, seed: int = 0) -> MatchOutcome:
+    def run(self, identity: Callable[[int], Any], *, max_iter: int = 100, patience: int = 5, seed: int = 0) -> MatchOutcome:
         matchings = self.initial(identity)
         if all(self.alpha_of(g) <= 0.0 for g in matchings) or not self.units:  # S fixed: one matching is final
             score = _mean([m.score for m in matchings.values()])
@@ -193,8 +205,6 @@ class DualSpaceSolver:
                     result = self._match_unit(unit, [self.similarity(g, matchings) for g in unit])
                     last[unit] = (key, result)
                 for gid, new in zip(unit, result):
-                    if not _same(new, matchings[gid]):
-                        self.version[gid] += 1
                     matchings[gid] = new
                     scores.append(new.score)
             score = _mean(scores)
@@ -204,11 +214,8 @@ class DualSpaceSolver:
                 best, best_score, misses = dict(matchings), score, 0
             else:
                 misses += 1
-                for gid, m in best.items():
-                    if matchings[gid] is not m:
-                        matchings[gid] = m
-                        self.version[gid] += 1
-                if misses >= tol:
+                matchings.update(best)
+                if misses >= patience:
                     break
         self.reporter.end()
         return MatchOutcome(best, history, sweep, self.built)
@@ -223,10 +230,6 @@ def _signature(m: Any, i: int) -> Any:
         block = m.merge_block(i)
         cache[i] = hash(block.detach().cpu().numpy().tobytes()) ^ hash(m.unmerge_block(i).detach().cpu().numpy().tobytes())
     return cache[i]
-
-
-def _same(a: Any, b: Any) -> bool:
-    return a.unmerge.shape == b.unmerge.shape and torch.equal(a.unmerge, b.unmerge) and torch.equal(a.merge, b.merge)
 
 
 def _mean(xs: list[float]) -> float:

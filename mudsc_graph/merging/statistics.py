@@ -20,13 +20,30 @@ import torch.fx as fx
 
 from ..errors import MudscError, first_line
 from ..inputs import InputError, as_inputs, bind, call_graph, describe, to_device
-from .weights import expr_size, take_group
-
-Expr = list
+from ..spec.axes import Expr, size, take, to_json
 
 
 class StatisticsError(MudscError, ValueError):
     """No calibration data, or features that are not finite (names the group and the node)."""
+
+
+class Correlations(dict):
+    """``{group id: (N*units) x (N*units) Pearson correlation}``, as :func:`activation_correlations`
+    returns it, with each group's per-unit standard deviations in ``stds`` (``{group id: (N*units,)}``,
+    the square roots of the covariance's diagonal). ``corr[g] * outer(stds[g], stds[g])`` is the
+    covariance (up to float rounding; 0 on rows and columns of dead units), which matchers that ask
+    for covariances (``MatchingStrategy(needs_covariances=True)``) receive."""
+
+    def __init__(self, *args: Any, stds: Mapping[int, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stds: dict[int, torch.Tensor] = dict(stds or {})
+
+    def covariance(self, gid: int) -> torch.Tensor | None:
+        """Group ``gid``'s covariance, or ``None`` without its statistics."""
+        if gid not in self or gid not in self.stds:
+            return None
+        s = self.stds[gid]
+        return self[gid] * torch.outer(s, s)
 
 
 class CorrelationAccumulator:
@@ -71,6 +88,12 @@ class CorrelationAccumulator:
             raise ValueError("CorrelationAccumulator: no samples")
         return self.m2 / max(self.count - 1, 1)
 
+    def std(self) -> torch.Tensor:
+        """Per-unit standard deviation (the square root of the covariance's diagonal)."""
+        if self.count == 0:
+            raise ValueError("CorrelationAccumulator: no samples")
+        return (self.m2.diagonal() / max(self.count - 1, 1)).clamp(min=0).sqrt()
+
     def correlation(self, eps: float | None = None) -> torch.Tensor:
         """Pearson correlation, in [-1, 1], never NaN.
 
@@ -89,12 +112,12 @@ class CorrelationAccumulator:
         corr = corr.clamp(-1.0, 1.0)
         corr[dead, :] = 0.0
         corr[:, dead] = 0.0
-        _equal_constants(corr, dead, self.mean)
+        equal_constants(corr, dead, self.mean)
         corr.fill_diagonal_(1.0)
         return corr
 
 
-def _equal_constants(corr: torch.Tensor, dead: torch.Tensor, mean: torch.Tensor) -> None:
+def equal_constants(corr: torch.Tensor, dead: torch.Tensor, mean: torch.Tensor) -> None:
     """Set the similarity of constant units with equal values to 1 (in place)."""
     if not bool(dead.any()):
         return
@@ -113,12 +136,12 @@ def group_features(value: torch.Tensor, axis: int, expr: Expr, gid: int, sizes: 
     more samples. Raises :class:`ValueError` if the group does not occur in ``expr``.
     """
     n = value.shape[axis]
-    if expr_size(expr, sizes) != n:
-        raise ValueError(f"axis {axis} has {n} positions but expression {expr!r} spans {expr_size(expr, sizes)}")
+    if size(expr, sizes) != n:
+        raise ValueError(f"axis {axis} has {n} positions but expression {to_json(expr)} spans {size(expr, sizes)}")
     x = value.movedim(axis, 0).reshape(n, -1)
-    parts = [p.reshape(p.shape[0], -1) for p in take_group(x, expr, gid, sizes)]
+    parts = [p.reshape(p.shape[0], -1) for p in take(x, expr, gid, sizes)]
     if not parts:
-        raise ValueError(f"group {gid} does not occur in axis expression {expr!r}")
+        raise ValueError(f"group {gid} does not occur in axis expression {to_json(expr)}")
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -210,7 +233,7 @@ def activation_correlations(
     reporter: Any = None,
     eps: float | None = None,
     registry: Any = None,
-) -> dict[int, torch.Tensor]:
+) -> "Correlations":
     """Pearson correlation ``(N*units) x (N*units)`` of every non-fixed group with probes.
 
     ``gms`` are the N models' GraphModules (same graph, own weights, already on ``device`` and in
@@ -221,6 +244,8 @@ def activation_correlations(
     uses its first producer probe. One pass over ``batches``; ``reporter.advance()`` per batch.
     ``eps``: see :meth:`CorrelationAccumulator.correlation` (``1e-7``: the official formula).
     Batches give the models' inputs through ``inputs_from_batch`` (positional or keyword tensors).
+    The result is a dict (:class:`Correlations`) that also holds each group's per-unit standard
+    deviations (``.stds``), so covariances can be recovered (``.covariance(gid)``).
     """
     if isinstance(gms, fx.GraphModule):
         gms = [gms]
@@ -237,7 +262,7 @@ def activation_correlations(
     nodes = list(dict.fromkeys(p.node for ps in plan.values() for p in ps if p.key is None))
     internal = {_out_key(p): (p.node, p.key, _features_fn(p, registry)) for ps in plan.values() for p in ps if p.key is not None}
     if not nodes and not internal:
-        return {}
+        return Correlations()
     if states is None:
         runs = [(ext, None) for ext in (probe_extractor(gm, nodes, internal) for gm in gms)]
     else:
@@ -264,7 +289,7 @@ def activation_correlations(
             reporter.advance(1)
     if n_batches == 0:
         raise StatisticsError("no calibration batches: the data iterable was empty; pass at least one batch")
-    return {gid: acc.correlation(eps) for gid, acc in accs.items()}
+    return Correlations({gid: acc.correlation(eps) for gid, acc in accs.items()}, stds={gid: acc.std() for gid, acc in accs.items()})
 
 
 def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: Any) -> dict:

@@ -12,70 +12,21 @@ For every tensor and model ``i``, each axis is brought into merged coordinates b
   ``U_i^T``: a consumer of merged unit ``c`` takes model ``i``'s weights of every unit in ``c``.
 
 So ``W' = sum_i M_i W_i U_i`` for a Linear, ``b' = sum_i M_i b_i`` for its bias, and a tensor with no
-axis that does not read (rare) is averaged with ``1 / N``. Expressions are applied
-structurally (``sum`` splits, ``kron`` reshapes), never as dense Kronecker products.
+axis that does not read (rare) is averaged with ``1 / N``. Expressions (:mod:`mudsc_graph.spec.axes`)
+are applied structurally (``Concat`` splits, ``Kron`` reshapes), never as dense Kronecker products.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..spec.merge_spec import Expr, MergeSpec
+from ..spec.axes import Expr, has_group, match, size, to_json, ungroup
+from ..spec.merge_spec import MergeSpec
 
 # group id -> (merged units x model units) matrix, or None for identity
 MatrixFor = Callable[[int], "torch.Tensor | None"]
-
-
-def expr_size(e: Expr, sizes: Mapping[int, int]) -> int:
-    kind = e[0]
-    if kind == "g":
-        return sizes[e[1]]
-    if kind == "fixed":
-        return e[1]
-    if kind == "sum":
-        return sum(expr_size(x, sizes) for x in e[1])
-    if kind == "kron":
-        return expr_size(e[1], sizes) * expr_size(e[2], sizes)
-    raise ValueError(f"no size for axis expression {e!r}")
-
-
-def has_group(e: Expr, live: Callable[[int], bool] = lambda g: True) -> bool:
-    kind = e[0]
-    if kind == "g":
-        return live(e[1])
-    if kind == "sum":
-        return any(has_group(x, live) for x in e[1])
-    if kind == "kron":
-        return has_group(e[1], live) or has_group(e[2], live)
-    if kind == "inner":
-        return has_group(e[1], live)
-    return False
-
-
-def take_group(t: torch.Tensor, e: Expr, gid: int, sizes: Mapping[int, int]) -> list[torch.Tensor]:
-    """The slices of ``t`` (axis 0 carries expression ``e``) that are group ``gid``, each ``(O, ...)``.
-
-    A group twice in a ``sum`` (fused qkv rows: Q and K) gives two slices; through a ``kron``
-    the other factor becomes the slice's second axis.
-    """
-    kind = e[0]
-    if kind == "g":
-        return [t] if e[1] == gid else []
-    if kind == "sum":
-        out = []
-        for piece, x in zip(t.split([expr_size(x, sizes) for x in e[1]], dim=0), e[1]):
-            out += take_group(piece, x, gid, sizes)
-        return out
-    if kind == "kron":
-        na, nb = expr_size(e[1], sizes), expr_size(e[2], sizes)
-        u = t.reshape(na, nb, *t.shape[1:])
-        got = [x for x in take_group(u, e[1], gid, sizes)]
-        if got:
-            return got
-        return [x for x in take_group(u.movedim(1, 0), e[2], gid, sizes)]
-    return []
 
 
 def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: Mapping[int, int], scale: float = 1.0) -> torch.Tensor:
@@ -84,26 +35,32 @@ def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: M
     ``scale`` multiplies the positions that no matched group covers (fixed leaves, unmatched
     groups): on the averaging axis it is ``1 / N``, since a merge block already averages.
     """
-    kind = e[0]
-    A = matrix(e[1]) if kind == "g" else None
-    if kind == "fixed" or (kind == "g" and A is None):
+
+    def unmatched(*_: Any) -> torch.Tensor:
         return t * scale if scale != 1.0 else t
-    if kind == "g":
-        return apply_matrix(A, t, axis)
-    if kind == "sum":
-        pieces = t.split([expr_size(x, sizes) for x in e[1]], dim=axis)
-        return torch.cat([apply_along(p, axis, x, matrix, sizes, scale) for p, x in zip(pieces, e[1])], dim=axis)
-    if kind == "kron":
-        na, nb = expr_size(e[1], sizes), expr_size(e[2], sizes)
+
+    def units(gid: int) -> torch.Tensor:
+        A = matrix(gid)
+        return unmatched() if A is None else apply_matrix(A, t, axis)
+
+    def concat(parts: tuple[Expr, ...]) -> torch.Tensor:
+        pieces = t.split([size(x, sizes) for x in parts], dim=axis)
+        return torch.cat([apply_along(p, axis, x, matrix, sizes, scale) for p, x in zip(pieces, parts)], dim=axis)
+
+    def kron(a: Expr, b: Expr) -> torch.Tensor:
         shape = t.shape
-        u = t.reshape(*shape[:axis], na, nb, *shape[axis + 1 :])
+        u = t.reshape(*shape[:axis], size(a, sizes), size(b, sizes), *shape[axis + 1 :])
         live = lambda x: has_group(x, lambda g: matrix(g) is not None)  # noqa: E731
         # the average is taken once: by the factor with a matched group, else by the first
-        first_scale, second_scale = (1.0, scale) if (live(e[2]) and not live(e[1])) else (scale, 1.0)
-        u = apply_along(u, axis, e[1], matrix, sizes, first_scale)
-        u = apply_along(u, axis + 1, e[2], matrix, sizes, second_scale)
+        first_scale, second_scale = (1.0, scale) if (live(b) and not live(a)) else (scale, 1.0)
+        u = apply_along(u, axis, a, matrix, sizes, first_scale)
+        u = apply_along(u, axis + 1, b, matrix, sizes, second_scale)
         return u.reshape(*shape[:axis], u.shape[axis] * u.shape[axis + 1], *shape[axis + 1 :])
-    raise ValueError(f"cannot apply axis expression {e!r}")
+
+    def grouped_in(space: Expr, groups: int) -> torch.Tensor:
+        raise ValueError(f"cannot apply axis expression {to_json(e)}: densify the grouped-convolution weight first")
+
+    return match(e, units=units, fixed=unmatched, concat=concat, kron=kron, grouped_in=grouped_in)
 
 
 def apply_matrix(A: torch.Tensor, t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -154,12 +111,9 @@ def transform_tensor(
     live: Callable[[int], bool],
 ) -> torch.Tensor:
     """One model's tensor in merged coordinates (see the module docstring for the roles)."""
-    inner = [(a, e) for a, e in enumerate(exprs) if e[0] == "inner"]
-    if inner:
-        (a, e), = inner
-        t = densify_grouped(t, e[2])
-        exprs = list(exprs)
-        exprs[a] = e[1]
+    exprs, groups = ungroup(exprs)
+    if groups:
+        t = densify_grouped(t, groups)
     not_reading = [a for a in range(len(exprs)) if a not in consumed]
     avg = next((a for a in not_reading if has_group(exprs[a], live)), not_reading[0] if not_reading else None)
     for a, e in enumerate(exprs):
@@ -171,12 +125,18 @@ def transform_tensor(
             t = apply_along(t, a, e, produce_other, sizes)
     if avg is None:
         t = t / n_models
-    if inner:
-        t = sparsify_grouped(t, inner[0][1][2])
+    if groups:
+        t = sparsify_grouped(t, groups)
     return t
 
 
-def row_normalised(M: torch.Tensor) -> torch.Tensor:
+def row_normalised(M: torch.Tensor, n_models: int = 1) -> torch.Tensor:
+    """Model ``i``'s own map into merged coordinates, from its merge block ``M`` (no averaging over
+    models): an assignment's rows normalised within the model (a permutation: itself); a signed,
+    dense block (a soft matcher's, CCA's ``T_i / N``) is ``n_models * M``: every model's share of a
+    merged unit is ``1 / N``, and a row sum of a signed map is no count of units."""
+    if bool((M < 0).any()):
+        return M * n_models
     s = M.sum(1, keepdim=True)
     return torch.where(s > 0, M / s.clamp_min(1e-12), M)
 
@@ -208,7 +168,7 @@ def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]],
 
             def produce_other(gid, i=i):
                 m = matchings.get(gid)
-                return None if m is None else row_normalised(m.merge_block(i))
+                return None if m is None else row_normalised(m.merge_block(i), n)
 
             def read(gid, i=i):
                 m = matchings.get(gid)

@@ -1,0 +1,1 @@
+"""The plugin system: hook specifications, the records plugins register, the registry."""

@@ -124,6 +124,12 @@ class MatchingStrategy:
     gets such a call: block groups are then averaged in place (not matched), with a warning.
     A strategy is usable as a method of its own (``merge(method=NAME)``: dual-space similarity with
     the ``alpha`` argument) and as ``merge(method="mudsc", mode=NAME)``.
+
+    ``needs_covariances=True`` asks for the activation *covariances* too (CCA needs each unit's
+    scale, not only correlations): ``match`` is then called with ``covariances=[...]``, one
+    ``(N*O) x (N*O)`` covariance per similarity, in the same order (the units' correlations times
+    their standard deviations; rows and columns of dead units are 0), an entry being ``None`` for
+    a group without activation statistics (matched by weights alone).
     """
 
     name: str
@@ -133,6 +139,8 @@ class MatchingStrategy:
     uses_within_model: bool = True
     """False when ``match`` reads only the blocks between model 0 and the others (align): the
     within-model blocks of the similarity are then not computed (left 0)."""
+    needs_covariances: bool = False
+    """True when ``match`` takes ``covariances=`` (see the class docstring)."""
 
     def __post_init__(self) -> None:
         _check_name("MatchingStrategy", self.name)

@@ -237,10 +237,24 @@ def _target_name(t: Any) -> str:
 
 
 def _collect(pm: pluggy.PluginManager, hook: str, record_type: type) -> list[tuple[str, list]]:
-    out = []
+    """Every plugin's records for ``hook``, with the plugin's name.
+
+    The hook is called through pluggy (``pm.hook.NAME()``), so pluggy's wrappers, tracing and call
+    monitoring see it. Its results come in pluggy's call order (the implementations in reverse
+    registration order, ``None`` results dropped); when a plugin returned ``None`` or a wrapper
+    changed the list, each implementation is called on its own (still through pluggy) to know
+    whose records are whose.
+    """
+    caller = getattr(pm.hook, hook)
+    called = [impl for impl in reversed(caller.get_hookimpls()) if not (impl.hookwrapper or impl.wrapper)]
+    results = caller()
+    if len(results) != len(called):
+        others = {impl.plugin_name: [p for p in pm.get_plugins() if p is not impl.plugin] for impl in called}
+        results = [pm.subset_hook_caller(hook, others[impl.plugin_name])() for impl in called]
+        results = [r[0] if r else None for r in results]
     trace = bool(os.environ.get("MUDSC_TRACE_PLUGINS"))
-    for impl in getattr(pm.hook, hook).get_hookimpls():
-        result = impl.function()
+    out = []
+    for impl, result in zip(called, results):
         records = list(result or ())
         if trace:
             print(f"[mudsc plugins] {impl.plugin_name}.{hook}() -> {len(records)} records: "
@@ -249,6 +263,7 @@ def _collect(pm: pluggy.PluginManager, hook: str, record_type: type) -> list[tup
             if not isinstance(r, record_type):
                 raise PluginError(f"plugin {impl.plugin_name!r}: {hook}() must return {record_type.__name__} records, got {type(r).__name__}")
         out.append((impl.plugin_name, records))
+    out.reverse()  # registration order: built-ins first, as before
     return out
 
 

@@ -1,15 +1,12 @@
 """MergeSpec: which parameter axes share a unit space, with structure. The analysis's product.
 
-Every axis of every parameter and buffer is described by an *axis expression* over groups
-(JSON-friendly nested lists):
-
-- ``["g", id]``: the axis is exactly the units of group ``id`` (in order);
-- ``["fixed", n]``: ``n`` positions that never move (kernel taps, ...);
-- ``["sum", [e1, e2, ...]]``: concatenation (fused qkv rows: ``sum(QK, QK, V)``);
-- ``["kron", a, b]``: row-major product; one side is fixed (conv -> flatten -> Linear columns
-  are ``kron(channels, fixed(H*W))``);
-- ``["inner", e, groups]``: a grouped convolution's ``in/groups`` weight axis: for a row in
-  block ``j`` of axis 0, the units inside block ``j`` of the input space ``e``.
+Every axis of every parameter and buffer is described by an *axis expression* over groups, a
+small typed tree defined in :mod:`mudsc_graph.spec.axes` (``Units(gid)``, ``Fixed(n)``,
+``Concat(parts)``, ``Kron(major, minor)``, ``GroupedIn(space, groups)``). In memory a MergeSpec
+holds typed expressions; :meth:`MergeSpec.to_json` / :meth:`MergeSpec.from_json` write and read
+them as nested lists (``["g", id]``, ``["fixed", n]``, ``["sum", [...]]``, ``["kron", a, b]``,
+``["inner", e, groups]``), and list-form expressions given to :class:`MergeSpec` or :class:`Probe`
+are converted on construction.
 
 A group has ``size`` units in ``blocks`` blocks of ``block_size`` (``blocks == 1``: plain). A
 valid permutation of a block group moves whole blocks and permutes freely inside each block;
@@ -23,12 +20,13 @@ layer; the in and out channels of a grouped convolution). Example, Conv -> BN ->
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-Expr = list  # see the module docstring
+from . import permute
+from .axes import Expr, as_expr, from_json, is_expr, to_json
 
 
 @dataclass
@@ -47,6 +45,9 @@ class Probe:
     consumer: bool
     key: str | None = None
     handler: str | None = None
+
+    def __post_init__(self) -> None:
+        self.expr = as_expr(self.expr)
 
 
 @dataclass
@@ -78,6 +79,10 @@ class MergeSpec:
     buffers: list[str] = field(default_factory=list)
     """Names in ``axes`` that are buffers (BatchNorm running statistics), not parameters."""
 
+    def __post_init__(self) -> None:
+        # list-form (JSON) expressions are converted; lists already typed are kept as they are
+        self.axes = {k: v if all(is_expr(e) for e in v) else [as_expr(e) for e in v] for k, v in self.axes.items()}
+
     # -- queries ---------------------------------------------------------------------------------
     @property
     def permutable_units(self) -> int:
@@ -91,35 +96,25 @@ class MergeSpec:
 
     # -- permutations (see permute.py) -----------------------------------------------------------
     def random_permutation(self, seed: int = 0) -> dict[int, torch.Tensor]:
-        from .permute import random_permutation
-
-        return random_permutation(self, seed)
+        return permute.random_permutation(self, seed)
 
     def apply_permutation(self, model: torch.nn.Module, perm: dict[int, torch.Tensor]) -> torch.nn.Module:
-        from .permute import apply_permutation
-
-        return apply_permutation(self, model, perm)
+        return permute.apply_permutation(self, model, perm)
 
     def permute_state_dict(self, state: dict[str, torch.Tensor], perm: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from .permute import permute_state_dict
-
-        return permute_state_dict(self, state, perm)
+        return permute.permute_state_dict(self, state, perm)
 
     def check(self, model: torch.nn.Module, example_inputs: Any, *, seed: int = 0, rtol: float = 1e-4, trials: int = 3) -> float:
         """Raise :class:`~mudsc_graph.errors.SpecCheckError` if one of ``trials`` random valid
         permutations changes the output by more than ``rtol`` of its scale; see :func:`~mudsc_graph.spec.permute.check`."""
-        from .permute import check
-
-        return check(self, model, example_inputs, seed=seed, rtol=rtol, trials=trials)
+        return permute.check(self, model, example_inputs, seed=seed, rtol=rtol, trials=trials)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self, indent: int | None = None) -> str:
         data = {
             "version": 1,
-            "groups": [
-                {**asdict(g), "members": [list(m) for m in g.members], "coupled": list(g.coupled)} for g in self.groups
-            ],
-            "axes": self.axes,
+            "groups": [_group_json(g) for g in self.groups],
+            "axes": {k: [to_json(e) for e in v] for k, v in self.axes.items()},
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "warnings": self.warnings,
             "consumed": self.consumed,
@@ -137,16 +132,15 @@ class MergeSpec:
                 Group(**{**g, "members": [tuple(m) for m in g["members"]], "coupled": tuple(g["coupled"]), "probes": probes})
             )
         shapes = {k: tuple(v) for k, v in data["shapes"].items()}
-        return cls(groups, data["axes"], shapes, data.get("warnings", []), data.get("consumed", {}), data.get("buffers", []))
+        axes = {k: [from_json(e) for e in v] for k, v in data["axes"].items()}
+        return cls(groups, axes, shapes, data.get("warnings", []), data.get("consumed", {}), data.get("buffers", []))
 
 
-def _gids(e: Expr) -> list[int]:
-    if e[0] == "g":
-        return [e[1]]
-    if e[0] == "sum":
-        return [g for x in e[1] for g in _gids(x)]
-    if e[0] == "kron":
-        return _gids(e[1]) + _gids(e[2])
-    if e[0] == "inner":
-        return _gids(e[1])
-    return []
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _group_json(g: Group) -> dict[str, Any]:
+    """A group as JSON data, fields in declaration order (as ``dataclasses.asdict`` wrote them)."""
+    probes = [{**_fields(p), "expr": to_json(p.expr)} for p in g.probes]
+    return {**_fields(g), "members": [list(m) for m in g.members], "probes": probes, "coupled": list(g.coupled)}

@@ -2,22 +2,37 @@
 
 A permutation is ``{group_id: LongTensor}``; unit ``i`` of the new model is unit ``perm[i]`` of
 the old one (``W_new = W_old[perm]`` along every axis of the group). Groups left out, and fixed
-groups, keep the identity.
+groups, keep the identity. The index array of one axis is :func:`~mudsc_graph.spec.axes.index`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import SpecCheckError, SpecError
 from ..inputs import as_inputs, call
-from .merge_spec import Expr, MergeSpec
+from .axes import Expr, Fixed, GroupedIn, index
 
 
-def random_permutation(spec: MergeSpec, seed: int = 0) -> dict[int, torch.Tensor]:
+class SpecLike(Protocol):
+    """What permutations read of a :class:`~mudsc_graph.spec.merge_spec.MergeSpec` (which imports
+    this module, so it is not imported here)."""
+
+    @property
+    def groups(self) -> Sequence[Any]: ...
+
+    @property
+    def axes(self) -> Mapping[str, Sequence[Expr]]: ...
+
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]: ...
+
+
+def random_permutation(spec: SpecLike, seed: int = 0) -> dict[int, torch.Tensor]:
     """A random permutation of every free group that respects blocks and couplings."""
     gen = torch.Generator().manual_seed(seed)
     perm: dict[int, torch.Tensor] = {}
@@ -38,28 +53,7 @@ def random_permutation(spec: MergeSpec, seed: int = 0) -> dict[int, torch.Tensor
     return perm
 
 
-def axis_index(e: Expr, perm: dict[int, torch.Tensor], sizes: dict[int, int]) -> torch.Tensor:
-    """The index array of an axis expression under ``perm`` (``sizes``: group id -> units)."""
-    kind = e[0]
-    if kind == "g":
-        p = perm.get(e[1])
-        return p if p is not None else torch.arange(sizes[e[1]])
-    if kind == "fixed":
-        return torch.arange(e[1])
-    if kind == "sum":
-        out, off = [], 0
-        for x in e[1]:
-            idx = axis_index(x, perm, sizes)
-            out.append(idx + off)
-            off += idx.numel()
-        return torch.cat(out)
-    if kind == "kron":
-        a, b = axis_index(e[1], perm, sizes), axis_index(e[2], perm, sizes)
-        return (a[:, None] * b.numel() + b[None, :]).reshape(-1)
-    raise SpecError(f"axis expression {e!r} has no index array")
-
-
-def permute_state_dict(spec: MergeSpec, state: dict[str, torch.Tensor], perm: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+def permute_state_dict(spec: SpecLike, state: dict[str, torch.Tensor], perm: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Permute every tensor of ``state`` that the spec describes; others are returned as is."""
     sizes = {g.id: g.size for g in spec.groups}
     out = {}
@@ -71,14 +65,14 @@ def permute_state_dict(spec: MergeSpec, state: dict[str, torch.Tensor], perm: di
         if tuple(t.shape) != tuple(spec.shapes.get(name, t.shape)):
             raise SpecError(f"tensor {name!r} has shape {tuple(t.shape)} but the spec expects {spec.shapes[name]}")
         for axis, e in enumerate(exprs):
-            if e[0] in ("fixed", "inner"):
+            if isinstance(e, (Fixed, GroupedIn)):
                 continue
-            idx = axis_index(e, perm, sizes)
+            idx = index(e, perm, sizes)
             if not torch.equal(idx, torch.arange(idx.numel())):
                 t = t.index_select(axis, idx.to(t.device))
         for axis, e in enumerate(exprs):
-            if e[0] == "inner":
-                t = _permute_inner(t, axis, axis_index(e[1], perm, sizes), e[2])
+            if isinstance(e, GroupedIn):
+                t = _permute_inner(t, axis, index(e.space, perm, sizes), e.groups)
         out[name] = t
     return out
 
@@ -95,7 +89,7 @@ def _permute_inner(t: torch.Tensor, axis: int, p_in: torch.Tensor, groups: int) 
     return torch.gather(t, axis, idx.to(t.device))
 
 
-def apply_permutation(spec: MergeSpec, model: torch.nn.Module, perm: dict[int, torch.Tensor]) -> torch.nn.Module:
+def apply_permutation(spec: SpecLike, model: torch.nn.Module, perm: dict[int, torch.Tensor]) -> torch.nn.Module:
     """A deep copy of ``model`` with every group permuted by ``perm``."""
     new = copy.deepcopy(model)
     state = permute_state_dict(spec, model.state_dict(), perm)
@@ -137,7 +131,7 @@ def set_mode(model: torch.nn.Module, training: bool) -> None:
 
 
 @torch.no_grad()
-def check(spec: MergeSpec, model: torch.nn.Module, example_inputs: Any, *, seed: int = 0, rtol: float = 1e-4, trials: int = 3) -> float:
+def check(spec: SpecLike, model: torch.nn.Module, example_inputs: Any, *, seed: int = 0, rtol: float = 1e-4, trials: int = 3) -> float:
     """Apply ``trials`` random valid permutations (seeds ``seed``, ``seed + 1``, ...); raise
     :class:`SpecCheckError` naming the group if one changes the output by more than ``rtol`` times
     the scale (largest magnitude) of that output.
@@ -168,7 +162,7 @@ def check(spec: MergeSpec, model: torch.nn.Module, example_inputs: Any, *, seed:
         set_mode(model, was_training)
 
 
-def _culprit(spec: MergeSpec, model, inputs, perm, ref, rtol) -> str:
+def _culprit(spec: SpecLike, model, inputs, perm, ref, rtol) -> str:
     """Name the groups that change the output when permuted alone (coupled groups together)."""
     seen: set[int] = set()
     bad = []

@@ -14,8 +14,8 @@ def matmul(ctx: OpContext) -> None:
         ctx.unsupported("matmul with a non-tensor")
         return
     out_shape = ctx.out_shape
-    a2 = a if a.ndim > 1 else Value((1,) + a.shape, [ctx.fixed(1)] + [_plain(ctx, a.axis(0))])
-    b2 = b if b.ndim > 1 else Value(b.shape + (1,), [_plain(ctx, b.axis(0)), ctx.fixed(1)])
+    a2 = a if a.ndim > 1 else Value((1,) + a.shape, [ctx.new_fixed(1)] + [_plain(ctx, a.axis(0))])
+    b2 = b if b.ndim > 1 else Value(b.shape + (1,), [_plain(ctx, b.axis(0)), ctx.new_fixed(1)])
     nb = max(a2.ndim, b2.ndim) - 2
     ma = {i: i + nb - (a2.ndim - 2) for i in range(a2.ndim - 2)}
     mb = {i: i + nb - (b2.ndim - 2) for i in range(b2.ndim - 2)}
@@ -131,5 +131,5 @@ def einsum(ctx: OpContext) -> None:
                 per_letter[c] = L
     to_out = {frame[c]: k for k, c in enumerate(out_letters) if c in frame}
     ctx.set_output(
-        [rebase(ctx, per_letter[c], to_out) if c in per_letter else ctx.fixed(ctx.out_shape[k]) for k, c in enumerate(out_letters)]
+        [rebase(ctx, per_letter[c], to_out) if c in per_letter else ctx.new_fixed(ctx.out_shape[k]) for k, c in enumerate(out_letters)]
     )

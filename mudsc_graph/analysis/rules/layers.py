@@ -45,7 +45,7 @@ def conv_layer(
     k = w.ndim - 2
     c = x.ndim - k - 1
     for i in range(2, w.ndim):
-        ctx.spaces.fix(w.axis(i), "")  # kernel taps
+        ctx.fix(w.axis(i), reason="")  # kernel taps
     out_ax, in_ax = (1, 0) if transposed else (0, 1)
     if groups == 1:
         ctx.contract(x.axis(c), w.axis(in_ax))
@@ -68,7 +68,7 @@ def conv_layer(
         ctx.link(b.axis(0), out_space)
     out = [rebase(ctx, L, {i: i for i in range(c)}) for L in x.layout[:c]]
     out.append(out_space)
-    out += [ctx.fixed(n) for n in ctx.out_shape[c + 1 :]]
+    out += [ctx.new_fixed(n) for n in ctx.out_shape[c + 1 :]]
     ctx.set_output(out)
 
 
@@ -119,7 +119,7 @@ def f_batch_norm(ctx: OpContext) -> None:
         if isinstance(p, Value):
             ctx.link(x.axis(c), p.axis(0))
     if isinstance(ctx.out_shape, list):  # (output, saved mean, saved inverse std)
-        extra = [[x.axis(c)] if s == (x.shape[c],) else [ctx.fixed(n) for n in s] for s in ctx.out_shape[1:]]
+        extra = [[x.axis(c)] if s == (x.shape[c],) else [ctx.new_fixed(n) for n in s] for s in ctx.out_shape[1:]]
         ctx.set_output([ctx.like(x)] + extra)
         return
     ctx.set_output(ctx.like(x))
@@ -132,7 +132,7 @@ def layer_norm(ctx: OpContext, x: Value, k: int, w: Value | None, b: Value | Non
             for i in range(k):
                 ctx.link(x.axis(x.ndim - k + i), p.axis(i))
     if isinstance(ctx.out_shape, list):  # native_layer_norm: (output, mean, rstd) per normalised row
-        ctx.set_output([ctx.like(x)] + [[ctx.fixed(n) for n in s] for s in ctx.out_shape[1:]])
+        ctx.set_output([ctx.like(x)] + [[ctx.new_fixed(n) for n in s] for s in ctx.out_shape[1:]])
         return
     ctx.set_output(ctx.like(x))
 
@@ -169,7 +169,7 @@ def f_group_norm(ctx: OpContext) -> None:
 
 def embedding(ctx: OpContext, ids: Value, w: Value) -> None:
     """Rows of ``w`` are looked up by the input ids (fixed); its columns are the output units."""
-    ctx.spaces.fix(w.axis(0), "")
+    ctx.fix(w.axis(0), reason="")
     ctx.set_output(ctx.like(ids) + [w.axis(1)])
 
 
@@ -228,7 +228,7 @@ def multihead_attention(ctx: OpContext) -> None:
             ctx.link(_plain(ctx, k.axis(i)), _plain(ctx, v.axis(i)))
     out = [_plain(ctx, L) for L in q.layout[:-1]] + [out_units]
     weights_shape = ctx.out_shape[1] if isinstance(ctx.out_shape, list) else None
-    ctx.set_output([out, [ctx.fixed(n) for n in weights_shape] if weights_shape else None])
+    ctx.set_output([out, [ctx.new_fixed(n) for n in weights_shape] if weights_shape else None])
 
 
 def multihead_attention_features(module: Any, args: tuple, kwargs: dict, key: str) -> Any:

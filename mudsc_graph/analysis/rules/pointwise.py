@@ -41,12 +41,12 @@ def spatial(ctx: OpContext, k: int | None = None) -> None:
         k = _spatial_dims(ctx)
     keep = x.ndim - k
     for L in x.layout[keep:]:  # pooling reads positions in order: those axes must not move
-        ctx.spaces.fix_layout(L, "" if ctx.spaces.settled(L) else ctx._reason() + " (pooling over a unit axis)")
+        ctx.fix_units(L, "pooling over a unit axis")
     layout = [rebase(ctx, L, {i: i for i in range(keep)}) for L in x.layout[:keep]]
     if isinstance(ctx.out_shape, list):  # (values, indices) of max_pool*_with_indices
-        ctx.set_output([layout + [ctx.fixed(n) for n in s[keep:]] for s in ctx.out_shape])
+        ctx.set_output([layout + [ctx.new_fixed(n) for n in s[keep:]] for s in ctx.out_shape])
         return
-    ctx.set_output(layout + [ctx.fixed(n) for n in out[keep:]])
+    ctx.set_output(layout + [ctx.new_fixed(n) for n in out[keep:]])
 
 
 def _spatial_dims(ctx: OpContext) -> int:
@@ -66,8 +66,8 @@ def pad(ctx: OpContext) -> None:
     for j in range(len(widths) // 2):
         ax = x.ndim - 1 - j
         if widths[2 * j] or widths[2 * j + 1]:
-            ctx.spaces.fix_layout(x.axis(ax), "" if ctx.spaces.settled(x.axis(ax)) else ctx._reason() + " (padding a unit axis)")
-            out[ax] = ctx.fixed(ctx.out_shape[ax])
+            ctx.fix_units(x.axis(ax), "padding a unit axis")
+            out[ax] = ctx.new_fixed(ctx.out_shape[ax])
     ctx.set_output(out)
 
 
@@ -79,7 +79,7 @@ def reduce(ctx: OpContext, returns_indices: bool = False) -> None:
         dims = list(range(x.ndim))
     if returns_indices:
         for d in dims:
-            ctx.spaces.fix_layout(x.axis(d), "" if ctx.spaces.settled(x.axis(d)) else f"an arg-max over units at node {ctx.node.name}")
+            ctx.fix(x.axis(d), reason="" if ctx.spaces.settled(x.axis(d)) else f"an arg-max over units at node {ctx.node.name}")
     out_shape = ctx.out_shape if isinstance(ctx.out_shape, tuple) else ctx.out_shape[0]
     keepdim = len(out_shape) == x.ndim
     mapping, k = {}, 0
@@ -91,7 +91,7 @@ def reduce(ctx: OpContext, returns_indices: bool = False) -> None:
     for i in range(x.ndim):
         if i in dims:
             if keepdim:
-                out.append(ctx.fixed(1))
+                out.append(ctx.new_fixed(1))
         else:
             out.append(rebase(ctx, x.layout[i], {a: b for a, b in mapping.items() if a not in dims}))
     if isinstance(ctx.out_shape, list):  # (values, indices)

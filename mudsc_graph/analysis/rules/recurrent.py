@@ -129,23 +129,9 @@ def _rnn(ctx: OpContext, r: _Rnn) -> tuple[list[Layout], list[Layout]] | None:
     L = r.num_layers
     k = 4 if r.has_biases else 2
     x = r.x
-    # -- check everything before linking anything, so a fallback leaves no half-made links
-    if L < 1 or len(r.params) != L * D * k or not all(isinstance(p, Value) for p in r.params):
-        ctx.unsupported(f"expected {L * D * k} weight tensors (projections are not supported)")
+    H = _checked_hidden_size(ctx, r, G, D, k)  # everything is checked before anything is linked,
+    if H is None:  # so a fallback leaves no half-made links
         return None
-    w_hh0 = r.params[1]
-    if w_hh0.ndim != 2 or w_hh0.shape[0] % G:
-        ctx.unsupported("unexpected weight_hh shape")
-        return None
-    H = w_hh0.shape[0] // G
-    in_size = x.shape[-1]
-    for l in range(L):
-        for d in range(D):
-            w_ih, w_hh, *bs = r.params[(l * D + d) * k : (l * D + d + 1) * k]
-            cols = in_size if l == 0 else D * H
-            if w_ih.shape != (G * H, cols) or w_hh.shape != (G * H, H) or any(b.shape != (G * H,) for b in bs):
-                ctx.unsupported("unexpected weight shapes (LSTM projections are not supported)")
-                return None
     unbatched = x.ndim == 2
     t_ax = 0 if unbatched or not r.batch_first else 1
     b_ax = None if unbatched else 1 - t_ax
@@ -156,9 +142,8 @@ def _rnn(ctx: OpContext, r: _Rnn) -> tuple[list[Layout], list[Layout]] | None:
         return None
 
     sp = ctx.spaces
-    reason = ctx._reason()
     time = _plain(ctx, x.axis(t_ax))
-    sp.fix(time, "" if sp.settled(time) else f"{reason} (the recurrence reads the time steps in order)")
+    ctx.fix_units(time, "the recurrence reads the time steps in order")
     batch = None if b_ax is None else _plain(ctx, x.axis(b_ax))
 
     hidden: list[int] = []  # index l * D + d, the order of h_n's axis 0
@@ -182,14 +167,35 @@ def _rnn(ctx: OpContext, r: _Rnn) -> tuple[list[Layout], list[Layout]] | None:
     for a, v in states:
         if _is_uniform(a):
             continue  # zeros (hx=None): the same under every permutation
-        sp.fix_layout(v.axis(0), "" if sp.settled(v.axis(0)) else f"{reason} (layers and directions of an initial state)")
+        ctx.fix_units(v.axis(0), "layers and directions of an initial state")
         if batch is not None:
             ctx.link(v.axis(1), batch)
         ctx.link(v.axis(-1), per_state)
 
     out: list[Layout] = [time, layer_in] if unbatched else [time, batch, layer_in] if t_ax == 0 else [batch, time, layer_in]
-    hn: list[Layout] = [ctx.fixed(L * D)] + ([] if batch is None else [batch]) + [per_state]
+    hn: list[Layout] = [ctx.new_fixed(L * D)] + ([] if batch is None else [batch]) + [per_state]
     return out, hn
+
+
+def _checked_hidden_size(ctx: OpContext, r: _Rnn, G: int, D: int, k: int) -> int | None:
+    """The hidden size when every weight has the shape the rule expects; else the op's fallback, None."""
+    L, x = r.num_layers, r.x
+    if L < 1 or len(r.params) != L * D * k or not all(isinstance(p, Value) for p in r.params):
+        ctx.unsupported(f"expected {L * D * k} weight tensors (projections are not supported)")
+        return None
+    w_hh0 = r.params[1]
+    if w_hh0.ndim != 2 or w_hh0.shape[0] % G:
+        ctx.unsupported("unexpected weight_hh shape")
+        return None
+    H = w_hh0.shape[0] // G
+    for l in range(L):
+        for d in range(D):
+            w_ih, w_hh, *bs = r.params[(l * D + d) * k : (l * D + d + 1) * k]
+            cols = x.shape[-1] if l == 0 else D * H
+            if w_ih.shape != (G * H, cols) or w_hh.shape != (G * H, H) or any(b.shape != (G * H,) for b in bs):
+                ctx.unsupported("unexpected weight shapes (LSTM projections are not supported)")
+                return None
+    return H
 
 
 def _is_uniform(a: Any) -> bool:

@@ -10,12 +10,42 @@ from .base import rebase
 
 
 def reshape_layouts(ctx: OpContext, x: Value, out_shape: Sequence[int]) -> list[Layout] | None:
-    """Output layouts of a row-major reshape of ``x`` to ``out_shape`` (None: not factorable)."""
-    sp = ctx.spaces
+    """Output layouts of a row-major reshape of ``x`` to ``out_shape`` (None: not factorable).
+
+    Both shapes are cut into their common factors (``(6, 4) -> (2, 12)``: factors 2, 3, 4); each
+    input axis is split into its factors, and each output axis is its factors flattened."""
     in_idx = [i for i, n in enumerate(x.shape) if n != 1]
     out_idx = [i for i, n in enumerate(out_shape) if n != 1]
-    cum_in = _cumprod([x.shape[i] for i in in_idx])
-    cum_out = _cumprod([out_shape[i] for i in out_idx])
+    cut = _common_factors([x.shape[i] for i in in_idx], [out_shape[i] for i in out_idx])
+    if cut is None:
+        return None
+    sizes, in_ranges, out_ranges = cut
+    factors = _input_factors(ctx.spaces, x, in_idx, sizes, in_ranges)
+    axis_of_factor = {f: k for k, r in enumerate(out_ranges) for f in r}
+
+    def to_output(ref: int, parts: tuple) -> Layout:
+        """A dependence on factor ``ref`` as one on its output axis (for a merged axis, the part
+        of every merged index is the part of its ``ref`` digit)."""
+        k = axis_of_factor[ref]
+        r = out_ranges[k]
+        stride = _prod(sizes[g] for g in r if g > ref)
+        total = _prod(sizes[g] for g in r)
+        return Dep(out_idx[k], parts if len(r) == 1 else tuple(parts[(m // stride) % sizes[ref]] for m in range(total)))
+
+    out: list[Layout] = [None] * len(out_shape)  # type: ignore[list-item]
+    for k, r in enumerate(out_ranges):
+        if len(r) == 1:
+            out[out_idx[k]] = _reindex(ctx.spaces, factors[r[0]], to_output)
+        else:
+            local = {f: f - r[0] for f in r}
+            out[out_idx[k]] = ctx.spaces.flatten([rebase(ctx, factors[f], local) for f in r])
+    return [L if L is not None else ctx.new_fixed(1) for L in out]
+
+
+def _common_factors(ins: list[int], outs: list[int]) -> tuple[list[int], list[range], list[range]] | None:
+    """The common factors of two shapes of one size, and which factors each axis spans (None when
+    an axis boundary of one falls inside an axis of the other without dividing it)."""
+    cum_in, cum_out = _cumprod(ins), _cumprod(outs)
     bounds = sorted(set(cum_in) | set(cum_out))
     prev = 1
     for b in bounds:
@@ -33,7 +63,11 @@ def reshape_layouts(ctx: OpContext, x: Value, out_shape: Sequence[int]) -> list[
             start = end
         return out
 
-    in_ranges, out_ranges = ranges(cum_in), ranges(cum_out)
+    return sizes, ranges(cum_in), ranges(cum_out)
+
+
+def _input_factors(sp: Any, x: Value, in_idx: list[int], sizes: list[int], in_ranges: list[range]) -> list[Layout]:
+    """The layout of every common factor, splitting each input axis into the factors it spans."""
     range_of_input = {in_idx[k]: r for k, r in enumerate(in_ranges)}
     factors: list[Layout] = [None] * len(sizes)  # type: ignore[list-item]
 
@@ -61,25 +95,7 @@ def reshape_layouts(ctx: OpContext, x: Value, out_shape: Sequence[int]) -> list[
         else:
             for f, s in zip(r, sp.split(L, sub_sizes)):
                 factors[f] = _offset(s, r[0])
-    axis_of_factor = {f: k for k, r in enumerate(out_ranges) for f in r}
-
-    def to_output(ref: int, parts: tuple) -> Layout:
-        """A dependence on factor ``ref`` as one on its output axis (for a merged axis, the part
-        of every merged index is the part of its ``ref`` digit)."""
-        k = axis_of_factor[ref]
-        r = out_ranges[k]
-        stride = _prod(sizes[g] for g in r if g > ref)
-        total = _prod(sizes[g] for g in r)
-        return Dep(out_idx[k], parts if len(r) == 1 else tuple(parts[(m // stride) % sizes[ref]] for m in range(total)))
-
-    out: list[Layout] = [None] * len(out_shape)  # type: ignore[list-item]
-    for k, r in enumerate(out_ranges):
-        if len(r) == 1:
-            out[out_idx[k]] = _reindex(sp, factors[r[0]], to_output)
-        else:
-            local = {f: f - r[0] for f in r}
-            out[out_idx[k]] = sp.merge([rebase(ctx, factors[f], local) for f in r])
-    return [L if L is not None else ctx.fixed(1) for L in out]
+    return factors
 
 
 def _reindex(sp: Any, layout: Layout, move: Any) -> Layout:
@@ -208,7 +224,7 @@ def repeat(ctx: OpContext) -> None:
     x = ctx.input(0)
     out_shape = ctx.out_shape
     off = len(out_shape) - x.ndim
-    out: list[Layout] = [ctx.fixed(n) for n in out_shape[:off]]
+    out: list[Layout] = [ctx.new_fixed(n) for n in out_shape[:off]]
     for i in range(x.ndim):
         n, m = x.shape[i], out_shape[i + off]
         if n == m:
@@ -244,7 +260,7 @@ def stack(ctx: OpContext) -> None:
     out: list[Layout] = []
     for j in range(n):
         if j == d:
-            out.append(ctx.fixed(len(xs)))
+            out.append(ctx.new_fixed(len(xs)))
             continue
         i = j if j < d else j - 1
         parts = tuple(rebase(ctx, v.layout[i], to_out) for v in xs)
@@ -283,7 +299,7 @@ def _split_outputs(ctx: OpContext, x: Value, d: int, sizes: list[int]) -> list[l
     outs = []
     for n in sizes:
         lay = list(base)
-        lay[d] = next(pieces) if n else ctx.fixed(0)
+        lay[d] = next(pieces) if n else ctx.new_fixed(0)
         outs.append(lay)
     return outs
 
@@ -292,7 +308,7 @@ def unbind(ctx: OpContext) -> None:
     """unbind(dim): each output is one index along ``dim``; units along it are told apart."""
     x = ctx.input(0)
     d = ctx.arg(1, "dim", 0) % x.ndim
-    ctx.spaces.fix_layout(x.axis(d), "")
+    ctx.fix(x.axis(d), reason="")
     to_out = {i: (i if i < d else i - 1) for i in range(x.ndim) if i != d}
     outs = []
     for j in range(x.shape[d]):
@@ -378,7 +394,7 @@ def index_axes(ctx: OpContext, src: Value, items: list[Any]) -> None:
         layout = [select(L, a, j) for L in layout]
     to_out = {a: k for k, (kind, a) in enumerate(kept) if kind == "axis" and (a not in computed or ctx.out_shape[k] == src.shape[a])}
     out = [
-        ctx.fixed(1) if kind == "new" else rebase(ctx, layout[a], to_out) if a in to_out.keys() else ctx.fixed(ctx.out_shape[k])
+        ctx.new_fixed(1) if kind == "new" else rebase(ctx, layout[a], to_out) if a in to_out.keys() else ctx.new_fixed(ctx.out_shape[k])
         for k, (kind, a) in enumerate(kept)
     ]
     ctx.set_output(out)
@@ -423,7 +439,7 @@ def advanced_index(ctx: OpContext, x: Value, idx: list[Value | None]) -> None:
         ctx.set_output(ctx.like(x))
         return
     for i in where:
-        ctx.spaces.fix_layout(x.axis(i), "" if ctx.spaces.settled(x.axis(i)) else f"{ctx._reason()} (indexing a unit axis)")
+        ctx.fix_units(x.axis(i), "indexing a unit axis")
     rest = [i for i in range(x.ndim) if i not in where]
     nb = len(ctx.out_shape) - len(rest)
     adjacent = where == list(range(where[0], where[-1] + 1))
@@ -459,8 +475,8 @@ def roll(ctx: OpContext) -> None:
     out = ctx.like(x)
     for d in dims:
         d %= x.ndim
-        ctx.spaces.fix_layout(x.axis(d), "" if ctx.spaces.settled(x.axis(d)) else f"{ctx._reason()} (rolling a unit axis)")
-        out[d] = ctx.fixed(x.shape[d])
+        ctx.fix_units(x.axis(d), "rolling a unit axis")
+        out[d] = ctx.new_fixed(x.shape[d])
     keep = {i: i for i in range(x.ndim) if i not in [d % x.ndim for d in dims]}
     ctx.set_output([rebase(ctx, L, keep) if i in keep else L for i, L in enumerate(out)])
 

@@ -15,8 +15,10 @@ init seeds ``1000*seed + i``, 500 calibration images) and measures, for disjoint
 5. how far training moves the weights from init, and what averaging A with B's *untrained* init gives;
 6. a sweep over width, training length and class split / seed.
 
-    python benchmarks/reproduce/align_vs_average.py           # full, about 4-5 minutes on 2 cores
-    python benchmarks/reproduce/align_vs_average.py --quick   # width 256 only, about 1 minute
+    python -m benchmarks.investigations.align_vs_average           # full, about 4-5 minutes on 2 cores
+    python -m benchmarks.investigations.align_vs_average --quick   # width 256 only, about 1 minute
+
+It prints its tables and writes no file; docs/findings.md quotes the full run's sweep.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 import torch
 
 from mudsc_graph.io.data import load_data
-from mudsc_graph.experiments.demo import EMBED_DIM
+from mudsc_graph.experiments.cache import EMBED_DIM
 from mudsc_graph.experiments.evaluate import predict_logits, task_metrics
 from mudsc_graph.merging.api import merge
 from mudsc_graph.plugin.registry import get_registry
@@ -210,7 +212,8 @@ def sweep(setup, configs) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.investigations.align_vs_average",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="width 256 only, fewer sweep rows (about 1 minute)")
     args = parser.parse_args()
     torch.set_num_threads(1)

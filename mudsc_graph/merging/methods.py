@@ -1,0 +1,50 @@
+"""Which method a merge runs: the registered :class:`~mudsc_graph.MergeMethod` record, its
+:class:`~mudsc_graph.MatchingStrategy`, the mode it reports and the alpha it uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PluginError
+from ..plugin.records import MatchingStrategy, MergeMethod
+from ..plugin.registry import Registry, get_registry
+from .options import MergeError, MergeOptions
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS``: the names ``merge(method=...)`` accepts, read from the registry (methods and
+    matching strategies that plugins register included)."""
+    if name == "METHODS":
+        return tuple(get_registry().method_names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class ResolvedMethod:
+    """What one merge runs: the method record, its matching strategy, the mode it reports and alpha."""
+
+    method: MergeMethod
+    matcher: MatchingStrategy
+    mode: str
+    alpha: float
+
+    @property
+    def needs_activations(self) -> bool:
+        return self.method.needs_activations(self.alpha)
+
+
+def resolve_method(registry: Registry, options: MergeOptions) -> ResolvedMethod:
+    """The method, matcher, mode and alpha of a merge; one clear :class:`MergeError` for a bad one."""
+    try:
+        record = registry.merge_method(options.method)
+    except PluginError as exc:
+        raise MergeError(str(exc)) from None
+    if record.alpha is None and not 0.0 <= options.alpha <= 1.0:
+        raise MergeError(f"alpha must lie in [0, 1], got {options.alpha}")
+    name = record.matcher_for(options.mode)
+    if name not in registry.matchers:
+        choices = ", ".join(n for n in registry.matchers if n != "identity")
+        raise MergeError(f"unknown mode {options.mode!r} for method {record.name!r}; choose one of {choices}")
+    label = name if record.matcher is None else {"identity": "average"}.get(name, name)
+    return ResolvedMethod(record, registry.matcher(name), label, record.alpha_for(options.alpha))

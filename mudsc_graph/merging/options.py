@@ -1,0 +1,109 @@
+"""How to merge: one frozen, validated record shared by :func:`~mudsc_graph.merge`,
+:class:`~mudsc_graph.PreparedMerge` and ``mudsc merge`` (mergekit's ``MergeOptions`` pattern).
+
+Every default is defined here and nowhere else; the command line reads its defaults from
+``MergeOptions()``. ``MergeOptions.of(options, **changes)`` is how callers build one: keyword
+overrides on top of a base record, every unknown name and bad value one :class:`MergeError`.
+
+    >>> opts = MergeOptions(method="mudsc", mode="align", alpha=0.3)
+    >>> merge([a, b], data=batches, options=opts)
+    >>> merge([a, b], data=batches, mode="align", alpha=0.3)      # the same
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import MudscError
+
+
+class MergeError(MudscError):
+    """Merging failed (incompatible models, bad options)."""
+
+
+#: Fields fixed when a merge is prepared (:class:`~mudsc_graph.PreparedMerge`): the checks, the
+#: BatchNorm reset of the bases, the analysis and the statistics depend on them.
+PREPARATION = ("device", "reset_bn", "probe", "tracer")
+TRACERS = ("auto", "fx", "export")
+PROBES = ("last", "first", "all")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """What one merge does. Matching: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``,
+    ``max_iter``, ``patience``, ``zip_a``, ``zip_b``; preparation (see :data:`PREPARATION`):
+    ``device``, ``reset_bn``, ``probe``, ``tracer``.
+
+    ``method``: a registered merge method (``average``, ``weight_matching``, ``weight_zip``,
+    ``activation_matching``, ``zipit``, ``mudsc`` or a plugin's); ``mode``: the matcher of
+    ``mudsc`` (``align``, ``zip`` or a plugin's). ``alpha`` weighs the weight space in
+    ``S = alpha * S_weight + (1 - alpha) * S_act``. ``stop_at``: partial zip, a module path or node
+    name. ``seed``: the group order of the iterative scheme, which runs at most ``max_iter`` sweeps
+    and stops after ``patience`` sweeps without improvement. ``zip_a``, ``zip_b``: ZipIt!'s
+    similarity decay and within-model budget. ``device``: ``None`` (the first model's), ``"auto"``,
+    ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
+    merged model on the data; ``probe``: which consumer of a group its features are read at
+    (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``.
+    """
+
+    method: str = "mudsc"
+    mode: str = "zip"
+    alpha: float = 0.5
+    stop_at: str | None = None
+    seed: int = 0
+    max_iter: int = 100
+    patience: int = 5
+    zip_a: float = 0.5
+    zip_b: float = 1.0
+    device: Any = None
+    reset_bn: bool = True
+    probe: str = "last"
+    tracer: str = "auto"
+
+    def __post_init__(self) -> None:  # method and mode need the registry: resolve_method checks them
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
+            raise MergeError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+        if self.stop_at is not None and (not isinstance(self.stop_at, str) or not self.stop_at.strip()):
+            raise MergeError(f"stop_at must be a module path or node name (a non-empty str), got {self.stop_at!r}")
+        for name, least in (("max_iter", 0), ("patience", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise MergeError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.seed >= 2**63:
+            raise MergeError(f"seed must be below 2**63, got {self.seed}")
+        for name in ("zip_a", "zip_b"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise MergeError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.reset_bn, bool):
+            raise MergeError(f"reset_bn must be True or False, got {self.reset_bn!r}")
+        if self.probe not in PROBES:
+            raise MergeError(f"probe must be one of {', '.join(PROBES)}, got {self.probe!r}")
+        if self.tracer not in TRACERS:
+            raise MergeError(f"tracer must be one of {', '.join(TRACERS)}, got {self.tracer!r}")
+
+    @classmethod
+    def of(cls, options: "MergeOptions | None" = None, **changes: Any) -> "MergeOptions":
+        """``options`` (default: all defaults) with ``changes``; ``tol`` is the old name of ``patience``."""
+        if options is not None and not isinstance(options, MergeOptions):
+            raise MergeError(f"options= must be a MergeOptions, got {type(options).__name__}")
+        if "tol" in changes:
+            warnings.warn("the merge option 'tol' is now called 'patience'", DeprecationWarning, stacklevel=3)
+            changes["patience"] = changes.pop("tol")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise MergeError(f"unknown merge option {', '.join(map(repr, unknown))}; the options are {', '.join(sorted(names))}")
+        return dataclasses.replace(options or cls(), **changes)
+
+    def preparation(self) -> dict[str, Any]:
+        """The fields a :class:`~mudsc_graph.PreparedMerge` fixes."""
+        return {name: getattr(self, name) for name in PREPARATION}
+
+
+#: Every default, for the command line's option defaults.
+DEFAULTS = MergeOptions()

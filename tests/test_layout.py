@@ -1,0 +1,105 @@
+"""The package's shape: no import cycle between its modules (function-local imports included, since
+they only hide a cycle), and no long functions outside data tables."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+PKG = Path(__file__).resolve().parents[1] / "mudsc_graph"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The package modules ``path`` imports at run time (``if TYPE_CHECKING:`` blocks left out)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in modules else base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m in modules and m != name}
+
+
+def _graph() -> nx.DiGraph:
+    files = sorted(PKG.rglob("*.py"))
+    modules = {_module_name(f) for f in files}
+    g = nx.DiGraph()
+    for f in files:
+        src = _module_name(f)
+        g.add_node(src)
+        for dst in _imports(f, modules):
+            # a package's __init__ re-exporting its submodules is not a dependency of those submodules
+            if not dst.startswith(src + ".") and not (f.name == "__init__.py" and dst.startswith(src)):
+                g.add_edge(src, dst)
+    return g
+
+
+def test_no_import_cycle_between_modules():
+    g = _graph()
+    g.remove_node("mudsc_graph")  # the public facade imports everything and nothing imports it back
+    cycles = list(nx.simple_cycles(g))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles[:5])
+
+
+def test_the_graph_sees_the_imports():
+    """The oracle itself: known edges are found, function-local ones included."""
+    g = _graph()
+    assert g.has_edge("mudsc_graph.merging.api", "mudsc_graph.merging.solver")
+    assert g.has_edge("mudsc_graph.analysis.pipeline", "mudsc_graph.analysis.grouping")
+    assert g.number_of_edges() > 60
+
+
+def test_no_function_over_60_lines():
+    """Long functions are where the next maintainer gets lost (data tables are not functions)."""
+    long = []
+    for f in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if ast.get_docstring(node) else node.body
+                lines = body[-1].end_lineno - body[0].lineno + 1 if body else 0
+                if lines > 60:
+                    long.append(f"{_module_name(f)}.{node.name} ({lines} lines)")
+    assert not long, "functions over 60 lines: " + ", ".join(long)
+
+
+def test_architecture_md_lists_every_module():
+    """docs/architecture.md's tree names every module of the library (one line each)."""
+    text = (PKG.parent / "docs" / "architecture.md").read_text()
+    tree = text.split("```")[1]
+    missing = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG)
+        if rel.name == "__init__.py" and rel.parent != Path("merging/matching") and len(rel.parts) > 1:
+            continue  # a package is its folder line
+        if not any(line.strip().split()[:1] == [rel.name] for line in tree.splitlines()):
+            missing.append(str(rel))
+    assert not missing, f"docs/architecture.md does not list {missing}"
