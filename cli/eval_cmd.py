@@ -120,6 +120,39 @@ def _check_outputs(outputs: Any, name: str) -> None:
             raise EvalCommandError(f"{which} gives {kind} logits for sample {i}; check the checkpoint's weights and the data's scale")
 
 
+def _model_of(model_path: Path, architecture: Any, opts: dict[str, Any], state: dict, meta: dict, example: Any, arch: str) -> Any:
+    """The checkpoint's model: the architecture with its weights, or the partial-zip model its
+    metadata describes; a load error names the ``--arch`` the file was merged with, if another."""
+    from mudsc_graph.io.checkpoints import CheckpointError, fit_state_dict
+    from mudsc_graph.merging.partial_zip import looks_partial, rebuild_partial
+
+    partial = _partial_args(meta, state, model_path.name)
+    merged_with = meta.get("arch")
+    hint = f" (the file was merged with --arch {merged_with})" if isinstance(merged_with, str) and merged_with != arch else ""
+    try:
+        if partial is not None:
+            n_models, stop_at, tracer = partial
+            model: Any = rebuild_partial(
+                lambda: build_model(architecture, opts), n_models, stop_at, example, state, tracer=tracer, source=model_path.name,
+            )
+        else:
+            model = build_model(architecture, opts)
+            try:
+                fit_state_dict(model, state, source=model_path.name)
+            except CheckpointError:
+                if looks_partial(state):
+                    raise EvalCommandError(
+                        f"{model_path.name} holds a partial-zip model (keys trunk.*, tail0.*, ...) but its metadata has no stop_at, "
+                        "so it cannot be rebuilt; write it again with mudsc merge --stop-at"
+                    ) from None
+                raise
+    except CheckpointError as exc:
+        if not hint:
+            raise
+        raise CheckpointError(f"{exc}{hint}") from None
+    return model
+
+
 def eval_command(
     model_path: Annotated[
         Path,
@@ -156,7 +189,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Accuracy of a checkpoint; joint and per-task accuracy of a merged multi-task model."""
-    from mudsc_graph.io.checkpoints import CheckpointError, fit_state_dict, load_checkpoint
+    from mudsc_graph.io.checkpoints import load_checkpoint
     from mudsc_graph.io.data import load_data
     from mudsc_graph.experiments.evaluate import accuracy, predict_logits, task_metrics
 
@@ -175,38 +208,11 @@ def eval_command(
     opts = parse_arch_opts(arch_opt)
     architecture = resolve_architecture(arch, parse_shape(input_shape))
     state, meta = load_checkpoint(model_path, trust_pickle=trust_pickle)
-    partial = _partial_args(meta, state, model_path.name)
     example = example_or_none(architecture)
     test = load_data(data, split=split, input_shape=tuple(example[0].shape[1:]) if example else None)
     if example is None:
         example = (test.x[:2],)
-    merged_with = meta.get("arch")
-    hint = f" (the file was merged with --arch {merged_with})" if isinstance(merged_with, str) and merged_with != arch else ""
-    try:
-        if partial is not None:
-            from mudsc_graph.merging.partial_zip import rebuild_partial
-
-            n_models, stop_at, tracer = partial
-            model: Any = rebuild_partial(
-                lambda: build_model(architecture, opts), n_models, stop_at, example, state, tracer=tracer, source=model_path.name,
-            )
-        else:
-            model = build_model(architecture, opts)
-            try:
-                fit_state_dict(model, state, source=model_path.name)
-            except CheckpointError:
-                from mudsc_graph.merging.partial_zip import looks_partial
-
-                if looks_partial(state):
-                    raise EvalCommandError(
-                        f"{model_path.name} holds a partial-zip model (keys trunk.*, tail0.*, ...) but its metadata has no stop_at, "
-                        "so it cannot be rebuilt; write it again with mudsc merge --stop-at"
-                    ) from None
-                raise
-    except CheckpointError as exc:
-        if not hint:
-            raise
-        raise CheckpointError(f"{exc}{hint}") from None
+    model = _model_of(model_path, architecture, opts, state, meta, example, arch)
     model = model.to(dev).eval()
     outputs = predict_logits(model, test.x, batch_size=batch_size, device=dev)
     _check_outputs(outputs, model_path.name)

@@ -287,8 +287,20 @@ def markdown(summary: Sequence[dict[str, Any]], sweep: Sequence[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
+#: Methods of plugins the tables include when the plugin is installed (CCA merging: docs/plugins.md).
+PLUGIN_METHODS = ("cca",)
+
+
+def default_methods() -> tuple[str, ...]:
+    """The demo's methods, then every method of :data:`PLUGIN_METHODS` the registry knows."""
+    from mudsc_graph import get_registry
+
+    known = get_registry().method_names()
+    return tuple(DEFAULT_METHODS) + tuple(m for m in PLUGIN_METHODS if m in known)
+
+
 def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, data_setting: DataSetting,
-        methods: Sequence[str] = DEFAULT_METHODS, alphas: Sequence[float] = FULL_ALPHAS, out: Path,
+        methods: Sequence[str] | None = None, alphas: Sequence[float] = FULL_ALPHAS, out: Path,
         cache_dir: Path | None = None, log: Callable[[str], None] = print, mode: str = "custom",
         jobs: int = 1, threads: int | None = None, first: Sequence[str] = (),
         command: str = "python -m benchmarks.reproduce.accuracy") -> dict[str, Any]:
@@ -297,8 +309,9 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
     ``jobs > 1`` runs that many (dataset, arch, split) pairs at once in worker processes, each with
     ``threads // jobs`` torch threads (at least 1); the arch labels in ``first`` are taken first
     (the costliest, so no worker idles at the end). Rows are ordered by dataset, arch, split.
-    ``command``: what ``accuracy.md`` says generated it.
+    ``command``: what ``accuracy.md`` says generated it. ``methods``: default :func:`default_methods`.
     """
+    methods = tuple(methods) if methods else default_methods()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -367,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=None, help=f"default {' '.join(DATASETS)} (quick: mnist5k)")
     p.add_argument("--archs", nargs="+", default=None, help="labels of the architecture settings (default: all of the mode)")
     p.add_argument("--splits", type=int, default=None, help="number of class splits (default 3; quick 1)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--methods", nargs="+", default=None, help="default: the demo's methods, and cca when its plugin is installed")
     p.add_argument("--alphas", nargs="+", type=float, default=None,
                    help=f"MuDSC's alpha sweep (default {' '.join(map(str, FULL_ALPHAS))}; quick: {' '.join(map(str, QUICK_ALPHAS))})")
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
@@ -379,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in labels if a not in table]
     if unknown:
         p.error(f"unknown arch setting(s) {unknown}; choose from {', '.join(table)}")
-    for m in args.methods:
+    for m in args.methods or ():
         parse_method(m)
     datasets = args.datasets or (["mnist5k"] if args.quick else list(DATASETS))
     splits = args.splits if args.splits is not None else (1 if args.quick else 3)

@@ -121,7 +121,7 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(["python -m benchmarks.reproduce.run_all", *flags])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reproduce.run_all", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     p.add_argument("--out", default=None,
@@ -133,22 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="train every model again, in a new temporary cache")
     p.add_argument("--skip", nargs="*", default=[], choices=("figures", "scale", "accuracy"),
                    help="parts to leave out (their section of results.md says so)")
-    args = p.parse_args(argv)
-    if args.publish and (args.quick or args.skip):
-        p.error("--publish takes a full, complete run: quick or partial numbers do not go into docs/")
-    out = Path(args.out) if args.out else default_out("reproduce", args.quick)
-    res_dir = out / "results"
-    command = command_line(args)
-    res_dir.mkdir(parents=True, exist_ok=True)
-    quick = ["--quick"] if args.quick else []
-    cache = Path(tempfile.mkdtemp(prefix="mudsc-reproduce-")) if args.fresh else None
-    start = time.perf_counter()
+    return p
+
+
+def _run_parts(args: argparse.Namespace, out: Path, res_dir: Path, cache: Path | None, command: str) -> tuple[Any, Any, dict[str, float]]:
+    """Figures, scale (its own process) and accuracy, each unless skipped; their results and seconds."""
     seconds: dict[str, float] = {}
-
-    import torch
-
-    torch.set_num_threads(max(1, args.threads))
-    fig = None
+    fig = acc = None
     if "figures" not in args.skip:
         t0 = time.perf_counter()
         fig = figures.run(out, quick=args.quick, cache=cache / "figures" if cache else None)
@@ -157,11 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds["figures"] = time.perf_counter() - t0
     if "scale" not in args.skip:
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "benchmarks.reproduce.scale", *quick, "--out", str(res_dir.resolve()),
-               "--threads", str(args.threads)]
+        cmd = [sys.executable, "-m", "benchmarks.reproduce.scale", *(["--quick"] if args.quick else []),
+               "--out", str(res_dir.resolve()), "--threads", str(args.threads)]
         subprocess.run(cmd, check=True, cwd=ROOT)
         seconds["scale"] = time.perf_counter() - t0
-    acc = None
     if "accuracy" not in args.skip:
         t0 = time.perf_counter()
         table = accuracy.QUICK_ARCHS if args.quick else accuracy.FULL_ARCHS
@@ -174,7 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             first=() if args.quick else accuracy.FULL_COST_ORDER, command=command,
         )
         seconds["accuracy"] = time.perf_counter() - t0
-    total = time.perf_counter() - start
+    return fig, acc, seconds
+
+
+def _results_md(args: argparse.Namespace, out: Path, res_dir: Path, command: str, fig: Any, acc: Any,
+                seconds: dict[str, float], total: float) -> str:
+    import torch
 
     parts = [
         "# Results: reproducing the MuDSC findings",
@@ -206,7 +201,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts += [scale_md.replace("# Speed and scale", "## Speed and scale", 1)]
     else:
         parts += ["## Speed and scale", "", "Left out of this run (`--skip scale`).", ""]
-    (out / "results.md").write_text("\n".join(parts))
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.publish and (args.quick or args.skip):
+        p.error("--publish takes a full, complete run: quick or partial numbers do not go into docs/")
+    out = Path(args.out) if args.out else default_out("reproduce", args.quick)
+    res_dir = out / "results"
+    command = command_line(args)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="mudsc-reproduce-")) if args.fresh else None
+    start = time.perf_counter()
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    fig, acc, seconds = _run_parts(args, out, res_dir, cache, command)
+    total = time.perf_counter() - start
+    (out / "results.md").write_text(_results_md(args, out, res_dir, command, fig, acc, seconds, total))
     written = ["results.md"]
     if fig is not None:
         written += ["dual_space_scatter.png", "loss_landscape.png", "results/figures.json"]

@@ -196,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return 0
-
     start = time.perf_counter()
+    rows, notes = _measure(args, start)
+    _write(args, rows, notes, time.perf_counter() - start)
+    return 0
+
+
+def _measure(args: argparse.Namespace, start: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every configuration of the plan in its own process (identical ones once); the rows and notes."""
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     if args.quick:
@@ -239,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:6.0f} s] {row['experiment']:7s} {row['arch']}x{row['width'] or '-'} "
               f"N={row['n_models']} samples={row['samples']} {row['method']:11s} total {row['total_s']:7.2f} s "
               f"ratio {fmt(row['ratio'], 1):>5s} peak {row['peak_mb']:7.0f} MB", flush=True)
-    elapsed = time.perf_counter() - start
+    return rows, notes
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str], elapsed: float) -> None:
+    """scale.csv and scale.md in the output folder (and both printed)."""
     import torch
 
     header = (f"# Speed and scale ({'quick' if args.quick else 'full'} run)\n\n"
@@ -262,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print((out / "scale.csv").read_text())
     print(md)
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@ where each group's features can be read.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..spec.axes import Concat, Expr, Fixed, GroupedIn, Kron, Units, group_ids, renumber, simplify
 from ..spec.merge_spec import Group, MergeSpec, Probe
+from .propagate import Propagation
 from .spaces import Dep, SpaceTable, Stack, Sum
 
 
@@ -78,14 +77,14 @@ class _Builder:
         return gid
 
 
-def build_spec(prop: Any) -> tuple[MergeSpec, dict[str, list[Expr | None] | None]]:
-    """The MergeSpec of a finished :class:`~mudsc_graph.analysis.propagate.Propagator`, and value axes.
+def build_spec(prop: Propagation) -> tuple[MergeSpec, dict[str, list[Expr | None] | None]]:
+    """The MergeSpec of a finished propagation pass (:meth:`Propagator.result`), and value axes.
 
     The second result maps each IR node with a tensor output to one expression per axis
     (``None`` for an axis whose units depend on another axis and include a free group).
     """
     sp: SpaceTable = prop.spaces
-    buffers = _buffer_names(prop)
+    buffers = set(prop.buffer_names)
     while True:
         sp.close()
         b = _Builder(sp)
@@ -153,7 +152,7 @@ def _couple(b: _Builder) -> None:
             b.groups[gid].coupled = tuple(x for x in gids if x != gid)
 
 
-def _consumed(prop: Any, axes: dict[str, list[Expr]]) -> dict[str, list[int]]:
+def _consumed(prop: Propagation, axes: dict[str, list[Expr]]) -> dict[str, list[int]]:
     """The axes each parameter reads its units along, for every name of a tied tensor."""
     consumed: dict[str, list[int]] = {}
     for name, axis in sorted(prop.consumed):
@@ -179,13 +178,7 @@ def _buffer_only_spaces(b: _Builder, axes: dict[str, list[Expr]], buffers: set[s
     return out
 
 
-def _buffer_names(prop: Any) -> set[str]:
-    names = {name for name, _ in prop.gm.named_buffers(remove_duplicate=False)}
-    names |= {alias for alias, canon in prop.aliases.items() if canon in names}
-    return names
-
-
-def _param_axes(prop: Any, b: _Builder) -> dict[str, list[Expr]]:
+def _param_axes(prop: Propagation, b: _Builder) -> dict[str, list[Expr]]:
     axes: dict[str, list[Expr]] = {}
     for name, shape in prop.attr_shapes.items():
         exprs = []
@@ -201,7 +194,7 @@ def _param_axes(prop: Any, b: _Builder) -> dict[str, list[Expr]]:
     return axes
 
 
-def _add_probes(prop: Any, b: _Builder) -> None:
+def _add_probes(prop: Propagation, b: _Builder) -> None:
     graph = prop.graph
     for name in graph.graph["order"]:
         attrs = graph.nodes[name]
@@ -228,7 +221,7 @@ def _add_probes(prop: Any, b: _Builder) -> None:
         g.probes.sort(key=lambda p: not p.consumer)
 
 
-def _value_axes(prop: Any, b: _Builder) -> dict[str, list[Expr | None] | None]:
+def _value_axes(prop: Propagation, b: _Builder) -> dict[str, list[Expr | None] | None]:
     out: dict[str, list[Expr | None] | None] = {}
     sp = prop.spaces
     for name in prop.graph.graph["order"]:
@@ -247,7 +240,7 @@ def _value_axes(prop: Any, b: _Builder) -> dict[str, list[Expr | None] | None]:
     return out
 
 
-def _has_params(prop: Any, attrs: dict) -> bool:
+def _has_params(prop: Propagation, attrs: dict) -> bool:
     if attrs["op"] == "call_module":
         m = prop.modules.get(attrs["fx"].target)
         return m is not None and any(True for _ in m.parameters(recurse=False))

@@ -94,7 +94,7 @@ def _analyse(model: torch.nn.Module, gm: Any, registry: Registry, strict: bool, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _run("propagate", prop.run, timings)
-        spec, value_axes = _run("groups", lambda: build_spec(prop), timings)
+        spec, value_axes = _run("groups", lambda: build_spec(prop.result()), timings)
     analysis = Analysis(graph, prop, spec, value_axes, timings)
     analysis.caught = caught
     return analysis

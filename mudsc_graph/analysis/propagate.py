@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import networkx as nx
 import torch
@@ -270,6 +270,34 @@ def _map_shape(shape: Any, fn) -> Any:
     return [_map_shape(s, fn) for s in shape]
 
 
+@dataclass(frozen=True)
+class Propagation:
+    """What the propagation pass hands to grouping (:func:`~mudsc_graph.analysis.grouping.build_spec`).
+
+    ``spaces``: the space table (grouping closes it and may fix spaces in it); ``attr_spaces``:
+    ``(parameter or buffer, axis) -> space``; ``attr_shapes``: their shapes (canonical names);
+    ``inner_params``: grouped-convolution weight axes ``(name, axis) -> (space, groups)``;
+    ``internal_probes``: ``(node, key, handler, layout)`` of units inside ops; ``consumed``: the
+    ``(name, axis)`` that are summed over; ``aliases`` / ``canonical``: tied names; ``frozen``:
+    tensors not in the state_dict; ``buffer_names``: every name of a buffer; ``modules``: the
+    graph's modules by path; ``warnings``: what the pass fixed and why.
+    """
+
+    graph: nx.DiGraph
+    spaces: SpaceTable
+    attr_spaces: Mapping[tuple[str, int], int]
+    attr_shapes: Mapping[str, tuple[int, ...]]
+    inner_params: Mapping[tuple[str, int], tuple[int, int]]
+    internal_probes: tuple[tuple[str, str, str, Layout], ...]
+    consumed: frozenset[tuple[str, int]]
+    aliases: Mapping[str, str]
+    canonical: Mapping[str, str]
+    frozen: frozenset[str]
+    buffer_names: frozenset[str]
+    modules: Mapping[str, Any]
+    warnings: tuple[str, ...]
+
+
 class Propagator:
     """Runs the layer handlers over the IR and owns the :class:`SpaceTable`."""
 
@@ -349,6 +377,16 @@ class Propagator:
         key = self.attr_of_space.get(layout) if isinstance(layout, int) else None
         if key is not None:
             self.consumed.add(key)
+
+    def result(self) -> Propagation:
+        """The finished pass's products, for grouping (call after :meth:`run`)."""
+        buffers = {name for name, _ in self.gm.named_buffers(remove_duplicate=False)}
+        buffers |= {alias for alias, canon in self.aliases.items() if canon in buffers}
+        return Propagation(
+            self.graph, self.spaces, dict(self.attr_spaces), dict(self.attr_shapes), dict(self.inner_params),
+            tuple(self.internal_probes), frozenset(self.consumed), dict(self.aliases), dict(self.canonical),
+            frozenset(self.frozen), frozenset(buffers), self.modules, tuple(self.warnings),
+        )
 
     def run(self) -> None:
         for name, attrs in nodes_in_order(self.graph):
