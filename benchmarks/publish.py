@@ -8,8 +8,7 @@
 (``run_all --publish`` calls this when it is done). Its ``results/run_all.json`` lists the files
 the run wrote, and exactly those are copied, to the same place under ``docs/``: ``results.md``
 (its link to findings.md rewritten for its new folder), the two PNGs, and ``results/*``. Files of
-``docs/results/`` that the run did not write (``scale_x16.jsonl``, measured by hand: see
-docs/findings.md) are left alone. Quick runs and runs with ``--skip`` are refused unless ``--force``.
+``docs/results/`` that the run did not write (a measurement added by hand) are left alone. Quick runs and runs with ``--skip`` are refused unless ``--force``.
 """
 
 from __future__ import annotations
