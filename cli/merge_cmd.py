@@ -169,7 +169,7 @@ def merge_command(
     protected = protected_paths(checkpoints, data)
     check_output(out_path, force, protected)
     architecture = resolve_architecture(arch, parse_shape(input_shape))
-    merge_files(checkpoints, out_path, (arch, architecture, parse_arch_opts(arch_opt)), options, calibration,
+    merge_files(checkpoints, out_path, options, calibration, arch_name=arch, architecture=architecture, arch_options=parse_arch_opts(arch_opt),
                 protected=protected, trust_pickle=trust_pickle, force=force, quiet=quiet, as_json=as_json)
 
 
@@ -186,14 +186,14 @@ class Calibration:
 
 
 def merge_files(
-    checkpoints: list[Path], out_path: Path, arch: tuple[str, Any, dict[str, Any]], options: Any, calibration: Calibration,
-    *, protected: list[Path], trust_pickle: bool, force: bool, quiet: bool, as_json: bool,
+    checkpoints: list[Path], out_path: Path, options: Any, calibration: Calibration, *, arch_name: str, architecture: Any,
+    arch_options: dict[str, Any], protected: list[Path], trust_pickle: bool, force: bool, quiet: bool, as_json: bool,
 ) -> None:
     """Checkpoint files: load them into the architecture, merge, write one checkpoint with metadata."""
     from mudsc_graph.io.checkpoints import save_checkpoint
     from mudsc_graph.io.data import load_data
 
-    c, (arch_name, architecture, arch_options) = calibration, arch
+    c = calibration
     started = time.perf_counter()
     with err().status("loading checkpoints ...", spinner="dots") if not quiet else _nothing():
         models, sources = load_models(checkpoints, architecture, arch_options, trust_pickle)

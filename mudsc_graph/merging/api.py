@@ -211,7 +211,8 @@ class PreparedMerge:
         """One merged model: ``options`` (default: the prepared ones) with ``changes``, as in
         :func:`merge`; ``timings`` covers this call's stages."""
         opts = MergeOptions.of(options or self.options, **changes)
-        moved = [k for k, v in opts.preparation().items() if v != self.options.preparation()[k]]
+        prepared = self.options.preparation()  # str(): device "cpu" and torch.device("cpu") are one device
+        moved = [k for k, v in opts.preparation().items() if str(v) != str(prepared[k])]
         if moved:
             raise MergeError(f"{', '.join(moved)} cannot change after prepare(): prepare the merge again with the new value")
         resolved = resolve_method(self.registry, opts)

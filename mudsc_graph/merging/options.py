@@ -18,7 +18,9 @@ import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..analysis.trace import TRACERS
 from ..errors import MudscError
+from .statistics import PROBES
 
 
 class MergeError(MudscError):
@@ -28,8 +30,6 @@ class MergeError(MudscError):
 #: Fields fixed when a merge is prepared (:class:`~mudsc_graph.PreparedMerge`): the checks, the
 #: BatchNorm reset of the bases, the analysis and the statistics depend on them.
 PREPARATION = ("device", "reset_bn", "probe", "tracer")
-TRACERS = ("auto", "fx", "export")
-PROBES = ("last", "first", "all")
 
 
 @dataclass(frozen=True)

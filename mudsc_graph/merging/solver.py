@@ -157,13 +157,10 @@ class DualSpaceSolver:
         return w.mul_(alpha).add_(self.act[gid] * (1.0 - alpha))  # w is fresh: scaled in place
 
     def covariance(self, gid: int) -> torch.Tensor | None:
-        """``gid``'s activation covariance (correlation times the units' standard deviations, from
-        :class:`~mudsc_graph.merging.statistics.Correlations`), or ``None`` without statistics."""
-        stds = getattr(self.act, "stds", None)
-        if self.act is None or stds is None or gid not in self.act or gid not in stds:
-            return None
-        s = stds[gid]
-        return self.act[gid] * torch.outer(s, s)
+        """``gid``'s activation covariance (:meth:`Correlations.covariance
+        <mudsc_graph.merging.statistics.Correlations.covariance>`), or ``None`` without statistics."""
+        of = getattr(self.act, "covariance", None)  # a plain {gid: correlation} has no scales
+        return of(gid) if of is not None else None
 
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks

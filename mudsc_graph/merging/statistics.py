@@ -23,6 +23,10 @@ from ..inputs import InputError, as_inputs, bind, call_graph, describe, to_devic
 from ..spec.axes import Expr, size, take, to_json
 
 
+#: Where a group's features are read: its last consumer, its first, or all of them.
+PROBES = ("last", "first", "all")
+
+
 class StatisticsError(MudscError, ValueError):
     """No calibration data, or features that are not finite (names the group and the node)."""
 
@@ -185,7 +189,7 @@ def probe_extractor(gm: fx.GraphModule, nodes: list[str], internal: dict[str, tu
 
 def select_probes(group: Any, probe: str = "last") -> list[Any]:
     """The probes ``activation_correlations`` reads for ``group`` (see there)."""
-    if probe not in ("last", "first", "all"):
+    if probe not in PROBES:
         raise ValueError(f"probe must be 'last', 'first' or 'all', got {probe!r}")
     consumers = [p for p in group.probes if p.consumer]
     if not consumers:
