@@ -77,3 +77,8 @@ def test_the_defaults_are_defined_once():
     cli = inspect.signature(merge_command).parameters
     for name in ("method", "mode", "alpha", "max_iter", "patience", "seed", "reset_bn", "tracer"):
         assert cli[name].default == getattr(DEFAULTS, name), name
+
+
+def test_a_device_given_by_name_or_object_is_the_same_preparation():
+    prepared = prepare(_pair(), data=_batches(), device="cpu")
+    assert prepared.merge(options=MergeOptions(device=torch.device("cpu"), method="average")).method == "average"
