@@ -79,6 +79,7 @@ def merge_dirs(dirs: list[Path], out_path: Path, options: Any, calibration: Any,
     from mudsc_graph.io.checkpoints import SAVE_SUFFIXES
     from mudsc_graph.io.hf import EXTRA_FILES, check_output_dir, check_same_architecture, example_inputs, load_model_data, save_model_dir
     from mudsc_graph.merging.batchnorm import has_batchnorm
+    from mudsc_graph.merging.distributed import writer_turn
 
     from .merge_cmd import MergeCommandError, merge_metadata, report, run_merge
 
@@ -123,6 +124,8 @@ def merge_dirs(dirs: list[Path], out_path: Path, options: Any, calibration: Any,
         "max_length": c.max_length if first.main_input == "input_ids" and c.data is not None else None,
         "seed": options.seed, "sources": [m.source() for m in models],
     }
+    if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it
+        return
     extras = [first.path / name for name in EXTRA_FILES if (first.path / name).is_file()]
     written = save_model_dir(result.model.to("cpu"), out_path, metadata=metadata, tokenizer=tokenizer, force=force, inputs=protected,
                              extra_files=extras)

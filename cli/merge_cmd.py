@@ -142,6 +142,7 @@ def merge_command(
 ) -> None:
     """Merge two or more checkpoints (or Hugging Face model directories) of one architecture into one, without training."""
     from mudsc_graph import MergeOptions
+    from mudsc_graph.merging.distributed import init_from_env, is_writer
     from mudsc_graph.merging.methods import resolve_method
     from mudsc_graph.plugin.registry import get_registry
 
@@ -153,8 +154,10 @@ def merge_command(
     if method not in names:
         raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(names)}")
     check_tracer(tracer)
+    device = init_from_env(resolve_device(device))  # under torchrun: join the process group, this rank's device
+    quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
-                           reset_bn=reset_bn, device=resolve_device(device), tracer=tracer)
+                           reset_bn=reset_bn, device=device, tracer=tracer)
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
     calibration = Calibration(data, samples, batch_size, seed, max_length)
     if input_kind(checkpoints) == "dir":
@@ -192,6 +195,7 @@ def merge_files(
     """Checkpoint files: load them into the architecture, merge, write one checkpoint with metadata."""
     from mudsc_graph.io.checkpoints import save_checkpoint
     from mudsc_graph.io.data import load_data
+    from mudsc_graph.merging.distributed import writer_turn
 
     c = calibration
     started = time.perf_counter()
@@ -210,6 +214,8 @@ def merge_files(
         "arch": arch_name, "arch_options": arch_options, **merge_metadata(result, options, len(models), c.data),
         "samples": sum(len(b[0]) for b in batches) if batches else 0, "sources": sources,
     }
+    if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it
+        return
     state = {k: v.detach().to("cpu") for k, v in result.model.state_dict().items()}
     written = save_checkpoint(out_path, state, metadata, force=force, inputs=protected)
     report(result, metadata, written, started, options.device, as_json)

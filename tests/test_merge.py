@@ -269,6 +269,8 @@ def test_a_prepared_merge_gives_what_merge_gives_for_every_method():
     """prepare() once + many .merge() calls == one merge() per call, in any order, and the shared
     state (BN-reset bases, statistics) is not changed by the merges that read it."""
     from mudsc_graph.merging.api import METHODS, prepare
+    from mudsc_graph.merging.methods import resolve_method
+    from mudsc_graph.merging.options import MergeOptions
 
     arch, a = _model("resnet20", seed=0)
     _, b = _model("resnet20", seed=1)
@@ -281,9 +283,13 @@ def test_a_prepared_merge_gives_what_merge_gives_for_every_method():
     for call in calls + calls[:2]:  # the repeats read the state the other merges left
         got = prepared.merge(**call, max_iter=4, seed=3)
         want = merge([a, b], data=data, **call, max_iter=4, seed=3)
-        assert got.history == want.history
+        # an align merge() gathers only the cross-model statistics, whose variances are summed apart
+        # from the product that gives the full statistics a prepared zip merge gathered: float rounding
+        cross_only = not resolve_method(prepared.registry, MergeOptions.of(**call)).matcher.uses_within_model
+        tol = 1e-6 if cross_only else 0.0
+        assert got.history == pytest.approx(want.history, rel=0, abs=tol), call
         for k, v in want.model.state_dict().items():
-            torch.testing.assert_close(got.model.state_dict()[k], v, rtol=0, atol=0, msg=f"{call}: {k}")
+            torch.testing.assert_close(got.model.state_dict()[k], v, rtol=0, atol=tol, msg=f"{call}: {k}")
     for s, old in zip(prepared.states, before):
         assert all(torch.equal(s[k], old[k]) for k in old)
     assert set(prepared.timings) == {"check", "bn_reset_bases", "analysis", "statistics"}

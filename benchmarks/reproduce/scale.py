@@ -63,22 +63,24 @@ def _rss_mb() -> float:
 
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Build ``n_models`` fresh models, time their forward passes (optional) and one merge."""
+    """Build ``n_models`` fresh models, time their forward passes (optional) and one merge; with
+    ``cfg["floor"]`` also the cost model's floor (:func:`cost_floor`)."""
     import torch
 
     from benchmarks.reproduce.common import forward_seconds, sync
     from mudsc_graph import get_registry
-    from mudsc_graph.merging.api import merge
+    from mudsc_graph.merging.api import prepare
 
     torch.set_num_threads(int(cfg.get("threads", 2)))
     dev = torch.device(cfg.get("device", "cpu"))
     arch = get_registry().architecture(cfg["arch"])
     opts = {"width": cfg["width"]} if cfg.get("width") else {}
+    opts.update(cfg.get("arch_opts") or {})
     models = []
     for seed in range(cfg["n_models"]):
         torch.manual_seed(seed)
         models.append(arch.build(**opts).to(dev).eval())
-    shape = tuple(arch.example_inputs(1)[0].shape[1:])
+    shape = _input_shape(arch, opts)
     samples, batch = cfg["samples"], min(cfg.get("batch", 50), cfg["samples"])
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(min(batch, samples - i), *shape, generator=g).to(dev) for i in range(0, samples, batch)]
@@ -91,13 +93,61 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
         base = torch.cuda.memory_allocated(dev) / 2**20
     sync(dev)
     t0 = time.perf_counter()
-    result = merge(models, data=data, method=method, mode=mode, alpha=0.5, device=dev, reset_bn=True,
-                   max_iter=int(cfg.get("max_iter", 100)))
+    prepared = prepare(models, data=data, method=method, mode=mode, alpha=0.5, device=dev, reset_bn=bool(cfg.get("reset_bn", True)),
+                       max_iter=int(cfg.get("max_iter", 100)))
+    result = prepared.merge()
     sync(dev)
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
-    return {"timings": dict(result.timings), "total_s": total, "forward_s": forward, "sweeps": result.sweeps,
-            "peak_mb": peak, "base_mb": base}
+    out = {"timings": {**prepared.timings, **result.timings}, "total_s": total, "forward_s": forward, "sweeps": result.sweeps,
+           "peak_mb": peak, "base_mb": base}
+    if cfg.get("floor"):
+        out.update(cost_floor(prepared, result, models, data, dev))
+    return out
+
+
+def _input_shape(arch: Any, opts: dict[str, Any]) -> tuple[int, ...]:
+    """One input's shape: the architecture's example, or the ``image_size`` an option gives it."""
+    return tuple(arch.example_inputs(1)[0].shape[1:]) if not opts.get("image_size") else (3, opts["image_size"], opts["image_size"])
+
+
+def cost_floor(prepared: Any, result: Any, models: list, data: list, dev: Any) -> dict[str, Any]:
+    """What a merge cannot go below on this machine: the calibration forward passes, the
+    multiply-adds the statistics need (zip: the upper half of every group's ``(N*O)^2`` scatter;
+    align: the ``(N-1) O^2`` cross blocks and the variances) at the measured matrix-multiply rate,
+    and one solve of the matcher per group (on the real activation similarities)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.reproduce.common import sync
+    from mudsc_graph.merging.methods import resolve_method
+    from mudsc_graph.merging.solver import couplings
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        models[0](data[0])
+    forward_flops = counter.get_total_flops() * len(models) * sum(len(x) for x in data) / len(data[0])
+    n = len(models)
+    act = prepared.activations(within_model=False) if prepared.batches is not None else {}
+    macs = 0.0
+    for gid in result.matchings:
+        if gid not in act:
+            continue
+        o, t = prepared.spec.groups[gid].size, act.samples[gid]
+        macs += t * ((n * o) * (n * o + 1) / 2 if act.within_model else (n - 1) * o * o + n * o)
+    a = torch.randn(2048, 2048, device=dev)
+    a @ a
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    sync(dev)
+    rate = 5 * 2 * 2048**3 / (time.perf_counter() - t0)
+    matcher = resolve_method(prepared.registry, prepared.options).matcher
+    t0 = time.perf_counter()
+    for unit in couplings(prepared.spec, [g for g in result.matchings if g in act]):
+        matcher.match([act[g] for g in unit], n, prepared.spec.groups[unit[0]].blocks)
+    assign = time.perf_counter() - t0
+    return {"forward_gflop": forward_flops / 1e9, "stats_gflop": 2 * macs / 1e9, "gemm_gflops": rate / 1e9, "assign_s": assign}
 
 
 # --------------------------------------------------------------------------- parent

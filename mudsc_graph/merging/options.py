@@ -29,14 +29,14 @@ class MergeError(MudscError):
 
 #: Fields fixed when a merge is prepared (:class:`~mudsc_graph.PreparedMerge`): the checks, the
 #: BatchNorm reset of the bases, the analysis and the statistics depend on them.
-PREPARATION = ("device", "reset_bn", "probe", "tracer")
+PREPARATION = ("device", "reset_bn", "probe", "tracer", "shard_data")
 
 
 @dataclass(frozen=True)
 class MergeOptions:
     """What one merge does. Matching: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``,
     ``max_iter``, ``patience``, ``zip_a``, ``zip_b``; preparation (see :data:`PREPARATION`):
-    ``device``, ``reset_bn``, ``probe``, ``tracer``.
+    ``device``, ``reset_bn``, ``probe``, ``tracer``, ``shard_data``.
 
     ``method``: a registered merge method (``average``, ``weight_matching``, ``weight_zip``,
     ``activation_matching``, ``zipit``, ``mudsc`` or a plugin's); ``mode``: the matcher of
@@ -47,7 +47,11 @@ class MergeOptions:
     similarity decay and within-model budget. ``device``: ``None`` (the first model's), ``"auto"``,
     ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
     merged model on the data; ``probe``: which consumer of a group its features are read at
-    (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``.
+    (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``; ``shard_data``:
+    under an initialised ``torch.distributed`` process group, each rank takes every
+    world-size-th calibration batch (``False``: each rank's ``data`` is already its own shard, as a
+    ``DistributedSampler`` gives it); the statistics are summed over the ranks either way
+    (:mod:`~mudsc_graph.merging.distributed`).
     """
 
     method: str = "mudsc"
@@ -63,6 +67,7 @@ class MergeOptions:
     reset_bn: bool = True
     probe: str = "last"
     tracer: str = "auto"
+    shard_data: bool = True
 
     def __post_init__(self) -> None:  # method and mode need the registry: resolve_method checks them
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
@@ -79,8 +84,9 @@ class MergeOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise MergeError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.reset_bn, bool):
-            raise MergeError(f"reset_bn must be True or False, got {self.reset_bn!r}")
+        for name in ("reset_bn", "shard_data"):
+            if not isinstance(getattr(self, name), bool):
+                raise MergeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.probe not in PROBES:
             raise MergeError(f"probe must be one of {', '.join(PROBES)}, got {self.probe!r}")
         if self.tracer not in TRACERS:

@@ -11,8 +11,12 @@ matchings so far are restored. The scheme stops after ``patience`` sweeps withou
 Block-coupled groups (Q/K and V/O of an attention layer) are matched together, so they agree on
 the block pairing.
 
-Memory: a similarity is built only when its unit must be solved again (a unit whose similarity key
-did not change reuses its last matching), and is not kept. Each model's normalised weight features
+Time: a unit is solved again only when its similarity key is not among the last
+:data:`MEMO_PER_UNIT` it was solved on (else that matching is reused), and consecutive units of a
+sweep that do not neighbour each other have their assignments solved side by side on
+``torch.get_num_threads()`` threads, which changes no result.
+
+Memory: a similarity is built only when its unit must be solved again, and is not kept. Each model's normalised weight features
 are cached for narrow groups (model 0's are reused for the whole run under a permutation matcher);
 a group whose features would exceed :data:`STREAM_NUMEL` floats per model (the residual stream of
 a transformer) is streamed tensor by tensor instead (:func:`~mudsc_graph.merging.similarity.streamed_correlation`).
@@ -20,6 +24,7 @@ a transformer) is streamed tensor by tensor instead (:func:`~mudsc_graph.merging
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -40,6 +45,10 @@ from .similarity import (
 
 STREAM_NUMEL = 2**24
 """Above this many feature floats per model (64 MiB), a group's weight similarity is streamed."""
+
+MEMO_PER_UNIT = 4
+"""Matchings remembered per unit, by similarity key: a sweep that comes back to a state it has
+already matched (after a sweep without improvement restores the best) does not solve it again."""
 
 
 @dataclass
@@ -91,6 +100,7 @@ class DualSpaceSolver:
         self.stream = {g: feature_numel(spec, states[0], self.occs[g]) > STREAM_NUMEL for g in gids}
         self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}
         self.built = 0
+        self.workers = max(1, torch.get_num_threads())  # assignments solved side by side (see _solve)
 
     # -- similarities ----------------------------------------------------------------------------
     def _row_key(self, gid: int, i: int, matchings: Mapping[int, Any]) -> tuple:
@@ -100,13 +110,13 @@ class DualSpaceSolver:
     def _blocks(self, i: int, matchings: Mapping[int, Any]) -> tuple[Callable, Callable]:
         """(merge block, transposed unmerge block) of model ``i`` per group, ``None`` if unmatched."""
 
-        def merge_of(g: int) -> torch.Tensor | None:
+        def merge_of(g: int) -> Any:
             m = matchings.get(g)
-            return None if m is None else m.merge_block(i)
+            return None if m is None else m.merge_map(i)
 
-        def unmerge_t_of(g: int) -> torch.Tensor | None:
+        def unmerge_t_of(g: int) -> Any:
             m = matchings.get(g)
-            return None if m is None else m.unmerge_block(i).T
+            return None if m is None else m.read_map(i)
 
         return merge_of, unmerge_t_of
 
@@ -169,16 +179,62 @@ class DualSpaceSolver:
         return self.match(sims, self.n, blocks, **self.options)
 
     # -- the scheme --------------------------------------------------------------------------------
+    def _solve(self, jobs: list[tuple[tuple[int, ...], Callable[[], list[torch.Tensor]]]]) -> list[list[Any]]:
+        """Solve independent units (their similarities built one after the other, on torch's
+        threads), the assignments side by side on a thread pool (scipy's and numpy's loops release
+        the GIL): the same results as one by one, in the same order."""
+        work = [(unit, build()) for unit, build in jobs]
+        if len(work) <= 1 or self.workers <= 1:
+            return [self._match_unit(unit, sims) for unit, sims in work]
+        with ThreadPoolExecutor(min(len(work), self.workers)) as pool:
+            return list(pool.map(lambda job: self._match_unit(*job), work))
+
+    def _batches(self, order: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+        """``order`` cut into runs of consecutive units that are not neighbours of one another (so
+        solving them together gives what solving them in turn gives), at most ``workers`` long."""
+        out: list[list[tuple[int, ...]]] = []
+        touched: set[int] = set()
+        for unit in order:
+            near = {nb for g in unit for nb in self.nbrs[g]} | set(unit)
+            if out and len(out[-1]) < self.workers and not (near & touched):
+                out[-1].append(unit)
+                touched |= near
+            else:
+                out.append([unit])
+                touched = set(near)
+        return out
+
     def initial(self, identity: Callable[[int], Any]) -> dict[int, Any]:
         matchings: dict[int, Any] = {}
+        with_data = [u for u in self.units if self.act is not None and all(g in self.act for g in u)]
+        for start in range(0, len(with_data), max(self.workers, 1)):
+            batch = with_data[start:start + max(self.workers, 1)]
+            jobs = [(unit, lambda unit=unit: [self.act[g] for g in unit]) for unit in batch]
+            for unit, result in zip(batch, self._solve(jobs)):
+                matchings.update(zip(unit, result))
         for unit in self.units:
-            if self.act is not None and all(g in self.act for g in unit):
-                for gid, m in zip(unit, self._match_unit(unit, [self.act[g] for g in unit])):
-                    matchings[gid] = m
-            else:
-                for gid in unit:
-                    matchings[gid] = identity(gid)
+            if unit not in with_data:
+                matchings.update((gid, identity(gid)) for gid in unit)
         return matchings
+
+    def _sweep(self, order: list[tuple[int, ...]], matchings: dict[int, Any], memo: dict) -> list[float]:
+        """One pass over the units in ``order``, each matched again unless its similarity is one it
+        was already matched on (``memo``: the last few per unit); returns the matched scores."""
+        scores: list[float] = []
+        for batch in self._batches(order):
+            keys = {unit: tuple(self.key(g, matchings) for g in unit) for unit in batch}
+            todo = [unit for unit in batch if keys[unit] not in memo.setdefault(unit, {})]
+            jobs = [(unit, lambda unit=unit: [self.similarity(g, matchings) for g in unit]) for unit in todo]
+            for unit, result in zip(todo, self._solve(jobs)):
+                seen = memo[unit]
+                seen[keys[unit]] = result
+                if len(seen) > MEMO_PER_UNIT:
+                    seen.pop(next(iter(seen)))
+            for unit in batch:
+                for gid, new in zip(unit, memo[unit][keys[unit]]):
+                    matchings[gid] = new
+                    scores.append(new.score)
+        return scores
 
     def run(self, identity: Callable[[int], Any], *, max_iter: int = 100, patience: int = 5, seed: int = 0) -> MatchOutcome:
         matchings = self.initial(identity)
@@ -187,24 +243,12 @@ class DualSpaceSolver:
             return MatchOutcome(matchings, [score] if matchings else [], 0, 0)
         gen = torch.Generator().manual_seed(seed)
         best, best_score, misses, history = dict(matchings), float("-inf"), 0, []
-        last: dict[tuple[int, ...], tuple[tuple, list[Any]]] = {}  # unit -> (similarity key, its matchings)
+        memo: dict[tuple[int, ...], dict[tuple, list[Any]]] = {}  # unit -> {similarity key: its matchings}
         self.reporter.start("matching sweeps", total=max_iter)
         sweep = 0
         for sweep in range(1, max_iter + 1):
-            scores = []
-            for k in torch.randperm(len(self.units), generator=gen).tolist():
-                unit = self.units[k]
-                key = tuple(self.key(g, matchings) for g in unit)
-                hit = last.get(unit)
-                if hit is not None and hit[0] == key:  # same similarity: same matching, no need to solve
-                    result = hit[1]
-                else:
-                    result = self._match_unit(unit, [self.similarity(g, matchings) for g in unit])
-                    last[unit] = (key, result)
-                for gid, new in zip(unit, result):
-                    matchings[gid] = new
-                    scores.append(new.score)
-            score = _mean(scores)
+            order = [self.units[k] for k in torch.randperm(len(self.units), generator=gen).tolist()]
+            score = _mean(self._sweep(order, matchings, memo))
             history.append(score)
             self.reporter.advance(1, score=score)
             if score > best_score + 1e-9:
@@ -220,13 +264,7 @@ class DualSpaceSolver:
 
 def _signature(m: Any, i: int) -> Any:
     """A cheap fingerprint of model ``i``'s blocks of a matching (``None``: not matched)."""
-    if m is None:
-        return None
-    cache = m.__dict__.setdefault("_signatures", {})
-    if i not in cache:
-        block = m.merge_block(i)
-        cache[i] = hash(block.detach().cpu().numpy().tobytes()) ^ hash(m.unmerge_block(i).detach().cpu().numpy().tobytes())
-    return cache[i]
+    return None if m is None else m.signature(i)
 
 
 def _mean(xs: list[float]) -> float:

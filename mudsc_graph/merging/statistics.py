@@ -12,7 +12,7 @@ features are stacked in model order into ``(N*units) x samples`` and folded into
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ import torch.fx as fx
 from ..errors import MudscError, first_line
 from ..inputs import InputError, as_inputs, bind, call_graph, describe, to_device
 from ..spec.axes import Expr, size, take, to_json
+from .distributed import all_sum_, reduce_moments, together
 
 
 #: Where a group's features are read: its last consumer, its first, or all of them.
@@ -31,16 +32,38 @@ class StatisticsError(MudscError, ValueError):
     """No calibration data, or features that are not finite (names the group and the node)."""
 
 
-class Correlations(dict):
+class Correlations(Mapping):
     """``{group id: (N*units) x (N*units) Pearson correlation}``, as :func:`activation_correlations`
     returns it, with each group's per-unit standard deviations in ``stds`` (``{group id: (N*units,)}``,
     the square roots of the covariance's diagonal). ``corr[g] * outer(stds[g], stds[g])`` is the
     covariance (up to float rounding; 0 on rows and columns of dead units), which matchers that ask
-    for covariances (``MatchingStrategy(needs_covariances=True)``) receive."""
+    for covariances (``MatchingStrategy(needs_covariances=True)``) receive.
 
-    def __init__(self, *args: Any, stds: Mapping[int, torch.Tensor] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    Values are dense tensors or :class:`StackedMoments` (what :func:`activation_correlations`
+    stores: only the model blocks it computed, the lower ones mirrored on access); ``corr[g]`` is
+    always the dense matrix, built on access. ``within_model`` is ``False`` when only the blocks
+    between model 0 and the others were computed (the within-model blocks read 0).
+    """
+
+    def __init__(self, data: Mapping[int, Any] | None = None, *, stds: Mapping[int, torch.Tensor] | None = None,
+                 within_model: bool = True, samples: Mapping[int, int] | None = None) -> None:
+        self._data: dict[int, Any] = dict(data or {})
         self.stds: dict[int, torch.Tensor] = dict(stds or {})
+        self.within_model = within_model
+        self.samples: dict[int, int] = dict(samples or {})  # feature columns each group's statistics saw
+
+    def __getitem__(self, gid: int) -> torch.Tensor:
+        v = self._data[gid]
+        return v if isinstance(v, torch.Tensor) else v.dense()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, gid: object) -> bool:  # without building the matrix
+        return gid in self._data
 
     def covariance(self, gid: int) -> torch.Tensor | None:
         """Group ``gid``'s covariance, or ``None`` without its statistics."""
@@ -48,6 +71,113 @@ class Correlations(dict):
             return None
         s = self.stds[gid]
         return self[gid] * torch.outer(s, s)
+
+
+class StackedMoments:
+    """Streaming means and centred cross products of N models' features of one group, block by block.
+
+    The ``(N*O) x (N*O)`` scatter matrix of the stacked features is symmetric and a permutation
+    matcher reads only its blocks between model 0 and model j; so only the blocks ``(i, j)``,
+    ``i <= j`` (``within_model=True``), or ``(0, j)`` and the per-unit variances
+    (``within_model=False``) are accumulated, and a diagonal block only on its upper ``tile`` x
+    ``tile`` tiles: for two ViT-B/16 MLP groups 55 % (zip) or 25 % (align) of the full product's
+    multiply-adds, and 75 % or 25 % of its memory. Each batch is centred on its own mean and merged
+    with Chan et al.'s parallel update, as :class:`CorrelationAccumulator`. :meth:`finish` turns
+    the blocks into Pearson correlations in place (same conventions as
+    :meth:`CorrelationAccumulator.correlation`).
+    """
+
+    def __init__(self, n_models: int, units: int, device: Any = None, *, within_model: bool = True, tile: int = 1024) -> None:
+        self.n, self.units, self.within_model, self.tile = n_models, units, within_model, tile
+        self.count = 0
+        self.mean = torch.zeros(n_models * units, dtype=torch.float32, device=device)
+        self.sq = torch.zeros(n_models * units if not within_model else 0, dtype=torch.float32, device=device)
+        pairs = [(i, j) for i in range(n_models) for j in range(i, n_models)] if within_model else [(0, j) for j in range(1, n_models)]
+        self.blocks = {p: torch.zeros(units, units, dtype=torch.float32, device=device) for p in pairs}
+        self.finished = False
+
+    def _rows(self, i: int) -> slice:
+        return slice(i * self.units, (i + 1) * self.units)
+
+    def update(self, feats: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+        """Add the columns of ``feats`` (``(N*units) x samples``, models stacked) as samples; returns
+        whether every feature was finite (a 0-d bool tensor: a NaN or inf makes its row's mean one).
+        ``in_place=True`` centres ``feats`` itself (a buffer of the caller's that it no longer needs)."""
+        nb = feats.shape[1]
+        if nb == 0:
+            return torch.ones((), dtype=torch.bool, device=self.mean.device)
+        x = feats.to(device=self.mean.device, dtype=torch.float32)
+        mb = x.mean(dim=1)
+        xc = x.sub_(mb[:, None]) if in_place and x is feats else x - mb[:, None]
+        na, n = self.count, self.count + nb
+        delta = mb - self.mean
+        for (i, j), block in self.blocks.items():
+            xi, xj = xc[self._rows(i)], xc[self._rows(j)]
+            if i == j:
+                _upper_products_(block, xi, self.tile)
+            else:
+                block.addmm_(xi, xj.T)
+            if na:
+                block.addr_(delta[self._rows(i)], delta[self._rows(j)], alpha=na * nb / n)
+        if not self.within_model:  # no diagonal blocks to read the variances from
+            self.sq.add_((xc * xc).sum(dim=1))
+            if na:
+                self.sq.addcmul_(delta, delta, value=na * nb / n)
+        self.mean.add_(delta, alpha=nb / n)
+        self.count = n
+        return torch.isfinite(mb).all()
+
+    def _variances(self) -> torch.Tensor:
+        """Centred sums of squares of every stacked unit."""
+        if not self.within_model:
+            return self.sq
+        return torch.cat([self.blocks[(i, i)].diagonal() for i in range(self.n)])
+
+    def std(self) -> torch.Tensor:
+        """Per-unit standard deviation (the square root of the covariance's diagonal)."""
+        return (self._variances() / max(self.count - 1, 1)).clamp(min=0).sqrt()
+
+    def finish(self, eps: float | None = None) -> "StackedMoments":
+        """Blocks -> Pearson correlations, in place; the same arithmetic as
+        :meth:`CorrelationAccumulator.correlation` on each block."""
+        if self.count == 0:
+            raise ValueError("StackedMoments: no samples")
+        sigma = self.std()
+        dead = sigma <= 1e-6 * self.mean.abs()
+        for (i, j), b in self.blocks.items():
+            if i == j and self.units > self.tile:  # only the upper tiles hold products
+                b.copy_(b.triu() + b.triu(1).T)
+            b.div_(max(self.count - 1, 1))
+            b.div_(torch.outer(sigma[self._rows(i)], sigma[self._rows(j)]).clamp(min=1e-30 if eps is None else eps))
+            b.clamp_(-1.0, 1.0)
+            b[dead[self._rows(i)], :] = 0.0
+            b[:, dead[self._rows(j)]] = 0.0
+        self.sigma, self.dead, self.finished = sigma, dead, True
+        return self
+
+    def dense(self) -> torch.Tensor:
+        """The ``(N*units)^2`` correlation (blocks not computed read 0)."""
+        if not self.finished:
+            raise ValueError("StackedMoments.dense() before finish()")
+        o = self.units
+        out = self.mean.new_zeros(self.n * o, self.n * o)
+        for (i, j), b in self.blocks.items():
+            out[self._rows(i), self._rows(j)] = b
+            if i != j:
+                out[self._rows(j), self._rows(i)] = b.T
+        equal_constants(out, self.dead, self.mean)
+        out.fill_diagonal_(1.0)
+        return out
+
+
+def _upper_products_(out: torch.Tensor, x: torch.Tensor, tile: int) -> None:
+    """``out += x @ x.T`` on the tiles on and above the diagonal (the rest is mirrored later)."""
+    m = x.shape[0]
+    if m <= tile:
+        out.addmm_(x, x.T)
+        return
+    for a in range(0, m, tile):
+        out[a : a + tile, a:].addmm_(x[a : a + tile], x[a:].T)
 
 
 class CorrelationAccumulator:
@@ -237,19 +367,27 @@ def activation_correlations(
     reporter: Any = None,
     eps: float | None = None,
     registry: Any = None,
+    within_model: bool = True,
 ) -> "Correlations":
     """Pearson correlation ``(N*units) x (N*units)`` of every non-fixed group with probes.
 
     ``gms`` are the N models' GraphModules (same graph, own weights, already on ``device`` and in
     the wanted mode); or one GraphModule and ``states``, the N models' state dicts, which are
-    swapped into it in turn (``torch.func.functional_call``), so one graph serves every model. Rows/columns are the models' units stacked in model order. ``probe``:
-    ``"last"`` (the last consumer probe in graph order, as the official MuDSC code), ``"first"``
-    or ``"all"`` (every consumer probe, stacked as more samples); a group without consumer probes
-    uses its first producer probe. One pass over ``batches``; ``reporter.advance()`` per batch.
-    ``eps``: see :meth:`CorrelationAccumulator.correlation` (``1e-7``: the official formula).
-    Batches give the models' inputs through ``inputs_from_batch`` (positional or keyword tensors).
-    The result is a dict (:class:`Correlations`) that also holds each group's per-unit standard
-    deviations (``.stds``), so covariances can be recovered (``.covariance(gid)``).
+    swapped into it in turn (``torch.func.functional_call``), so one graph serves every model.
+    Rows/columns are the models' units stacked in model order. ``probe``: ``"last"`` (the last
+    consumer probe in graph order, as the official MuDSC code), ``"first"`` or ``"all"`` (every
+    consumer probe, stacked as more samples); a group without consumer probes uses its first
+    producer probe. One pass over ``batches``; ``reporter.advance()`` per batch. ``eps``: see
+    :meth:`CorrelationAccumulator.correlation` (``1e-7``: the official formula). Batches give the
+    models' inputs through ``inputs_from_batch`` (positional or keyword tensors).
+    ``within_model=False`` computes only the blocks between model 0 and the others (what a
+    permutation matcher reads): the within-model blocks read 0, and the pass costs a fraction of
+    the full one (:class:`StackedMoments`).
+
+    The result is a mapping (:class:`Correlations`) that also holds each group's per-unit standard
+    deviations (``.stds``), so covariances can be recovered (``.covariance(gid)``). Under an
+    initialised ``torch.distributed`` process group every rank passes its own batches and gets
+    the statistics of all of them (:mod:`.distributed`).
     """
     if isinstance(gms, fx.GraphModule):
         gms = [gms]
@@ -260,40 +398,69 @@ def activation_correlations(
     if device is None:
         p = next(iter(gms[0].parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    inputs_from_batch = inputs_from_batch or default_inputs_from_batch
     sizes = {g.id: g.size for g in spec.groups}
     plan = {g.id: select_probes(g, probe) for g in spec.groups if not g.fixed and g.probes}
+    runs = _runs(gms, states, plan, registry)
+    if not runs:
+        return Correlations()
+    accs = {gid: StackedMoments(len(runs), sizes[gid], device, within_model=within_model) for gid in plan}
+    pass_ = _Pass(runs, plan, sizes, accs, inputs_from_batch or default_inputs_from_batch, device, reporter)
+    n_batches = together(lambda: pass_.over(batches))
+    counts = torch.tensor([float(n_batches)], dtype=torch.float64)
+    all_sum_([counts])
+    if counts.item() == 0:
+        raise StatisticsError("no calibration batches: the data iterable was empty; pass at least one batch")
+    reduce_moments(list(accs.values()))
+    return Correlations(
+        {gid: acc.finish(eps) for gid, acc in accs.items()}, stds={gid: acc.sigma for gid, acc in accs.items()},
+        within_model=within_model, samples={gid: acc.count for gid, acc in accs.items()},
+    )
+
+
+def _runs(gms: list[fx.GraphModule], states: Any, plan: dict[int, list[Any]], registry: Any) -> list[tuple[fx.GraphModule, Any]]:
+    """One ``(probe extractor, state dict or None)`` per model; empty without any probe."""
     nodes = list(dict.fromkeys(p.node for ps in plan.values() for p in ps if p.key is None))
     internal = {_out_key(p): (p.node, p.key, _features_fn(p, registry)) for ps in plan.values() for p in ps if p.key is not None}
     if not nodes and not internal:
-        return Correlations()
+        return []
     if states is None:
-        runs = [(ext, None) for ext in (probe_extractor(gm, nodes, internal) for gm in gms)]
-    else:
-        ext = probe_extractor(gms[0], nodes, internal)
-        own = {n for n, _ in ext.named_parameters()} | {n for n, _ in ext.named_buffers()}  # one name per tied tensor
-        runs = [(ext, {k: v for k, v in st.items() if k in own}) for st in states]
-    accs = {gid: CorrelationAccumulator(len(runs) * sizes[gid], device) for gid in plan}
-    n_batches = 0
-    for batch in batches:
-        inputs = to_device(as_inputs(inputs_from_batch(batch)), device)
-        outs = [_run(ext, state, inputs) for ext, state in runs]
-        checks: list[tuple[torch.Tensor, int, str, int]] = []
-        for gid, probes in plan.items():
-            feats = []
-            for k, out in enumerate(outs):
-                per_probe = [group_features(out[_out_key(p)], p.axis, p.expr, gid, sizes) for p in probes]
-                checks += [(f, gid, p.node, k) for f, p in zip(per_probe, probes)]
-                feats.append(per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1))
-            accs[gid].update(torch.cat(feats, dim=0))
-        _check_finite(checks)
-        del outs
-        n_batches += 1
-        if reporter is not None:
-            reporter.advance(1)
-    if n_batches == 0:
-        raise StatisticsError("no calibration batches: the data iterable was empty; pass at least one batch")
-    return Correlations({gid: acc.correlation(eps) for gid, acc in accs.items()}, stds={gid: acc.std() for gid, acc in accs.items()})
+        return [(probe_extractor(gm, nodes, internal), None) for gm in gms]
+    ext = probe_extractor(gms[0], nodes, internal)
+    own = {n for n, _ in ext.named_parameters()} | {n for n, _ in ext.named_buffers()}  # one name per tied tensor
+    return [(ext, {k: v for k, v in st.items() if k in own}) for st in states]
+
+
+class _Pass:
+    """One pass of the N models over the calibration batches, folding every group's features."""
+
+    def __init__(self, runs: list, plan: dict, sizes: dict, accs: dict, inputs_from_batch: Callable, device: Any, reporter: Any) -> None:
+        self.runs, self.plan, self.sizes, self.accs = runs, plan, sizes, accs
+        self.inputs_from_batch, self.device, self.reporter = inputs_from_batch, device, reporter
+
+    def over(self, batches: Iterable) -> int:
+        n_batches = 0
+        for batch in batches:
+            self.fold(to_device(as_inputs(self.inputs_from_batch(batch)), self.device))
+            n_batches += 1
+            if self.reporter is not None:
+                self.reporter.advance(1)
+        return n_batches
+
+    def fold(self, inputs: Any) -> None:
+        outs = [_run(ext, state, inputs) for ext, state in self.runs]
+        finite = []
+        for gid, probes in self.plan.items():
+            feats = torch.cat([self.features(out, gid, probes) for out in outs], dim=0)
+            finite.append(self.accs[gid].update(feats, in_place=True))
+        if finite and not bool(torch.stack(finite).all()):  # one device sync per batch
+            _check_finite([(self.features(out, gid, [p]), gid, p.node, k) for gid, probes in self.plan.items()
+                           for p in probes for k, out in enumerate(outs)])
+            raise StatisticsError("features too large for float32 statistics (their sums overflow); scale the inputs down")
+
+    def features(self, out: dict, gid: int, probes: list[Any]) -> torch.Tensor:
+        """One model's ``(units, samples)`` features of group ``gid`` (its probes as more samples)."""
+        per_probe = [group_features(out[_out_key(p)], p.axis, p.expr, gid, self.sizes) for p in probes]
+        return per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1)
 
 
 def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: Any) -> dict:

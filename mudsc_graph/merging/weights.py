@@ -24,9 +24,10 @@ import torch
 
 from ..spec.axes import Expr, has_group, match, size, to_json, ungroup
 from ..spec.merge_spec import MergeSpec
+from .assignment import Assignment
 
-# group id -> (merged units x model units) matrix, or None for identity
-MatrixFor = Callable[[int], "torch.Tensor | None"]
+# group id -> (merged units x model units) matrix (dense or an Assignment), or None for identity
+MatrixFor = Callable[[int], "torch.Tensor | Assignment | None"]
 
 
 def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: Mapping[int, int], scale: float = 1.0) -> torch.Tensor:
@@ -63,22 +64,19 @@ def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: M
     return match(e, units=units, fixed=unmatched, concat=concat, kron=kron, grouped_in=grouped_in)
 
 
-def apply_matrix(A: torch.Tensor, t: torch.Tensor, axis: int) -> torch.Tensor:
-    """``A`` (new x old) applied along ``axis`` of ``t``.
+def apply_matrix(A: "torch.Tensor | Assignment", t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``A`` (new x old; dense or an :class:`~mudsc_graph.merging.assignment.Assignment`) applied along ``axis`` of ``t``.
 
     Matchings are assignments (every model unit feeds at most one merged unit), so ``A`` has at
     most one nonzero per column: then this is a scatter-add, linear in the size of ``t``, instead
     of a dense contraction that costs ``new`` times more.
     """
+    if isinstance(A, Assignment):
+        return A.apply(t, axis)
     A = A.to(t.dtype)
-    nz = A != 0
-    if bool((nz.sum(0) <= 1).all()):
-        labels = nz.to(torch.uint8).argmax(0)
-        w = A.gather(0, labels[None]).squeeze(0)
-        t0 = t.movedim(axis, 0)
-        flat = t0.reshape(t0.shape[0], -1) * w[:, None]
-        out = flat.new_zeros(A.shape[0], flat.shape[1]).index_add_(0, labels, flat)
-        return out.reshape(A.shape[0], *t0.shape[1:]).movedim(0, axis)
+    sparse = Assignment.of(A)
+    if sparse is not None:
+        return sparse.apply(t, axis)
     return torch.movedim(torch.tensordot(A, t, dims=([1], [axis])), 0, axis)
 
 
@@ -130,11 +128,13 @@ def transform_tensor(
     return t
 
 
-def row_normalised(M: torch.Tensor, n_models: int = 1) -> torch.Tensor:
+def row_normalised(M: "torch.Tensor | Assignment", n_models: int = 1) -> "torch.Tensor | Assignment":
     """Model ``i``'s own map into merged coordinates, from its merge block ``M`` (no averaging over
     models): an assignment's rows normalised within the model (a permutation: itself); a signed,
     dense block (a soft matcher's, CCA's ``T_i / N``) is ``n_models * M``: every model's share of a
     merged unit is ``1 / N``, and a row sum of a signed map is no count of units."""
+    if isinstance(M, Assignment):
+        return Assignment(M.index, M.value * n_models, M.rows) if bool((M.value < 0).any()) else M.row_normalised()
     if bool((M < 0).any()):
         return M * n_models
     s = M.sum(1, keepdim=True)
@@ -144,7 +144,7 @@ def row_normalised(M: torch.Tensor, n_models: int = 1) -> torch.Tensor:
 def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]], matchings: Mapping[int, object]) -> dict[str, torch.Tensor]:
     """The merged state_dict: ``sum_i`` of every model's tensors in merged coordinates.
 
-    ``matchings[gid]`` has ``merge_block(i)`` and ``unmerge_block(i)``; groups without a matching
+    ``matchings[gid]`` has ``merge_map(i)`` and ``read_map(i)`` (:class:`~mudsc_graph.merging.matching.Matching`); groups without a matching
     (fixed ones) keep their units, and their tensors are averaged.
     """
     n = len(states)
@@ -164,15 +164,15 @@ def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]],
         for i, state in enumerate(states):
             def produce(gid, i=i):
                 m = matchings.get(gid)
-                return None if m is None else m.merge_block(i)
+                return None if m is None else m.merge_map(i)
 
             def produce_other(gid, i=i):
                 m = matchings.get(gid)
-                return None if m is None else row_normalised(m.merge_block(i), n)
+                return None if m is None else row_normalised(m.merge_map(i), n)
 
             def read(gid, i=i):
                 m = matchings.get(gid)
-                return None if m is None else m.unmerge_block(i).T
+                return None if m is None else m.read_map(i)
 
             part = transform_tensor(state[name].float(), exprs, consumed, produce, produce_other, read, sizes, n, live)
             total = part if total is None else total + part

@@ -1,0 +1,94 @@
+"""Sharded calibration with torch.distributed: two gloo processes on CPU give the merge that one
+process gives (to float rounding), BatchNorm statistics included; a failure on one rank raises on
+every rank instead of leaving the others waiting; ``torchrun ... -m mudsc_cli merge`` writes one
+checkpoint, equal to the single-process command's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mudsc_graph.merging import distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker  # noqa: E402
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _run_ranks(tmp_path: Path, scenario: str, world: int = 2) -> Path:
+    out = tmp_path / scenario
+    out.mkdir()
+    init = tmp_path / f"{scenario}.init"
+    procs = [
+        subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(r), str(world), str(init), str(out), scenario], env=ENV)
+        for r in range(world)
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    return out
+
+
+def test_two_gloo_ranks_merge_what_one_process_merges(tmp_path):
+    out = _run_ranks(tmp_path, "good")
+    want = distributed_worker.merges("good")
+    assert {"zip", "align", "zipit"} <= set(want)
+    for name, state in want.items():
+        for rank in (0, 1):
+            got = torch.load(out / f"rank{rank}-{name}.pt", weights_only=True)
+            assert set(got) == set(state)
+            for k, v in state.items():  # BatchNorm running statistics are among them
+                torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=f"{name}, rank {rank}: {k}")
+        assert any("running_var" in k for k in state)
+
+
+def test_a_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    out = _run_ranks(tmp_path, "bad")
+    errors = {r: (out / f"rank{r}.err").read_text() for r in (0, 1)}
+    assert "calibration batch" in errors[1]  # the rank that ran the bad batch says what was wrong
+    assert "rank 1 of the process group failed" in errors[0] and "calibration batch" in errors[0]
+    assert not list(out.glob("*.pt"))
+
+
+def test_without_a_process_group_nothing_is_sharded():
+    assert distributed.world() == (0, 1) and not distributed.active()
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+    assert distributed.together(lambda: 5) == 5
+    t = torch.ones(3)
+    distributed.all_sum_([t])
+    assert torch.equal(t, torch.ones(3))
+    assert distributed.init_from_env("cpu") == "cpu" and distributed.writer_turn()
+
+
+def test_torchrun_merge_writes_one_checkpoint_equal_to_the_single_process_one(tmp_path):
+    from mudsc_graph.io.checkpoints import read_checkpoint
+
+    models, _ = distributed_worker.case("good")
+    paths = []
+    for k, m in enumerate(models):
+        paths.append(tmp_path / f"m{k}.pt")
+        torch.save(m.state_dict(), paths[-1])
+    common = ["merge", *map(str, paths), "--arch", "resnet20", "-o", "width=1", "--data", "digits", "--samples", "120",
+              "--batch-size", "40", "--device", "cpu", "--max-iter", "4", "--quiet"]
+    run = lambda *a: subprocess.run([sys.executable, *a], env=ENV, capture_output=True, text=True, timeout=300)  # noqa: E731
+    one = run("-m", "mudsc_cli", *common, "--out", str(tmp_path / "one.pt"))
+    assert one.returncode == 0, one.stderr
+    two = run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mudsc_cli", *common,
+              "--out", str(tmp_path / "two.pt"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_checkpoint(tmp_path / "one.pt").state, read_checkpoint(tmp_path / "two.pt").state
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-5, msg=k)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt") == ["m0.pt", "m1.pt", "one.pt", "two.pt"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_all_sum_goes_through_the_device_the_backend_needs():
+    assert distributed._wire_device("nccl", torch.device("cpu")).type == "cuda"
+    assert distributed._wire_device("gloo", torch.device("cuda", 0)).type == "cpu"
