@@ -9,6 +9,7 @@
 the run wrote, and exactly those are copied, to the same place under ``docs/``: ``results.md``
 (its link to findings.md rewritten for its new folder), the two PNGs, and ``results/*``. Files of
 ``docs/results/`` that the run did not write (a measurement added by hand) are left alone. Quick runs and runs with ``--skip`` are refused unless ``--force``.
+:func:`copy_into_docs` is how the benchmarks run on their own (``targets``, ``scale``) publish one file.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def publish(run_dir: Path, docs: Path = DOCS_DIR, *, force: bool = False) -> lis
         else:
             shutil.copyfile(src, dst)
         written.append(dst)
+    return written
+
+
+def copy_into_docs(pairs: Sequence[tuple[Path, Path]]) -> list[Path]:
+    """Copy single measurement files (``python -m benchmarks.targets --publish``, ``scale
+    --publish``) to their places under docs/; refuses a destination outside it."""
+    written = []
+    for src, dst in pairs:
+        if DOCS_DIR.resolve() not in Path(dst).resolve().parents:
+            raise PublishError(f"{dst} is not inside {DOCS_DIR}")
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        print(f"published {shown(Path(dst))}")
+        written.append(Path(dst))
     return written
 
 

@@ -21,15 +21,20 @@ Experiments (full / ``--quick``):
 2. ``width``: ResNet-20 x1, x2, x4, x8, x16 (quick: x1, x2), 2 models, 100 samples, the three
    methods. x16 runs last, and only if its projected time (from x8) fits the remaining budget;
    the markdown says when it was skipped.
-3. ``models``: N = 2, 3, 4 models of ResNet-20 x2, 100 samples, MuDSC-zip and MuDSC-align.
+3. ``models``: N = 2, 3, 4, 6, 8 (quick: 2, 3, 4) models of ResNet-20 x2, 100 samples, MuDSC-zip and MuDSC-align.
 4. ``samples``: 50, 100, 200, 400 calibration samples (quick: 50, 100), ResNet-20 x2, 2 models,
    the three methods.
-5. ``vit``: ``vit_b16`` (224 x 224), 2 models, 4 images: MuDSC-align (``max_iter=3``) and ZipIt!
-   (full mode only: about 5 minutes and 12 GB peak RSS on 2 cores).
+5. ``vit``: ViT-Ti/16, ViT-S/16 and ViT-B/16 at 224 x 224, 2 models, 16 images, default settings,
+   the three methods (full mode only).
+6. The fitted exponent of time, floor, forward passes and peak memory against the variable of
+   each of tables 2-5.
+
+Every row also has the cost model's floor (:func:`cost_floor`): forward passes + the statistics'
+multiply-adds at the matrix-multiply rate measured in the child + one assignment per group.
 
 Writes ``scale.csv`` (one row per measurement) and ``scale.md`` (tables) into ``--out``
 (default ``benchmark-results/scale``; quick: ``benchmark-results/scale-quick``; docs/results/
-gets them through ``run_all --publish``) and prints the tables.
+gets them through ``run_all --publish``, or ``--publish`` here) and prints the tables.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ from benchmarks import ROOT, default_out
 STAGES = ("check", "bn_reset_bases", "analysis", "statistics", "matching", "merge", "bn_reset_merged")
 METHODS = {"mudsc-zip": ("mudsc", "zip"), "mudsc-align": ("mudsc", "align"), "zipit": ("zipit", "zip")}
 FIELDS = ("experiment", "arch", "width", "n_models", "samples", "method", *STAGES, "total_s", "forward_s",
-          "ratio", "sweeps", "peak_mb", "base_mb", "device", "threads")
+          "ratio", "floor_s", "floor_ratio", "forward_gflop", "stats_gflop", "gemm_gflops", "assign_s", "sweeps", "peak_mb",
+          "base_mb", "device", "threads")
 
 
 # --------------------------------------------------------------------------- one configuration (child)
@@ -74,7 +80,7 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(cfg.get("threads", 2)))
     dev = torch.device(cfg.get("device", "cpu"))
     arch = get_registry().architecture(cfg["arch"])
-    opts = {"width": cfg["width"]} if cfg.get("width") else {}
+    opts = {"width": cfg["width"]} if isinstance(cfg.get("width"), int) else {}
     opts.update(cfg.get("arch_opts") or {})
     models = []
     for seed in range(cfg["n_models"]):
@@ -182,18 +188,64 @@ def plan(quick: bool) -> list[dict[str, Any]]:
             add("models", ["mudsc-zip", "mudsc-align"], arch="resnet20", width=2, n_models=n, samples=100)
         for s in (50, 100):
             add("samples", three, arch="resnet20", width=2, n_models=2, samples=s)
-    else:
-        add("stages", three, arch="resnet20", width=4, n_models=2, samples=200)
-        for w in (1, 2, 4, 8):
-            add("width", three, arch="resnet20", width=w, n_models=2, samples=100)
-        for n in (2, 3, 4):
-            add("models", ["mudsc-zip", "mudsc-align"], arch="resnet20", width=2, n_models=n, samples=100)
-        for s in (50, 100, 200, 400):
-            add("samples", three, arch="resnet20", width=2, n_models=2, samples=s)
-    if not quick:  # ~5 min and ~12 GB peak RSS on 2 cores: full mode only
-        add("vit", ["mudsc-align", "zipit"], arch="vit_b16", width=None, n_models=2, samples=4, batch=4, max_iter=3)  # last, and only if it fits the budget (decided in main)
-        add("width", three, arch="resnet20", width=16, n_models=2, samples=100)
+        return cfgs
+    add("stages", three, arch="resnet20", width=4, n_models=2, samples=200)
+    for w in (1, 2, 4, 8):
+        add("width", three, arch="resnet20", width=w, n_models=2, samples=100)
+    for n in (2, 3, 4, 6, 8):
+        add("models", ["mudsc-zip", "mudsc-align"], arch="resnet20", width=2, n_models=n, samples=100)
+    for s in (50, 100, 200, 400):
+        add("samples", three, arch="resnet20", width=2, n_models=2, samples=s)
+    for name, opts in VITS.items():  # ViT-Ti/S/B 16 at 224 px, 16 images, default settings
+        add("vit", three, arch=opts.get("arch", "vit_tiny"), width=name, n_models=2, samples=16, batch=16,
+            arch_opts={k: v for k, v in opts.items() if k != "arch"})
+    add("width", three, arch="resnet20", width=16, n_models=2, samples=100)  # last: only if it fits the budget (main)
     return cfgs
+
+
+#: The ViT widths of the growth table: ViT-Ti/16 and ViT-S/16 through the vit_tiny factory, ViT-B/16 itself.
+VITS = {
+    "Ti/16 (192)": dict(image_size=224, patch_size=16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768, num_classes=1000),
+    "S/16 (384)": dict(image_size=224, patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536, num_classes=1000),
+    "B/16 (768)": dict(arch="vit_b16"),
+}
+
+
+def width_value(r: dict[str, Any]) -> float:
+    """The growth variable of a row: ResNet width multiplier, ViT hidden size, N or samples."""
+    if r["experiment"] == "models":
+        return float(r["n_models"])
+    if r["experiment"] == "samples":
+        return float(r["samples"])
+    w = str(r["width"])
+    return float(w.split("(")[1].rstrip(")")) if "(" in w else float(w)
+
+
+def exponents(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Least-squares slope of log(y) on log(x) for time, floor and peak memory, per experiment and
+    method (x: width, hidden size, N or samples); ``None`` with fewer than two points."""
+    import math
+
+    out = []
+    for exp in ("width", "vit", "models", "samples"):
+        for method in METHODS:
+            sel = [r for r in rows if r["experiment"] == exp and r["method"] == method]
+            if len(sel) < 2:
+                continue
+            xs = [math.log(width_value(r)) for r in sel]
+
+            def slope(key: str) -> float | None:
+                ys = [r.get(key) for r in sel]
+                if any(y is None or y <= 0 for y in ys):
+                    return None
+                ly = [math.log(y) for y in ys]
+                mx, my = sum(xs) / len(xs), sum(ly) / len(ly)
+                den = sum((x - mx) ** 2 for x in xs)
+                return sum((x - mx) * (y - my) for x, y in zip(xs, ly)) / den if den else None
+
+            out.append({"experiment": exp, "method": method, "points": len(sel), "time": slope("total_s"), "floor": slope("floor_s"),
+                        "forward": slope("forward_s"), "memory": slope("peak_mb")})
+    return out
 
 
 def fmt(v: Any, nd: int = 2) -> str:
@@ -210,10 +262,10 @@ def to_markdown(rows: list[dict[str, Any]], notes: list[str], header: str) -> st
         "width": "2. Growth with width (ResNet-20, 2 models, 100 samples)",
         "models": "3. Growth with the number of models (ResNet-20 x2, 100 samples)",
         "samples": "4. Growth with calibration samples (ResNet-20 x2, 2 models)",
-        "vit": "5. vit_b16 on CPU-sized data (2 models, 4 images 224x224; MuDSC-align max_iter=3)",
+        "vit": "5. Growth with ViT width (ViT-Ti/16, S/16, B/16 at 224 px, 2 models, 16 images, default settings)",
     }
     mem = "peak MB (GPU alloc)" if rows and rows[0]["device"].startswith("cuda") else "peak RSS MB"
-    cols = ["arch", "width", "N", "samples", "method", *STAGES, "total s", "forward s", "ratio", "sweeps", mem]
+    cols = ["arch", "width", "N", "samples", "method", *STAGES, "total s", "forward s", "ratio", "floor s", "floor ratio", "sweeps", mem]
     out = [header, ""]
     for exp, title in titles.items():
         sel = [r for r in rows if r["experiment"] == exp]
@@ -225,12 +277,31 @@ def to_markdown(rows: list[dict[str, Any]], notes: list[str], header: str) -> st
         for r in sel:
             vals = [r["arch"], fmt(r["width"]), fmt(r["n_models"]), fmt(r["samples"]), r["method"],
                     *(fmt(r[s]) for s in STAGES), fmt(r["total_s"]), fmt(r["forward_s"]), fmt(r["ratio"], 1),
-                    fmt(r["sweeps"]), fmt(r["peak_mb"], 0)]
+                    fmt(r.get("floor_s")), fmt(r.get("floor_ratio"), 1), fmt(r["sweeps"]), fmt(r["peak_mb"], 0)]
             out.append("| " + " | ".join(vals) + " |")
         out.append("")
+    out += exponent_table(rows)
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
+
+
+def exponent_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The fitted growth exponents (time ~ x^k) as markdown lines."""
+    exps = exponents(rows)
+    if not exps:
+        return []
+    var = {"width": "ResNet-20 width multiplier", "vit": "ViT hidden size", "models": "number of models N", "samples": "calibration samples"}
+    out = ["## 6. Fitted growth exponents", "",
+           "Slope of log(y) on log(x) over the rows of each table: y ~ x^k. `floor`: the cost model's floor (forward passes + "
+           "statistics multiply-adds at the measured matrix-multiply rate + one assignment per group); `forward`: the "
+           "calibration forward passes alone; `memory`: peak RSS (which includes the interpreter and torch, so it grows "
+           "slower than the merge's own memory).", "",
+           "| grows with | method | points | time k | floor k | forward k | memory k |", "|---|---|---|---|---|---|---|"]
+    for e in exps:
+        out.append(f"| {var[e['experiment']]} | {e['method']} | {e['points']} | {fmt(e['time'])} | {fmt(e['floor'])} | "
+                   f"{fmt(e['forward'])} | {fmt(e['memory'])} |")
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--budget", type=float, default=1200.0,
                    help="seconds: the x16 width runs only if its projection fits what is left (full mode)")
+    p.add_argument("--publish", action="store_true", help="copy scale.md and scale.csv into docs/results/ (full runs only)")
     p.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -248,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     rows, notes = _measure(args, start)
-    _write(args, rows, notes, time.perf_counter() - start)
+    out = _write(args, rows, notes, time.perf_counter() - start)
+    if args.publish and not args.quick:
+        from benchmarks import DOCS_DIR
+        from benchmarks.publish import copy_into_docs
+
+        copy_into_docs([(out / name, DOCS_DIR / "results" / name) for name in ("scale.md", "scale.csv")])
     return 0
 
 
@@ -257,7 +334,7 @@ def _measure(args: argparse.Namespace, start: float) -> tuple[list[dict[str, Any
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     if args.quick:
-        notes.append("quick mode: vit_b16 is left out (full mode only: about 5 min and 12 GB peak RSS on 2 cores).")
+        notes.append("quick mode: the ViT widths are left out (full mode only: about 5 minutes on 2 cores).")
     forward: dict[tuple, float] = {}
     done: dict[tuple, dict[str, Any]] = {}  # identical configurations of several experiments run once
     skip_x16: bool | None = None
@@ -281,7 +358,7 @@ def _measure(args: argparse.Namespace, start: float) -> tuple[list[dict[str, Any
         if ckey in done:
             res = done[ckey]
         else:
-            cfg["forward"] = key not in forward
+            cfg["forward"], cfg["floor"] = key not in forward, True
             res = done[ckey] = spawn(cfg)
         if res["forward_s"] is not None and key not in forward:
             forward[key] = res["forward_s"]
@@ -289,7 +366,7 @@ def _measure(args: argparse.Namespace, start: float) -> tuple[list[dict[str, Any
         row = {"experiment": cfg["experiment"], "arch": cfg["arch"], "width": cfg["width"] or "",
                "n_models": cfg["n_models"], "samples": cfg["samples"], "method": cfg["method"],
                **{s: res["timings"].get(s, 0.0) for s in STAGES}, "total_s": res["total_s"], "forward_s": fwd,
-               "ratio": res["total_s"] / fwd if fwd else None, "sweeps": res["sweeps"], "peak_mb": res["peak_mb"],
+               "ratio": res["total_s"] / fwd if fwd else None, **_floor(res, fwd), "sweeps": res["sweeps"], "peak_mb": res["peak_mb"],
                "base_mb": res["base_mb"], "device": args.device, "threads": args.threads}
         rows.append(row)
         print(f"[{time.perf_counter() - start:6.0f} s] {row['experiment']:7s} {row['arch']}x{row['width'] or '-'} "
@@ -298,7 +375,19 @@ def _measure(args: argparse.Namespace, start: float) -> tuple[list[dict[str, Any
     return rows, notes
 
 
-def _write(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str], elapsed: float) -> None:
+def _floor(res: dict[str, Any], forward: float | None) -> dict[str, Any]:
+    """The cost model's floor of one row (see :func:`cost_floor`) in seconds and over the forward passes."""
+    keys = ("forward_gflop", "stats_gflop", "gemm_gflops", "assign_s")
+    out = {k: res.get(k) for k in keys}
+    if forward and res.get("stats_gflop") is not None:
+        out["floor_s"] = forward + res["stats_gflop"] / res["gemm_gflops"] + res["assign_s"]
+        out["floor_ratio"] = out["floor_s"] / forward
+    else:
+        out["floor_s"] = out["floor_ratio"] = None
+    return out
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str], elapsed: float) -> Path:
     """scale.csv and scale.md in the output folder (and both printed)."""
     import torch
 
@@ -322,6 +411,7 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str
     print()
     print((out / "scale.csv").read_text())
     print(md)
+    return out
 
 
 if __name__ == "__main__":
