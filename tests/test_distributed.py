@@ -92,3 +92,16 @@ def test_torchrun_merge_writes_one_checkpoint_equal_to_the_single_process_one(tm
 def test_all_sum_goes_through_the_device_the_backend_needs():
     assert distributed._wire_device("nccl", torch.device("cpu")).type == "cuda"
     assert distributed._wire_device("gloo", torch.device("cuda", 0)).type == "cpu"
+
+
+def test_the_script_in_the_docs_runs_under_torchrun(tmp_path):
+    import re
+
+    text = (HERE.parent / "docs" / "merging.md").read_text()
+    (script,) = [b for b in re.findall(r"```py\n(.*?)```", text, re.S) if b.startswith("# merge_script.py")]
+    (tmp_path / "merge_script.py").write_text(script)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "merge_script.py"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert any(k.endswith("running_var") for k in state) and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
