@@ -17,11 +17,13 @@ from mudsc_graph.plugin.records import MatchingStrategy, MergeMethod
 @hookimpl
 def mudsc_matching_strategies() -> list[MatchingStrategy]:
     return [
-        MatchingStrategy("identity", match_identity, description="Keep every model's unit order and average."),
+        MatchingStrategy("identity", match_identity, description="Keep every model's unit order and average.", thread_safe=True),
         MatchingStrategy("align", match_align,
-                         description="One permutation per model by linear assignment against model 0 (weight matching).", uses_within_model=False),
+                         description="One permutation per model by linear assignment against model 0 (weight matching).", uses_within_model=False,
+                         thread_safe=True),
         MatchingStrategy("zip", match_zip,
-                         description="ZipIt!: greedily fuse the most similar units, within a model too (options a=0.5, b=1)."),
+                         description="ZipIt!: greedily fuse the most similar units, within a model too (options a=0.5, b=1).",
+                         thread_safe=True),
     ]
 
 

@@ -89,6 +89,7 @@ def _check_and_merge_back(case: Real) -> None:
     spec.check(model, example)
     twin = spec.apply_permutation(model, spec.random_permutation(seed=7))
     batches = [case.inputs(8, seed) for seed in (1, 2)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, twin)]
     prepared = prepare([model, twin], data=batches, example_inputs=example, reset_bn=case.reset_bn)
     ref = _flat_outputs(call(model, example))
     for mode in ("zip", "align"):
@@ -97,6 +98,8 @@ def _check_and_merge_back(case: Real) -> None:
         out = _flat_outputs(call(result.model, example))
         for a, b in zip(ref, out):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.detach().abs().max()) + 1e-6)
+    for m, old in zip((model, twin), before):  # the merge read the models (not copied when nothing would change them)
+        assert not m.training and all(torch.equal(v, old[k]) for k, v in m.state_dict().items()), f"{case.name}: an input model changed"
 
 
 def _need(package: str):

@@ -114,7 +114,7 @@ def _working_copy(model: nn.Module, device: torch.device, reset_bn: bool) -> nn.
     itself when nothing would modify it (already on ``device``, in eval mode, no BatchNorm to
     reset), which saves one copy of every weight (0.35 GB per ViT-B/16)."""
     on_device = all(t.device == device for t in (*model.parameters(), *model.buffers()))
-    if on_device and not model.training and not (reset_bn and has_batchnorm(model)) and not any(m.training for m in model.modules()):
+    if on_device and not any(m.training for m in model.modules()) and not (reset_bn and has_batchnorm(model)):
         return model
     return copy.deepcopy(model).to(device)
 
@@ -141,7 +141,9 @@ class PreparedMerge:
     ``prepare(...)`` builds one; each ``.merge(method=..., mode=..., alpha=...)`` then runs only the
     matching, forms the merged weights and resets the merged model's BatchNorm statistics, which is
     what an alpha sweep or a comparison of methods needs. ``timings`` holds the shared stages'
-    seconds. The input models are not modified, and no merge modifies what is shared. ``options``
+    seconds. The input models are not modified, and no merge modifies what is shared; a model
+    already on the device and in eval mode (without BatchNorm to reset) is read, not copied, so
+    changing its weights between ``.merge()`` calls changes what later merges see. ``options``
     and ``settings`` as in :func:`merge`; ``options`` is the default of every ``.merge()``, whose
     preparation fields (device, reset_bn, probe, tracer) cannot change afterwards.
     """
@@ -308,6 +310,7 @@ class PreparedMerge:
         solver = DualSpaceSolver(
             spec, self.states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=self.reporter,
             within_model=matcher.uses_within_model, covariances=matcher.needs_covariances,
+            threads=torch.get_num_threads() if matcher.thread_safe else 1,
         )
         outcome = solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
         return outcome.matchings, outcome.history, outcome.sweeps

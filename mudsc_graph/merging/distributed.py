@@ -107,16 +107,8 @@ def reduce_moments(accumulators: Sequence[Any]) -> None:
     sums = [a.mean * a.count for a in accumulators]
     all_sum_([counts, *sums])
     for a, total, s in zip(accumulators, counts.tolist(), sums):
-        if total == 0:
-            continue
-        mean = s / total
-        delta = a.mean - mean
-        for (i, j), block in a.blocks.items():
-            block.addr_(delta[a._rows(i)], delta[a._rows(j)], alpha=float(a.count))
-        if a.sq.numel():
-            a.sq.addcmul_(delta, delta, value=float(a.count))
-        a.mean.copy_(mean)
-        a.count = int(total)
+        if total:
+            a.recentre(s / total, int(total))
     all_sum_([t for a in accumulators for t in (*a.blocks.values(), a.sq) if t.numel()])
 
 

@@ -13,8 +13,8 @@ the block pairing.
 
 Time: a unit is solved again only when its similarity key is not among the last
 :data:`MEMO_PER_UNIT` it was solved on (else that matching is reused), and consecutive units of a
-sweep that do not neighbour each other have their assignments solved side by side on
-``torch.get_num_threads()`` threads, which changes no result.
+sweep that do not neighbour each other have their assignments solved side by side on ``threads``
+threads (for a matcher that says it is ``thread_safe``), which changes no result.
 
 Memory: a similarity is built only when its unit must be solved again, and is not kept. Each model's normalised weight features
 are cached for narrow groups (model 0's are reused for the whole run under a permutation matcher);
@@ -87,6 +87,7 @@ class DualSpaceSolver:
         reporter: Reporter | None = None,
         within_model: bool = True,
         covariances: bool = False,
+        threads: int = 1,
     ) -> None:
         self.spec, self.states, self.match, self.act, self.alpha = spec, states, match, act, alpha
         self.options = dict(options or {})
@@ -100,7 +101,7 @@ class DualSpaceSolver:
         self.stream = {g: feature_numel(spec, states[0], self.occs[g]) > STREAM_NUMEL for g in gids}
         self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}
         self.built = 0
-        self.workers = max(1, torch.get_num_threads())  # assignments solved side by side (see _solve)
+        self.workers = max(1, threads)  # assignments solved side by side (see _solve)
 
     # -- similarities ----------------------------------------------------------------------------
     def _row_key(self, gid: int, i: int, matchings: Mapping[int, Any]) -> tuple:

@@ -96,8 +96,21 @@ class StackedMoments:
         self.blocks = {p: torch.zeros(units, units, dtype=torch.float32, device=device) for p in pairs}
         self.finished = False
 
-    def _rows(self, i: int) -> slice:
+    def rows(self, i: int) -> slice:
+        """Model ``i``'s rows of the stacked units."""
         return slice(i * self.units, (i + 1) * self.units)
+
+    def recentre(self, mean: torch.Tensor, count: int) -> None:
+        """Shift the scatter to ``mean`` (``count * delta delta^T``, Chan et al.) and take ``mean``
+        as this accumulator's: what each rank does before the ranks' scatters are summed
+        (:func:`~mudsc_graph.merging.distributed.reduce_moments`)."""
+        delta = self.mean - mean
+        for (i, j), block in self.blocks.items():
+            block.addr_(delta[self.rows(i)], delta[self.rows(j)], alpha=float(self.count))
+        if self.sq.numel():
+            self.sq.addcmul_(delta, delta, value=float(self.count))
+        self.mean.copy_(mean)
+        self.count = count
 
     def update(self, feats: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
         """Add the columns of ``feats`` (``(N*units) x samples``, models stacked) as samples; returns
@@ -112,13 +125,13 @@ class StackedMoments:
         na, n = self.count, self.count + nb
         delta = mb - self.mean
         for (i, j), block in self.blocks.items():
-            xi, xj = xc[self._rows(i)], xc[self._rows(j)]
+            xi, xj = xc[self.rows(i)], xc[self.rows(j)]
             if i == j:
                 _upper_products_(block, xi, self.tile)
             else:
                 block.addmm_(xi, xj.T)
             if na:
-                block.addr_(delta[self._rows(i)], delta[self._rows(j)], alpha=na * nb / n)
+                block.addr_(delta[self.rows(i)], delta[self.rows(j)], alpha=na * nb / n)
         if not self.within_model:  # no diagonal blocks to read the variances from
             self.sq.add_((xc * xc).sum(dim=1))
             if na:
@@ -148,10 +161,7 @@ class StackedMoments:
             if i == j and self.units > self.tile:  # only the upper tiles hold products
                 b.copy_(b.triu() + b.triu(1).T)
             b.div_(max(self.count - 1, 1))
-            b.div_(torch.outer(sigma[self._rows(i)], sigma[self._rows(j)]).clamp(min=1e-30 if eps is None else eps))
-            b.clamp_(-1.0, 1.0)
-            b[dead[self._rows(i)], :] = 0.0
-            b[:, dead[self._rows(j)]] = 0.0
+            _pearson_(b, sigma[self.rows(i)], sigma[self.rows(j)], dead[self.rows(i)], dead[self.rows(j)], eps)
         self.sigma, self.dead, self.finished = sigma, dead, True
         return self
 
@@ -162,9 +172,9 @@ class StackedMoments:
         o = self.units
         out = self.mean.new_zeros(self.n * o, self.n * o)
         for (i, j), b in self.blocks.items():
-            out[self._rows(i), self._rows(j)] = b
+            out[self.rows(i), self.rows(j)] = b
             if i != j:
-                out[self._rows(j), self._rows(i)] = b.T
+                out[self.rows(j), self.rows(i)] = b.T
         equal_constants(out, self.dead, self.mean)
         out.fill_diagonal_(1.0)
         return out
@@ -242,13 +252,22 @@ class CorrelationAccumulator:
         cov = self.covariance()
         sigma = cov.diagonal().clamp(min=0).sqrt()
         dead = sigma <= 1e-6 * self.mean.abs()
-        corr = cov / torch.outer(sigma, sigma).clamp(min=1e-30 if eps is None else eps)
-        corr = corr.clamp(-1.0, 1.0)
-        corr[dead, :] = 0.0
-        corr[:, dead] = 0.0
+        corr = _pearson_(cov, sigma, sigma, dead, dead, eps)
         equal_constants(corr, dead, self.mean)
         corr.fill_diagonal_(1.0)
         return corr
+
+
+def _pearson_(cov: torch.Tensor, sigma_rows: torch.Tensor, sigma_cols: torch.Tensor, dead_rows: torch.Tensor, dead_cols: torch.Tensor,
+              eps: float | None) -> torch.Tensor:
+    """A covariance block -> its Pearson correlations, in place: divided by the deviations' product
+    (clamped at ``eps``, see :meth:`CorrelationAccumulator.correlation`), clipped to [-1, 1], rows
+    and columns of dead units 0."""
+    cov.div_(torch.outer(sigma_rows, sigma_cols).clamp(min=1e-30 if eps is None else eps))
+    cov.clamp_(-1.0, 1.0)
+    cov[dead_rows, :] = 0.0
+    cov[:, dead_cols] = 0.0
+    return cov
 
 
 def equal_constants(corr: torch.Tensor, dead: torch.Tensor, mean: torch.Tensor) -> None:

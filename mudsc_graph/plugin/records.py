@@ -141,6 +141,9 @@ class MatchingStrategy:
     within-model blocks of the similarity are then not computed (left 0)."""
     needs_covariances: bool = False
     """True when ``match`` takes ``covariances=`` (see the class docstring)."""
+    thread_safe: bool = False
+    """True when ``match`` may run on several threads at once (no shared mutable state): the solver
+    then solves the assignments of independent groups side by side (the built-ins are)."""
 
     def __post_init__(self) -> None:
         _check_name("MatchingStrategy", self.name)
