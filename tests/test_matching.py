@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from mudsc_graph import get_registry
+from mudsc_graph.merging.matching import _zip_kernel, zipit
 from mudsc_graph.merging.matching import Matching, identity_matching, match_align, match_identity, match_zip
 
 torch.set_num_threads(1)
@@ -268,6 +270,44 @@ def test_zip_equals_literal_zipit_loop(n_models, o, a, b, seed):
     (m,) = match_zip([s], n_models, a=a, b=b)
     check_structure(m, n_models, o)
     assert clusters(m) == reference_zip(s, n_models, a, b)
+
+
+def _greedy_inputs(sim: torch.Tensor, n_models: int, b: float):
+    n = sim.shape[0]
+    o, to_remove = n // n_models, n - n // n_models
+    work = ((sim + sim.T) * 0.5).numpy().copy()
+    np.fill_diagonal(work, NEG)
+    budget = [math.floor((to_remove // n_models) * b)] * n_models
+    for m in range(n_models):
+        if budget[m] <= 0:
+            work[m * o:(m + 1) * o, m * o:(m + 1) * o] = NEG
+    return work, sim.numpy(), o, to_remove, budget
+
+
+@pytest.mark.skipif(_zip_kernel.greedy is None and not os.environ.get("CI"),
+                    reason="numba (the fast extra) is not installed")
+def test_compiled_zip_loop_takes_the_numpy_loops_steps():
+    """The compiled loop (numba) and the numpy loop fuse the same pairs in the same order, on
+    random similarities, on integer ones full of ties, in float64, for every kind of a and b,
+    including N >= 3 budgets that block every pair (the fallback)."""
+    assert _zip_kernel.greedy is not None, "CI installs the fast extra"
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        n_models = 2 + trial % 3
+        o = 1 + int(torch.randint(0, 12, (1,), generator=g))
+        n = n_models * o
+        if trial % 3 == 0:
+            sim = torch.randn(n, n, generator=g)
+        elif trial % 3 == 1:
+            sim = torch.randint(-2, 3, (n, n), generator=g).float()
+        else:
+            sim = torch.randn(n, n, generator=g, dtype=torch.float64)
+        a = (0.0, 0.5, 1.0, 0.3)[trial % 4]
+        b = (1.0, 0.0, 0.5, 0.25)[(trial // 4) % 4]
+        work, src, o, to_remove, budget = _greedy_inputs(sim, n_models, b)
+        expected = zipit._greedy_numpy(work.copy(), src, o, to_remove, a, list(budget))
+        got = _zip_kernel.run(work.copy(), src, o, to_remove, a, list(budget))
+        assert np.array_equal(got[0], expected[0]) and got[1:] == expected[1:], (trial, n_models, o, a, b)
 
 
 def planted_zip_sim(duplicate: bool):

@@ -10,10 +10,11 @@ carry -inf along, so for N >= 3 every remaining pair can end up blocked before t
 reached (each shares a model); then the two clusters whose representatives have the highest input
 similarity are fused (ZipIt! itself would fuse an arbitrary cluster with itself there).
 
-Implementation: the working matrix is updated in place (one host copy, in numpy: the loop is
-sequential, so a GPU does not help it), a cluster lives in the row/column of its smallest member
-(so rows are "representatives"), and the maximum of every row is cached, so one step costs
-O(N*O) plus the rows whose cached maximum was invalidated.
+Implementation: the working matrix is updated in place (one host copy: the loop is sequential,
+so a GPU does not help it), a cluster lives in the row/column of its smallest member (so rows are
+"representatives"), and the maximum of every row is cached, so one step costs O(N*O) plus the
+rows whose cached maximum was invalidated. With numba installed (the ``fast`` extra) the loop
+runs compiled (:mod:`._zip_kernel`, the same steps); otherwise in numpy (:func:`_greedy_numpy`).
 
 Merged units are ordered by their smallest member: clusters holding a model-0 unit come first, in
 model 0's order, so zipping a model with a permuted copy of itself keeps model 0's order.
@@ -24,6 +25,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import _zip_kernel
 
 _NEG = float("-inf")
 
@@ -50,9 +53,9 @@ def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0)
         if budget[m] <= 0:
             work[m * o:(m + 1) * o, m * o:(m + 1) * o] = _NEG
 
-    # The greedy loop is sequential, so it runs on the host: numpy's per-call overhead is a
-    # fraction of torch's for these small steps, on any device.
-    owner_np, pairs_i, pairs_j = _greedy(work.cpu().numpy(), src.cpu().numpy(), o, to_remove, a, budget)
+    # The greedy loop is sequential, so it runs on the host, compiled where numba is installed.
+    loop = _greedy_numpy if _zip_kernel.greedy is None else _zip_kernel.run
+    owner_np, pairs_i, pairs_j = loop(work.cpu().numpy(), src.cpu().numpy(), o, to_remove, a, budget)
     host = src.cpu()
     pi, pj = torch.tensor(pairs_i), torch.tensor(pairs_j)
     score = float(((host[pi, pj].double() + host[pj, pi].double()) * 0.5).mean())
@@ -72,8 +75,9 @@ def _fallback_pair(src, owner) -> tuple[int, int]:
     return int(reps[flat // reps.size]), int(reps[flat % reps.size])
 
 
-def _greedy(work, src, o: int, to_remove: int, a: float, budget: list[int]):
-    """The greedy loop of :func:`zip_labels` on host arrays; returns (owner, pairs_i, pairs_j)."""
+def _greedy_numpy(work, src, o: int, to_remove: int, a: float, budget: list[int]):
+    """The greedy loop of :func:`zip_labels` on host arrays; returns (owner, pairs_i, pairs_j).
+    numpy's per-call overhead is a fraction of torch's for these small steps."""
     import numpy as np
 
     n = work.shape[0]
