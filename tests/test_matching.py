@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from mudsc_graph import get_registry
-from mudsc_graph.merging.matching import _zip_kernel, zipit
-from mudsc_graph.merging.matching import Matching, identity_matching, match_align, match_identity, match_zip
+from mudsc_graph.merging.matching import Matching, _zip_kernel, identity_matching, match_align, match_identity, match_zip, zipit
 
 torch.set_num_threads(1)
 NEG = float("-inf")
