@@ -90,8 +90,9 @@ def merge_dirs(dirs: list[Path], out_path: Path, options: Any, calibration: Any,
             "per model, is not a Hugging Face class and cannot be saved with save_pretrained; merge the whole model, "
             "or use the library (mudsc_graph.merge(..., stop_at=...)) and save its state_dict"
         )
-    if c.data is None and needs_data:
-        raise MergeCommandError(f"--method {options.method} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
+    if c.data is None and (needs_data or options.repair):
+        why = "--repair" if options.repair and not needs_data else f"--method {options.method}"
+        raise MergeCommandError(f"{why} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
     if out_path.suffix.lower() in SAVE_SUFFIXES:
         raise MergeCommandError(
             f"--out {out_path} looks like a checkpoint file, but merging model directories writes a model directory; "

@@ -132,6 +132,9 @@ def merge_command(
     reset_bn: Annotated[
         bool, typer.Option("--reset-bn/--no-reset-bn", help="Recompute BatchNorm statistics of the base models and of the merged model on the data.")
     ] = DEFAULTS.reset_bn,
+    repair: Annotated[
+        bool, typer.Option("--repair/--no-repair", help="REPAIR after merging: give every merged layer's output channels the interpolation of their parents' mean and std on the data.")
+    ] = DEFAULTS.repair,
     input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
     max_length: Annotated[int, typer.Option(min=1, help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
     tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = DEFAULTS.tracer,
@@ -157,7 +160,7 @@ def merge_command(
     device = init_from_env(resolve_device(device))  # under torchrun: join the process group, this rank's device
     quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
-                           reset_bn=reset_bn, device=device, tracer=tracer)
+                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair)
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
     calibration = Calibration(data, samples, batch_size, seed, max_length)
     if input_kind(checkpoints) == "dir":
@@ -166,8 +169,9 @@ def merge_command(
         return
     if not arch:
         raise MergeCommandError("--arch is required to merge checkpoint files: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
-    if data is None and (resolved.needs_activations or reset_bn):
-        why = f"--method {method}" if resolved.needs_activations else "resetting BatchNorm statistics (or pass --no-reset-bn)"
+    if data is None and (resolved.needs_activations or reset_bn or repair):
+        why = (f"--method {method}" if resolved.needs_activations else "--repair" if repair
+               else "resetting BatchNorm statistics (or pass --no-reset-bn)")
         raise MergeCommandError(f"{why} needs calibration data: pass --data (e.g. --data mnist5k)")
     protected = protected_paths(checkpoints, data)
     check_output(out_path, force, protected)
@@ -249,7 +253,7 @@ def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]
     return {
         "method": result.method, "mode": result.mode, "alpha": result.alpha, "stop_at": options.stop_at, "tracer": options.tracer,
         "n_models": n_models, "data": data, "groups_merged": len(result.matchings), "history": result.history,
-        "mudsc_version": _version(),
+        "repair": options.repair, "repair_std_ratio": result.repair_std_ratio, "mudsc_version": _version(),
     }
 
 
@@ -258,7 +262,7 @@ def report(result: Any, metadata: dict[str, Any], written: Path, started: float,
     import torch
 
     summary = {
-        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged")},
+        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged", "repair_std_ratio")},
         "permutable_units": result.spec.permutable_units,
         "sweeps": result.sweeps,
         "score_per_sweep": result.history,
@@ -283,6 +287,8 @@ def _print_summary(s: dict, device: Any) -> None:
         shown = ", ".join(f"{x:.4f}" for x in s["score_per_sweep"][:12])
         more = " ..." if len(s["score_per_sweep"]) > 12 else ""
         table.add_row("score per sweep", f"{shown}{more} (best {max(s['score_per_sweep']):.4f})")
+    if s["repair_std_ratio"] is not None:
+        table.add_row("REPAIR", f"merged std / parents' before repair: {s['repair_std_ratio']:.3f} (restored)")
     for stage, seconds in s["timings"].items():
         table.add_row(f"time: {stage}", f"{seconds:.2f} s")
     table.add_row("total", f"{s['seconds']:.2f} s on {device}")

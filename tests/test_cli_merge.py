@@ -81,6 +81,24 @@ def test_merge_with_tasks_safetensors_and_table(ckpts, tmp_path):
     assert ev.exit_code == 0 and len(m["per_task"]) == 2 and 0 <= m["joint"] <= 1
 
 
+def test_merge_with_repair_records_it_and_changes_the_merge(ckpts, tmp_path):
+    from mudsc_graph.io.checkpoints import load_checkpoint
+
+    outs = {}
+    for flag in ("--repair", "--no-repair"):
+        outs[flag] = tmp_path / f"{flag}.pt"
+        r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--method", "zipit", "--samples", "100",
+                 flag, "--out", outs[flag], "--quiet", "--json")
+        assert r.exit_code == 0, r.output
+        ratio = json.loads(r.output)["repair_std_ratio"]
+        assert (0 < ratio < 1) if flag == "--repair" else ratio is None  # merging lost variance; REPAIR measured it
+    (repaired, meta), (plain, _) = load_checkpoint(outs["--repair"]), load_checkpoint(outs["--no-repair"])
+    assert meta["repair"] is True and 0 < meta["repair_std_ratio"] < 1
+    assert not torch.equal(repaired["layers.0.weight"], plain["layers.0.weight"])
+    _one_line_error(_run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--method", "weight_matching", "--no-reset-bn", "--repair",
+                         "--out", tmp_path / "x.pt"), "--repair needs calibration data")
+
+
 @pytest.mark.parametrize("tracer", ["auto", "export"])
 def test_partial_zip_checkpoint_evaluates_with_one_head_per_task(ckpts, tmp_path, tracer):
     """The partial model is rebuilt at eval time by the same analysis (same tracer, same node names)."""

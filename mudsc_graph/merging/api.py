@@ -14,7 +14,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from .methods import ResolvedMethod, resolve_method
 from .options import MergeError, MergeOptions
 from .partial_zip import build_partial, stop_index
 from .progress import NullReporter, Reporter
+from .repair import measure, repair, repair_points
 from .solver import DualSpaceSolver
 from .distributed import reduce_batchnorm, shard, together
 from .statistics import Correlations, activation_correlations, default_inputs_from_batch
@@ -51,7 +52,9 @@ class MergeResult:
 
     ``model``: the merged module (with ``stop_at``: a module returning one output per model);
     ``spec``: the merge groups; ``matchings``: ``{group id: Matching}``; ``history``: the score
-    of every sweep of the iterative scheme; ``timings``: seconds per stage.
+    of every sweep of the iterative scheme; ``timings``: seconds per stage; ``repair_std_ratio``:
+    with ``repair=True``, the merged model's standard deviation over its target before REPAIR's
+    correction, averaged over the repaired channels (how much variance the merge had lost).
     """
 
     model: nn.Module
@@ -63,6 +66,7 @@ class MergeResult:
     mode: str = "zip"
     alpha: float = 0.5
     sweeps: int = 0
+    repair_std_ratio: float | None = None
 
 
 def check_models(models: list[nn.Module]) -> None:
@@ -158,6 +162,7 @@ class PreparedMerge:
         registry: Registry | None = None,
         reporter: Reporter | None = None,
         inputs_from_batch: Callable[[Any], Any] | None = None,
+        repair_data: Sequence[Iterable] | None = None,
         **settings: Any,
     ) -> None:
         self.options = opts = MergeOptions.of(options, **settings)
@@ -176,6 +181,8 @@ class PreparedMerge:
             raise MergeError("resetting BatchNorm statistics (reset_bn=True) needs calibration data: pass data=")
         # this process's batches: under torch.distributed each rank passes its share and the sums are all-reduced
         self.local = shard(self.batches) if self.batches is not None and opts.shard_data else self.batches
+        self.repair_local = self._repair_data(repair_data, len(models), opts.shard_data)
+        self._parents: dict[tuple[str, ...], list] = {}
         self.device = dev = _resolve_device(opts.device, models[0])
         self.models = [_working_copy(m, dev, reset_bn) for m in models]
         for m in self.models:
@@ -204,6 +211,18 @@ class PreparedMerge:
         self.states = [dict(m.state_dict()) for m in self.models]
         self.timings["analysis"] = time.perf_counter() - t0
         self._act: Correlations | None = None
+
+    def _repair_data(self, data: Sequence[Iterable] | None, n: int, shard_data: bool) -> list[list] | None:
+        """Per-task repair data: one calibration set per model, read into memory (this rank's share)."""
+        if data is None:
+            return None
+        if isinstance(data, (str, bytes)) or not hasattr(data, "__len__") or len(data) != n:
+            raise MergeError(f"repair_data= must hold one calibration set per model ({n}), got {type(data).__name__}")
+        sets = [_read_batches(d, self.inputs_from_batch) for d in data]
+        empty = [i for i, b in enumerate(sets) if not b]
+        if empty:
+            raise MergeError(f"repair_data[{empty[0]}] is empty: give each model at least one batch")
+        return [shard(b) if shard_data else b for b in sets]
 
     def _reset_bn(self, model: nn.Module) -> None:
         """Recompute ``model``'s BatchNorm statistics on this rank's batches, averaged over the ranks."""
@@ -240,6 +259,8 @@ class PreparedMerge:
         resolved = resolve_method(self.registry, opts)
         if resolved.needs_activations and self.batches is None:
             raise MergeError(f"method {resolved.method.name!r} needs calibration data: pass data=")
+        if opts.repair and self.batches is None:
+            raise MergeError("repair=True reads the models' outputs on calibration data: pass data=")
         timings: dict[str, float] = {}
         trunk = None
         if opts.stop_at is not None:
@@ -254,17 +275,34 @@ class PreparedMerge:
         timings["matching"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        merged = self._merged_model(matchings, trunk)
+        merged = copy.deepcopy(self.models[0])
+        merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
         timings["merge"] = time.perf_counter() - t0
 
+        reset = opts.reset_bn and self.batches is not None and has_batchnorm(merged)
         t0 = time.perf_counter()
-        if opts.reset_bn and self.batches is not None:
+        std_ratio = None
+        if opts.repair:
+            if reset:  # REPAIR reads the merged model's outputs, behind BatchNorms that must be right first
+                self._reset_bn(merged)
+            std_ratio = self._repair(merged, matchings, trunk)
+        timings["repair"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if trunk is not None:
+            merged = self._partial(merged, matchings, trunk)
+        set_mode(merged, False)
+        timings["merge"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if reset:
             self._reset_bn(merged)
         timings["bn_reset_merged"] = time.perf_counter() - t0
         bad = first_non_finite(merged.state_dict())
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
-        return MergeResult(merged, self.spec, matchings, history, timings, resolved.method.name, resolved.mode, resolved.alpha, sweeps)
+        return MergeResult(merged, self.spec, matchings, history, timings, resolved.method.name, resolved.mode, resolved.alpha, sweeps,
+                           std_ratio)
 
     def _groups(self, resolved: ResolvedMethod, trunk: set[str] | None) -> list[int]:
         """The groups this merge matches: free, not anchored, in the trunk; block groups only for a
@@ -315,28 +353,48 @@ class PreparedMerge:
         outcome = solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
         return outcome.matchings, outcome.history, outcome.sweeps
 
-    def _merged_model(self, matchings: dict[int, Any], trunk: set[str] | None) -> nn.Module:
-        """The merged module: the first model with the merged weights, or with ``trunk`` the
-        partial-zip module (merged trunk, each model's own tail)."""
-        merged = copy.deepcopy(self.models[0])
-        merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
+    def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None) -> float | None:
+        """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only. Returns
+        the merged model's standard deviation over its target before the correction (None: nothing to repair)."""
+        within = None
         if trunk is not None:
-            sizes = {g.id: g.size for g in self.spec.groups}
+            paths = {path for name, path in self.order if name in trunk and path}
+            within = {p for p, _ in merged.named_modules() if any(p == t or p.startswith(t + ".") for t in paths)}
+        points = repair_points(merged, self.spec, matchings, reset_bn=self.options.reset_bn and self.batches is not None,
+                               within=within)
+        if not points:
+            warnings.warn("repair=True: no merged layer has channels to repair (no Linear, Conv or norm output carries "
+                          "a merged group); the merge is unchanged", stacklevel=3)
+            return None
+        key = tuple(p.path for p in points)
+        if key not in self._parents:
+            sets = self.repair_local or [self.local] * len(self.models)
+            self._parents[key] = [
+                measure(m, points, batches, self.inputs_from_batch, self.device, f"model {i}")
+                for i, (m, batches) in enumerate(zip(self.models, sets))
+            ]
+        parents = self._parents[key]
+        points = [p for p in points if all(p.path in q.stats for q in parents)]  # modules the forward calls
+        sizes = {g.id: g.size for g in self.spec.groups}
+        return repair(merged, points, parents, matchings, sizes, self.local, self.inputs_from_batch, self.device,
+                      same_batches=self.repair_local is None)
 
-            def unmerge_of(i: int, gid: int):
-                m = matchings.get(gid)
-                return None if m is None else m.unmerge_block(i)
+    def _partial(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str]) -> nn.Module:
+        """The partial-zip module: ``merged``'s trunk, each model's own tail."""
+        sizes = {g.id: g.size for g in self.spec.groups}
 
-            gm = self.analysis.graph_module
-            if self.analysis.tracer == "export":  # the graph reads the exported module's attributes: give it the weights
-                trunk_module, tails = with_state(gm, merged.state_dict()), [with_state(gm, st) for st in self.states]
-            else:
-                trunk_module, tails = merged, self.models
-            merged = build_partial(
-                trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
-            ).to(self.device)
-        set_mode(merged, False)
-        return merged
+        def unmerge_of(i: int, gid: int):
+            m = matchings.get(gid)
+            return None if m is None else m.unmerge_block(i)
+
+        gm = self.analysis.graph_module
+        if self.analysis.tracer == "export":  # the graph reads the exported module's attributes: give it the weights
+            trunk_module, tails = with_state(gm, merged.state_dict()), [with_state(gm, st) for st in self.states]
+        else:
+            trunk_module, tails = merged, self.models
+        return build_partial(
+            trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
+        ).to(self.device)
 
 
 def with_state(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
@@ -368,13 +426,14 @@ def merge(
     registry: Registry | None = None,
     reporter: Reporter | None = None,
     inputs_from_batch: Callable[[Any], Any] | None = None,
+    repair_data: Sequence[Iterable] | None = None,
     **settings: Any,
 ) -> MergeResult:
     """Merge ``models`` (same architecture, any number >= 2) into one, without training.
 
     How to merge is a :class:`~mudsc_graph.MergeOptions` (``options``) with ``settings`` (its
     fields as keywords: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``, ``max_iter``,
-    ``patience``, ``zip_a``, ``zip_b``, ``device``, ``reset_bn``, ``probe``, ``tracer``) on top:
+    ``patience``, ``zip_a``, ``zip_b``, ``repair``, ``device``, ``reset_bn``, ``probe``, ``tracer``) on top:
     ``merge(models, data=d, method="mudsc", mode="align", alpha=0.3)``. ``data``: an iterable of
     calibration batches (read into memory once), needed for activation similarities and BatchNorm
     resets. With ``stop_at`` each model keeps its own tail after that module (the result returns
@@ -385,7 +444,9 @@ def merge(
     ``inputs_from_batch``, by default the first element of a ``(x, y)`` batch or a dict batch of
     keyword tensors such as ``{"input_ids": ..., "attention_mask": ...}``) are a tuple of positional
     tensors or a dict of keyword tensors. ``registry``: the plugins (default: the installed ones);
-    ``reporter``: progress (:mod:`.progress`).
+    ``reporter``: progress (:mod:`.progress`). ``repair_data``: with ``repair=True``, one calibration
+    set per model, on which that model's statistics are read (per-task repair: each parent on its
+    own task's data); the merged model's are read on ``data``.
 
     Several merges of the same models and data (an alpha sweep, a comparison of methods) share
     most of the work through :func:`prepare`.
@@ -396,7 +457,7 @@ def merge(
         raise MergeError(f"method {opts.method!r} needs calibration data: pass data=")
     prepared = PreparedMerge(
         models, data=data, example_inputs=example_inputs, options=opts, registry=registry, reporter=reporter,
-        inputs_from_batch=inputs_from_batch,
+        inputs_from_batch=inputs_from_batch, repair_data=repair_data,
     )
     result = prepared.merge()
     result.timings = {**prepared.timings, "statistics": 0.0, **result.timings}

@@ -35,7 +35,7 @@ PREPARATION = ("device", "reset_bn", "probe", "tracer", "shard_data")
 @dataclass(frozen=True)
 class MergeOptions:
     """What one merge does. Matching: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``,
-    ``max_iter``, ``patience``, ``zip_a``, ``zip_b``; preparation (see :data:`PREPARATION`):
+    ``max_iter``, ``patience``, ``zip_a``, ``zip_b``; ``repair``; preparation (see :data:`PREPARATION`):
     ``device``, ``reset_bn``, ``probe``, ``tracer``, ``shard_data``.
 
     ``method``: a registered merge method (``average``, ``weight_matching``, ``weight_zip``,
@@ -44,7 +44,9 @@ class MergeOptions:
     ``S = alpha * S_weight + (1 - alpha) * S_act``. ``stop_at``: partial zip, a module path or node
     name. ``seed``: the group order of the iterative scheme, which runs at most ``max_iter`` sweeps
     and stops after ``patience`` sweeps without improvement. ``zip_a``, ``zip_b``: ZipIt!'s
-    similarity decay and within-model budget. ``device``: ``None`` (the first model's), ``"auto"``,
+    similarity decay and within-model budget. ``repair``: REPAIR after merging (Jordan et al. 2023;
+    :mod:`~mudsc_graph.merging.repair`): every merged layer's output channels get the
+    interpolation of their parents' mean and standard deviation on the calibration data. ``device``: ``None`` (the first model's), ``"auto"``,
     ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
     merged model on the data; ``probe``: which consumer of a group its features are read at
     (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``; ``shard_data``:
@@ -68,6 +70,7 @@ class MergeOptions:
     probe: str = "last"
     tracer: str = "auto"
     shard_data: bool = True
+    repair: bool = False
 
     def __post_init__(self) -> None:  # method and mode need the registry: resolve_method checks them
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
@@ -84,7 +87,7 @@ class MergeOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise MergeError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("reset_bn", "shard_data"):
+        for name in ("reset_bn", "shard_data", "repair"):
             if not isinstance(getattr(self, name), bool):
                 raise MergeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.probe not in PROBES:
