@@ -57,6 +57,8 @@ DATASETS: tuple[str, ...] = ("mnist5k", "animal_mnist")
 FULL_ALPHAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 QUICK_ALPHAS: tuple[float, ...] = (0.1, 0.5, 0.9)
 SWEPT = ("mudsc-align", "mudsc-zip")
+#: the suffix of a method's row merged with ``repair=True`` (REPAIR, Jordan et al. 2023)
+REPAIRED = "+repair"
 
 #: Full-mode settings, sized so that the whole grid (2 datasets x 6 settings x 3 splits, 15 merges
 #: per pair) runs in about 40 minutes on 2 cores (one ResNet-20 x4 pair: ~4 min on 1 thread). Training budgets were set so that every base model
@@ -120,8 +122,12 @@ def _metrics(outputs: torch.Tensor, y: torch.Tensor, tasks: list[list[int]]) -> 
 
 def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, methods: Sequence[str],
              alphas: Sequence[float], *, cache_dir: Path | None = None, log: Callable[[str], None] = print,
-             timings: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             timings: dict[str, float] | None = None, repair: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every row of one (dataset, arch, split), and info about the pair (training seconds, cache).
+
+    With ``repair``, every method also gets a ``<method>+repair`` row: the same merge (at the
+    alpha chosen for the method without REPAIR) with ``repair=True``, parents and merged model
+    read on the calibration data.
 
     The pair is prepared once (:func:`mudsc_graph.prepare`: BatchNorm reset of the bases, analysis,
     activation statistics); every method and alpha then runs only its matching, merged weights and
@@ -174,12 +180,21 @@ def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, metho
                 r = row(name, "merged", predict_logits(merged, data.test.x),
                         predict_logits(merged, data.val.x) if alpha is not None else None, alpha, seconds)
             method_rows.append(r)
+        chosen = None
         if name in SWEPT:
             chosen = choose_alpha(method_rows)
             for r in method_rows:
                 r["chosen"] = r["alpha"] == chosen
         else:
             method_rows[0]["chosen"] = True
+        if repair:
+            t0 = time.perf_counter()
+            result = prepared.merge(method=method, mode=mode, alpha=0.5 if chosen is None else chosen, seed=split, repair=True)
+            seconds = time.perf_counter() - t0
+            timings[f"merge:{arch.label}"] = timings.get(f"merge:{arch.label}", 0.0) + seconds
+            merged = HeadedModel(result.model, copy.deepcopy(head)).eval()
+            with timed(timings, "evaluate"):
+                row(f"{name}{REPAIRED}", "merged", predict_logits(merged, data.test.x), None, chosen, seconds)["chosen"] = True
     info = {"train_seconds": pair.train_seconds, "trained": pair.trained, "cache_path": pair.cache_path,
             "prepare_seconds": prepare_seconds,
             "train_images": [min(int(torch.isin(data.train.y, torch.tensor(t)).sum()), arch.train_limit or 10**12)
@@ -191,12 +206,12 @@ def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, metho
 
 def _pair_job(job: tuple) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float], float]:
     """One (dataset, arch, split) in a worker process with its own thread count."""
-    threads, dataset, arch, split, ds, methods, alphas, cache_dir, quiet = job
+    threads, dataset, arch, split, ds, methods, alphas, cache_dir, quiet, repair = job
     torch.set_num_threads(threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
-    rows, info = run_pair(dataset, arch, split, ds, methods, alphas, cache_dir=cache_dir, log=log, timings=timings)
+    rows, info = run_pair(dataset, arch, split, ds, methods, alphas, cache_dir=cache_dir, log=log, timings=timings, repair=repair)
     return rows, info, timings, time.perf_counter() - t0
 
 
@@ -236,7 +251,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
         secs = [r["merge_seconds"] for r in chosen if r["merge_seconds"] is not None]
         s["merge_seconds_mean"] = mean_std(secs)[0] if secs else None
         summary.append(s)
-        alphas = sorted({r["alpha"] for r in group if r["alpha"] is not None})
+        alphas = sorted({r["alpha"] for r in group if r["alpha"] is not None and not method.endswith(REPAIRED)})
         for a in alphas:
             at = [r for r in group if r["alpha"] == a]
             w = {"dataset": ds, "arch": arch, "method": method, "alpha": a, "n_splits": len(at),
@@ -303,7 +318,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
         methods: Sequence[str] | None = None, alphas: Sequence[float] = FULL_ALPHAS, out: Path,
         cache_dir: Path | None = None, log: Callable[[str], None] = print, mode: str = "custom",
         jobs: int = 1, threads: int | None = None, first: Sequence[str] = (),
-        command: str = "python -m benchmarks.reproduce.accuracy") -> dict[str, Any]:
+        command: str = "python -m benchmarks.reproduce.accuracy", repair: bool = True) -> dict[str, Any]:
     """Run the whole grid and write the output files; returns rows, summary, sweep, timings.
 
     ``jobs > 1`` runs that many (dataset, arch, split) pairs at once in worker processes, each with
@@ -320,7 +335,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
     rank = {label: i for i, label in enumerate(first)}
     by_cost = sorted(archs, key=lambda a: rank.get(a.label, len(rank)))
     grid = [(ds, arch, k) for arch in by_cost for ds in datasets for k in range(splits)]
-    work = [(per_job if jobs > 1 else threads, ds, arch, k, data_setting, tuple(methods), tuple(alphas), cache_dir, jobs > 1)
+    work = [(per_job if jobs > 1 else threads, ds, arch, k, data_setting, tuple(methods), tuple(alphas), cache_dir, jobs > 1, repair)
             for ds, arch, k in grid]
     timings: dict[str, float] = {}
     pairs_info: list[dict[str, Any]] = []
@@ -366,7 +381,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
               f"mean ± sample std over splits; alpha chosen on a validation hold-out of the train split -->\n")
     (out / "accuracy.md").write_text(markdown(summary, sweep, header=header))
     meta = {"mode": mode, "datasets": list(datasets), "archs": [as_jsonable(a) for a in archs], "splits": splits,
-            "data": as_jsonable(data_setting), "methods": list(methods), "alphas": list(alphas),
+            "data": as_jsonable(data_setting), "methods": list(methods), "alphas": list(alphas), "repair": repair,
             "pairs": pairs_info, "timings": timings, "total_seconds": total, "threads": threads, "jobs": jobs}
     (out / "accuracy_run.json").write_text(json.dumps(as_jsonable(meta), indent=1))
     return {"rows": rows, "summary": summary, "sweep": sweep, "timings": timings, "total_seconds": total,
@@ -384,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alphas", nargs="+", type=float, default=None,
                    help=f"MuDSC's alpha sweep (default {' '.join(map(str, FULL_ALPHAS))}; quick: {' '.join(map(str, QUICK_ALPHAS))})")
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
+    p.add_argument("--no-repair", action="store_true", help="leave out the <method>+repair rows (REPAIR after merging)")
     p.add_argument("--jobs", type=int, default=2, help="pairs run at once in worker processes, threads split among them (default 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -402,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               alphas=args.alphas or (QUICK_ALPHAS if args.quick else FULL_ALPHAS), out=out,
               mode="quick" if args.quick else "full", log=lambda s: print(s, flush=True),
               jobs=max(1, args.jobs), threads=max(1, args.threads), first=() if args.quick else FULL_COST_ORDER,
-              command=f"python -m benchmarks.reproduce.accuracy{' --quick' if args.quick else ''}")
+              command=f"python -m benchmarks.reproduce.accuracy{' --quick' if args.quick else ''}", repair=not args.no_repair)
     print()
     print(markdown(res["summary"], res["sweep"]))
     print(f"wrote {out}/accuracy.csv, accuracy_summary.csv, alpha_sweep.csv, accuracy.md, accuracy_run.json "
