@@ -56,3 +56,32 @@ class Assignment:
             return None
         index = nz.to(torch.uint8).argmax(0)
         return Assignment(index, A.gather(0, index[None]).squeeze(0), A.shape[0])
+
+
+@dataclass(frozen=True)
+class Gather:
+    """``len(index) x cols`` matrix whose row ``r`` has ``value[r]`` in column ``index[r]``: applied
+    by gathering (an unmerge block, which copies each merged unit to the model units it holds)."""
+
+    index: torch.Tensor
+    value: torch.Tensor
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.index.numel(), self.cols)
+
+    def apply(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """``self @ t`` along ``axis``."""
+        shape = [1] * t.dim()
+        shape[axis] = -1
+        return t.index_select(axis, self.index) * self.value.to(t.dtype).reshape(shape)
+
+    @staticmethod
+    def of(A: torch.Tensor) -> "Gather | None":
+        """``A`` as a gather, or ``None`` when a row has two nonzeros."""
+        nz = A != 0
+        if not bool((nz.sum(1) <= 1).all()):
+            return None
+        index = nz.to(torch.uint8).argmax(1)
+        return Gather(index, A.gather(1, index[:, None]).squeeze(1), A.shape[1])

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import MudscError
 from ..spec.axes import Expr, group_ids
+from .assignment import Gather
 from .weights import apply_along
 
 
@@ -33,8 +34,13 @@ class Unmerge(nn.Module):
         for gid in self.keys:
             self.register_buffer(f"u{gid}", matrices[gid].clone())
 
-    def _matrix(self, gid: int) -> torch.Tensor | None:
-        return getattr(self, f"u{gid}") if gid in self.keys else None
+    def _matrix(self, gid: int) -> "torch.Tensor | Gather | None":
+        """The unmerge block: a gather when every model unit reads one merged unit (always, for the
+        built-in matchers: no multiply-adds), else the dense matrix."""
+        if gid not in self.keys:
+            return None
+        A = getattr(self, f"u{gid}")
+        return Gather.of(A) or A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for axis, e in self.axes:

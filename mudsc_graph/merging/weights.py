@@ -24,7 +24,7 @@ import torch
 
 from ..spec.axes import Expr, has_group, match, size, to_json, ungroup
 from ..spec.merge_spec import MergeSpec
-from .assignment import Assignment
+from .assignment import Assignment, Gather
 
 # group id -> (merged units x model units) matrix (dense or an Assignment), or None for identity
 MatrixFor = Callable[[int], "torch.Tensor | Assignment | None"]
@@ -71,7 +71,7 @@ def apply_matrix(A: "torch.Tensor | Assignment", t: torch.Tensor, axis: int) -> 
     most one nonzero per column: then this is a scatter-add, linear in the size of ``t``, instead
     of a dense contraction that costs ``new`` times more.
     """
-    if isinstance(A, Assignment):
+    if isinstance(A, (Assignment, Gather)):
         return A.apply(t, axis)
     A = A.to(t.dtype)
     sparse = Assignment.of(A)
