@@ -176,11 +176,11 @@ def input_shape_for(dataset: str, arch: ArchSetting) -> tuple[tuple[int, ...], d
     return tuple(architecture.example_inputs(2)[0].shape[1:]), opts
 
 
-def prepare_data(dataset: str, split: int, input_shape: tuple[int, ...], ds: DataSetting) -> TaskData:
-    """Train / validation / test / calibration data for class split ``split`` (``split_classes(K, 2, seed=split)``)."""
+def prepare_data(dataset: str, split: int, input_shape: tuple[int, ...], ds: DataSetting, n_tasks: int = 2) -> TaskData:
+    """Train / validation / test / calibration data for class split ``split`` (``split_classes(K, n_tasks, seed=split)``)."""
     full = load_data(dataset, split="train", input_shape=input_shape)
     test = load_data(dataset, split="test", input_shape=input_shape)
-    tasks = [[full.classes[i] for i in half] for half in split_classes(len(full.classes), 2, seed=split)]
+    tasks = [[full.classes[i] for i in part] for part in split_classes(len(full.classes), n_tasks, seed=split)]
     val_idx = validation_indices(full.y, ds.val_fraction, ds.val_seed)
     keep = torch.ones(len(full), dtype=torch.bool)
     keep[val_idx] = False
@@ -225,7 +225,8 @@ class ModelPair:
 
 def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: DataSetting, *,
                cache_dir: Path | None = None, retrain: bool = False, log: Any = None) -> ModelPair:
-    """Model A trained on task A, model B on task B (init seeds differ; same head seed), cached."""
+    """Model A trained on task A, model B on task B (init seeds differ; same head seed), cached; one
+    model per task when ``data`` has more than two."""
     architecture = get_registry().architecture(arch.arch)
     _, opts = input_shape_for(dataset, arch)
     num_classes = max(data.train.classes) + 1
@@ -238,16 +239,16 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
     }
     root = cache_dir if cache_dir is not None else cache_root()
     path = root / f"{arch.label}-{dataset.replace(':', '_').replace('/', '_')}-s{split}-{config_key(config)}.pt"
-    seeds = [1000 * split + 1, 1000 * split + 2]
+    seeds = [1000 * split + 1 + i for i in range(len(data.tasks))]
 
     def fresh(i: int) -> HeadedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds[i])
             return with_class_head(architecture.build(**opts), EMBED_DIM, num_classes, seed=HEAD_SEED)
 
-    models = [fresh(0), fresh(1)]
-    states = None if retrain else load_cached(path, 2, config)
-    seconds = [0.0, 0.0]
+    models = [fresh(i) for i in range(len(seeds))]
+    states = None if retrain else load_cached(path, len(models), config)
+    seconds = [0.0] * len(models)
     trained = states is None
     if states is None:
         for i, (model, task) in enumerate(zip(models, data.tasks)):
@@ -257,7 +258,7 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
             reset_bn_stats(model, [(b,) for b in x.split(100)], default_inputs_from_batch)
             seconds[i] = time.perf_counter() - t0
             if log:
-                log(f"    trained model {'AB'[i]} ({len(y)} images x {arch.epochs} epochs) in {seconds[i]:.1f}s")
+                log(f"    trained model {'ABCDEFGH'[i]} ({len(y)} images x {arch.epochs} epochs) in {seconds[i]:.1f}s")
         states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
         save_cached(path, config, states, train_seconds=seconds)
     else:
