@@ -309,3 +309,17 @@ def test_the_readme_example_runs():
         warnings.simplefilter("error")
         for block in blocks:
             exec(compile(block, "mudsc-cca-plugin/README.md", "exec"), {})
+
+
+@needs_cca
+def test_repair_leaves_soft_matchings_alone():
+    """A CCA merged unit mixes its parents' units, so its statistics are no interpolation of theirs:
+    REPAIR leaves those channels as they are and says so (it once flipped and crushed them)."""
+    model, shape = _models("mlp")
+    other = _non_constant(_NormMLP())
+    data = [torch.randn(64, *shape) for _ in range(2)]
+    plain = merge([model, other], data=data, method="cca", reset_bn=False)
+    with pytest.warns(UserWarning, match="soft"):
+        repaired = merge([model, other], data=data, method="cca", reset_bn=False, repair=True)
+    for key, value in plain.model.state_dict().items():
+        torch.testing.assert_close(repaired.model.state_dict()[key], value, msg=key)

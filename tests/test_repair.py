@@ -45,7 +45,7 @@ def _permuted(model: nn.Module, x: torch.Tensor, seed: int) -> nn.Module:
 def _stats_after(result, parents, data, *, repair_data=None):
     """(the repaired model's statistics, their targets) at every repair point."""
     model = result.model
-    points = rp.repair_points(model, result.spec, result.matchings, reset_bn=False)
+    points = rp.repair_points(model, result.spec, result.matchings, reset_bn=False, n_models=len(parents))
     points = [p for p in points if p.path in rp.measure(parents[0], points, data, default_inputs_from_batch, "cpu", "parent").stats]
     sizes = {g.id: g.size for g in result.spec.groups}
     sets = repair_data or [data] * len(parents)

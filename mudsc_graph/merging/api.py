@@ -32,7 +32,7 @@ from .methods import ResolvedMethod, resolve_method
 from .options import MergeError, MergeOptions
 from .partial_zip import build_partial, stop_index
 from .progress import NullReporter, Reporter
-from .repair import measure, repair, repair_points
+from .repair import assignments, measure, repair, repair_points
 from .solver import DualSpaceSolver
 from .distributed import reduce_batchnorm, shard, together
 from .statistics import Correlations, activation_correlations, default_inputs_from_batch
@@ -361,10 +361,14 @@ class PreparedMerge:
             paths = {path for name, path in self.order if name in trunk and path}
             within = {p for p, _ in merged.named_modules() if any(p == t or p.startswith(t + ".") for t in paths)}
         points = repair_points(merged, self.spec, matchings, reset_bn=self.options.reset_bn and self.batches is not None,
-                               within=within)
+                               within=within, n_models=len(self.models))
+        soft = set(matchings) - assignments(matchings, len(self.models))
+        if soft:
+            warnings.warn(f"repair=True: {len(soft)} groups have soft (not one-to-one) matchings, whose merged units mix "
+                          "their parents' units; their channels are not repaired", stacklevel=3)
         if not points:
             warnings.warn("repair=True: no merged layer has channels to repair (no Linear, Conv or norm output carries "
-                          "a merged group); the merge is unchanged", stacklevel=3)
+                          "a merged group with a one-to-one matching); the merge is unchanged", stacklevel=3)
             return None
         key = tuple(p.path for p in points)
         if key not in self._parents:

@@ -48,6 +48,7 @@ from ..inputs import as_inputs, call, describe, to_device
 from ..spec.axes import Expr, has_group, ungroup
 from ..spec.merge_spec import MergeSpec
 from .distributed import all_sum_, together, world
+from .assignment import Assignment
 from .weights import apply_along
 
 #: the variance floor of a unit, as BatchNorm's eps: a dead unit (constant output) keeps its scale
@@ -88,11 +89,25 @@ def _channel_dim(module: nn.Module, reset_bn: bool) -> int | None:
     return None
 
 
-def repair_points(model: nn.Module, spec: MergeSpec, matched: Iterable[int], *, reset_bn: bool,
-                  within: set[str] | None = None) -> list[Point]:
-    """The repair points of ``model`` whose output channels carry a group of ``matched``
-    (``within``: only modules at these paths, e.g. a partial zip's trunk)."""
-    live = set(matched)
+def assignments(matchings: Mapping[int, Any], n_models: int) -> set[int]:
+    """The groups whose matching assigns every model unit to one merged unit (every built-in
+    matcher's). A soft map (CCA's signed projections) mixes units, so a merged unit's statistics
+    are not an interpolation of its parents' units' and REPAIR leaves its channels alone."""
+    out = set()
+    for gid, m in matchings.items():
+        maps = [m.merge_map(i) for i in range(n_models)]
+        if all(isinstance(a, Assignment) or Assignment.of(a) is not None for a in maps):
+            out.add(gid)
+    return out
+
+
+def repair_points(model: nn.Module, spec: MergeSpec, matchings: Mapping[int, Any], *, reset_bn: bool,
+                  within: set[str] | None = None, n_models: int = 2) -> list[Point]:
+    """The repair points of ``model``: channels that carry a merged group, every merged group of
+    them an assignment (:func:`assignments`); ``within``: only modules at these paths (a partial
+    zip's trunk)."""
+    live = set(matchings)
+    sound = assignments(matchings, n_models)
     out = []
     for path, module in model.named_modules():
         dim = _channel_dim(module, reset_bn)
@@ -103,7 +118,7 @@ def repair_points(model: nn.Module, spec: MergeSpec, matched: Iterable[int], *, 
         if exprs is None or getattr(module, "weight", None) is None:
             continue
         expr = ungroup(exprs)[0][0]
-        if not has_group(expr, lambda g: g in live):
+        if not has_group(expr, lambda g: g in live) or has_group(expr, lambda g: g in live and g not in sound):
             continue
         bias = prefix + "bias" if getattr(module, "bias", None) is not None else None
         out.append(Point(path, prefix + "weight", bias, dim, expr))
