@@ -39,3 +39,22 @@ def test_verdicts_pair_splits_and_count_wins(run_all):
 def test_a_method_missing_from_a_setting_is_left_out(run_all):
     rows = [r for r in _rows([0.7], [0.6]) if r["method"] != "zipit"]
     assert run_all.verdicts(rows) == []
+
+
+def test_repair_verdicts_count_each_split_against_the_chosen_plain_merge(run_all):
+    rows = []
+    for k, (plain, repaired) in enumerate([(0.50, 0.60), (0.50, 0.502), (0.50, 0.40)]):
+        rows.append({"dataset": "d", "arch": "mlp", "split": k, "method": "zipit", "kind": "merged", "chosen": True, "joint": plain})
+        rows.append({"dataset": "d", "arch": "mlp", "split": k, "method": "zipit+repair", "kind": "merged", "chosen": True, "joint": repaired})
+        rows.append({"dataset": "d", "arch": "mlp", "split": k, "method": "ensemble", "kind": "ensemble", "chosen": None, "joint": 0.9})
+    (v,) = run_all.repair_verdicts(rows)
+    assert (v["method"], v["n"], v["improves"], v["keeps"], v["hurts"]) == ("zipit", 3, 1, 1, 1)
+    assert v["mean"] == pytest.approx((0.10 + 0.002 - 0.10) / 3)
+    assert "| zipit | +0.1 ± 10.0 | 1 | 1 | 1 |" in run_all.repair_markdown([v])
+
+
+def test_a_run_with_every_part_skipped_says_so(run_all, tmp_path):
+    assert run_all.main(["--out", str(tmp_path), "--skip", *run_all.PARTS]) == 0
+    md = (tmp_path / "results.md").read_text()
+    for part in run_all.PARTS:
+        assert f"`--skip {part}`" in md, part

@@ -38,6 +38,8 @@ from mudsc_graph.experiments.tasks import HeadedModel
 from mudsc_graph.merging.api import prepare
 
 ALPHA = 0.5
+#: The files :func:`run` writes into its output folder.
+OUTPUT_FILES = ("n_models.csv", "n_models.md", "n_models_run.json")
 COLUMNS = ["n_models", "split", "tasks", "method", "kind", "joint", "mean_per_task", "per_task", "merge_seconds"]
 
 

@@ -45,6 +45,8 @@ STOPS: dict[str, tuple[str | None, ...]] = {
 }
 METHODS = ("zipit", "mudsc-zip")
 ALPHA = 0.5
+#: The files :func:`run` writes into its output folder.
+OUTPUT_FILES = ("partial.csv", "partial.md", "partial.png", "partial_run.json")
 COLUMNS = ["dataset", "arch", "split", "method", "stop_at", "flops_ratio", "joint", "mean_per_task", "task_a", "task_b"]
 
 

@@ -6,11 +6,13 @@ Run::
     python -m benchmarks.reproduce.run_all --quick            # a few minutes
     python -m benchmarks.reproduce.run_all --fresh --publish  # what docs/results.md comes from
 
-Three parts, in order: the figures (:mod:`figures`: dual-space scatter, loss-landscape plane),
-speed and scale (:mod:`scale`, each configuration in its own process) and the accuracy grid
-(:mod:`accuracy`, pairs in ``--jobs`` worker processes). Then ``results.md`` is written: the
-paper's two orderings checked split by split (MuDSC-zip vs ZipIt!, MuDSC-align vs activation
-matching), the accuracy tables, the figures' numbers and the speed tables.
+Five parts, in order: the figures (:mod:`figures`: dual-space scatter, loss-landscape plane),
+speed and scale (:mod:`scale`, each configuration in its own process), the accuracy grid
+(:mod:`accuracy`, pairs in ``--jobs`` worker processes, every method also with REPAIR), partial
+zip curves (:mod:`partial`) and N models on disjoint tasks (:mod:`n_models`). Then
+``results.md`` is written: the paper's two orderings checked split by split (MuDSC-zip vs
+ZipIt!, MuDSC-align vs activation matching), what REPAIR does to every method, the accuracy
+tables, the partial zip curves, the N-model tables, the figures' numbers and the speed tables.
 
 Outputs (``--out``, default ``benchmark-results/reproduce``; quick: ``benchmark-results/reproduce-quick``):
 ``results.md``, the two PNGs, and ``results/`` with ``accuracy*.csv``, ``alpha_sweep.csv``,
@@ -34,8 +36,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks import ROOT, default_out, publish, shown
-from benchmarks.reproduce import accuracy, figures
+from benchmarks.reproduce import accuracy, figures, n_models, partial
 from benchmarks.reproduce.common import mean_std
+
+#: The parts of a run, in order (``--skip`` leaves some out).
+PARTS = ("figures", "scale", "accuracy", "partial", "n_models")
+#: A repaired merge "keeps" the joint accuracy within this many points of the plain one.
+KEEPS = 0.005
 
 #: The paper's two claims checked here: (MuDSC method, its single-space counterpart).
 ORDERINGS = (("mudsc-zip", "zipit"), ("mudsc-align", "activation_matching"))
@@ -95,6 +102,30 @@ def verdict_markdown(vs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(tally) + "\n\n" + "\n".join(lines) + "\n"
 
 
+def repair_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: REPAIR's change of the test joint accuracy at the chosen alpha, over every
+    dataset x setting x split, counted as improves / keeps (within :data:`KEEPS`) / hurts."""
+    plain = {(r["dataset"], r["arch"], r["split"], r["method"]): r for r in rows if r["kind"] == "merged" and r["chosen"]
+             and not r["method"].endswith(accuracy.REPAIRED)}
+    out = []
+    for method in dict.fromkeys(k[3] for k in plain):
+        deltas = [r["joint"] - plain[(r["dataset"], r["arch"], r["split"], method)]["joint"] for r in rows
+                  if r["method"] == method + accuracy.REPAIRED and (r["dataset"], r["arch"], r["split"], method) in plain]
+        if deltas:
+            mean, std = mean_std(deltas)
+            out.append({"method": method, "n": len(deltas), "mean": mean, "std": std,
+                        "improves": sum(d > KEEPS for d in deltas), "keeps": sum(abs(d) <= KEEPS for d in deltas),
+                        "hurts": sum(d < -KEEPS for d in deltas)})
+    return out
+
+
+def repair_markdown(vs: Sequence[dict[str, Any]]) -> str:
+    lines = ["| method | joint change with REPAIR (points) | improves | keeps (±0.5) | hurts |", "|---|---|---|---|---|"]
+    for v in vs:
+        lines.append(f"| {v['method']} | {100 * v['mean']:+.1f} ± {100 * v['std']:.1f} | {v['improves']} | {v['keeps']} | {v['hurts']} |")
+    return "\n".join(lines) + "\n"
+
+
 def figures_markdown(fig: dict[str, Any]) -> str:
     lines = ["![dual-space scatter](dual_space_scatter.png)", "",
              "Share of each method's chosen unit pairs that are high (above the 90th percentile of all candidate "
@@ -131,13 +162,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
     p.add_argument("--jobs", type=int, default=2, help="accuracy pairs run at once (default 2)")
     p.add_argument("--fresh", action="store_true", help="train every model again, in a new temporary cache")
-    p.add_argument("--skip", nargs="*", default=[], choices=("figures", "scale", "accuracy"),
+    p.add_argument("--skip", nargs="*", default=[], choices=PARTS,
                    help="parts to leave out (their section of results.md says so)")
     return p
 
 
 def _run_parts(args: argparse.Namespace, out: Path, res_dir: Path, cache: Path | None, command: str) -> tuple[Any, Any, dict[str, float]]:
-    """Figures, scale (its own process) and accuracy, each unless skipped; their results and seconds."""
+    """Every part of :data:`PARTS` unless skipped; the figures' and the accuracy grid's results, and
+    each part's seconds (the partial-zip and N-model parts write their own markdown)."""
     seconds: dict[str, float] = {}
     fig = acc = None
     if "figures" not in args.skip:
@@ -164,6 +196,21 @@ def _run_parts(args: argparse.Namespace, out: Path, res_dir: Path, cache: Path |
             first=() if args.quick else accuracy.FULL_COST_ORDER, command=command,
         )
         seconds["accuracy"] = time.perf_counter() - t0
+    data = accuracy.QUICK_DATA if args.quick else accuracy.FULL_DATA
+    reproduce_cache = cache / "reproduce" if cache else None
+    if "partial" not in args.skip:  # the accuracy grid's pairs, from its cache
+        t0 = time.perf_counter()
+        table = accuracy.QUICK_ARCHS if args.quick else accuracy.FULL_ARCHS
+        partial.run(datasets=["mnist5k"], archs=[a for label, a in table.items() if label in partial.STOPS],
+                    splits=1 if args.quick else 3, data_setting=data, out=res_dir, cache_dir=reproduce_cache,
+                    log=lambda s: print(s, flush=True), command=command)
+        seconds["partial"] = time.perf_counter() - t0
+    if "n_models" not in args.skip:
+        t0 = time.perf_counter()
+        n_models.run(arch=accuracy.QUICK_ARCHS["mlp-small"] if args.quick else accuracy.FULL_ARCHS["mlp"],
+                     counts=[3] if args.quick else [3, 4], splits=1 if args.quick else 3, data_setting=data, out=res_dir,
+                     cache_dir=reproduce_cache, log=lambda s: print(s, flush=True), command=command)
+        seconds["n_models"] = time.perf_counter() - t0
     return fig, acc, seconds
 
 
@@ -190,10 +237,27 @@ def _results_md(args: argparse.Namespace, out: Path, res_dir: Path, command: str
                   "Test accuracy of MuDSC (at the alpha chosen on the validation hold-out) minus its single-space "
                   "counterpart, mean ± std of the paired difference over splits. *agrees*: MuDSC ahead on every split; "
                   "*disagrees*: behind on every split; *mixed*: otherwise.", "",
-                  verdict_markdown(verdicts(acc["rows"])), "## Accuracy", "",
+                  verdict_markdown(verdicts(acc["rows"])),
+                  "## REPAIR", "",
+                  "Every method's merge at its chosen alpha, again with `repair=True` (REPAIR, Jordan et al. 2023: every merged "
+                  "layer's output channels rescaled to their parents' interpolated mean and std on the calibration data); the "
+                  "change of test joint accuracy over every dataset x setting x split (rows `<method>+repair` in the tables below).", "",
+                  repair_markdown(repair_verdicts(acc["rows"])), "## Accuracy", "",
                   (res_dir / "accuracy.md").read_text()]
     else:
         parts += ["## Accuracy", "", "Left out of this run (`--skip accuracy`).", ""]
+    parts += ["## Partial zip", ""]
+    if "partial" not in args.skip:
+        parts += ["ZipIt! and MuDSC-zip merged only up to a stop layer (each model keeps its own layers after it): joint "
+                  "accuracy against the merged model's FLOPs (one base model = 1, the ensemble = 2).", "",
+                  "![partial zip](results/partial.png)", "", (res_dir / "partial.md").read_text()]
+    else:
+        parts += ["Left out of this run (`--skip partial`).", ""]
+    parts += ["## N models on disjoint tasks", ""]
+    if "n_models" not in args.skip:
+        parts += [(res_dir / "n_models.md").read_text()]
+    else:
+        parts += ["Left out of this run (`--skip n_models`).", ""]
     parts += ["## Figures", ""]
     parts += [figures_markdown(fig) if fig else "Left out of this run (`--skip figures`).\n"]
     if "scale" not in args.skip:
@@ -229,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         written += ["results/scale.csv", "results/scale.md"]
     if acc is not None:
         written += [f"results/{name}" for name in accuracy.OUTPUT_FILES]
+    if "partial" not in args.skip:
+        written += [f"results/{name}" for name in partial.OUTPUT_FILES]
+    if "n_models" not in args.skip:
+        written += [f"results/{name}" for name in n_models.OUTPUT_FILES]
     manifest = {"command": command, "mode": "quick" if args.quick else "full", "fresh": args.fresh,
                 "skipped": list(args.skip), "threads": args.threads, "jobs": args.jobs, "torch": torch.__version__,
                 "seconds": {**seconds, "total": total}, "files": [*written, "results/run_all.json"]}
