@@ -168,3 +168,15 @@ def test_inputs_are_read_as_the_merge_reads_them():
     b = merge(models, data=[(x, torch.zeros(16, dtype=torch.long))], method="zipit", repair=True).model
     assert as_inputs(x)
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_with_batchnorm_reset_layers_read_only_by_batchnorms_are_not_repaired(recwarn):
+    """ResNet-20's convolutions feed BatchNorms, which the reset renormalises on the same data: REPAIR
+    has nothing left to do there (the paper: for BatchNorm networks the reset is REPAIR) and costs no pass."""
+    models = [_model("resnet20", s, width=0.5) for s in (1, 2)]
+    data = [_inputs("resnet20", 16, 3)]
+    plain = merge(models, data=data, method="zipit")
+    repaired = merge(models, data=data, method="zipit", repair=True)
+    assert repaired.repair_std_ratio is None and any("renormalises" in str(w.message) for w in recwarn)
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(repaired.model.state_dict()[key], value), key

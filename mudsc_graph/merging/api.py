@@ -283,9 +283,7 @@ class PreparedMerge:
         t0 = time.perf_counter()
         std_ratio = None
         if opts.repair:
-            if reset:  # REPAIR reads the merged model's outputs, behind BatchNorms that must be right first
-                self._reset_bn(merged)
-            std_ratio = self._repair(merged, matchings, trunk)
+            std_ratio = self._repair(merged, matchings, trunk, reset)
         timings["repair"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -353,23 +351,29 @@ class PreparedMerge:
         outcome = solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
         return outcome.matchings, outcome.history, outcome.sweeps
 
-    def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None) -> float | None:
-        """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only. Returns
-        the merged model's standard deviation over its target before the correction (None: nothing to repair)."""
+    def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool) -> float | None:
+        """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only; ``reset``:
+        its BatchNorms are reset first. Returns the merged model's standard deviation over its target
+        before the correction (None: nothing to repair)."""
         within = None
         if trunk is not None:
             paths = {path for name, path in self.order if name in trunk and path}
             within = {p for p, _ in merged.named_modules() if any(p == t or p.startswith(t + ".") for t in paths)}
-        points = repair_points(merged, self.spec, matchings, reset_bn=self.options.reset_bn and self.batches is not None,
-                               within=within, n_models=len(self.models))
+        points = repair_points(merged, self.spec, matchings, reset_bn=reset, within=within, n_models=len(self.models))
+        if reset:  # a layer whose outputs only a BatchNorm reads is renormalised by the reset: nothing to repair
+            renormalised = _read_only_by_batchnorm(self.analysis)
+            points = [p for p in points if p.path not in renormalised]
         soft = set(matchings) - assignments(matchings, len(self.models))
         if soft:
             warnings.warn(f"repair=True: {len(soft)} groups have soft (not one-to-one) matchings, whose merged units mix "
                           "their parents' units; their channels are not repaired", stacklevel=3)
         if not points:
             warnings.warn("repair=True: no merged layer has channels to repair (no Linear, Conv or norm output carries "
-                          "a merged group with a one-to-one matching); the merge is unchanged", stacklevel=3)
+                          "a merged group with a one-to-one matching, or the BatchNorm reset renormalises them all); "
+                          "the merge is unchanged", stacklevel=3)
             return None
+        if reset:  # REPAIR reads the merged model's outputs, behind BatchNorms that must be right first
+            self._reset_bn(merged)
         key = tuple(p.path for p in points)
         if key not in self._parents:
             sets = self.repair_local or [self.local] * len(self.models)
@@ -399,6 +403,22 @@ class PreparedMerge:
         return build_partial(
             trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
         ).to(self.device)
+
+
+def _read_only_by_batchnorm(analysis: Any) -> set[str]:
+    """Module paths (of an fx-traced model) whose every output is read only by BatchNorms."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if analysis.tracer != "fx":
+        return set()
+    gm = analysis.graph_module
+    modules = dict(gm.named_modules())
+    calls: dict[str, list[bool]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            only_bn = bool(node.users) and all(u.op == "call_module" and isinstance(modules.get(u.target), _BatchNorm) for u in node.users)
+            calls.setdefault(str(node.target), []).append(only_bn)
+    return {path for path, flags in calls.items() if all(flags)}
 
 
 def with_state(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
