@@ -18,16 +18,21 @@ import torch
 import mudsc_graph
 
 MERGES = {"zip": dict(method="mudsc", mode="zip"), "align": dict(method="mudsc", mode="align"), "zipit": dict(method="zipit")}
+#: the ``repair`` scenario: GroupNorm models (no BatchNorm, so REPAIR has channels to repair)
+REPAIRED = {"zip_repair": dict(method="mudsc", mode="zip", repair=True), "zipit_repair": dict(method="zipit", repair=True)}
 
 
 def case(scenario: str) -> tuple[list[torch.nn.Module], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Two ResNet-20 x1 (BatchNorm, statistics made non-constant) and 5 calibration batches; the
-    ``bad`` scenario's batch 1 (rank 1's first) has the wrong number of channels."""
-    arch = mudsc_graph.get_registry().architecture("resnet20")
+    """Two ResNet-20 x1 (BatchNorm, statistics made non-constant; GroupNorm ones for ``repair``) and
+    5 calibration batches; the ``bad`` scenario's batch 1 (rank 1's first) has the wrong number of channels."""
+    arch = mudsc_graph.get_registry().architecture("resnet20_gn" if scenario == "repair" else "resnet20")
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        m = arch.build(width=1)
+        m = arch.build(width=0.5, gn_groups=4) if scenario == "repair" else arch.build(width=1)
+        for gn in (x for x in m.modules() if isinstance(x, torch.nn.GroupNorm)):
+            gn.weight.data.uniform_(0.5, 1.5)
+            gn.bias.data.uniform_(-0.3, 0.3)
         for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
@@ -43,8 +48,9 @@ def case(scenario: str) -> tuple[list[torch.nn.Module], list[tuple[torch.Tensor,
 
 def merges(scenario: str) -> dict[str, dict[str, torch.Tensor]]:
     models, batches = case(scenario)
-    names = ["zip"] if scenario == "bad" else list(MERGES)
-    return {n: mudsc_graph.merge(models, data=batches, max_iter=5, **MERGES[n]).model.state_dict() for n in names}
+    table = REPAIRED if scenario == "repair" else MERGES
+    names = ["zip"] if scenario == "bad" else list(table)
+    return {n: mudsc_graph.merge(models, data=batches, max_iter=5, **table[n]).model.state_dict() for n in names}
 
 
 def main() -> None:

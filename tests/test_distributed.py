@@ -48,6 +48,18 @@ def test_two_gloo_ranks_merge_what_one_process_merges(tmp_path):
         assert any("running_var" in k for k in state)
 
 
+def test_two_gloo_ranks_repair_what_one_process_repairs(tmp_path):
+    """REPAIR's statistics are sums over batches too: 3 and 2 batches on two ranks give the
+    single-process repaired merge (GroupNorm models, whose channels REPAIR rescales)."""
+    out = _run_ranks(tmp_path, "repair")
+    want = distributed_worker.merges("repair")
+    for name, state in want.items():
+        for rank in (0, 1):
+            got = torch.load(out / f"rank{rank}-{name}.pt", weights_only=True)
+            for k, v in state.items():
+                torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=f"{name}, rank {rank}: {k}")
+
+
 def test_a_failure_on_one_rank_raises_on_every_rank(tmp_path):
     out = _run_ranks(tmp_path, "bad")
     errors = {r: (out / f"rank{r}.err").read_text() for r in (0, 1)}

@@ -435,8 +435,8 @@ def prepare(models: list[nn.Module], *, data: Iterable | None, **arguments: Any)
         >>> prepared = prepare([a, b], data=batches)
         >>> results = {alpha: prepared.merge(method="mudsc", mode="zip", alpha=alpha) for alpha in (0.1, 0.5, 0.9)}
 
-    ``arguments``: ``example_inputs``, ``options``, ``registry``, ``reporter``, ``inputs_from_batch``
-    and any :class:`MergeOptions` field (as in :func:`merge`).
+    ``arguments``: ``example_inputs``, ``options``, ``registry``, ``reporter``, ``inputs_from_batch``,
+    ``repair_data`` and any :class:`MergeOptions` field (as in :func:`merge`).
     """
     return PreparedMerge(models, data=data, **arguments)
 

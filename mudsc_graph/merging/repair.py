@@ -47,7 +47,7 @@ from ..errors import MudscError, first_line
 from ..inputs import as_inputs, call, describe, to_device
 from ..spec.axes import Expr, has_group, ungroup
 from ..spec.merge_spec import MergeSpec
-from .distributed import all_sum_, together, world
+from .distributed import all_sum_, together
 from .assignment import Assignment
 from .weights import apply_along
 
@@ -73,6 +73,7 @@ class Point:
     bias: str | None
     channel_dim: int
     expr: Expr
+    width: int
 
 
 def _channel_dim(module: nn.Module, reset_bn: bool) -> int | None:
@@ -121,7 +122,7 @@ def repair_points(model: nn.Module, spec: MergeSpec, matchings: Mapping[int, Any
         if not has_group(expr, lambda g: g in live) or has_group(expr, lambda g: g in live and g not in sound):
             continue
         bias = prefix + "bias" if getattr(module, "bias", None) is not None else None
-        out.append(Point(path, prefix + "weight", bias, dim, expr))
+        out.append(Point(path, prefix + "weight", bias, dim, expr, module.weight.shape[0]))
     return out
 
 
@@ -159,12 +160,11 @@ def _pass(model: nn.Module, points: Sequence[Point], batches: Sequence, inputs_f
     from its statistics on the batch to that target as it flows on (scaled only, for a point
     without a bias, as its fold will be)."""
     modules = dict(model.named_modules())
-    widths = {p.path: modules[p.path].weight.shape[0] for p in points}
     per_batch: list[Moments] = []
 
     def hook(point: Point) -> Callable:
         def fn(module: nn.Module, args: Any, y: Any) -> Any:
-            if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[point.channel_dim] != widths[point.path]:
+            if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[point.channel_dim] != point.width:
                 return None
             m = _moments_of(y, point.channel_dim)
             per_batch[-1][point.path] = m if point.path not in per_batch[-1] else tuple(a + b for a, b in zip(per_batch[-1][point.path], m))
@@ -205,10 +205,12 @@ def _summed(points: Sequence[Point], per_batch: Sequence[Moments], who: str) -> 
     process group; a point that never ran (on any rank) is left out."""
     total = _total(per_batch)
     ran = torch.tensor([float(p.path in total) for p in points], dtype=torch.float64)
-    all_sum_([ran])
-    if any(0 < r < world()[1] for r in ran.tolist()):  # the same on every rank: all raise together
-        raise RepairError(f"REPAIR: {who} ran a layer on some ranks' data only; its statistics cannot be summed")
-    kept = [p.path for p in points if p.path in total]
+    all_sum_([ran])  # every rank then keeps the same points, and sums the same tensors
+    kept = [p.path for p, r in zip(points, ran.tolist()) if r > 0]
+    for p in points:
+        if p.path in kept and p.path not in total:  # ran elsewhere, not on this rank's batches (or it has none)
+            zero = torch.zeros(p.width, dtype=torch.float64)
+            total[p.path] = (torch.zeros((), dtype=torch.float64), zero, zero.clone())
     all_sum_([t for path in kept for t in total[path]])
     stats = {path: _stats(total[path]) for path in kept}
     bad = [path for path, (mean, std) in stats.items() if not (torch.isfinite(mean).all() and torch.isfinite(std).all())]
