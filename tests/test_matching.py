@@ -283,13 +283,13 @@ def _greedy_inputs(sim: torch.Tensor, n_models: int, b: float):
     return work, sim.numpy(), o, to_remove, budget
 
 
-@pytest.mark.skipif(_zip_kernel.greedy is None and not os.environ.get("CI"),
+@pytest.mark.skipif(not _zip_kernel.available() and not os.environ.get("CI"),
                     reason="numba (the fast extra) is not installed")
 def test_compiled_zip_loop_takes_the_numpy_loops_steps():
     """The compiled loop (numba) and the numpy loop fuse the same pairs in the same order, on
     random similarities, on integer ones full of ties, in float64, for every kind of a and b,
     including N >= 3 budgets that block every pair (the fallback)."""
-    assert _zip_kernel.greedy is not None, "CI installs the fast extra"
+    assert _zip_kernel.available(), "CI installs the fast extra"
     g = torch.Generator().manual_seed(0)
     for trial in range(120):
         n_models = 2 + trial % 3

@@ -13,12 +13,11 @@ One difference in bookkeeping, none in results: a dead cluster's column is not o
 
 from __future__ import annotations
 
-import numpy as np
+import functools
+import threading
+from typing import Callable
 
-try:
-    import numba
-except ImportError:  # the numpy loop in zipit.py is used instead
-    numba = None
+import numpy as np
 
 _NEG = -np.inf
 
@@ -121,13 +120,29 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs):
                 _rescan(work, r, alive, rowmax, rowarg)
 
 
-if numba is not None:
-    _jit = numba.njit(cache=True, nogil=True)
-    _rescan = _jit(_rescan)
-    _fallback = _jit(_fallback)
-    greedy = _jit(_greedy)
-else:
-    greedy = None
+_LOCK = threading.Lock()  # the solver may ask from several threads at once
+
+
+@functools.cache
+def _compile() -> Callable | None:
+    global _rescan, _fallback
+    try:
+        import numba
+    except ImportError:  # the numpy loop in zipit.py is used instead
+        return None
+    jit = numba.njit(cache=True, nogil=True)
+    _rescan, _fallback = jit(_rescan), jit(_fallback)  # _greedy calls them by these global names
+    return jit(_greedy)
+
+
+def compiled() -> Callable | None:
+    """The compiled loop, or ``None`` without numba (imported on first use: it takes a while)."""
+    with _LOCK:
+        return _compile()
+
+
+def available() -> bool:
+    return compiled() is not None
 
 
 def run(work, src, o: int, to_remove: int, a: float, budget: list[int]):
@@ -136,6 +151,6 @@ def run(work, src, o: int, to_remove: int, a: float, budget: list[int]):
     owner = np.empty(n, np.int64)
     pairs = np.empty((to_remove, 2), np.int64)
     consts = np.array([0.5, a], dtype=work.dtype)
-    greedy(np.ascontiguousarray(work), np.ascontiguousarray(src), o, to_remove, consts,
-           np.array(budget, np.int64), owner, pairs)
+    compiled()(np.ascontiguousarray(work), np.ascontiguousarray(src), o, to_remove, consts,
+               np.array(budget, np.int64), owner, pairs)
     return owner, pairs[:, 0].tolist(), pairs[:, 1].tolist()

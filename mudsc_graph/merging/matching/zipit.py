@@ -54,7 +54,7 @@ def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0)
             work[m * o:(m + 1) * o, m * o:(m + 1) * o] = _NEG
 
     # The greedy loop is sequential, so it runs on the host, compiled where numba is installed.
-    loop = _greedy_numpy if _zip_kernel.greedy is None else _zip_kernel.run
+    loop = _zip_kernel.run if _zip_kernel.available() else _greedy_numpy
     owner_np, pairs_i, pairs_j = loop(work.cpu().numpy(), src.cpu().numpy(), o, to_remove, a, budget)
     host = src.cpu()
     pi, pj = torch.tensor(pairs_i), torch.tensor(pairs_j)
