@@ -269,7 +269,8 @@ def test_readme_starts_with_install_and_test_commands():
 
 def test_readme_cli_commands_run(tmp_path, monkeypatch):
     """Every `mudsc` line of the README runs, in order, in a folder holding the `a.pt` and `b.pt`
-    it names (two freshly initialised ResNet-20s). `mudsc demo` has its own test (test_demo.py)."""
+    it names (two freshly initialised ResNet-20s) and `gn_a.pt`, `gn_b.pt` (GroupNorm ResNet-20s).
+    `mudsc demo` has its own test (test_demo.py)."""
     commands = []
     for block in _readme_blocks("bash"):
         for line in block.splitlines():
@@ -280,15 +281,16 @@ def test_readme_cli_commands_run(tmp_path, monkeypatch):
     assert len(commands) >= 8
     from mudsc_graph.plugin.registry import get_registry
 
-    arch = get_registry().architecture("resnet20")
-    for seed, name in ((0, "a.pt"), (1, "b.pt")):
-        torch.manual_seed(seed)
-        torch.save(arch.build().state_dict(), tmp_path / name)
+    for arch_name, prefix in (("resnet20", ""), ("resnet20_gn", "gn_")):
+        arch = get_registry().architecture(arch_name)
+        for seed, name in ((0, "a.pt"), (1, "b.pt")):
+            torch.manual_seed(seed)
+            torch.save(arch.build().state_dict(), tmp_path / (prefix + name))
     monkeypatch.chdir(tmp_path)
     for args in commands:
         result = invoke(*args, "--quiet") if args[0] == "merge" else invoke(*args)
         assert result.exit_code == 0, (args, result.stderr)
-    assert (tmp_path / "merged.pt").exists() and (tmp_path / "partial.safetensors").exists()
+    assert (tmp_path / "merged.pt").exists() and (tmp_path / "partial.safetensors").exists() and (tmp_path / "repaired.pt").exists()
 
 
 def test_readme_python_snippets_run():
