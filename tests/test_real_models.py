@@ -7,7 +7,7 @@ users call it (Hugging Face models with keyword inputs). For each:
 - the permutable units equal a hand count, written below with its arithmetic, and the groups have
   the sizes and block counts that count implies (attention heads are blocks);
 - ``spec.check`` passes: three random valid permutations leave every output unchanged;
-- a permuted copy merges back with MuDSC zip and align (one :func:`prepare`, two merges).
+- a permuted copy merges back with MuDSC zip and align, and with zip and REPAIR (one :func:`prepare`, three merges).
 
 Hand-count conventions (docs/concepts.md, "Spaces"): a space that reaches an output is fixed (a base
 model's ``last_hidden_state`` fixes its residual stream; a classifier's logits do not, the stream
@@ -92,8 +92,8 @@ def _check_and_merge_back(case: Real) -> None:
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, twin)]
     prepared = prepare([model, twin], data=batches, example_inputs=example, reset_bn=case.reset_bn)
     ref = _flat_outputs(call(model, example))
-    for mode in ("zip", "align"):
-        result = prepared.merge(method="mudsc", mode=mode, alpha=0.5, max_iter=1)
+    for mode, repair in (("zip", False), ("align", False), ("zip", True)):  # REPAIR leaves a merge that is already right as it is
+        result = prepared.merge(method="mudsc", mode=mode, alpha=0.5, max_iter=1, repair=repair)
         assert type(result.model) is type(model)
         out = _flat_outputs(call(result.model, example))
         for a, b in zip(ref, out):

@@ -37,7 +37,7 @@ trained on task k, on task k's inputs), the merged model's on all of it (``repai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
