@@ -100,10 +100,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _logits(out: Any) -> Any:
-    """A tensor, a tuple of tensors, or the ``.logits`` of a Hugging Face ``ModelOutput``."""
-    if isinstance(out, torch.Tensor) or isinstance(out, (tuple, list)):
+def _logits(out: Any, nested: bool = False) -> Any:
+    """A tensor, the ``.logits`` of a Hugging Face ``ModelOutput``, or a tuple of those (one per
+    model after a partial zip), where a model's output that is itself a tuple (a Hugging Face
+    output flattened by the partial-zip graph) gives its first tensor, its logits."""
+    if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, (tuple, list)):
+        if nested:
+            if out and isinstance(out[0], torch.Tensor):
+                return out[0]
+            raise EvaluationError(f"a model's output is a {type(out).__name__} that does not start with a logits tensor")
+        return tuple(_logits(o, nested=True) for o in out)
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
