@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mudsc_graph.experiments.evaluate import TaskMetrics, accuracy, ensemble_logits, predict_logits, task_metrics
+from mudsc_graph.experiments.evaluate import EvaluationError, TaskMetrics, accuracy, ensemble_logits, predict_logits, task_metrics
 from mudsc_graph.experiments.tasks import ClassEmbeddingHead, HeadedModel, class_embeddings, split_classes, train_classifier, with_class_head
 
 TASKS = [[0, 1], [2, 3]]
@@ -130,6 +130,21 @@ def test_predict_logits_tuple_outputs_and_batches():
     lin = nn.Linear(4, 3).train()
     out = predict_logits(lin, x, batch_size=2)
     assert lin.training  # mode restored
+
+    class Nested(nn.Module):  # a partial zip of Hugging Face models: each model's output flattened to a tuple
+        def forward(self, x):
+            return (x[:, :2], x[:, :1]), (x[:, 2:] - 1, x)
+
+    a, b = predict_logits(Nested(), x, batch_size=4)
+    torch.testing.assert_close(a, x[:, :2])
+    torch.testing.assert_close(b, x[:, 2:] - 1)
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x, ("no logits",)
+
+    with pytest.raises(EvaluationError, match="does not start with a logits tensor"):
+        predict_logits(Bad(), x)
     torch.testing.assert_close(out, lin(x).detach())
 
 
