@@ -64,15 +64,18 @@ def _write_labelled(path: Path, examples: Sequence[tuple[int, str]]) -> None:
     path.write_text("".join(f"{y}\t{' '.join(s.split())}\n" for y, s in examples), encoding="utf-8")
 
 
+CLI_VARIANTS = (("", ()), ("+repair", ("--repair",)))
+
+
 def cli_rows(result: TextResult, config: TextConfig, *, seed: int = 0, log: Callable[[str], None] = print,
-             workdir: Path | None = None) -> list[TextRow]:
+             variants: Sequence[tuple[str, Sequence[str]]] = CLI_VARIANTS) -> list[TextRow]:
     """Models A and C saved as Hugging Face directories and merged with ``mudsc merge`` (MuDSC-zip,
-    plain and with ``--repair``), evaluated with ``mudsc eval``; checks the CLI's accuracy of A and C
-    against the library's."""
+    once per ``variants`` entry: row suffix, extra flags), evaluated with ``mudsc eval``; checks the
+    CLI's accuracy of A and C against the library's."""
     from mudsc_graph.io.hf import quiet_transformers
 
     art = result.artifacts
-    with tempfile.TemporaryDirectory(prefix="mudsc-text-cli-", dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="mudsc-text-cli-") as tmp:
         root = Path(tmp)
         for name in "AC":
             with quiet_transformers():
@@ -88,7 +91,7 @@ def cli_rows(result: TextResult, config: TextConfig, *, seed: int = 0, log: Call
             if abs(got - want) > 1e-6:
                 raise RuntimeError(f"mudsc eval gives model {name} {got:.4f} on the test file, the library {want:.4f}")
         rows = []
-        for suffix, extra in (("", []), ("+repair", ["--repair"])):
+        for suffix, extra in variants:
             out = root / f"merged{suffix}"
             t0 = time.perf_counter()
             _cli(["merge", str(root / "A"), str(root / "C"), "--data", str(root / "calib.txt"), "--samples", str(n_calib),
@@ -133,17 +136,17 @@ def markdown(rows: Sequence[TextRow], result: TextResult, header: str = "") -> s
 
 
 def run(*, config: TextConfig, out: Path, seed: int = 0, cache_dir: Path | None = None, cli: bool = True,
-        methods: Sequence[str] | None = None, log: Callable[[str], None] = print,
-        command: str = "python -m benchmarks.reproduce.text") -> dict[str, Any]:
+        methods: Sequence[str] | None = None, cli_variants: Sequence[tuple[str, Sequence[str]]] = CLI_VARIANTS,
+        log: Callable[[str], None] = print, command: str = "python -m benchmarks.reproduce.text") -> dict[str, Any]:
     """The library's rows (every method unless ``methods`` says otherwise) and, with ``cli``, the
-    command line's; writes :data:`OUTPUT_FILES` into ``out``."""
+    command line's (:func:`cli_rows`); writes :data:`OUTPUT_FILES` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = run_text(methods=methods, config=config, alpha=ALPHA, seed=seed, cache_dir=cache_dir, log=log)
     rows = list(result.rows)
     if cli:
-        rows += cli_rows(result, config, seed=seed, log=log)
+        rows += cli_rows(result, config, seed=seed, log=log, variants=cli_variants)
     with open(out / "text.csv", "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
