@@ -288,12 +288,13 @@ def _greedy_inputs(sim: torch.Tensor, n_models: int, b: float):
 def test_compiled_zip_loop_takes_the_numpy_loops_steps():
     """The compiled loop (numba) and the numpy loop fuse the same pairs in the same order, on
     random similarities, on integer ones full of ties, in float64, for every kind of a and b,
-    including N >= 3 budgets that block every pair (the fallback)."""
+    including N >= 3 budgets that block every pair (the fallback), however many fused clusters'
+    columns wait to be written (``pending``: 1 writes every column at once)."""
     assert _zip_kernel.available(), "CI installs the fast extra"
     g = torch.Generator().manual_seed(0)
     for trial in range(120):
         n_models = 2 + trial % 3
-        o = 1 + int(torch.randint(0, 12, (1,), generator=g))
+        o = 1 + int(torch.randint(0, 30, (1,), generator=g))
         n = n_models * o
         if trial % 3 == 0:
             sim = torch.randn(n, n, generator=g)
@@ -305,8 +306,9 @@ def test_compiled_zip_loop_takes_the_numpy_loops_steps():
         b = (1.0, 0.0, 0.5, 0.25)[(trial // 4) % 4]
         work, src, o, to_remove, budget = _greedy_inputs(sim, n_models, b)
         expected = zipit._greedy_numpy(work.copy(), src, o, to_remove, a, list(budget))
-        got = _zip_kernel.run(work.copy(), src, o, to_remove, a, list(budget))
-        assert np.array_equal(got[0], expected[0]) and got[1:] == expected[1:], (trial, n_models, o, a, b)
+        for pending in (1, 3, _zip_kernel.PENDING):
+            got = _zip_kernel.run(work.copy(), src, o, to_remove, a, list(budget), pending=pending)
+            assert np.array_equal(got[0], expected[0]) and got[1:] == expected[1:], (trial, n_models, o, a, b, pending)
 
 
 def planted_zip_sim(duplicate: bool):

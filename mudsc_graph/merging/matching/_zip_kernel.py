@@ -3,12 +3,17 @@ numpy loop in :mod:`.zipit`: the same pairs in the same order, the same labels.
 
 Why a compiled loop: the loop is sequential and each step is a handful of O(N*O) vector
 operations, so in numpy the per-call overhead dominates below a few thousand units (about 7x
-faster compiled at 1,024 stacked units). At 6,144 units (a ViT-B/16 MLP pair) the step is
-memory-bound on the one strided write per step (the fused cluster's column), and the compiled
-loop is about 1.7x faster.
+faster compiled at 1,024 stacked units).
 
-One difference in bookkeeping, none in results: a dead cluster's column is not overwritten with
--inf (a strided write of N*O entries); rows skip dead columns instead.
+Two differences in bookkeeping, none in results:
+
+* A dead cluster's column is not overwritten with -inf; rows skip dead columns instead.
+* A fused cluster's new similarities are written to its row at once, to its column late. The
+  column write is strided, one entry per row: at 6,144 units (a ViT-B/16 MLP pair) it touched a
+  new page for every entry and made most of the loop's time. Up to :data:`PENDING` fused
+  clusters wait, and their columns are then written together, row by row. Until then every read
+  of a pair goes to the newer of its two rows: ``fresh[r]`` is the step that last rewrote row
+  ``r``, and a pending column ``p`` is read as ``work[p, r]`` where ``fresh[p] > fresh[r]``.
 """
 
 from __future__ import annotations
@@ -20,16 +25,34 @@ from typing import Callable
 import numpy as np
 
 _NEG = -np.inf
+PENDING = 64
+"""Fused clusters whose columns wait to be written (see the module docstring)."""
 
 
-def _rescan(work, r, alive, rowmax, rowarg):
-    """Row r's maximum over live columns (first index on ties; column 0 when none is finite)."""
+def _rescan(work, r, alive, rowmax, rowarg, fresh, pend, npend, skip):
+    """Row r's maximum over live columns (first index on ties; column 0 when none is finite),
+    reading ``work[p, r]`` for a pending column ``p`` whose row is newer than row r."""
+    k = 0
+    for q in range(npend):
+        p = pend[q]
+        if fresh[p] > fresh[r]:
+            skip[p] = True
+            k += 1
     best = _NEG
     arg = 0
     for c in range(work.shape[1]):
-        if alive[c] and work[r, c] > best:
+        if alive[c] and not skip[c] and work[r, c] > best:
             best = work[r, c]
             arg = c
+    if k:
+        for q in range(npend):
+            p = pend[q]
+            if skip[p]:
+                skip[p] = False
+                v = work[p, r]
+                if alive[p] and (v > best or (v == best and p < arg)):
+                    best = v
+                    arg = p
     rowmax[r] = best
     rowarg[r] = arg
 
@@ -54,10 +77,24 @@ def _fallback(src, alive, half):
     return r0, c0
 
 
-def _greedy(work, src, o, to_remove, consts, budget, owner, pairs):
+def _flush(work, alive, fresh, pend, npend, is_pend):
+    """Write the pending columns: ``work[r, p] = work[p, r]`` where row p is newer than row r."""
+    for r in range(work.shape[0]):
+        if not alive[r]:
+            continue
+        for q in range(npend):
+            p = pend[q]
+            if fresh[p] > fresh[r]:
+                work[r, p] = work[p, r]
+    for q in range(npend):
+        is_pend[pend[q]] = False
+
+
+def _greedy(work, src, o, to_remove, consts, budget, owner, pairs, pending):
     """The loop of ``zipit._greedy_numpy`` on ``work`` (updated in place); ``consts`` holds
     (0.5, a) in ``work``'s dtype so every product rounds as numpy's does; fills ``owner`` and
-    ``pairs`` (to_remove x 2)."""
+    ``pairs`` (to_remove x 2). Up to ``pending`` fused clusters' columns are written late (see
+    the module docstring)."""
     n = work.shape[0]
     half = consts[0]
     a = consts[1]
@@ -66,8 +103,13 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs):
     rowarg = np.empty(n, np.int64)
     stale = np.zeros(n, np.bool_)
     alive = np.ones(n, np.bool_)
+    fresh = np.zeros(n, np.int64)  # the step whose fusion last rewrote row r (0: the input)
+    pend = np.empty(max(pending, 1), np.int64)
+    is_pend = np.zeros(n, np.bool_)
+    skip = np.zeros(n, np.bool_)
+    npend = 0
     for r in range(n):
-        _rescan(work, r, alive, rowmax, rowarg)
+        _rescan(work, r, alive, rowmax, rowarg, fresh, pend, npend, skip)
         owner[r] = r
     for step in range(to_remove):
         k = 0
@@ -82,6 +124,13 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs):
         j = max(r0, c0)
         pairs[step, 0] = i
         pairs[step, 1] = j
+        # rows i and j hold their pairs' values except in pending columns newer than the row
+        for q in range(npend):
+            p = pend[q]
+            if fresh[p] > fresh[i]:
+                work[i, p] = work[p, i]
+            if fresh[p] > fresh[j]:
+                work[j, p] = work[p, j]
         for c in range(n):
             x = min(work[i, c], work[j, c])
             if a == 0:
@@ -94,6 +143,11 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs):
         work[i, j] = _NEG
         alive[j] = False
         rowmax[j] = _NEG
+        fresh[i] = step + 1
+        if not is_pend[i]:
+            is_pend[i] = True
+            pend[npend] = i
+            npend += 1
         for r in range(n):
             if owner[r] == j:
                 owner[r] = i
@@ -101,7 +155,6 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs):
             if not alive[r]:
                 continue
             v = work[i, r]
-            work[r, i] = v
             stale[r] = rowarg[r] == i or rowarg[r] == j
             if v > rowmax[r] or (v == rowmax[r] and rowarg[r] > i):
                 rowmax[r] = v
@@ -117,7 +170,10 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs):
                     stale[r] = alive[r]
         for r in range(n):
             if stale[r]:
-                _rescan(work, r, alive, rowmax, rowarg)
+                _rescan(work, r, alive, rowmax, rowarg, fresh, pend, npend, skip)
+        if npend >= pending:
+            _flush(work, alive, fresh, pend, npend, is_pend)
+            npend = 0
 
 
 _LOCK = threading.Lock()  # the solver may ask from several threads at once
@@ -125,13 +181,13 @@ _LOCK = threading.Lock()  # the solver may ask from several threads at once
 
 @functools.cache
 def _compile() -> Callable | None:
-    global _rescan, _fallback
+    global _rescan, _fallback, _flush
     try:
         import numba
     except ImportError:  # the numpy loop in zipit.py is used instead
         return None
     jit = numba.njit(cache=True, nogil=True)
-    _rescan, _fallback = jit(_rescan), jit(_fallback)  # _greedy calls them by these global names
+    _rescan, _fallback, _flush = jit(_rescan), jit(_fallback), jit(_flush)  # _greedy calls them by these global names
     return jit(_greedy)
 
 
@@ -145,12 +201,12 @@ def available() -> bool:
     return compiled() is not None
 
 
-def run(work, src, o: int, to_remove: int, a: float, budget: list[int]):
+def run(work, src, o: int, to_remove: int, a: float, budget: list[int], pending: int = PENDING):
     """The compiled loop with the numpy loop's signature and results: (owner, pairs_i, pairs_j)."""
     n = work.shape[0]
     owner = np.empty(n, np.int64)
     pairs = np.empty((to_remove, 2), np.int64)
     consts = np.array([0.5, a], dtype=work.dtype)
     compiled()(np.ascontiguousarray(work), np.ascontiguousarray(src), o, to_remove, consts,
-               np.array(budget, np.int64), owner, pairs)
+               np.array(budget, np.int64), owner, pairs, max(1, int(pending)))
     return owner, pairs[:, 0].tolist(), pairs[:, 1].tolist()
