@@ -271,6 +271,13 @@ def test_zip_equals_literal_zipit_loop(n_models, o, a, b, seed):
     assert clusters(m) == reference_zip(s, n_models, a, b)
 
 
+def test_zip_symmetrises_tile_by_tile_to_the_same_bits():
+    g = torch.Generator().manual_seed(0)
+    for n, tile, dtype in ((50, 7, torch.float32), (600, 256, torch.float32), (300, 256, torch.float64), (5, 256, torch.float32)):
+        s = torch.randn(n, n, generator=g, dtype=dtype) * 1e3
+        assert torch.equal(zipit._symmetrised(s, tile), (s + s.T).mul_(0.5)), (n, tile, dtype)
+
+
 def _greedy_inputs(sim: torch.Tensor, n_models: int, b: float):
     n = sim.shape[0]
     o, to_remove = n // n_models, n - n // n_models
