@@ -282,6 +282,109 @@ def _subset(examples: list[tuple[int, str]], n: int | None, seed: int) -> list[t
     return picked[:n]
 
 
+#: The three models: (name, task); A and C learn the same task from different initialisations.
+PLAN = (("A", "sentiment"), ("B", "party"), ("C", "sentiment"))
+
+
+def _trained_models(config: TextConfig, seed: int, vocab: int, train_enc: dict, cache_dir: str | Path | None, retrain: bool,
+                    reporter: Reporter, log: Callable[[str], None]) -> tuple[list[nn.Module], dict[str, Any], Path, bool]:
+    """The models of :data:`PLAN`, trained or loaded from the cache: (models, cache config, path, trained)."""
+    from .demo import _Prefixed, default_cache_dir
+
+    cfg = {"version": CACHE_VERSION, "config": asdict(config), "seed": seed, "vocab": vocab, "plan": PLAN}
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_path = root / f"text-{config_key(cfg)}.pt"
+    models = [text_model(config, vocab, seed * 1000 + i) for i in range(len(PLAN))]
+    states = None if retrain else load_cached(cache_path, len(models), cfg)
+    trained = states is None
+    if states is None:
+        for i, ((label, task), m) in enumerate(zip(PLAN, models)):
+            log(f"training model {label} on {task}")
+            enc, y = train_enc[task]
+            train_text_classifier(m, enc, y, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+                                  seed=seed * 1000 + i, reporter=_Prefixed(reporter, f"model {label} ({task}): "))
+        states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+        save_cached(cache_path, cfg, states)
+    for m, st in zip(models, states):
+        m.load_state_dict(st)
+        m.eval()
+    return models, cfg, cache_path, trained
+
+
+@dataclass
+class _Setting:
+    """What one setting merges and how it is scored."""
+
+    pair: list[nn.Module]
+    own: list[list[dict[str, torch.Tensor]]]  # each parent's calibration batches (per-task REPAIR)
+    data: list[dict[str, torch.Tensor]]  # the merge's calibration batches
+    x: dict[str, torch.Tensor]
+    metrics: Callable[[Any], Any]
+    stop_at: str | None
+    rows: list[TextRow]  # the parents and their ensemble
+
+
+def _two_tasks(a: nn.Module, b: nn.Module, calib: Callable[[str], list], test_enc: dict) -> _Setting:
+    """A (sentiment) and B (party): merged encoder, each model's own head; joint accuracy over the
+    four scores of both heads on both test sets (party's labels shifted by 2)."""
+    own = [calib("sentiment"), calib("party")]
+    data = [x for both in zip(*own) for x in both] + own[0][len(own[1]):] + own[1][len(own[0]):]
+    x_all = {k: torch.cat([test_enc["sentiment"][0][k], test_enc["party"][0][k]]) for k in ("input_ids", "attention_mask")}
+    y_all = torch.cat([test_enc["sentiment"][1], test_enc["party"][1] + 2])
+
+    def metrics(outputs: tuple) -> Any:
+        return task_metrics(outputs, None, y_all, [[0, 1], [2, 3]], heads="separate", head_classes="position")
+
+    m = metrics(tuple(predict_logits(model, x_all) for model in (a, b)))
+    rows = [TextRow("two tasks", f"model {label} ({task})", "base", None, [m.per_task[i]], m.per_task[i])
+            for i, (label, task) in enumerate(PLAN[:2])]
+    rows.append(TextRow("two tasks", "ensemble", "ensemble", m.joint, m.per_task, m.mean_per_task))
+    return _Setting([a, b], own, data, x_all, metrics, "bert", rows)
+
+
+def _one_task(a: nn.Module, c: nn.Module, calib: Callable[[str], list], test_enc: dict) -> _Setting:
+    """A and C (both sentiment): the whole models merged; the ensemble is the mean of their softmax."""
+    own = [calib("sentiment"), calib("sentiment")]
+    x_all, y_all = test_enc["sentiment"]
+
+    def metrics(outputs: torch.Tensor) -> Any:
+        return task_metrics(outputs, None, y_all, [[0, 1]])
+
+    outs = [predict_logits(m, x_all) for m in (a, c)]
+    rows = []
+    for label, out in zip("AC", outs):
+        m = metrics(out)
+        rows.append(TextRow("one task", f"model {label} (sentiment)", "base", m.joint, m.per_task, m.mean_per_task))
+    m = metrics(torch.log(sum(F.softmax(o, 1) for o in outs) / len(outs)))
+    rows.append(TextRow("one task", "ensemble", "ensemble", m.joint, m.per_task, m.mean_per_task))
+    return _Setting([a, c], own, own[0], x_all, metrics, None, rows)
+
+
+def _merged_rows(setting: str, s: _Setting, parsed: list[tuple[str, str, str]], alpha: float, seed: int,
+                 reporter: Reporter) -> list[TextRow]:
+    """Every method of ``parsed`` with every variant of :data:`REPAIR_VARIANTS` for ``setting``.
+    REPAIR reads both parents on the merge's calibration data; per-task REPAIR each on its own."""
+    from ..merging.api import prepare
+
+    prepared = {False: prepare(s.pair, data=s.data)}
+    if any(per_task for _, _, per_task in REPAIR_VARIANTS[setting]):
+        prepared[True] = prepare(s.pair, data=s.data, repair_data=s.own)
+    rows = []
+    reporter.start(f"{setting}: merging", total=len(parsed) * len(REPAIR_VARIANTS[setting]))
+    try:
+        for name, method, mode in parsed:
+            for suffix, repair, per_task in REPAIR_VARIANTS[setting]:
+                t0 = time.perf_counter()
+                result = prepared[per_task].merge(method=method, mode=mode, alpha=alpha, seed=seed, stop_at=s.stop_at, repair=repair)
+                seconds = time.perf_counter() - t0
+                m = s.metrics(predict_logits(result.model, s.x))
+                rows.append(TextRow(setting, name + suffix, "merged", m.joint, m.per_task, m.mean_per_task, seconds))
+                reporter.advance(1, method=name + suffix, joint=m.joint)
+    finally:
+        reporter.end()
+    return rows
+
+
 def run_text(
     *,
     methods: Sequence[str] | None = None,
@@ -297,8 +400,7 @@ def run_text(
     """Train (or load) three text classifiers — A on sentiment, B on party, C on sentiment from
     another initialisation — and merge them every way (see the module docstring). ``methods``:
     names as in the demo (default: all of :data:`mudsc_graph.experiments.demo.DEFAULT_METHODS`)."""
-    from ..merging.api import prepare
-    from .demo import DEFAULT_METHODS, _Prefixed, default_cache_dir, parse_method
+    from .demo import DEFAULT_METHODS, parse_method
 
     reporter = reporter or NullReporter()
     parsed = [(m, *parse_method(m)) for m in (methods or DEFAULT_METHODS)]
@@ -313,7 +415,6 @@ def run_text(
     train = {n: _subset(t.train, config.train_samples, seed) for n, t in tasks.items()}
     test = {n: _subset(t.test, config.test_samples, seed + 1) for n, t in tasks.items()}
     tokenizer = build_tokenizer([s for exs in train.values() for _, s in exs], vocab_size=config.vocab_size)
-    vocab = len(tokenizer)
 
     def encoded(exs: list[tuple[int, str]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return encode(tokenizer, [s for _, s in exs], config.max_length), torch.tensor([y for y, _ in exs])
@@ -321,27 +422,8 @@ def run_text(
     train_enc = {n: encoded(e) for n, e in train.items()}
     test_enc = {n: encoded(e) for n, e in test.items()}
     timings["data"] = time.perf_counter() - t0
-
-    # model A: sentiment, B: party, C: sentiment from another initialisation
-    plan = (("A", "sentiment"), ("B", "party"), ("C", "sentiment"))
-    cfg = {"version": CACHE_VERSION, "config": asdict(config), "seed": seed, "vocab": vocab, "plan": plan}
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cache_path = root / f"text-{config_key(cfg)}.pt"
     t0 = time.perf_counter()
-    models = [text_model(config, vocab, seed * 1000 + i) for i in range(len(plan))]
-    states = None if retrain else load_cached(cache_path, len(models), cfg)
-    trained = states is None
-    if states is None:
-        for i, ((label, task), m) in enumerate(zip(plan, models)):
-            log(f"training model {label} on {task}")
-            enc, y = train_enc[task]
-            train_text_classifier(m, enc, y, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-                                  seed=seed * 1000 + i, reporter=_Prefixed(reporter, f"model {label} ({task}): "))
-        states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
-        save_cached(cache_path, cfg, states)
-    for m, s in zip(models, states):
-        m.load_state_dict(s)
-        m.eval()
+    models, cfg, cache_path, trained = _trained_models(config, seed, len(tokenizer), train_enc, cache_dir, retrain, reporter, log)
     timings["train" if trained else "load_cache"] = time.perf_counter() - t0
     a, b, c = models
 
@@ -353,59 +435,10 @@ def run_text(
     rows: list[TextRow] = []
     for setting in settings:
         t0 = time.perf_counter()
-        if setting == "two tasks":
-            pair, own = [a, b], [calib("sentiment"), calib("party")]
-            data = [x for pair_ in zip(*own) for x in pair_] + own[0][len(own[1]):] + own[1][len(own[0]):]
-            x_all = {k: torch.cat([test_enc["sentiment"][0][k], test_enc["party"][0][k]]) for k in ("input_ids", "attention_mask")}
-            y_all = torch.cat([test_enc["sentiment"][1], test_enc["party"][1] + 2])
-            split = [[0, 1], [2, 3]]
-
-            def metrics(outputs: tuple) -> Any:
-                return task_metrics(outputs, None, y_all, split, heads="separate", head_classes="position")
-
-            outs = [predict_logits(m, x_all) for m in pair]
-            for i, (label, task) in enumerate((("A", "sentiment"), ("B", "party"))):
-                m_i = metrics(tuple(outs))
-                rows.append(TextRow(setting, f"model {label} ({task})", "base", None, [m_i.per_task[i]], m_i.per_task[i]))
-            m_e = metrics(tuple(outs))
-            rows.append(TextRow(setting, "ensemble", "ensemble", m_e.joint, m_e.per_task, m_e.mean_per_task))
-            stop_at: str | None = "bert"
-        else:
-            pair, own = [a, c], [calib("sentiment"), calib("sentiment")]
-            data = own[0]
-            x_all, y_all = test_enc["sentiment"]
-            split = [[0, 1]]
-
-            def metrics(outputs: torch.Tensor) -> Any:
-                return task_metrics(outputs, None, y_all, split)
-
-            outs = [predict_logits(m, x_all) for m in pair]
-            for label, out in zip("AC", outs):
-                m_i = metrics(out)
-                rows.append(TextRow(setting, f"model {label} (sentiment)", "base", m_i.joint, m_i.per_task, m_i.mean_per_task))
-            m_e = metrics(torch.log(sum(F.softmax(o, 1) for o in outs) / len(outs)))
-            rows.append(TextRow(setting, "ensemble", "ensemble", m_e.joint, m_e.per_task, m_e.mean_per_task))
-            stop_at = None
-        # REPAIR reads both parents on the merge's calibration data; per-task REPAIR each parent on its own
-        prepared = {False: prepare(pair, data=data)}
-        if any(per_task for _, _, per_task in REPAIR_VARIANTS[setting]):
-            prepared[True] = prepare(pair, data=data, repair_data=own)
-        reporter.start(f"{setting}: merging", total=len(parsed) * len(REPAIR_VARIANTS[setting]))
-        try:
-            for name, method, mode in parsed:
-                for suffix, repair, per_task in REPAIR_VARIANTS[setting]:
-                    t1 = time.perf_counter()
-                    result = prepared[per_task].merge(method=method, mode=mode, alpha=alpha, seed=seed, stop_at=stop_at,
-                                                      repair=repair)
-                    seconds = time.perf_counter() - t1
-                    m_m = metrics(predict_logits(result.model, x_all))
-                    rows.append(TextRow(setting, name + suffix, "merged", m_m.joint, m_m.per_task, m_m.mean_per_task, seconds))
-                    reporter.advance(1, method=name + suffix, joint=m_m.joint)
-        finally:
-            reporter.end()
+        s = _two_tasks(a, b, calib, test_enc) if setting == "two tasks" else _one_task(a, c, calib, test_enc)
+        rows += s.rows + _merged_rows(setting, s, parsed, alpha, seed, reporter)
         timings[setting] = time.perf_counter() - t0
     samples = {**{f"train {n}": len(e) for n, e in train.items()}, **{f"test {n}": len(e) for n, e in test.items()},
-               "calibration per task": min(config.calib_samples, *(len(e) for e in train.values())), "vocabulary": vocab}
+               "calibration per task": min(config.calib_samples, *(len(e) for e in train.values())), "vocabulary": len(tokenizer)}
     return TextResult(rows, cfg, samples, timings, trained, str(cache_path),
                       artifacts={"tokenizer": tokenizer, "models": dict(zip("ABC", models)), "train": train, "test": test})
-
