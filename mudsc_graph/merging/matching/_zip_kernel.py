@@ -90,6 +90,44 @@ def _flush(work, alive, fresh, pend, npend, is_pend):
         is_pend[pend[q]] = False
 
 
+def _fuse(work, i, j, a, zero, fresh, pend, npend):
+    """Row i becomes the fused cluster's: ``a * min(row i, row j)`` (rows i and j first take their
+    pairs' values from pending columns newer than them); its pairs with i and j become -inf."""
+    for q in range(npend):
+        p = pend[q]
+        if fresh[p] > fresh[i]:
+            work[i, p] = work[p, i]
+        if fresh[p] > fresh[j]:
+            work[j, p] = work[p, j]
+    for c in range(work.shape[1]):
+        x = min(work[i, c], work[j, c])
+        if a == 0:
+            if x != _NEG:
+                x = zero
+        elif a != 1:
+            x = x * a
+        work[i, c] = x
+    work[i, i] = _NEG
+    work[i, j] = _NEG
+
+
+def _renew(work, i, j, alive, owner, stale, rowmax, rowarg):
+    """After fusing j into i: owners, every live row's cached maximum against the new row i, and
+    which rows must be scanned again (their maximum was at i or j)."""
+    for r in range(work.shape[0]):
+        if owner[r] == j:
+            owner[r] = i
+        stale[r] = False
+        if not alive[r]:
+            continue
+        v = work[i, r]
+        stale[r] = rowarg[r] == i or rowarg[r] == j
+        if v > rowmax[r] or (v == rowmax[r] and rowarg[r] > i):
+            rowmax[r] = v
+            rowarg[r] = i
+    stale[i] = True
+
+
 def _greedy(work, src, o, to_remove, consts, budget, owner, pairs, pending):
     """The loop of ``zipit._greedy_numpy`` on ``work`` (updated in place); ``consts`` holds
     (0.5, a) in ``work``'s dtype so every product rounds as numpy's does; fills ``owner`` and
@@ -124,23 +162,7 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs, pending):
         j = max(r0, c0)
         pairs[step, 0] = i
         pairs[step, 1] = j
-        # rows i and j hold their pairs' values except in pending columns newer than the row
-        for q in range(npend):
-            p = pend[q]
-            if fresh[p] > fresh[i]:
-                work[i, p] = work[p, i]
-            if fresh[p] > fresh[j]:
-                work[j, p] = work[p, j]
-        for c in range(n):
-            x = min(work[i, c], work[j, c])
-            if a == 0:
-                if x != _NEG:
-                    x = zero
-            elif a != 1:
-                x = x * a
-            work[i, c] = x
-        work[i, i] = _NEG
-        work[i, j] = _NEG
+        _fuse(work, i, j, a, zero, fresh, pend, npend)
         alive[j] = False
         rowmax[j] = _NEG
         fresh[i] = step + 1
@@ -148,18 +170,7 @@ def _greedy(work, src, o, to_remove, consts, budget, owner, pairs, pending):
             is_pend[i] = True
             pend[npend] = i
             npend += 1
-        for r in range(n):
-            if owner[r] == j:
-                owner[r] = i
-            stale[r] = False
-            if not alive[r]:
-                continue
-            v = work[i, r]
-            stale[r] = rowarg[r] == i or rowarg[r] == j
-            if v > rowmax[r] or (v == rowmax[r] and rowarg[r] > i):
-                rowmax[r] = v
-                rowarg[r] = i
-        stale[i] = True
+        _renew(work, i, j, alive, owner, stale, rowmax, rowarg)
         m = i // o
         if m == j // o:
             budget[m] -= 1
@@ -181,13 +192,14 @@ _LOCK = threading.Lock()  # the solver may ask from several threads at once
 
 @functools.cache
 def _compile() -> Callable | None:
-    global _rescan, _fallback, _flush
+    global _rescan, _fallback, _flush, _fuse, _renew
     try:
         import numba
     except ImportError:  # the numpy loop in zipit.py is used instead
         return None
     jit = numba.njit(cache=True, nogil=True)
     _rescan, _fallback, _flush = jit(_rescan), jit(_fallback), jit(_flush)  # _greedy calls them by these global names
+    _fuse, _renew = jit(_fuse), jit(_renew)
     return jit(_greedy)
 
 
