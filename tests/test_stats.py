@@ -205,6 +205,13 @@ def test_resnet_permuted_partner_last_and_all(resnet) -> None:
     assert not gm1.training and not gm2.training  # modes untouched
     residual = max((g for g in spec.free_groups()), key=lambda g: len(g.probes))
     assert not torch.allclose(last[residual.id], every[residual.id])  # they read different probes
+    # each access builds a new matrix (the solver may scale it in place); a plain tensor is handed out as is
+    g = residual.id
+    assert last.fresh(g) and last[g] is not last[g] and torch.equal(last[g].mul_(0.5), last[g] * 0.5)
+    from mudsc_graph.merging.statistics import Correlations
+
+    plain = Correlations({g: last[g]})
+    assert not plain.fresh(g) and plain[g] is plain[g]
 
 
 def test_resnet_oracle_single_probe(resnet) -> None:

@@ -165,7 +165,10 @@ class DualSpaceSolver:
         w = self.weight_similarity(gid, matchings)[1]
         if alpha >= 1.0:
             return w
-        return w.mul_(alpha).add_(self.act[gid] * (1.0 - alpha))  # w is fresh: scaled in place
+        act = self.act[gid]
+        fresh = getattr(self.act, "fresh", None)  # a plain {gid: correlation} hands out its own tensors
+        act = act.mul_(1.0 - alpha) if fresh is not None and fresh(gid) else act * (1.0 - alpha)
+        return w.mul_(alpha).add_(act)  # w is fresh: scaled in place
 
     def covariance(self, gid: int) -> torch.Tensor | None:
         """``gid``'s activation covariance (:meth:`Correlations.covariance

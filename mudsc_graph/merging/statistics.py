@@ -65,6 +65,10 @@ class Correlations(Mapping):
     def __contains__(self, gid: object) -> bool:  # without building the matrix
         return gid in self._data
 
+    def fresh(self, gid: int) -> bool:
+        """Whether ``self[gid]`` builds a new tensor on every access (the caller may change it in place)."""
+        return not isinstance(self._data[gid], torch.Tensor)
+
     def covariance(self, gid: int) -> torch.Tensor | None:
         """Group ``gid``'s covariance, or ``None`` without its statistics."""
         if gid not in self or gid not in self.stds:
