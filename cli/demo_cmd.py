@@ -166,8 +166,8 @@ def _text_tables(result: Any) -> list[Table]:
             table.add_column(column, justify="right")
         for i, row in enumerate(rows):
             if setting == "two tasks":
-                per_task = row.per_task if len(row.per_task) == 2 else [row.per_task[0], None] if "(sentiment)" in row.name else [None, row.per_task[0]]
-                cells = [_pct(row.joint), *map(_pct, per_task), _pct(row.mean_per_task) if row.joint is not None else ""]
+                cells = [_pct(row.joint), *(_pct(row.accuracy_of(t)) for t in ("sentiment", "party")),
+                         _pct(row.mean_per_task) if row.joint is not None else ""]
             else:
                 cells = [_pct(row.joint)]
             table.add_row(row.name, *cells, "" if row.merge_seconds is None else f"{row.merge_seconds:.1f}",

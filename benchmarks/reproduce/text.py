@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from benchmarks import ROOT, default_out
-from mudsc_graph.experiments.text import TextConfig, TextResult, TextRow, run_text
+from mudsc_graph.experiments.text import TWO_TASKS, TextConfig, TextResult, TextRow, run_text
 
 #: The files :func:`run` writes into its output folder.
 OUTPUT_FILES = ("text.csv", "text.md", "text_run.json")
@@ -99,7 +99,7 @@ def cli_rows(result: TextResult, config: TextConfig, *, seed: int = 0, log: Call
                   "--seed", str(seed), "--out", str(out), "--quiet", *extra], log)
             seconds = time.perf_counter() - t0  # the whole command: start-up, loading, merge and saving
             acc = _cli(["eval", str(out), "--data", str(root / "test.txt"), *length], log)["accuracy"]
-            rows.append(TextRow("one task", f"mudsc-zip{suffix}{CLI_SUFFIX}", "merged", acc, [acc], acc, seconds))
+            rows.append(TextRow("one task", f"mudsc-zip{suffix}{CLI_SUFFIX}", "merged", acc, [acc], acc, seconds, ["sentiment"]))
     return rows
 
 
@@ -118,12 +118,10 @@ def markdown(rows: Sequence[TextRow], result: TextResult, header: str = "") -> s
               f"{n['test party']} test sentences)", "",
               "| model | joint | sentiment | party | mean per task | merge s |", "|---|---|---|---|---|---|"]
     for r in (r for r in rows if r.setting == "two tasks"):
-        if r.kind == "base":
-            cells = [_pct(r.per_task[0]), ""] if "sentiment" in r.name else ["", _pct(r.per_task[0])]
-            lines.append(f"| {r.name} |  | {' | '.join(cells)} |  |  |")
-        else:
-            lines.append(f"| {r.name} | {_pct(r.joint)} | {' | '.join(map(_pct, r.per_task))} | {_pct(r.mean_per_task)} | "
-                         f"{'' if r.merge_seconds is None else f'{r.merge_seconds:.1f}'} |")
+        cells = [_pct(r.accuracy_of(t)) for t in TWO_TASKS]
+        mean = "" if r.kind == "base" else _pct(r.mean_per_task)
+        seconds = "" if r.merge_seconds is None else f"{r.merge_seconds:.1f}"
+        lines.append(f"| {r.name} | {_pct(r.joint)} | {' | '.join(cells)} | {mean} | {seconds} |")
     lines += ["", f"### One task, two seeds: A and C on sentiment (whole models merged; {n['test sentiment']} test sentences)", "",
               "| model | sentiment | merge s |", "|---|---|---|"]
     for r in (r for r in rows if r.setting == "one task"):

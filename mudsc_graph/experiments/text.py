@@ -242,6 +242,11 @@ class TextRow:
     per_task: list[float]
     mean_per_task: float
     merge_seconds: float | None = None
+    tasks: list[str] = field(default_factory=list)  # the task of each entry of per_task
+
+    def accuracy_of(self, task: str) -> float | None:
+        """This row's accuracy on ``task``, ``None`` where the row has none (a parent of the other task)."""
+        return self.per_task[self.tasks.index(task)] if task in self.tasks else None
 
 
 @dataclass
@@ -284,6 +289,8 @@ def _subset(examples: list[tuple[int, str]], n: int | None, seed: int) -> list[t
 
 #: The three models: (name, task); A and C learn the same task from different initialisations.
 PLAN = (("A", "sentiment"), ("B", "party"), ("C", "sentiment"))
+#: The tasks of the two-task setting, in the order of its per-task accuracies.
+TWO_TASKS = ("sentiment", "party")
 
 
 def _trained_models(config: TextConfig, seed: int, vocab: int, train_enc: dict, cache_dir: str | Path | None, retrain: bool,
@@ -322,6 +329,7 @@ class _Setting:
     metrics: Callable[[Any], Any]
     stop_at: str | None
     rows: list[TextRow]  # the parents and their ensemble
+    tasks: list[str]  # what a merge's per_task covers
 
 
 def _two_tasks(a: nn.Module, b: nn.Module, calib: Callable[[str], list], test_enc: dict) -> _Setting:
@@ -336,10 +344,10 @@ def _two_tasks(a: nn.Module, b: nn.Module, calib: Callable[[str], list], test_en
         return task_metrics(outputs, None, y_all, [[0, 1], [2, 3]], heads="separate", head_classes="position")
 
     m = metrics(tuple(predict_logits(model, x_all) for model in (a, b)))
-    rows = [TextRow("two tasks", f"model {label} ({task})", "base", None, [m.per_task[i]], m.per_task[i])
+    rows = [TextRow("two tasks", f"model {label} ({task})", "base", None, [m.per_task[i]], m.per_task[i], tasks=[task])
             for i, (label, task) in enumerate(PLAN[:2])]
-    rows.append(TextRow("two tasks", "ensemble", "ensemble", m.joint, m.per_task, m.mean_per_task))
-    return _Setting([a, b], own, data, x_all, metrics, "bert", rows)
+    rows.append(TextRow("two tasks", "ensemble", "ensemble", m.joint, m.per_task, m.mean_per_task, tasks=list(TWO_TASKS)))
+    return _Setting([a, b], own, data, x_all, metrics, "bert", rows, list(TWO_TASKS))
 
 
 def _one_task(a: nn.Module, c: nn.Module, calib: Callable[[str], list], test_enc: dict) -> _Setting:
@@ -354,10 +362,10 @@ def _one_task(a: nn.Module, c: nn.Module, calib: Callable[[str], list], test_enc
     rows = []
     for label, out in zip("AC", outs):
         m = metrics(out)
-        rows.append(TextRow("one task", f"model {label} (sentiment)", "base", m.joint, m.per_task, m.mean_per_task))
+        rows.append(TextRow("one task", f"model {label} (sentiment)", "base", m.joint, m.per_task, m.mean_per_task, tasks=["sentiment"]))
     m = metrics(torch.log(sum(F.softmax(o, 1) for o in outs) / len(outs)))
-    rows.append(TextRow("one task", "ensemble", "ensemble", m.joint, m.per_task, m.mean_per_task))
-    return _Setting([a, c], own, own[0], x_all, metrics, None, rows)
+    rows.append(TextRow("one task", "ensemble", "ensemble", m.joint, m.per_task, m.mean_per_task, tasks=["sentiment"]))
+    return _Setting([a, c], own, own[0], x_all, metrics, None, rows, ["sentiment"])
 
 
 def _merged_rows(setting: str, s: _Setting, parsed: list[tuple[str, str, str]], alpha: float, seed: int,
@@ -378,7 +386,7 @@ def _merged_rows(setting: str, s: _Setting, parsed: list[tuple[str, str, str]], 
                 result = prepared[per_task].merge(method=method, mode=mode, alpha=alpha, seed=seed, stop_at=s.stop_at, repair=repair)
                 seconds = time.perf_counter() - t0
                 m = s.metrics(predict_logits(result.model, s.x))
-                rows.append(TextRow(setting, name + suffix, "merged", m.joint, m.per_task, m.mean_per_task, seconds))
+                rows.append(TextRow(setting, name + suffix, "merged", m.joint, m.per_task, m.mean_per_task, seconds, s.tasks))
                 reporter.advance(1, method=name + suffix, joint=m.joint)
     finally:
         reporter.end()
