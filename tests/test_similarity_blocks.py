@@ -90,3 +90,35 @@ def test_solver_paths_agree_on_grouped_conv():
         models.append(case.make_model().eval())
     for gid, old, new, _ in _solver_similarities(models, [case.make_inputs()], "zip", False):
         torch.testing.assert_close(new, old, atol=ATOL, rtol=0, msg=f"group {gid}")
+
+
+def test_solver_keeps_weight_features_only_while_their_neighbours_stand_still():
+    """A group's per-model features are cached once built twice on the same neighbours' blocks, and
+    never again once built on different ones; the similarities are the uncached ones throughout."""
+    from mudsc_graph.merging.matching import identity_matching
+
+    arch = get_registry().architecture("vit_tiny")
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(arch.build().eval())
+    x = torch.randn(4, *arch.example_inputs(1)[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    res = merge(models, data=[x], method="mudsc", mode="align", alpha=0.5, max_iter=2, reset_bn=False)
+    states = [m.state_dict() for m in models]
+    gids = sorted(res.matchings)
+
+    def solver():
+        s = DualSpaceSolver(res.spec, states, gids, match=lambda *a, **k: None, act=None, alpha=1.0, within_model=False)
+        s.stream = dict.fromkeys(gids, False)
+        return s
+
+    gid = next(g for g in gids if (solver().nbrs[g] - {g}) & set(gids))
+    other = dict(res.matchings)
+    for nb in (solver().nbrs[gid] - {gid}) & set(gids):  # every neighbour back to the identity: model 1's blocks change, model 0's do not
+        other[nb] = identity_matching(res.spec.groups[nb].size, 2)
+    s = solver()
+    for step, matchings in enumerate([res.matchings, res.matchings, other, res.matchings]):
+        got = s.weight_similarity(gid, matchings)[1]
+        assert torch.equal(got, solver().weight_similarity(gid, matchings)[1]), f"step {step}"
+        held = {i for i in range(2) if s._rows.get((gid, i), (None, None))[1] is not None}
+        assert held == [set(), {0, 1}, {0}, {0}][step], f"step {step}: rows held for models {held}"

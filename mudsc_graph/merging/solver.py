@@ -17,7 +17,9 @@ sweep that do not neighbour each other have their assignments solved side by sid
 threads (for a matcher that says it is ``thread_safe``), which changes no result.
 
 Memory: a similarity is built only when its unit must be solved again, and is not kept. Each model's normalised weight features
-are cached for narrow groups (model 0's are reused for the whole run under a permutation matcher);
+of a narrow group are cached once they were built twice on the same neighbours' blocks and never on different ones (so
+model 0's are reused for the whole run under a permutation matcher, and features that change are not held: rebuilding
+them costs about ``1/units`` of the similarity's product);
 a group whose features would exceed :data:`STREAM_NUMEL` floats per model (the residual stream of
 a transformer) is streamed tensor by tensor instead (:func:`~mudsc_graph.merging.similarity.streamed_correlation`).
 """
@@ -99,7 +101,8 @@ class DualSpaceSolver:
         self.within_model = within_model
         self.covariances = covariances  # pass match(..., covariances=[...]) (MatchingStrategy.needs_covariances)
         self.stream = {g: feature_numel(spec, states[0], self.occs[g]) > STREAM_NUMEL for g in gids}
-        self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}
+        self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}  # (group, model) -> (row key, rows or None)
+        self._changing: set[tuple[int, int]] = set()  # (group, model) built on different neighbours: never cached
         self.built = 0
         self.workers = max(1, threads)  # assignments solved side by side (see _solve)
 
@@ -122,14 +125,20 @@ class DualSpaceSolver:
         return merge_of, unmerge_t_of
 
     def _model_rows(self, gid: int, i: int, matchings: Mapping[int, Any]) -> Any:
-        """Model ``i``'s normalised weight features of ``gid``, rebuilt only when a neighbour's
-        model-``i`` blocks changed (model 0's never change under a permutation matcher)."""
+        """Model ``i``'s normalised weight features of ``gid``; cached once built twice on the same
+        neighbours' model-``i`` blocks and never on others (see the module docstring)."""
         key = self._row_key(gid, i, matchings)
         hit = self._rows.get((gid, i))
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == key and hit[1] is not None:
             return hit[1]
         rows = normal_rows(weight_features(self.spec, self.states[i], gid, *self._blocks(i, matchings), self.occs[gid]))
-        self._rows[(gid, i)] = (key, rows)
+        if (gid, i) in self._changing:
+            return rows
+        if hit is None or hit[0] == key:  # first build: the key only; the same key again: the rows too
+            self._rows[(gid, i)] = (key, None if hit is None else rows)
+        else:  # its neighbours' blocks change: holding its rows would cost memory and save little
+            del self._rows[(gid, i)]
+            self._changing.add((gid, i))
         return rows
 
     def weight_key(self, gid: int, matchings: Mapping[int, Any]) -> tuple:

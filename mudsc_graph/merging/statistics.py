@@ -12,6 +12,7 @@ features are stacked in model order into ``(N*units) x samples`` and folded into
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..errors import MudscError, first_line
 from ..inputs import InputError, as_inputs, bind, call_graph, describe, to_device
 from ..spec.axes import Expr, size, take, to_json
 from .distributed import all_sum_, reduce_moments, together
+from .lockstep import Stepper
 
 
 #: Where a group's features are read: its last consumer, its first, or all of them.
@@ -454,11 +456,19 @@ def _runs(gms: list[fx.GraphModule], states: Any, plan: dict[int, list[Any]], re
 
 
 class _Pass:
-    """One pass of the N models over the calibration batches, folding every group's features."""
+    """One pass of the N models over the calibration batches, folding every group's features.
+
+    The models run in step (:class:`~.lockstep.Stepper`): each group is folded as soon as its probes
+    are computed in every model, and its values are then freed, so a batch never holds every probe
+    value of every model at once."""
 
     def __init__(self, runs: list, plan: dict, sizes: dict, accs: dict, inputs_from_batch: Callable, device: Any, reporter: Any) -> None:
         self.runs, self.plan, self.sizes, self.accs = runs, plan, sizes, accs
         self.inputs_from_batch, self.device, self.reporter = inputs_from_batch, device, reporter
+        self.steppers = [Stepper(ext, state) for ext, state in runs]
+        keys = {gid: [_out_key(p) for p in probes] for gid, probes in plan.items()}
+        self.order = sorted(plan, key=lambda gid: self.steppers[0].ready(keys[gid]))  # stable: plan order on ties
+        self.keys = keys
 
     def over(self, batches: Iterable) -> int:
         n_batches = 0
@@ -470,12 +480,27 @@ class _Pass:
         return n_batches
 
     def fold(self, inputs: Any) -> None:
-        outs = [_run(ext, state, inputs) for ext, state in self.runs]
+        uses = Counter(k for gid in self.order for k in self.keys[gid])
         finite = []
-        for gid, probes in self.plan.items():
-            feats = torch.cat([self.features(out, gid, probes) for out in outs], dim=0)
-            finite.append(self.accs[gid].update(feats, in_place=True))
+        try:
+            for s in self.steppers:
+                s.start(inputs)
+            for gid in self.order:
+                for s in self.steppers:
+                    _step(s, s.ready(self.keys[gid]), inputs)
+                feats = torch.cat([self.features(s.values, gid, self.plan[gid]) for s in self.steppers], dim=0)
+                finite.append(self.accs[gid].update(feats, in_place=True))
+                del feats
+                for k in self.keys[gid]:
+                    uses[k] -= 1
+                    if not uses[k]:
+                        for s in self.steppers:
+                            s.values.pop(k, None)
+        finally:
+            for s in self.steppers:
+                s.finish()
         if finite and not bool(torch.stack(finite).all()):  # one device sync per batch
+            outs = [_run(ext, state, inputs) for ext, state in self.runs]  # again, whole, to say where
             _check_finite([(self.features(out, gid, [p]), gid, p.node, k) for gid, probes in self.plan.items()
                            for p in probes for k, out in enumerate(outs)])
             raise StatisticsError("features too large for float32 statistics (their sums overflow); scale the inputs down")
@@ -484,6 +509,16 @@ class _Pass:
         """One model's ``(units, samples)`` features of group ``gid`` (its probes as more samples)."""
         per_probe = [group_features(out[_out_key(p)], p.axis, p.expr, gid, self.sizes) for p in probes]
         return per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1)
+
+
+def _step(stepper: Stepper, upto: int, inputs: Any) -> None:
+    """``stepper.advance(upto)``, with the error of :func:`_run` when the model fails on the batch."""
+    try:
+        stepper.advance(upto)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise _model_error(exc, inputs) from exc
 
 
 def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: Any) -> dict:
@@ -495,11 +530,15 @@ def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: 
     except InputError:
         raise
     except Exception as exc:
-        raise StatisticsError(
-            f"running the model on a calibration batch ({describe(inputs)}) failed: {type(exc).__name__}: "
-            f"{first_line(exc)}; calibration batches must have the example inputs' "
-            "shapes apart from the batch size (pad text to one length)"
-        ) from exc
+        raise _model_error(exc, inputs) from exc
+
+
+def _model_error(exc: Exception, inputs: Any) -> StatisticsError:
+    return StatisticsError(
+        f"running the model on a calibration batch ({describe(inputs)}) failed: {type(exc).__name__}: "
+        f"{first_line(exc)}; calibration batches must have the example inputs' "
+        "shapes apart from the batch size (pad text to one length)"
+    )
 
 
 def _check_finite(checks: list[tuple[torch.Tensor, int, str, int]]) -> None:
