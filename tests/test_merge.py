@@ -295,3 +295,25 @@ def test_a_prepared_merge_gives_what_merge_gives_for_every_method():
     assert set(prepared.timings) == {"check", "bn_reset_bases", "analysis", "statistics"}
     with pytest.raises(MergeError, match="unknown method"):
         prepared.merge(method="nope")
+
+
+def test_merged_weights_written_in_place_equal_the_merged_dict():
+    """``merge_state_dicts(out=...)`` writes each merged tensor into the receiving model as it is
+    formed (the merged weights are never held twice) and gives what the returned dict gives."""
+    import copy
+
+    from mudsc_graph.merging.weights import merge_state_dicts
+
+    (arch, m0), (_, m1) = _model("resnet20", 0), _model("resnet20", 1)
+    models = [m0, m1]
+    res = merge(models, data=_data(arch, 1), method="mudsc", mode="zip", max_iter=2, reset_bn=False)
+    states = [m.state_dict() for m in models]
+    ref = merge_state_dicts(res.spec, states, res.matchings)
+    into = copy.deepcopy(models[0])
+    got = merge_state_dicts(res.spec, states, res.matchings, out=into.state_dict())
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert all(torch.equal(v, ref[k]) for k, v in into.state_dict().items())
+    assert not torch.equal(into.state_dict()["conv1.weight"], states[0]["conv1.weight"])
+    small = {k: v[:1] if v.dim() else v for k, v in copy.deepcopy(models[0]).state_dict().items()}
+    with pytest.raises(ValueError, match="has shape"):
+        merge_state_dicts(res.spec, states, res.matchings, out=small)

@@ -276,7 +276,7 @@ class PreparedMerge:
 
         t0 = time.perf_counter()
         merged = copy.deepcopy(self.models[0])
-        merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
+        merge_state_dicts(self.spec, self.states, matchings, out=merged.state_dict())  # in place, tensor by tensor
         timings["merge"] = time.perf_counter() - t0
 
         reset = opts.reset_bn and self.batches is not None and has_batchnorm(merged)

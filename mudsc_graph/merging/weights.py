@@ -141,23 +141,36 @@ def row_normalised(M: "torch.Tensor | Assignment", n_models: int = 1) -> "torch.
     return torch.where(s > 0, M / s.clamp_min(1e-12), M)
 
 
-def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]], matchings: Mapping[int, object]) -> dict[str, torch.Tensor]:
+def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]], matchings: Mapping[int, object],
+                      out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The merged state_dict: ``sum_i`` of every model's tensors in merged coordinates.
 
     ``matchings[gid]`` has ``merge_map(i)`` and ``read_map(i)`` (:class:`~mudsc_graph.merging.matching.Matching`); groups without a matching
-    (fixed ones) keep their units, and their tensors are averaged.
+    (fixed ones) keep their units, and their tensors are averaged. ``out`` (the state dict of a
+    model of the merged shapes, e.g. ``merged.state_dict()``) receives each tensor as soon as it is
+    formed, in place, and is returned: the merged weights are never held twice.
     """
     n = len(states)
     sizes = {g.id: g.size for g in spec.groups}
     live = lambda gid: gid in matchings  # noqa: E731
     merged: dict[str, torch.Tensor] = {}
+
+    def put(name: str, t: torch.Tensor) -> None:
+        if out is None:
+            merged[name] = t
+        elif out[name].shape != t.shape:
+            raise ValueError(f"merged {name!r} has shape {tuple(t.shape)}, the model to receive it {tuple(out[name].shape)}")
+        else:
+            with torch.no_grad():
+                out[name].copy_(t)
+
     for name, t0 in states[0].items():
         exprs = spec.axes.get(name)
         if not torch.is_floating_point(t0):
-            merged[name] = t0.clone()
+            put(name, t0.clone())
             continue
         if exprs is None or t0.dim() == 0:
-            merged[name] = sum(s[name].float() for s in states).to(t0.dtype) / n
+            put(name, sum(s[name].float() for s in states).to(t0.dtype) / n)
             continue
         consumed = set(spec.consumed.get(name, ()))
         total = None
@@ -176,5 +189,5 @@ def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]],
 
             part = transform_tensor(state[name].float(), exprs, consumed, produce, produce_other, read, sizes, n, live)
             total = part if total is None else total + part
-        merged[name] = total.to(t0.dtype)
-    return merged
+        put(name, total.to(t0.dtype))
+    return merged if out is None else dict(out)
