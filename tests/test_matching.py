@@ -491,3 +491,24 @@ def test_hook_mudsc_merge_methods():
         MergeMethod("bad", matcher="zip", alpha=2.0)
     with pytest.raises(PluginError, match="default_mode"):
         MergeMethod("bad", matcher=None)
+
+
+def test_maps_apply_as_their_dense_matrices_along_any_axis():
+    """Every model's merge and read map of an align (permutation: one gather) and of a zip matching
+    (a scatter-add) multiplies a tensor along any axis exactly as its dense matrix does."""
+    from mudsc_graph.merging.matching import matching_from_labels
+
+    o = 6
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(o, generator=g)
+    align = matching_from_labels(torch.cat([torch.arange(o), perm]), 2, o, 0.0)
+    zipped = matching_from_labels(torch.tensor([0, 0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 0]), 2, o, 0.0)  # model 0 fuses 0 and 1
+    t = torch.randn(4, o, 3, generator=g)
+    for m, permutes in ((align, True), (zipped, False)):
+        for i in range(2):
+            for a in (m.merge_map(i), m.read_map(i)):
+                assert (a.inverse is not None) == (permutes or i == 1)  # zip's model 1 block is a permutation here
+                dense = a.dense()
+                same = torch.equal if a.inverse is not None else lambda x, y: torch.allclose(x, y, rtol=1e-6, atol=1e-7)
+                assert same(a.apply(t, 1), torch.einsum("rc,ack->ark", dense, t))
+                assert same(a.apply(t.transpose(0, 1).contiguous(), 0), torch.einsum("rc,cak->rak", dense, t.transpose(0, 1)))

@@ -4,7 +4,8 @@ Every built-in matcher assigns each model unit to exactly one merged unit, so th
 model ``i`` (merged x model units), its unmerge block transposed and its own-coordinates map are
 such matrices. Dense, one of them weighs ``O_m * O`` floats (ViT-B/16's 3,072-unit MLP groups:
 38 MB each, four per group and sweep); as an :class:`Assignment` it is ``2 * O`` numbers, and
-applying it to a tensor is a gather and a scatter-add, linear in the tensor's size.
+applying it to a tensor is a gather and a scatter-add, linear in the tensor's size (one gather
+for a permutation, an align matching's block, when ``inverse`` is given).
 
     >>> a = Assignment(index=torch.tensor([1, 0, 1]), value=torch.tensor([.5, 1., .5]), rows=2)
     >>> a.dense()
@@ -14,7 +15,7 @@ applying it to a tensor is a gather and a scatter-add, linear in the tensor's si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,10 +27,21 @@ class Assignment:
     index: torch.Tensor
     value: torch.Tensor
     rows: int
+    inverse: torch.Tensor | None = field(default=None, compare=False)  # when ``index`` is a permutation: its inverse
+    unit: bool = field(default=False, compare=False)  # every value is 1
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.rows, self.index.numel())
+
+    @staticmethod
+    def permutation_inverse(index: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The inverse of ``index`` when it is a permutation of ``range(rows)``, else ``None``."""
+        if index.numel() != rows or not bool((torch.bincount(index, minlength=rows) == 1).all()):
+            return None
+        inverse = torch.empty_like(index)
+        inverse[index] = torch.arange(rows, device=index.device)
+        return inverse
 
     def dense(self) -> torch.Tensor:
         out = self.value.new_zeros(self.rows, self.index.numel())
@@ -39,10 +51,18 @@ class Assignment:
     def row_normalised(self) -> "Assignment":
         """Rows divided by their sums (rows without entries stay empty)."""
         sums = self.value.new_zeros(self.rows).index_add_(0, self.index, self.value)
-        return Assignment(self.index, self.value / sums[self.index].clamp_min(1e-12), self.rows)
+        return Assignment(self.index, self.value / sums[self.index].clamp_min(1e-12), self.rows, self.inverse)
 
     def apply(self, t: torch.Tensor, axis: int) -> torch.Tensor:
-        """``self @ t`` along ``axis`` (a scatter-add of the scaled slices of ``t``)."""
+        """``self @ t`` along ``axis``: a scatter-add of the scaled slices of ``t``, or for a
+        permutation one gather (scaled unless every value is 1)."""
+        if self.inverse is not None:
+            out = t.index_select(axis, self.inverse)
+            if self.unit:
+                return out
+            shape = [1] * t.dim()
+            shape[axis] = -1
+            return out.mul_(self.value[self.inverse].to(t.dtype).reshape(shape))
         t0 = t.movedim(axis, 0)
         flat = t0.reshape(t0.shape[0], -1) * self.value.to(t.dtype)[:, None]
         out = flat.new_zeros(self.rows, flat.shape[1]).index_add_(0, self.index, flat)

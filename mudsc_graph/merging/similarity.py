@@ -124,7 +124,7 @@ def normal_rows(x: torch.Tensor) -> NormalRows:
     x = x - mean[:, None]
     norm = x.norm(dim=1, keepdim=True)
     dead = norm.squeeze(1) <= 1e-12 * (1 + mean.abs())
-    return NormalRows(x / norm.clamp_min(1e-30), mean, dead)
+    return NormalRows(x.div_(norm.clamp_min(1e-30)), mean, dead)
 
 
 def _pairs(n: int, within_model: bool) -> list[tuple[int, int]]:

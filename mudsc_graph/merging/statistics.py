@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from ..errors import MudscError, first_line
 from ..inputs import InputError, as_inputs, bind, call_graph, describe, to_device
-from ..spec.axes import Expr, size, take, to_json
+from ..spec.axes import Expr, Units, size, take, to_json
 from .distributed import all_sum_, reduce_moments, together
 from .lockstep import Stepper
 
@@ -139,7 +139,8 @@ class StackedMoments:
             if na:
                 block.addr_(delta[self.rows(i)], delta[self.rows(j)], alpha=na * nb / n)
         if not self.within_model:  # no diagonal blocks to read the variances from
-            self.sq.add_((xc * xc).sum(dim=1))
+            for r in range(0, xc.shape[0], 64):  # by rows: small temporaries, the same sums
+                self.sq[r:r + 64].add_((xc[r:r + 64] * xc[r:r + 64]).sum(dim=1))
             if na:
                 self.sq.addcmul_(delta, delta, value=na * nb / n)
         self.mean.add_(delta, alpha=nb / n)
@@ -469,6 +470,7 @@ class _Pass:
         keys = {gid: [_out_key(p) for p in probes] for gid, probes in plan.items()}
         self.order = sorted(plan, key=lambda gid: self.steppers[0].ready(keys[gid]))  # stable: plan order on ties
         self.keys = keys
+        self._scratch: torch.Tensor | None = None  # see stacked()
 
     def over(self, batches: Iterable) -> int:
         n_batches = 0
@@ -488,9 +490,7 @@ class _Pass:
             for gid in self.order:
                 for s in self.steppers:
                     _step(s, s.ready(self.keys[gid]), inputs)
-                feats = torch.cat([self.features(s.values, gid, self.plan[gid]) for s in self.steppers], dim=0)
-                finite.append(self.accs[gid].update(feats, in_place=True))
-                del feats
+                finite.append(self.accs[gid].update(self.stacked(gid, [s.values for s in self.steppers]), in_place=True))
                 for k in self.keys[gid]:
                     uses[k] -= 1
                     if not uses[k]:
@@ -509,6 +509,27 @@ class _Pass:
         """One model's ``(units, samples)`` features of group ``gid`` (its probes as more samples)."""
         per_probe = [group_features(out[_out_key(p)], p.axis, p.expr, gid, self.sizes) for p in probes]
         return per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1)
+
+    def stacked(self, gid: int, outs: list[dict]) -> torch.Tensor:
+        """The N models' features of ``gid`` stacked, ``(N*units) x samples`` float32, in a buffer
+        reused across groups and batches (fresh memory for every group costs page faults). A
+        group that is a whole axis of one probe is copied there straight from the probe's value."""
+        probes, units = self.plan[gid], self.sizes[gid]
+        (p, *more) = probes
+        vals = [out[_out_key(p)].movedim(p.axis, 0) for out in outs]
+        if not more and isinstance(p.expr, Units) and p.expr.gid == gid and vals[0].shape[0] == units:
+            buf = self._buffer(len(outs) * vals[0].numel()).view(len(outs) * units, -1)
+            for i, v in enumerate(vals):
+                buf[i * units:(i + 1) * units].view(v.shape).copy_(v)
+            return buf
+        feats = [self.features(out, gid, probes) for out in outs]
+        buf = self._buffer(sum(f.numel() for f in feats)).view(len(outs) * units, -1)
+        return torch.cat(feats, dim=0, out=buf) if feats[0].dtype == torch.float32 else buf.copy_(torch.cat(feats, dim=0))
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        if self._scratch is None or self._scratch.numel() < numel:
+            self._scratch = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._scratch[:numel]
 
 
 def _step(stepper: Stepper, upto: int, inputs: Any) -> None:

@@ -134,7 +134,7 @@ def row_normalised(M: "torch.Tensor | Assignment", n_models: int = 1) -> "torch.
     dense block (a soft matcher's, CCA's ``T_i / N``) is ``n_models * M``: every model's share of a
     merged unit is ``1 / N``, and a row sum of a signed map is no count of units."""
     if isinstance(M, Assignment):
-        return Assignment(M.index, M.value * n_models, M.rows) if bool((M.value < 0).any()) else M.row_normalised()
+        return Assignment(M.index, M.value * n_models, M.rows, M.inverse) if bool((M.value < 0).any()) else M.row_normalised()
     if bool((M < 0).any()):
         return M * n_models
     s = M.sum(1, keepdim=True)

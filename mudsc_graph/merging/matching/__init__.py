@@ -92,8 +92,13 @@ class Matching:
         o = self.units
         return slice(i * o, (i + 1) * o)
 
-    def _labels_map(self, rows: slice, value: torch.Tensor) -> Assignment:
-        return Assignment(self.labels[rows], value[rows], self._merged_units)
+    def _labels_map(self, rows: slice, value: torch.Tensor, unit: bool = False) -> Assignment:
+        index = self.labels[rows]
+        inverses = self.__dict__.setdefault("_inverses", {})
+        key = (rows.start, rows.stop)
+        if key not in inverses:  # an align block is a permutation: applied by one gather
+            inverses[key] = Assignment.permutation_inverse(index, self._merged_units)
+        return Assignment(index, value[rows], self._merged_units, inverses[key], unit)
 
     def merge_block(self, i: int) -> torch.Tensor:
         """Model i's block of ``merge``, ``(O_m, O)``."""
@@ -112,7 +117,7 @@ class Matching:
         :class:`Assignment` for a labels matching."""
         if self.labels is None:
             return self.unmerge_block(i).T
-        return self._labels_map(self._rows(i), torch.ones_like(self._share))
+        return self._labels_map(self._rows(i), torch.ones_like(self._share), unit=True)
 
     def signature(self, i: int) -> int:
         """A fingerprint of model i's blocks (equal blocks, equal fingerprints)."""
