@@ -280,3 +280,34 @@ def test_timm_vit_fused_qkv(vit) -> None:
     assert (corr[g.id][: g.size, : g.size].double() - ref).abs().max() < 1e-5
     every = activation_correlations([analysis.graph_module, gm2], spec, batches, probe="all")
     assert set(every) == set(corr)
+
+
+@pytest.mark.parametrize("n_models, within_model", [(2, True), (3, True), (2, False), (3, False)])
+def test_stacked_moments_by_strips_equal_the_full_correlation(n_models, within_model) -> None:
+    """Diagonal blocks wider than ``tile`` are stored as upper row strips and mirrored by dense():
+    the result is the full Pearson correlation of the stacked features (dead units, a large mean
+    and several batches included); without within-model blocks those read 0."""
+    from mudsc_graph.merging.statistics import StackedMoments
+
+    units, g = 11, torch.Generator().manual_seed(0)
+    batches = [torch.randn(n_models * units, k, generator=g) for k in (7, 1, 12)]
+    for b in batches:
+        b[3] = 2.5  # a dead unit of model 0, equal to ...
+        b[units + 3] = 2.5  # ... model 1's
+        b[5] += 1e3
+    acc = StackedMoments(n_models, units, within_model=within_model, tile=4)
+    ref = CorrelationAccumulator(n_models * units)
+    for b in batches:
+        assert bool(acc.update(b.clone(), in_place=True))
+        ref.update(b)
+    got, want = acc.finish().dense(), ref.correlation()
+    if not within_model:
+        for i in range(n_models):
+            for j in range(n_models):
+                if i != j and 0 not in (i, j) or i == j:
+                    want[i * units:(i + 1) * units, j * units:(j + 1) * units] = 0.0
+        want.fill_diagonal_(1.0)
+        want[3, units + 3] = want[units + 3, 3] = 1.0  # equal constants stay 1 wherever they are
+    assert torch.equal(got, got.T)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    torch.testing.assert_close(acc.sigma, ref.std(), atol=1e-4, rtol=1e-5)

@@ -109,7 +109,7 @@ def reduce_moments(accumulators: Sequence[Any]) -> None:
     for a, total, s in zip(accumulators, counts.tolist(), sums):
         if total:
             a.recentre(s / total, int(total))
-    all_sum_([t for a in accumulators for t in (*a.blocks.values(), a.sq) if t.numel()])
+    all_sum_([t for a in accumulators for t in a.tensors()])
 
 
 def reduce_batchnorm(model: torch.nn.Module, n_batches: int) -> None:

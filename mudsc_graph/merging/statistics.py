@@ -85,12 +85,13 @@ class StackedMoments:
     The ``(N*O) x (N*O)`` scatter matrix of the stacked features is symmetric and a permutation
     matcher reads only its blocks between model 0 and model j; so only the blocks ``(i, j)``,
     ``i <= j`` (``within_model=True``), or ``(0, j)`` and the per-unit variances
-    (``within_model=False``) are accumulated, and a diagonal block only on its upper ``tile`` x
-    ``tile`` tiles: for two ViT-B/16 MLP groups 55 % (zip) or 25 % (align) of the full product's
-    multiply-adds, and 75 % or 25 % of its memory. Each batch is centred on its own mean and merged
-    with Chan et al.'s parallel update, as :class:`CorrelationAccumulator`. :meth:`finish` turns
-    the blocks into Pearson correlations in place (same conventions as
-    :meth:`CorrelationAccumulator.correlation`).
+    (``within_model=False``) are accumulated, and a diagonal block wider than ``tile`` only on and
+    above its diagonal, stored as row strips (strip ``a``: rows ``a:a+tile``, columns ``a:``): for
+    two ViT-B/16 MLP groups 55 % (zip) or 25 % (align) of the full product's multiply-adds and
+    memory. Each batch is centred on its own mean and merged with Chan et al.'s parallel update,
+    as :class:`CorrelationAccumulator`. :meth:`finish` turns the stored entries into Pearson
+    correlations in place (same conventions as :meth:`CorrelationAccumulator.correlation`);
+    :meth:`dense` mirrors them into the full matrix.
     """
 
     def __init__(self, n_models: int, units: int, device: Any = None, *, within_model: bool = True, tile: int = 1024) -> None:
@@ -99,20 +100,34 @@ class StackedMoments:
         self.mean = torch.zeros(n_models * units, dtype=torch.float32, device=device)
         self.sq = torch.zeros(n_models * units if not within_model else 0, dtype=torch.float32, device=device)
         pairs = [(i, j) for i in range(n_models) for j in range(i, n_models)] if within_model else [(0, j) for j in range(1, n_models)]
-        self.blocks = {p: torch.zeros(units, units, dtype=torch.float32, device=device) for p in pairs}
+        self.pieces: dict[tuple[int, int], list[tuple[slice, slice, torch.Tensor]]] = {}
+        for i, j in pairs:  # (rows, columns within the block, stored tensor)
+            spans = [(slice(a, min(a + tile, units)), slice(a, units)) for a in range(0, units, tile)] if i == j and units > tile \
+                else [(slice(0, units), slice(0, units))]
+            self.pieces[(i, j)] = [(r, c, torch.zeros(r.stop - r.start, c.stop - c.start, dtype=torch.float32, device=device)) for r, c in spans]
         self.finished = False
 
     def rows(self, i: int) -> slice:
         """Model ``i``'s rows of the stacked units."""
         return slice(i * self.units, (i + 1) * self.units)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every stored tensor of the scatter (what the ranks sum)."""
+        return [t for ps in self.pieces.values() for _, _, t in ps] + ([self.sq] if self.sq.numel() else [])
+
+    def _outer_(self, delta: torch.Tensor, alpha: float) -> None:
+        """``scatter += alpha * delta delta^T`` on the stored entries."""
+        for (i, j), ps in self.pieces.items():
+            di, dj = delta[self.rows(i)], delta[self.rows(j)]
+            for r, c, t in ps:
+                t.addr_(di[r], dj[c], alpha=alpha)
+
     def recentre(self, mean: torch.Tensor, count: int) -> None:
         """Shift the scatter to ``mean`` (``count * delta delta^T``, Chan et al.) and take ``mean``
         as this accumulator's: what each rank does before the ranks' scatters are summed
         (:func:`~mudsc_graph.merging.distributed.reduce_moments`)."""
         delta = self.mean - mean
-        for (i, j), block in self.blocks.items():
-            block.addr_(delta[self.rows(i)], delta[self.rows(j)], alpha=float(self.count))
+        self._outer_(delta, float(self.count))
         if self.sq.numel():
             self.sq.addcmul_(delta, delta, value=float(self.count))
         self.mean.copy_(mean)
@@ -130,14 +145,12 @@ class StackedMoments:
         xc = x.sub_(mb[:, None]) if in_place and x is feats else x - mb[:, None]
         na, n = self.count, self.count + nb
         delta = mb - self.mean
-        for (i, j), block in self.blocks.items():
+        for (i, j), ps in self.pieces.items():
             xi, xj = xc[self.rows(i)], xc[self.rows(j)]
-            if i == j:
-                _upper_products_(block, xi, self.tile)
-            else:
-                block.addmm_(xi, xj.T)
-            if na:
-                block.addr_(delta[self.rows(i)], delta[self.rows(j)], alpha=na * nb / n)
+            for r, c, t in ps:
+                t.addmm_(xi[r], xj[c].T)
+        if na:
+            self._outer_(delta, na * nb / n)
         if not self.within_model:  # no diagonal blocks to read the variances from
             for r in range(0, xc.shape[0], 64):  # by rows: small temporaries, the same sums
                 self.sq[r:r + 64].add_((xc[r:r + 64] * xc[r:r + 64]).sum(dim=1))
@@ -151,24 +164,24 @@ class StackedMoments:
         """Centred sums of squares of every stacked unit."""
         if not self.within_model:
             return self.sq
-        return torch.cat([self.blocks[(i, i)].diagonal() for i in range(self.n)])
+        return torch.cat([t[:, : r.stop - r.start].diagonal() for i in range(self.n) for r, _, t in self.pieces[(i, i)]])
 
     def std(self) -> torch.Tensor:
         """Per-unit standard deviation (the square root of the covariance's diagonal)."""
         return (self._variances() / max(self.count - 1, 1)).clamp(min=0).sqrt()
 
     def finish(self, eps: float | None = None) -> "StackedMoments":
-        """Blocks -> Pearson correlations, in place; the same arithmetic as
-        :meth:`CorrelationAccumulator.correlation` on each block."""
+        """Stored entries -> Pearson correlations, in place; the same arithmetic as
+        :meth:`CorrelationAccumulator.correlation` on each entry."""
         if self.count == 0:
             raise ValueError("StackedMoments: no samples")
         sigma = self.std()
         dead = sigma <= 1e-6 * self.mean.abs()
-        for (i, j), b in self.blocks.items():
-            if i == j and self.units > self.tile:  # only the upper tiles hold products
-                b.copy_(b.triu() + b.triu(1).T)
-            b.div_(max(self.count - 1, 1))
-            _pearson_(b, sigma[self.rows(i)], sigma[self.rows(j)], dead[self.rows(i)], dead[self.rows(j)], eps)
+        for (i, j), ps in self.pieces.items():
+            si, sj, di, dj = sigma[self.rows(i)], sigma[self.rows(j)], dead[self.rows(i)], dead[self.rows(j)]
+            for r, c, t in ps:
+                t.div_(max(self.count - 1, 1))
+                _pearson_(t, si[r], sj[c], di[r], dj[c], eps)
         self.sigma, self.dead, self.finished = sigma, dead, True
         return self
 
@@ -176,25 +189,22 @@ class StackedMoments:
         """The ``(N*units)^2`` correlation (blocks not computed read 0)."""
         if not self.finished:
             raise ValueError("StackedMoments.dense() before finish()")
-        o = self.units
-        out = self.mean.new_zeros(self.n * o, self.n * o)
-        for (i, j), b in self.blocks.items():
-            out[self.rows(i), self.rows(j)] = b
-            if i != j:
-                out[self.rows(j), self.rows(i)] = b.T
+        out = self.mean.new_zeros(self.n * self.units, self.n * self.units)
+        for (i, j), ps in self.pieces.items():
+            block, mirror = out[self.rows(i), self.rows(j)], out[self.rows(j), self.rows(i)]
+            for r, c, t in ps:
+                if i != j or len(ps) == 1:  # an off-diagonal block, or a diagonal one computed whole
+                    block.copy_(t)
+                    if i != j:
+                        mirror.copy_(t.T)
+                    continue
+                w = r.stop - r.start  # a strip of a diagonal block: its first w columns are the diagonal tile
+                block[r, r] = t[:, :w].triu() + t[:, :w].triu(1).T
+                block[r, r.stop:] = t[:, w:]
+                block[r.stop:, r] = t[:, w:].T
         equal_constants(out, self.dead, self.mean)
         out.fill_diagonal_(1.0)
         return out
-
-
-def _upper_products_(out: torch.Tensor, x: torch.Tensor, tile: int) -> None:
-    """``out += x @ x.T`` on the tiles on and above the diagonal (the rest is mirrored later)."""
-    m = x.shape[0]
-    if m <= tile:
-        out.addmm_(x, x.T)
-        return
-    for a in range(0, m, tile):
-        out[a : a + tile, a:].addmm_(x[a : a + tile], x[a:].T)
 
 
 class CorrelationAccumulator:
