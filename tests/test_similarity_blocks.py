@@ -69,14 +69,19 @@ def _solver_similarities(models, data, mode, cross_only):
         yield gid, old, new, key == key2
 
 
-@pytest.mark.parametrize("mode, cross_only", [("zip", False), ("align", True)])
-def test_solver_paths_agree_on_vit_tiny_three_models(mode, cross_only):
+def _vit_tiny(n_models: int):
+    """``n_models`` ViT-Ti of seeds 0, 1, ... and one 4-image batch."""
     arch = get_registry().architecture("vit_tiny")
     models = []
-    for seed in range(3):
+    for seed in range(n_models):
         torch.manual_seed(seed)
         models.append(arch.build().eval())
-    x = torch.randn(4, *arch.example_inputs(1)[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    return models, torch.randn(4, *arch.example_inputs(1)[0].shape[1:], generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mode, cross_only", [("zip", False), ("align", True)])
+def test_solver_paths_agree_on_vit_tiny_three_models(mode, cross_only):
+    models, x = _vit_tiny(3)
     for gid, old, new, same_key in _solver_similarities(models, [x], mode, cross_only):
         assert same_key
         torch.testing.assert_close(new, old, atol=ATOL, rtol=0, msg=f"group {gid}")
@@ -97,12 +102,7 @@ def test_solver_keeps_weight_features_only_while_their_neighbours_stand_still():
     never again once built on different ones; the similarities are the uncached ones throughout."""
     from mudsc_graph.merging.matching import identity_matching
 
-    arch = get_registry().architecture("vit_tiny")
-    models = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        models.append(arch.build().eval())
-    x = torch.randn(4, *arch.example_inputs(1)[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    models, x = _vit_tiny(2)
     res = merge(models, data=[x], method="mudsc", mode="align", alpha=0.5, max_iter=2, reset_bn=False)
     states = [m.state_dict() for m in models]
     gids = sorted(res.matchings)

@@ -276,7 +276,11 @@ class PreparedMerge:
 
         t0 = time.perf_counter()
         merged = copy.deepcopy(self.models[0])
-        merge_state_dicts(self.spec, self.states, matchings, out=merged.state_dict())  # in place, tensor by tensor
+        own = {**dict(merged.named_parameters(remove_duplicate=False)), **dict(merged.named_buffers(remove_duplicate=False))}
+        if own.keys() >= self.states[0].keys():  # the model's own tensors, written in place one by one
+            merge_state_dicts(self.spec, self.states, matchings, out=own)
+        else:  # a state dict under other names than the tensors' (state-dict hooks): loaded as a whole
+            merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
         timings["merge"] = time.perf_counter() - t0
 
         reset = opts.reset_bn and self.batches is not None and has_batchnorm(merged)

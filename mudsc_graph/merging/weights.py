@@ -146,9 +146,9 @@ def merge_state_dicts(spec: MergeSpec, states: list[Mapping[str, torch.Tensor]],
     """The merged state_dict: ``sum_i`` of every model's tensors in merged coordinates.
 
     ``matchings[gid]`` has ``merge_map(i)`` and ``read_map(i)`` (:class:`~mudsc_graph.merging.matching.Matching`); groups without a matching
-    (fixed ones) keep their units, and their tensors are averaged. ``out`` (the state dict of a
-    model of the merged shapes, e.g. ``merged.state_dict()``) receives each tensor as soon as it is
-    formed, in place, and is returned: the merged weights are never held twice.
+    (fixed ones) keep their units, and their tensors are averaged. ``out`` (every state-dict name
+    -> a tensor of the receiving model, e.g. its parameters and buffers by name) receives each
+    tensor as soon as it is formed, in place, and is returned: the merged weights are never held twice.
     """
     n = len(states)
     sizes = {g.id: g.size for g in spec.groups}
