@@ -54,6 +54,8 @@ class Stepper:
         self.keys_of: dict[fx.Node, list[str]] = {}
         for key, node in self.outputs.items():
             self.keys_of.setdefault(node, []).append(key)
+        # when each value is dropped: after the last node that reads it (not the Interpreter's
+        # user_to_last_uses, where a probe's last use is the output: here its value lives on in ``values``)
         last = {n: k for k, n in enumerate(self.nodes)}  # a value no node reads is dropped at once
         last.update((p, -1) for p in placeholders(ext))
         for k, n in enumerate(self.nodes):

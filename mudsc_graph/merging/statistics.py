@@ -12,7 +12,6 @@ features are stacked in model order into ``(N*units) x samples`` and folded into
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -480,6 +479,8 @@ class _Pass:
         keys = {gid: [_out_key(p) for p in probes] for gid, probes in plan.items()}
         self.order = sorted(plan, key=lambda gid: self.steppers[0].ready(keys[gid]))  # stable: plan order on ties
         self.keys = keys
+        last = {k: gid for gid in self.order for k in keys[gid]}  # the last group to read each probe
+        self.done = {gid: [k for k in keys[gid] if last[k] == gid] for gid in self.order}  # values freed after folding gid
         self._scratch: torch.Tensor | None = None  # see stacked()
 
     def over(self, batches: Iterable) -> int:
@@ -492,7 +493,6 @@ class _Pass:
         return n_batches
 
     def fold(self, inputs: Any) -> None:
-        uses = Counter(k for gid in self.order for k in self.keys[gid])
         finite = []
         try:
             for s in self.steppers:
@@ -501,11 +501,9 @@ class _Pass:
                 for s in self.steppers:
                     _step(s, s.ready(self.keys[gid]), inputs)
                 finite.append(self.accs[gid].update(self.stacked(gid, [s.values for s in self.steppers]), in_place=True))
-                for k in self.keys[gid]:
-                    uses[k] -= 1
-                    if not uses[k]:
-                        for s in self.steppers:
-                            s.values.pop(k, None)
+                for k in self.done[gid]:
+                    for s in self.steppers:
+                        s.values.pop(k, None)
         finally:
             for s in self.steppers:
                 s.finish()
@@ -526,15 +524,12 @@ class _Pass:
         group that is a whole axis of one probe is copied there straight from the probe's value."""
         probes, units = self.plan[gid], self.sizes[gid]
         (p, *more) = probes
-        vals = [out[_out_key(p)].movedim(p.axis, 0) for out in outs]
-        if not more and isinstance(p.expr, Units) and p.expr.gid == gid and vals[0].shape[0] == units:
-            buf = self._buffer(len(outs) * vals[0].numel()).view(len(outs) * units, -1)
-            for i, v in enumerate(vals):
-                buf[i * units:(i + 1) * units].view(v.shape).copy_(v)
-            return buf
-        feats = [self.features(out, gid, probes) for out in outs]
-        buf = self._buffer(sum(f.numel() for f in feats)).view(len(outs) * units, -1)
-        return torch.cat(feats, dim=0, out=buf) if feats[0].dtype == torch.float32 else buf.copy_(torch.cat(feats, dim=0))
+        whole = not more and isinstance(p.expr, Units) and p.expr.gid == gid and outs[0][_out_key(p)].shape[p.axis] == units
+        parts = [out[_out_key(p)].movedim(p.axis, 0) if whole else self.features(out, gid, probes) for out in outs]
+        buf = self._buffer(len(parts) * parts[0].numel()).view(len(parts) * units, parts[0].numel() // units)
+        for i, part in enumerate(parts):
+            buf[i * units:(i + 1) * units].view(part.shape).copy_(part)
+        return buf
 
     def _buffer(self, numel: int) -> torch.Tensor:
         if self._scratch is None or self._scratch.numel() < numel:
