@@ -62,10 +62,11 @@ def test_targets_are_judged_on_ratio_and_memory() -> None:
     from benchmarks.targets import row, to_markdown
 
     res = {"forward_s": 10.0, "total_s": 25.0, "sweeps": 3, "peak_mb": 2000.0, "timings": {"statistics": 12.0},
-           "stats_gflop": 100.0, "gemm_gflops": 50.0, "assign_s": 1.0}
+           "stats_gflop": 100.0, "gemm_gflops": 50.0, "assign_s": 1.0, "weight_gflop": 25.0}
     met = row("vit", "zipit", res, 2.5, 3072.0)
     assert met["met"] and abs(met["ratio"] - 2.5) < 1e-12 and abs(met["floor_ratio"] - 1.3) < 1e-12
+    assert abs(met["sweeps_floor_ratio"] - 1.35) < 1e-12  # + 25 GFLOP of weight similarities at 50 GFLOP/s
     assert not row("vit", "zipit", res, 2.0, 3072.0)["met"]  # too slow
     assert not row("vit", "zipit", {**res, "peak_mb": 4000.0}, 2.5, 3072.0)["met"]  # too much memory
     md = to_markdown([met, row("vit", "zipit", res, 2.0, None)], "# t")
-    assert "| yes |" in md and "| **no** |" in md and "1.30x" in md
+    assert "| yes |" in md and "| **no** |" in md and "1.30x" in md and "1.35x" in md

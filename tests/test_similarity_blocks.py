@@ -122,3 +122,16 @@ def test_solver_keeps_weight_features_only_while_their_neighbours_stand_still():
         assert torch.equal(got, solver().weight_similarity(gid, matchings)[1]), f"step {step}"
         held = {i for i in range(2) if s._rows.get((gid, i), (None, None))[1] is not None}
         assert held == [set(), {0, 1}, {0}, {0}][step], f"step {step}: rows held for models {held}"
+
+
+@pytest.mark.parametrize("n_models, mode, blocks", [(2, "zip", 3), (3, "zip", 6), (2, "align", 1), (3, "align", 2)])
+def test_weight_similarity_work_is_counted_by_hand(n_models, mode, blocks):
+    """One hidden group of 6 units whose features are 4 input weights, a bias and 3 output weights:
+    every weight similarity costs (its computed 6x6 blocks) x 8 multiply-adds, built once (it has no
+    neighbours whose matching could change it); zip computes every block, align the cross ones."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)) for _ in range(n_models)]
+    x = [torch.randn(8, 4)]
+    res = merge(models, data=x, method="mudsc", mode=mode, reset_bn=False)
+    assert res.sweeps > 1 and res.weight_macs == blocks * 6 * 6 * 8
+    assert merge(models, data=x, method="zipit", reset_bn=False).weight_macs == 0

@@ -121,7 +121,9 @@ def cost_floor(prepared: Any, result: Any, models: list, data: list, dev: Any) -
     """What a merge cannot go below on this machine: the calibration forward passes, the
     multiply-adds the statistics need (zip: the upper half of every group's ``(N*O)^2`` scatter;
     align: the ``(N-1) O^2`` cross blocks and the variances) at the measured matrix-multiply rate,
-    and one solve of the matcher per group (on the real activation similarities)."""
+    and one solve of the matcher per group (on the real activation similarities). ``weight_gflop``:
+    the floating-point operations of the weight similarities this merge's sweeps built (their cross
+    products, ``result.weight_macs``), which a method with sweeps adds to that floor."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -153,7 +155,8 @@ def cost_floor(prepared: Any, result: Any, models: list, data: list, dev: Any) -
     for unit in couplings(prepared.spec, [g for g in result.matchings if g in act]):
         matcher.match([act[g] for g in unit], n, prepared.spec.groups[unit[0]].blocks)
     assign = time.perf_counter() - t0
-    return {"forward_gflop": forward_flops / 1e9, "stats_gflop": 2 * macs / 1e9, "gemm_gflops": rate / 1e9, "assign_s": assign}
+    return {"forward_gflop": forward_flops / 1e9, "stats_gflop": 2 * macs / 1e9, "gemm_gflops": rate / 1e9, "assign_s": assign,
+            "weight_gflop": 2 * result.weight_macs / 1e9}
 
 
 # --------------------------------------------------------------------------- parent

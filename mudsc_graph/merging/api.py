@@ -33,7 +33,7 @@ from .options import MergeError, MergeOptions
 from .partial_zip import build_partial, stop_index
 from .progress import NullReporter, Reporter
 from .repair import assignments, measure, repair, repair_points
-from .solver import DualSpaceSolver
+from .solver import DualSpaceSolver, MatchOutcome
 from .distributed import reduce_batchnorm, shard, together
 from .statistics import Correlations, activation_correlations, default_inputs_from_batch
 from .weights import merge_state_dicts
@@ -67,6 +67,7 @@ class MergeResult:
     alpha: float = 0.5
     sweeps: int = 0
     repair_std_ratio: float | None = None
+    weight_macs: float = 0.0
 
 
 def check_models(models: list[nn.Module]) -> None:
@@ -271,7 +272,8 @@ class PreparedMerge:
         act = self._activations_for(gids, timings, within) if resolved.needs_activations and gids else None
 
         t0 = time.perf_counter()
-        matchings, history, sweeps = self._match(resolved, opts, gids, act)
+        outcome = self._match(resolved, opts, gids, act)
+        matchings = outcome.matchings
         timings["matching"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -303,8 +305,8 @@ class PreparedMerge:
         bad = first_non_finite(merged.state_dict())
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
-        return MergeResult(merged, self.spec, matchings, history, timings, resolved.method.name, resolved.mode, resolved.alpha, sweeps,
-                           std_ratio)
+        return MergeResult(merged, self.spec, matchings, outcome.history, timings, resolved.method.name, resolved.mode, resolved.alpha,
+                           outcome.sweeps, std_ratio, outcome.weight_macs)
 
     def _groups(self, resolved: ResolvedMethod, trunk: set[str] | None) -> list[int]:
         """The groups this merge matches: free, not anchored, in the trunk; block groups only for a
@@ -336,8 +338,8 @@ class PreparedMerge:
             )
         return act
 
-    def _match(self, resolved: ResolvedMethod, opts: MergeOptions, gids: list[int], act: Any) -> tuple[dict, list[float], int]:
-        """``{group id: Matching}``, the score of every sweep and the number of sweeps."""
+    def _match(self, resolved: ResolvedMethod, opts: MergeOptions, gids: list[int], act: Any) -> MatchOutcome:
+        """``{group id: Matching}``, the score of every sweep, the number of sweeps and their work."""
         spec, n, dev = self.spec, len(self.models), self.device
         matcher, alpha = resolved.matcher, resolved.alpha
 
@@ -345,15 +347,14 @@ class PreparedMerge:
             return identity_matching(spec.groups[g].size, n, device=dev)
 
         if matcher.name == "identity":
-            return {g: identity(g) for g in gids}, [], 0
+            return MatchOutcome({g: identity(g) for g in gids})
         options = {"a": opts.zip_a, "b": opts.zip_b} if matcher.name == "zip" else {}
         solver = DualSpaceSolver(
             spec, self.states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=self.reporter,
             within_model=matcher.uses_within_model, covariances=matcher.needs_covariances,
             threads=torch.get_num_threads() if matcher.thread_safe else 1,
         )
-        outcome = solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
-        return outcome.matchings, outcome.history, outcome.sweeps
+        return solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
 
     def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool) -> float | None:
         """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only; ``reset``:

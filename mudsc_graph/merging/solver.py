@@ -59,6 +59,7 @@ class MatchOutcome:
     history: list[float] = field(default_factory=list)
     sweeps: int = 0
     weight_sims_built: int = 0
+    weight_macs: float = 0.0  # multiply-adds of the weight similarities' products (cost accounting)
 
 
 def couplings(spec: MergeSpec, gids: list[int]) -> list[tuple[int, ...]]:
@@ -104,6 +105,8 @@ class DualSpaceSolver:
         self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}  # (group, model) -> (row key, rows or None)
         self._changing: set[tuple[int, int]] = set()  # (group, model) built on different neighbours: never cached
         self.built = 0
+        self.macs = 0.0  # multiply-adds of the weight similarities built (their cross products)
+        self._dims: dict[int, int] = {}  # group -> feature columns per model, once known
         self.workers = max(1, threads)  # assignments solved side by side (see _solve)
 
     # -- similarities ----------------------------------------------------------------------------
@@ -154,9 +157,22 @@ class DualSpaceSolver:
                 feature_pieces(self.spec, self.states[i], gid, *self._blocks(i, matchings), self.occs[gid])
                 for i in range(self.n)
             ]
-            return key, streamed_correlation(pieces, within_model=self.within_model)
-        rows = [self._model_rows(gid, i, matchings) for i in range(self.n)]
-        return key, stacked_correlation(rows, within_model=self.within_model)
+            sim = streamed_correlation(pieces, within_model=self.within_model)
+        else:
+            rows = [self._model_rows(gid, i, matchings) for i in range(self.n)]
+            self._dims[gid] = rows[0].x.shape[1]
+            sim = stacked_correlation(rows, within_model=self.within_model)
+        self.macs += self._macs(gid)
+        return key, sim
+
+    def _macs(self, gid: int) -> float:
+        """Multiply-adds of one weight similarity of ``gid``: its computed ``O x O`` blocks times the
+        feature columns (a streamed group's columns counted once, from its tensors)."""
+        if gid not in self._dims:
+            self._dims[gid] = sum(p.shape[1] for p in feature_pieces(
+                self.spec, self.states[0], gid, *self._blocks(0, {}), self.occs[gid]))
+        blocks = self.n * (self.n + 1) // 2 if self.within_model else self.n - 1
+        return float(blocks * self.spec.groups[gid].size ** 2 * self._dims[gid])
 
     def alpha_of(self, gid: int) -> float:
         """``alpha``, or 1 (weights only) for a group whose activations could not be read."""
@@ -272,7 +288,7 @@ class DualSpaceSolver:
                 if misses >= patience:
                     break
         self.reporter.end()
-        return MatchOutcome(best, history, sweep, self.built)
+        return MatchOutcome(best, history, sweep, self.built, self.macs)
 
 
 def _signature(m: Any, i: int) -> Any:
