@@ -35,7 +35,7 @@ _UNARY_FUNCS = (
 _UNARY_METHODS = (
     "relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "softmax", "log_softmax", "clamp",
     "clip", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "cpu", "cuda",
-    "requires_grad_", "square", "erf", "sin", "cos", "relu_", "sigmoid_", "tanh_", "gelu",
+    "requires_grad_", "square", "erf", "sin", "cos", "relu_", "sigmoid_", "tanh_", "gelu", "type_as",
 )
 _BINARY_FUNCS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.iadd,
@@ -44,7 +44,7 @@ _BINARY_FUNCS = (
     operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch.eq, torch.gt, torch.lt,
 )
 _BINARY_METHODS = (
-    "add", "sub", "mul", "div", "pow", "add_", "sub_", "mul_", "div_", "masked_fill", "masked_fill_", "type_as",
+    "add", "sub", "mul", "div", "pow", "add_", "sub_", "mul_", "div_", "masked_fill", "masked_fill_",
     "maximum", "minimum", "where", "lerp", "eq", "ne", "gt", "lt", "ge", "le",
 )
 _POOLS = (

@@ -50,9 +50,10 @@ def test_the_low_rank_layer_merges_through_the_plugin(monkeypatch):
     torch.testing.assert_close(result.model(data[0]), model(data[0]), rtol=1e-4, atol=1e-4)
 
 
-def test_without_the_plugin_the_layer_is_kept_as_it_is():
+def test_without_the_plugin_the_layer_is_measured_or_kept_as_it_is():
     """fx cannot trace the layer and says which module to write a handler for; torch.export captures
-    it, but nothing understands its op: the units it touches stay fixed, with a warning."""
+    it, and no handler understands its op (linalg_multi_dot): the equivariance probe measures it and
+    finds the plugin's own groups. Without the probe its units stay fixed, with a warning."""
     from mudsc_graph import TraceError
 
     reg = R.Registry.from_plugin_manager(R.make_plugin_manager(load_entry_points=False))
@@ -60,8 +61,15 @@ def test_without_the_plugin_the_layer_is_kept_as_it_is():
     x = (torch.randn(2, 1, 8, 8),)
     with pytest.raises(TraceError, match=r"LowRankLinear\).*register a LayerHandler for LowRankLinear"):
         analyze(model, x, registry=reg, tracer="fx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        measured = analyze(model, x, registry=reg)
+    handled = analyze(model, x)
+    assert [(g.size, g.fixed, sorted(g.members)) for g in measured.groups] == [(g.size, g.fixed, sorted(g.members)) for g in handled.groups]
+    assert measured.permutable_units == 72
+    measured.check(model, x)
     with pytest.warns(UserWarning, match="unsupported op aten.linalg_multi_dot"):
-        spec = analyze(model, x, registry=reg)
+        spec = analyze(model, x, registry=reg, probe=False)
     assert spec.permutable_units == 0
     spec.check(model, x)
 

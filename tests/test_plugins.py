@@ -56,15 +56,25 @@ def _inputs():
     return (torch.randn(5, 6, generator=torch.Generator().manual_seed(0)),)
 
 
-def test_without_a_handler_the_custom_op_is_kept_fixed_with_a_warning():
+def test_without_a_handler_the_custom_op_is_measured_or_kept_fixed_with_a_warning():
+    """No handler for tensordot: the equivariance probe measures it and finds the handler's groups
+    (weight rows and scale with the next layer's columns; the columns read, as a handler records);
+    without the probe the op is kept fixed with a warning, and strict mode refuses it."""
     torch.manual_seed(0)
     model = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = analyze(model, _inputs(), strict=True)
+    handled = analyze(model, _inputs(), registry=registry_with(ScaledLinearPlugin()))
+    assert [(g.size, g.fixed, sorted(g.members)) for g in spec.groups] == [(g.size, g.fixed, sorted(g.members)) for g in handled.groups]
+    assert spec.consumed == {"a.weight": [1], "b.weight": [1], "c.weight": [1]}
+    spec.check(model, _inputs())
     with pytest.warns(UserWarning, match="tensordot"):
-        spec = analyze(model, _inputs())
+        spec = analyze(model, _inputs(), probe=False)
     assert spec.permutable_units < 28
     spec.check(model, _inputs())
     with pytest.raises(UnsupportedOpError, match="tensordot"):
-        analyze(model, _inputs(), strict=True)
+        analyze(model, _inputs(), strict=True, probe=False)
 
 
 def test_a_registered_handler_merges_through_the_custom_module():

@@ -156,13 +156,18 @@ def test_gate_blocks_and_recurrent_columns(cell):
 
 
 def test_projections_are_unsupported():
+    """The handler gives up on projections; the equivariance probe then measures the LSTM from outside:
+    its hidden units stay fixed (with a warning), and the Linear's 8 outputs, which weight_ih's columns
+    read, are merged."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(F, 8), nn.LSTM(8, 6, proj_size=3)).eval()
     x = (torch.randn(T, B, F),)
     for tracer in TRACERS:
         with pytest.warns(UserWarning, match="proj"):
             spec = mudsc_graph.analyze(model, x, tracer=tracer)
-        assert spec.permutable_units == 0
+        assert spec.permutable_units == 8
+        assert {("0.weight", 0), ("1.weight_ih_l0", 1)} <= set(spec.free_groups()[0].members)
+        spec.check(model, x)
 
 
 # --------------------------------------------------------------------------- by hand

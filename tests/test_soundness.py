@@ -194,13 +194,17 @@ def _broken(kind: str):
 
 @pytest.mark.parametrize("kind", ["raises", "mismatch"])
 def test_a_handler_that_fails_falls_back_without_crashing(kind):
-    """The fallback fixes what the node touches and warns; the next node must still see values
-    (it used to crash with "'list' object has no attribute 'ndim'")."""
+    """The fallback measures the node (the equivariance probe) and warns that the handler failed;
+    the next node must still see values (it used to crash with "'list' object has no attribute 'ndim'")."""
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     x = (torch.randn(3, 4),)
-    with pytest.warns(UserWarning, match="handler 'broken"):
+    with pytest.warns(UserWarning, match="handler 'broken.*measured instead"):
         spec = analyze(model, x, registry=_broken(kind), tracer="fx")
-    assert spec.permutable_units == 8  # the Tanh's spaces are fixed, the second hidden layer is not
+    assert spec.permutable_units == 16  # the Tanh passes its units through, as measured
+    spec.check(model, x)
+    with pytest.warns(UserWarning, match="handler 'broken.*not merged"):  # without the probe: fixed
+        spec = analyze(model, x, registry=_broken(kind), tracer="fx", probe=False)
+    assert spec.permutable_units == 8
     spec.check(model, x)
 
 

@@ -11,12 +11,13 @@ import networkx as nx
 import torch
 
 from ..errors import AnalysisError, MudscError, UnsupportedOpError
-from ..inputs import as_inputs
+from ..inputs import as_inputs, bind
 from ..plugin.registry import Registry, get_registry
 from ..spec.axes import Expr
 from ..spec.merge_spec import MergeSpec
 from .grouping import build_spec
 from .ir import build_graph
+from .probe import Samples
 from .propagate import Propagator
 from .trace import trace
 
@@ -62,6 +63,7 @@ def analyze_full(
     registry: Registry | None = None,
     concrete_args: dict[str, Any] | None = None,
     tracer: str = "auto",
+    probe: bool = True,
 ) -> Analysis:
     """Like :func:`analyze`, returning the intermediate products too."""
     registry = registry or get_registry()
@@ -69,13 +71,13 @@ def analyze_full(
     timings: dict[str, float] = {}
     leaves = registry.leaf_module_types()
     gm = _run("trace", lambda: trace(model, inputs, leaf_types=leaves, concrete_args=concrete_args, tracer=tracer), timings)
-    analysis = _analyse(model, gm, registry, strict and not (tracer == "auto" and gm.meta["mudsc_tracer"] == "fx"), timings)
-    if tracer == "auto" and gm.meta["mudsc_tracer"] == "fx" and analysis.propagator.unsupported_modules:
+    analysis = _analyse(model, gm, registry, strict and not (tracer == "auto" and gm.meta["mudsc_tracer"] == "fx"), timings, probe)
+    if tracer == "auto" and gm.meta["mudsc_tracer"] == "fx" and analysis.propagator.opaque_modules:
         # fx kept a module it cannot see into (nn.TransformerEncoderLayer, ...): torch.export may see
         # through it; keep whichever analysis merges more
         try:
             gm2 = _run("trace", lambda: trace(model, inputs, tracer="export"), timings)
-            other = _analyse(model, gm2, registry, False, timings)
+            other = _analyse(model, gm2, registry, False, timings, probe)
         except MudscError:
             other = None
         if other is not None and other.spec.permutable_units > analysis.spec.permutable_units:
@@ -88,9 +90,9 @@ def analyze_full(
     return analysis
 
 
-def _analyse(model: torch.nn.Module, gm: Any, registry: Registry, strict: bool, timings: dict[str, float]) -> Analysis:
+def _analyse(model: torch.nn.Module, gm: Any, registry: Registry, strict: bool, timings: dict[str, float], probe: bool) -> Analysis:
     graph = _run("build_graph", lambda: build_graph(gm), timings)
-    prop = Propagator(graph, registry, strict=strict, model=model)
+    prop = Propagator(graph, registry, strict=strict, model=model, samples=_samples(gm, graph, registry) if probe else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _run("propagate", prop.run, timings)
@@ -98,6 +100,16 @@ def _analyse(model: torch.nn.Module, gm: Any, registry: Registry, strict: bool, 
     analysis = Analysis(graph, prop, spec, value_axes, timings)
     analysis.caught = caught
     return analysis
+
+
+def _samples(gm: Any, graph: nx.DiGraph, registry: Registry) -> Samples | None:
+    """Example values for the equivariance probe, captured for the nodes no handler describes."""
+    example = gm.meta.get("mudsc_example")
+    if example is None:
+        return None
+    wanted = {name for name, a in graph.nodes(data=True)
+              if a["op"] in ("call_function", "call_method", "call_module") and registry.handler_for(a["op"], a["target"]) is None}
+    return Samples(gm, bind(gm, example), wanted)
 
 
 def analyze(
@@ -108,6 +120,7 @@ def analyze(
     registry: Registry | None = None,
     concrete_args: dict[str, Any] | None = None,
     tracer: str = "auto",
+    probe: bool = True,
 ) -> MergeSpec:
     """Infer the merge groups of ``model``.
 
@@ -117,6 +130,9 @@ def analyze(
     tracing), ``"export"`` (torch.export, ATen-level) or ``"auto"``: fx, and torch.export when fx
     cannot trace the model or leaves one of its modules unsupported. With ``strict=True`` an op
     that no layer handler understands raises :class:`~mudsc_graph.errors.UnsupportedOpError`
-    instead of fixing the spaces it touches with a warning.
+    instead of fixing the spaces it touches with a warning. An op that no handler describes is
+    measured on the example inputs (the equivariance probe, :mod:`.probe`): which output axes
+    carry the units of which input axes; ``probe=False`` fixes what it touches instead.
     """
-    return analyze_full(model, example_inputs, strict=strict, registry=registry, concrete_args=concrete_args, tracer=tracer).spec
+    return analyze_full(model, example_inputs, strict=strict, registry=registry, concrete_args=concrete_args, tracer=tracer,
+                        probe=probe).spec

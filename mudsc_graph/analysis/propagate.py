@@ -16,11 +16,13 @@ from typing import Any, Mapping, Sequence
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from ..errors import AnalysisError, UnsupportedOpError
 from ..plugin.registry import Registry
 from .ir import nodes_in_order
-from .spaces import Layout, SizeMismatch, SpaceTable, remap
+from .probe import Operand, Prober, Samples, out_layouts
+from .spaces import Dep, Layout, SizeMismatch, SpaceTable, remap
 
 
 @dataclass
@@ -308,8 +310,12 @@ class Propagator:
         *,
         strict: bool = False,
         model: torch.nn.Module | None = None,
+        samples: Samples | None = None,
     ) -> None:
         self.graph = graph
+        self.samples = samples  # example values for the equivariance probe (None: no probe)
+        self.prober = Prober(self.spaces_find, self.spaces_free, self.spaces_size)
+        self.probed: list[str] = []  # nodes the probe explained
         self.gm: fx.GraphModule = graph.graph["module"]
         self.registry = registry
         self.strict = strict
@@ -323,7 +329,7 @@ class Propagator:
         self.attr_of_space: dict[int, tuple[str, int]] = {}
         self.consumed: set[tuple[str, int]] = set()
         self.warnings: list[str] = []
-        self.unsupported_modules: list[str] = []
+        self.opaque_modules: list[str] = []  # leaf modules no handler describes (unsupported or probed)
         self.modules = dict(self.gm.named_modules())
         # one canonical name per tensor: a tied weight (GPT-2's lm_head = wte) is one tensor whose
         # axes join every space it is used in
@@ -357,6 +363,15 @@ class Propagator:
             if n != canon and (model is None or n in state):
                 self.aliases.setdefault(n, canon)
 
+    def spaces_find(self, s: int) -> int:
+        return self.spaces.find(s)
+
+    def spaces_free(self, s: int) -> bool:
+        return not self.spaces.settled(s)
+
+    def spaces_size(self, s: int) -> int:
+        return self.spaces.size[self.spaces.find(s)]
+
     def attr_space(self, full_name: str, axis: int) -> int:
         full_name = self.canonical.get(full_name, full_name)
         shape = self.attr_shapes.get(full_name)
@@ -378,14 +393,28 @@ class Propagator:
         if key is not None:
             self.consumed.add(key)
 
+    def unread(self) -> list[str]:
+        """State-dict tensors the traced forward never reads: no permutation of them can be checked
+        on this graph (a call with other inputs, a mask given, may read them), so they stay fixed."""
+        read = {name for name, _ in self.attr_spaces}
+        return [name for name, shape in self.attr_shapes.items()
+                if name not in read and name not in self.frozen and any(n > 1 for n in shape)]
+
     def result(self) -> Propagation:
         """The finished pass's products, for grouping (call after :meth:`run`)."""
         buffers = {name for name, _ in self.gm.named_buffers(remove_duplicate=False)}
         buffers |= {alias for alias, canon in self.aliases.items() if canon in buffers}
+        notes = list(self.warnings)
+        unread = self.unread()
+        if unread:
+            names = ", ".join(unread[:8]) + (f" and {len(unread) - 8} more" if len(unread) > 8 else "")
+            notes.append(f"the traced forward never reads {names}: kept as they are; a call with other inputs may read them "
+                         f"(give example inputs that use them, e.g. an optional mask, to merge them with the units they meet)")
+            warnings.warn(notes[-1], stacklevel=2)
         return Propagation(
             self.graph, self.spaces, dict(self.attr_spaces), dict(self.attr_shapes), dict(self.inner_params),
             tuple(self.internal_probes), frozenset(self.consumed), dict(self.aliases), dict(self.canonical),
-            frozenset(self.frozen), frozenset(buffers), self.modules, tuple(self.warnings),
+            frozenset(self.frozen), frozenset(buffers), self.modules, tuple(notes),
         )
 
     def run(self) -> None:
@@ -409,6 +438,10 @@ class Propagator:
                     ) from exc
                 ctx = OpContext(self, node)
                 self.unsupported(ctx, why)
+                if name in self.probed:  # a broken plugin must still hear of it
+                    msg = f"{ctx._reason()}: {why}; its axes were measured instead (equivariance probe)"
+                    self.warnings.append(msg)
+                    warnings.warn(msg, stacklevel=2)
                 self.values[name] = _as_values(ctx._output, attrs["shape"])
             attrs["value"] = self.values.get(name)
 
@@ -432,6 +465,9 @@ class Propagator:
             return
         if node.op == "get_attr":
             attrs["handler"] = "get_attr"
+            if not node.users:  # exported but never read: it must not become a free group (see unread())
+                self.values[node.name] = None
+                return
             target = self.canonical.get(str(node.target), str(node.target))
             if isinstance(shape, tuple) and (target.startswith(("_tensor_constant", "lifted_tensor", "c_lifted_tensor"))):
                 # a tensor built inside forward (torch.tensor(...)) or lifted by torch.export: not in
@@ -456,6 +492,8 @@ class Propagator:
         self.values[node.name] = _as_values(ctx._output, shape)
 
     def unsupported(self, ctx: OpContext, why: str) -> None:
+        if self._probe(ctx, why):
+            return
         reason = ctx._reason()
         touched = [L for v in ctx.tensor_inputs() for L in v.layout]
         if ctx.module is not None:
@@ -471,11 +509,132 @@ class Propagator:
                 raise UnsupportedOpError(f"{msg}. Register a LayerHandler for it (hook mudsc_layer_handlers)")
             self.warnings.append(msg)
             if ctx.module is not None:
-                self.unsupported_modules.append(ctx.path)
+                self.opaque_modules.append(ctx.path)
             warnings.warn(msg, stacklevel=3)
         for L in touched:
             self.spaces.fix_layout(L, reason)
         ctx.set_output(ctx.fresh_output(reason if free else ""))
+
+
+    def _probe(self, ctx: OpContext, why: str) -> bool:
+        """Describe the node by measuring it (:mod:`.probe`); False when it cannot be measured."""
+        node = ctx.node
+        if self.samples is None or node.op not in ("call_function", "call_method", "call_module"):
+            return False
+        out_shapes = _flat_shapes(ctx.out_shape)
+        if not out_shapes or None in out_shapes:
+            return False
+        values = self.samples.inputs_of(node)
+        if values is None:
+            return False
+        leaves, tree = pytree.tree_flatten((node.args, node.kwargs))
+        concrete: list[Any] = []
+        operands: list[Operand] = []
+        for j, leaf in enumerate(leaves):
+            if not isinstance(leaf, fx.Node):
+                concrete.append(leaf)
+                continue
+            v, x = self.values.get(leaf.name), values.get(leaf.name)
+            if isinstance(x, torch.Tensor) and isinstance(v, Value) and tuple(x.shape) == v.shape:
+                operands.append(Operand(j, x, list(v.layout), leaf.name in self.constant))
+            elif pytree.tree_any(lambda t: isinstance(t, torch.Tensor), x):
+                return False  # tensors the probe cannot permute (a tuple passed whole)
+            concrete.append(x)
+        module, prefix = ctx.module, (f"{ctx.path}." if ctx.path else "")
+        for pname, t in list(module.named_parameters()) + list(module.named_buffers()) if module is not None else ():
+            operands.append(Operand(pname, t.detach(), [self.attr_space(prefix + pname, i) for i in range(t.dim())], True))
+
+        def fn(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+            flat, state = list(concrete), {}
+            for o, x in zip(operands, xs):
+                if isinstance(o.leaf, int):
+                    flat[o.leaf] = x
+                else:
+                    state[o.leaf] = x
+            args, kwargs = pytree.tree_unflatten(flat, tree)
+            if node.op == "call_function":
+                out = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                out = torch.func.functional_call(module, state, tuple(args), dict(kwargs), strict=False)
+            return [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+
+        target = type(module) if module is not None else node.target
+        key = (node.op, target, str(tree), tuple(None if isinstance(c, torch.Tensor) else _hashable(c) for c in concrete))
+        finding = self.prober.measure(fn, operands, out_shapes, key)
+        if finding is None:
+            return False
+        self._apply(ctx, operands, finding, why)
+        return True
+
+    def _apply(self, ctx: OpContext, operands: list[Operand], finding: Any, why: str) -> None:
+        """Link and fix what the probe measured (a warning names what it fixed); set the node's output."""
+        reason = f"{ctx._reason()} ({why}; measured: its output depends on the order of these units)"
+        fixing = [operands[i].layout[a] for i, a in finding.fixed if not self.spaces.settled(operands[i].layout[a])]
+        if fixing:
+            msg = f"{reason}: the spaces of {len(fixing)} input axes are kept as they are (not merged)"
+            if self.strict:
+                raise UnsupportedOpError(f"{msg}. Register a LayerHandler for it (hook mudsc_layer_handlers)")
+            self.warnings.append(msg)
+            warnings.warn(msg, stacklevel=4)
+        for i, a in finding.fixed:
+            L = operands[i].layout[a]
+            ctx.fix(L, reason="" if self.spaces.settled(L) else reason)
+        for group in finding.links:  # block by block where the probe verified it, else whole
+            layouts = [operands[i].layout[a] for i, a in group]
+            for L in layouts[1:]:
+                if finding.keep_blocks and isinstance(L, Dep) and isinstance(layouts[0], Dep):
+                    self.spaces.link(Dep(0, layouts[0].parts), Dep(0, L.parts))
+                else:
+                    self.spaces.link(self.spaces.collapse(layouts[0]), self.spaces.collapse(L))
+        for i, a in finding.reduced:  # a parameter axis summed over reads its units
+            if operands[i].constant:
+                ctx.reads(operands[i].layout[a])
+        layouts = out_layouts(operands, finding.sources, finding.keep_blocks)
+        out_shapes = _flat_shapes(ctx.out_shape)
+        outs = []
+        for o, (row, srcs) in enumerate(zip(layouts, finding.sources)):
+            shape = out_shapes[o]
+            out: list[Layout] = []
+            for k, (L, ss) in enumerate(zip(row, srcs)):
+                if L is None:  # new units: fixed, unless the output only repeats itself along them
+                    out.append(self.spaces.new(shape[k], None if (o, k) in finding.copies else ""))
+                    continue
+                if isinstance(L, Dep) and not finding.keep_blocks:
+                    L = self.spaces.collapse(L)
+                for i, a in ss[1:]:
+                    other = operands[i].layout[a]
+                    self.spaces.link(L if isinstance(L, int) else self.spaces.collapse(L), self.spaces.collapse(other)) \
+                        if not (isinstance(L, Dep) and isinstance(other, Dep)) else self.spaces.link(L, Dep(L.ref, other.parts))
+                out.append(L)
+            outs.append(out)
+        self.probed.append(ctx.node.name)
+        if ctx.module is not None:  # measured from outside: torch.export may see through it (pipeline)
+            self.opaque_modules.append(ctx.path)
+        ctx.set_output(_nest(iter(outs), ctx.out_shape))
+
+
+def _flat_shapes(shape: Any) -> list:
+    """The tensor shapes of a (possibly nested) output shape, in order; ``None`` for a non-tensor."""
+    if isinstance(shape, tuple) or shape is None:
+        return [shape]
+    return [s for x in shape for s in _flat_shapes(x)]
+
+
+def _nest(layouts: Any, shape: Any) -> Any:
+    """Flat per-tensor layouts back in the nesting of ``shape``."""
+    if isinstance(shape, tuple):
+        return next(layouts)
+    return [_nest(layouts, x) for x in shape]
+
+
+def _hashable(v: Any) -> Any:
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return repr(v)
 
 
 def _tname(t: Any) -> str:

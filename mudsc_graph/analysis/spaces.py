@@ -132,14 +132,55 @@ class SpaceTable:
             self.union(a.r, b.r)
             for p, q in zip(a.parts, b.parts):
                 self.union(p, q)
-        elif isinstance(a, Sum) and isinstance(b, Sum) and self._bounds(a) == self._bounds(b):
-            for p, q in zip(a.parts, b.parts):
-                self.union(p, q)
+        elif isinstance(a, Sum) and isinstance(b, Sum):
+            self._unify_sums(root, a.parts, b.parts)
+        elif isinstance(a, Stack) != isinstance(b, Stack):
+            # blocks told apart by position (a split of the same axis into pieces): the block axis
+            # cannot move, and the stack is the sum of its blocks (q/k/v sliced, or cat of biases,
+            # on a fused axis that a reshape also cuts into (3, heads, dim))
+            st, sm = (a, b) if isinstance(a, Stack) else (b, a)
+            self.fix(st.r, "")
+            self._unify_sums(root, st.parts, sm.parts)
         else:  # two incompatible structures on one space: keep it whole and identity
-            self.fix(root, "conflicting structure (different reshapes or splits of one space)")
+            self._conflict(root, a, b)
 
-    def _bounds(self, d: Sum) -> tuple[int, ...]:
-        return tuple(self.size[self.find(p)] for p in d.parts)
+    def _conflict(self, root: int, *defs: Stack | Sum) -> None:
+        """Fix ``root`` and the pieces of every structure it was given: a piece of the definition
+        that is not kept must not stay free (its users would move units the space does not)."""
+        reason = "conflicting structure (different reshapes or splits of one space)"
+        self.fix(root, reason)
+        for d in defs:
+            for c in _children(d):
+                self.fix(c, reason)
+
+    def _unify_sums(self, root: int, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+        """One axis cut two ways (``[16, 32]`` and ``[16, 16, 16]``): both are cut at every boundary
+        of either (a piece that spans several of the other's becomes their sum), then the pieces are
+        linked in order. The definition kept is the finer one."""
+        bounds = set(_cumsum([self.size[self.find(p)] for p in a])) | set(_cumsum([self.size[self.find(p)] for p in b]))
+        fa, fb = self._refine(a, bounds), self._refine(b, bounds)
+        if [self.size[self.find(p)] for p in fa] != [self.size[self.find(p)] for p in fb]:
+            self._conflict(root, Sum(a), Sum(b))
+            return
+        for p, q in zip(fa, fb):
+            self.union(p, q)
+        self.defn[self.find(root)] = Sum(tuple(fa))
+
+    def _refine(self, parts: tuple[int, ...], bounds: set[int]) -> list[int]:
+        """``parts`` cut at ``bounds`` (offsets along their concatenation): a part with boundaries
+        inside it is defined as the sum of fresh pieces (unified with any cut it already has)."""
+        out, start = [], 0
+        for p in parts:
+            n = self.size[self.find(p)]
+            cuts = sorted(c - start for c in bounds if start < c < start + n)
+            if cuts:
+                pieces = tuple(self.new(e - s) for s, e in zip([0] + cuts, cuts + [n]))
+                self.define(p, Sum(pieces))
+                out += list(pieces)
+            else:
+                out.append(p)
+            start += n
+        return out
 
     # -- structure -------------------------------------------------------------------------
     def definition(self, x: int) -> Stack | Sum | None:
@@ -194,18 +235,20 @@ class SpaceTable:
         inner = 1
         for n in sizes[1:]:
             inner *= n
-        if d is None:
+        if d is None or isinstance(d, Sum):  # a sum (cat of biases, slices) is cut at the block boundaries
             r = self.new(sizes[0])
             parts = tuple(self.new(inner) for _ in range(sizes[0]))
             self.define(s, Stack(r, parts))
-            d = self.definition(s)
+            if self.is_fixed(s):
+                return [self.new(n, "") for n in sizes]
+            d = Stack(r, parts)
         if isinstance(d, Stack) and self.size[self.find(d.r)] == sizes[0]:
             subs = [self.split(p, sizes[1:]) for p in d.parts]
             out: list[Layout] = [self.find(d.r)]
             for k in range(len(sizes) - 1):
                 out.append(Dep(0, tuple(_shift(sub[k], 1) for sub in subs)))
             return [_simplify(x) for x in out]
-        self.fix(s, "")
+        self.fix(s, "conflicting structure (reshapes of one space into different blocks)")
         return [self.new(n, "") for n in sizes]
 
     def flatten(self, layouts: list[Layout]) -> int:
@@ -291,6 +334,14 @@ class SpaceTable:
                     changed = True
                 else:
                     seen[key] = root
+
+
+def _cumsum(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for n in sizes:
+        acc += n
+        out.append(acc)
+    return out
 
 
 def _children(d: Stack | Sum) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
+from torch.nn.utils import parametrize
 
 from ..errors import TraceError, first_line
 from ..inputs import Inputs, as_inputs, batch_size, bind, call, describe, map_tensors
@@ -54,6 +55,8 @@ class MergeTracer(fx.Tracer):
         self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if parametrize.is_parametrized(m):  # its weight is computed (weight_norm ...): trace through it
+            return False
         # the nearest registered class decides, as in Registry.handler_for: a subclass that
         # overrides forward is traced through (unless fx's own rule makes it a leaf)
         for cls in type(m).__mro__ if self.leaf_types else ():
@@ -119,6 +122,7 @@ def trace_fx(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["mudsc_tracer"] = "fx"
     record_shapes(gm, inputs)
+    gm.meta["mudsc_example"] = inputs  # what the shapes are of (the equivariance probe runs on it)
     return gm
 
 
@@ -148,6 +152,7 @@ def trace_export(model: torch.nn.Module, inputs: Inputs, *, fx_error: BaseExcept
     gm.meta["mudsc_tracer"] = "export"
     if not _shapes_from_export(gm):  # the shapes of the inputs export ran on (two rows for a batch of one)
         record_shapes(gm, export_inputs)
+    gm.meta["mudsc_example"] = export_inputs
     return gm
 
 

@@ -11,6 +11,7 @@ zip when ``stop_at`` is given) and reset its BatchNorm statistics.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -98,6 +99,26 @@ def check_models(models: list[nn.Module]) -> None:
         for k, t in m.state_dict().items():
             if torch.is_floating_point(t) and not torch.isfinite(t).all():
                 raise MergeError(f"model {i} has non-finite values (NaN or inf) in {k}; fix the checkpoint before merging")
+
+
+def _check_tuple_batch(model: nn.Module, batch: Any) -> None:
+    """A tuple batch is read as ``(inputs, labels, ...)``: refuse it, saying how to pass several
+    inputs, when the model's forward needs more than one positional input."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind in positional]
+    if len(names) > 1:
+        keys = ", ".join(f"'{n}': ..." for n in names)
+        raise MergeError(
+            f"{type(model).__name__}.forward needs {len(names)} inputs ({', '.join(names)}) but a tuple batch is read as "
+            f"(inputs, labels), so only its first element would be passed; give each batch as a dict keyed by forward's "
+            f"parameter names ({{{keys}}}) or pass inputs_from_batch= (e.g. lambda batch: tuple(batch[:{len(names)}]))"
+        )
 
 
 def _read_batches(data: Iterable | None, inputs_from_batch: Callable[[Any], Any]) -> list | None:
@@ -191,6 +212,8 @@ class PreparedMerge:
         if example_inputs is None:
             if self.batches is None:
                 raise MergeError("pass example_inputs= (or data=) so the model can be traced")
+            if inputs_from_batch is None:
+                _check_tuple_batch(models[0], self.batches[0])
             example_inputs = take_rows(as_inputs(self.inputs_from_batch(self.batches[0])), 2)  # tracing needs only shapes
         example_inputs = to_device(as_inputs(example_inputs), dev)
         self.timings["check"] = time.perf_counter() - t0

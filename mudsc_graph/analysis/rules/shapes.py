@@ -291,9 +291,8 @@ def _split_outputs(ctx: OpContext, x: Value, d: int, sizes: list[int]) -> list[l
         pieces = iter([s] if len(nonzero) == 1 else [sp.new(n, "") for n in nonzero])
     else:
         fresh = [sp.new(n) for n in nonzero]
-        sp.define(s, Sum(tuple(fresh)))
-        dfn = sp.definition(s)
-        pieces = iter(dfn.parts if isinstance(dfn, Sum) and len(dfn.parts) == len(fresh) else [sp.new(n, "") for n in nonzero])
+        sp.define(s, Sum(tuple(fresh)))  # unified with any other cut of the axis (spaces._unify_sums)
+        pieces = iter([sp.new(n, "") for n in nonzero] if sp.is_fixed(s) else fresh)
     keep = {i: i for i in range(x.ndim) if i != d}
     base = [rebase(ctx, L, keep) for L in x.layout]
     outs = []

@@ -1,0 +1,194 @@
+"""The long tail, by construction: the plain-torch reproductions of ops and layouts no handler names.
+
+Each model is analysed as its users write it, with both tracers; its permutable units equal a hand
+count (with its arithmetic), three random valid permutations leave its output unchanged, and a
+permuted copy merges back with MuDSC zip and align. A parameter the traced forward never reads is
+fixed, with a warning naming it; several positional inputs per batch are passed as a dict.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mudsc_graph import MergeError, analyze, merge
+from mudsc_graph.spec.axes import Fixed
+
+try:
+    from test_constructs import randomize_
+except ImportError:  # tests/ collected as a package
+    from tests.test_constructs import randomize_
+
+
+class TypeAs(nn.Module):
+    """``type_as``: fx saw a binary elementwise op ("cannot link spaces of 32 and 8 units")."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).type_as(x))
+
+
+class TransposedLinear(nn.Linear):
+    """A Linear subclass computing ``x @ W.T + b`` (``aten.numpy_T`` under export)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class Subclassed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = TransposedLinear(8, 32), TransposedLinear(32, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def weight_normed():
+    """``parametrizations.weight_norm``: the Linear's weight is computed (``aten._weight_norm``)."""
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 32)), nn.ReLU(), nn.Linear(32, 4))
+
+
+class Scan(nn.Module):
+    """``cumsum`` along tokens: equivariant in the units, no handler."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h + 0.1 * torch.cumsum(h, 1)).mean(1)
+
+
+class InnerTransformer(nn.Module):
+    """``nn.TransformerEncoder`` inside a user's module: an fx leaf that torch.export sees through."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.t = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.t(self.inp(x)).mean(1))
+
+
+class Attention(nn.Module):
+    """q/k/v from one fused Linear, cut three ways."""
+
+    def __init__(self, layout: str):
+        super().__init__()
+        self.layout = layout
+        self.inp, self.o, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.w = nn.Parameter(torch.randn(48, 16) * 0.2)
+        self.qb, self.kb, self.vb = (nn.Parameter(torch.randn(16)) for _ in range(3))
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        h = self.inp(x)
+        if self.layout == "slices":  # y[..., i:i+16].view(B, N, 2, 8): "conflicting structure" before
+            y = F.linear(h, self.w, torch.cat((self.qb, self.kb, self.vb)))
+            q, k, v = [y[..., i : i + 16].view(B, N, 2, 8).transpose(1, 2) for i in (0, 16, 32)]
+        else:  # a bias made by cat, rows reshaped (3, heads, dim): the rows were in no group, silently
+            y = F.linear(h, self.w, torch.cat((self.qb, self.kb, self.vb)))
+            q, k, v = y.reshape(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, 16)
+        return self.out((h + self.o(a)).mean(1))
+
+
+X2, X3 = (torch.randn(2, 8),), (torch.randn(2, 5, 8),)
+ATTN = 16 + 16 + 16  # residual + Q/K (2 heads of 8) + V/O (2 heads of 8)
+CASES = {
+    "type_as": (TypeAs, X2, 32, "hidden 32"),
+    "linear_subclass": (Subclassed, X2, 32, "hidden 32"),
+    "weight_norm": (weight_normed, X2, 32, "hidden 32: weight_norm's direction rows and magnitude g"),
+    "cumsum": (Scan, X3, 32, "hidden 32"),
+    "inner_transformer": (InnerTransformer, X3, 16 + 16 + 16 + 32, "residual 16, Q/K 16, V/O 16, FFN 32"),
+    "qkv_slices": (lambda: Attention("slices"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
+    "qkv_cat_bias": (lambda: Attention("cat"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("tracer", ["auto", "export"])
+def test_long_tail_is_merged_by_construction(name, tracer):
+    build, x, units, note = CASES[name]
+    torch.manual_seed(0)
+    model = randomize_(build().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing is left unexplained
+        spec = analyze(model, x, tracer=tracer)
+    assert spec.permutable_units == units, note
+    for seed in range(3):
+        spec.check(model, x, seed=seed)
+    twin = spec.apply_permutation(model, spec.random_permutation(seed=3))
+    data = [torch.randn(8, *x[0].shape[1:], generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    for mode in ("zip", "align"):
+        merged = merge([model, twin], data=data, example_inputs=x, method="mudsc", mode=mode, reset_bn=False, max_iter=2,
+                       tracer=tracer).model
+        torch.testing.assert_close(merged(*x), model(*x), rtol=1e-4, atol=1e-5)
+
+
+class MaskToken(nn.Module):
+    """A parameter read only when a mask is passed: the permuted twin agreed without the mask and
+    differed with it (0.13-0.20 on an output scale of 0.49) while the token was a free group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.tok = nn.Parameter(torch.randn(16))
+
+    def forward(self, x, mask=None):
+        h = self.a(x)
+        if mask is not None:
+            h = torch.where(mask[..., None], self.tok, h)
+        return self.b(torch.relu(h))
+
+
+def test_a_parameter_the_trace_never_reads_is_fixed_with_a_warning():
+    """Not a free group of its own (which the self-check cannot see), but fixed, and the warning says
+    how to merge it: traced with a mask, the token joins the hidden units and a permuted copy agrees
+    with the model on masked calls too."""
+    torch.manual_seed(0)
+    model, x = MaskToken().eval(), torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="never reads tok.*example inputs that use them"):
+        spec = analyze(model, (x,))
+    assert spec.permutable_units == 16 and spec.axes["tok"] == [Fixed(16)]
+    mask = torch.tensor([True, False, True])
+    with_mask = analyze(model, {"x": x, "mask": mask})
+    assert ("tok", 0) in next(g for g in with_mask.free_groups() if g.size == 16).members
+    twin = with_mask.apply_permutation(model, with_mask.random_permutation(seed=1))
+    torch.testing.assert_close(twin(x, mask), model(x, mask))
+    torch.testing.assert_close(twin(x), model(x))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.m, self.b = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, mem):
+        return self.b(torch.relu(self.a(x) + self.m(mem)))
+
+
+def test_several_inputs_per_batch():
+    """A tuple batch is (inputs, labels): a forward of two inputs refuses it and says how to pass
+    them; a dict keyed by the forward's names (labels left out) or ``inputs_from_batch`` works."""
+    torch.manual_seed(0)
+    models = [TwoInputs().eval() for _ in range(2)]
+    pairs = [(torch.randn(6, 8), torch.randn(6, 8)) for _ in range(2)]
+    with pytest.raises(MergeError, match=r"forward needs 2 inputs \(x, mem\).*\{'x': \.\.\., 'mem': \.\.\.\}.*inputs_from_batch="):
+        merge(models, data=pairs)
+    by_name = merge(models, data=[{"x": a, "mem": b, "y": torch.zeros(6)} for a, b in pairs], method="zipit")
+    by_fn = merge(models, data=pairs, inputs_from_batch=lambda batch: tuple(batch), method="zipit")
+    x, mem = pairs[0]
+    torch.testing.assert_close(by_name.model(x, mem), by_fn.model(x, mem))
+    assert by_name.spec.permutable_units == 16
