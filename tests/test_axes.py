@@ -184,3 +184,35 @@ def test_hand_written_list_form_specs_are_converted_and_work():
     state = spec.permute_state_dict(model.state_dict(), perm)
     assert torch.equal(state["0.weight"], model[0].weight[perm[0]]) and torch.equal(state["2.weight"], model[2].weight[:, perm[0]])
     assert json.loads(spec.to_json())["axes"]["2.weight"] == [["fixed", 2], ["g", 0]]
+
+
+def test_interleave_index_take_and_merge_against_brute_force():
+    """Head-major fused rows: 3 heads, each [q (2), k (2), v (4)]; Q/K is a group of 3 blocks of 2,
+    V/O of 3 blocks of 4, moving their blocks together. The index array moves whole segments and
+    permutes inside each block; ``take`` reads each group's rows; merging by permutation matrices
+    along the axis equals indexing by the same permutation."""
+    from mudsc_graph.merging.weights import apply_along
+
+    e = axes.Interleave([Units(0), Units(0), Units(1)], 3)
+    sizes = {0: 6, 1: 12}
+    assert axes.from_json(axes.to_json(e)) == e and axes.to_json(e) == ["interleave", [["g", 0], ["g", 0], ["g", 1]], 3]
+    assert axes.size(e, sizes) == 24 and axes.group_ids(e) == [0, 0, 1]
+    blocks = [2, 0, 1]  # new head j is old head blocks[j]
+    inner_qk = [[1, 0], [0, 1], [1, 0]]  # inside each old head
+    inner_v = [[3, 2, 1, 0], [0, 1, 2, 3], [1, 3, 0, 2]]
+    p_qk = torch.tensor([blocks[j] * 2 + inner_qk[blocks[j]][t] for j in range(3) for t in range(2)])
+    p_v = torch.tensor([blocks[j] * 4 + inner_v[blocks[j]][t] for j in range(3) for t in range(4)])
+    expected = []
+    for j in range(3):  # by hand: new segment j is old segment blocks[j], its q, k and v rows permuted
+        old = blocks[j] * 8
+        expected += [old + t for t in inner_qk[blocks[j]]] + [old + 2 + t for t in inner_qk[blocks[j]]]
+        expected += [old + 4 + t for t in inner_v[blocks[j]]]
+    idx = axes.index(e, {0: p_qk, 1: p_v}, sizes)
+    assert idx.tolist() == expected
+    rows = torch.arange(24.0)[:, None].repeat(1, 2)
+    got = axes.take(rows, e, 1, sizes)
+    assert len(got) == 1 and got[0][:, 0].tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+    perm_matrix = lambda p: torch.eye(p.numel())[p]  # noqa: E731  (new x old)
+    mats = {0: perm_matrix(p_qk), 1: perm_matrix(p_v)}
+    w = torch.randn(24, 5)
+    torch.testing.assert_close(apply_along(w, 0, e, mats.get, sizes), w[idx])

@@ -97,9 +97,12 @@ class Attention(nn.Module):
         if self.layout == "slices":  # y[..., i:i+16].view(B, N, 2, 8): "conflicting structure" before
             y = F.linear(h, self.w, torch.cat((self.qb, self.kb, self.vb)))
             q, k, v = [y[..., i : i + 16].view(B, N, 2, 8).transpose(1, 2) for i in (0, 16, 32)]
-        else:  # a bias made by cat, rows reshaped (3, heads, dim): the rows were in no group, silently
+        elif self.layout == "cat":  # a bias made by cat, rows reshaped (3, heads, dim): the rows were in no group, silently
             y = F.linear(h, self.w, torch.cat((self.qb, self.kb, self.vb)))
             q, k, v = y.reshape(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # head-major: each head's q, k, v rows together; one permutation shared by all heads before
+            y = F.linear(h, self.w, torch.cat((self.qb, self.kb, self.vb)))
+            q, k, v = [t.transpose(1, 2) for t in y.view(B, N, 2, 24).chunk(3, -1)]
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, 16)
         return self.out((h + self.o(a)).mean(1))
 
@@ -114,6 +117,7 @@ CASES = {
     "inner_transformer": (InnerTransformer, X3, 16 + 16 + 16 + 32, "residual 16, Q/K 16, V/O 16, FFN 32"),
     "qkv_slices": (lambda: Attention("slices"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
     "qkv_cat_bias": (lambda: Attention("cat"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
+    "qkv_head_major": (lambda: Attention("head_major"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16, rows interleaved per head"),
 }
 
 

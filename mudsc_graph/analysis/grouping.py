@@ -8,7 +8,7 @@ where each group's features can be read.
 
 from __future__ import annotations
 
-from ..spec.axes import Concat, Expr, Fixed, GroupedIn, Kron, Units, group_ids, renumber, simplify
+from ..spec.axes import Concat, Expr, Fixed, GroupedIn, Interleave, Kron, Units, group_ids, renumber, simplify
 from ..spec.merge_spec import Group, MergeSpec, Probe
 from .propagate import Propagation
 from .spaces import Dep, SpaceTable, Stack, Sum
@@ -24,6 +24,7 @@ class _Builder:
         self.bad: set[int] = set()
         self.families: dict[int, tuple[int, int]] = {}  # part root -> (block root, index)
         self.block_spaces: set[int] = set()
+        self.interleaved: dict[int, list[list[int]]] = {}  # stack root -> its blocks' pieces by position
         for root, d in sp.defn.items():
             if sp.find(root) != root or not isinstance(d, Stack):
                 continue
@@ -35,14 +36,38 @@ class _Builder:
                 if not sp.is_fixed(parts[0]):
                     self.bad.add(r)
                 continue
-            if len(set(parts)) != len(parts) or any(p in sp.defn or sp.is_fixed(p) for p in parts):
-                self.bad.add(r)
+            columns = self._columns(parts)
+            if columns is not None:  # head-major: every block a sum of the same pieces (q_j, k_j, v_j)
+                self.interleaved[root] = columns
+                for col in columns:
+                    if not all(sp.is_fixed(p) for p in col):
+                        self._family(r, col)
                 continue
-            for j, p in enumerate(parts):
-                if self.families.setdefault(p, (r, j)) != (r, j):
-                    self.bad.add(r)
-                    self.bad.add(self.families[p][0])
-            self.block_spaces.add(r)
+            self._family(r, parts)
+
+    def _family(self, r: int, parts: list[int]) -> None:
+        """``parts`` are the blocks of block space ``r`` (block ``j`` is ``parts[j]``)."""
+        sp = self.sp
+        if len(set(parts)) != len(parts) or any(p in sp.defn or sp.is_fixed(p) for p in parts):
+            self.bad.add(r)
+            return
+        for j, p in enumerate(parts):
+            if self.families.setdefault(p, (r, j)) != (r, j):
+                self.bad.add(r)
+                self.bad.add(self.families[p][0])
+        self.block_spaces.add(r)
+
+    def _columns(self, parts: list[int]) -> list[list[int]] | None:
+        """For blocks that are each a sum of pieces of the same sizes, the pieces by position
+        (``columns[k][j]``: piece ``k`` of block ``j``); else ``None``."""
+        sp = self.sp
+        defs = [sp.defn.get(p) for p in parts]
+        if not all(isinstance(d, Sum) for d in defs):
+            return None
+        shapes = {tuple(sp.size[sp.find(x)] for x in d.parts) for d in defs}
+        if len(shapes) != 1:
+            return None
+        return [[sp.find(d.parts[k]) for d in defs] for k in range(len(defs[0].parts))]
 
     def expr(self, s: int, strict: bool = True) -> Expr:
         sp = self.sp
@@ -65,8 +90,17 @@ class _Builder:
             return simplify(Kron(self.expr(r, strict), self.expr(parts[0], strict)))
         if sp.is_fixed(r):
             return simplify(Concat([self.expr(p, strict) for p in parts]))
+        if s in self.interleaved:
+            return simplify(Interleave([self._block_expr(r, col) for col in self.interleaved[s]], len(parts)))
         key = ("block", r, tuple(parts))
         return Units(self._gid(key, n, len(parts), False, None))
+
+    def _block_expr(self, r: int, col: list[int]) -> Expr:
+        """The group whose block ``j`` is ``col[j]`` (fixed positions when every piece is fixed)."""
+        n = sum(self.sp.size[p] for p in col)
+        if all(self.sp.is_fixed(p) for p in col):
+            return Fixed(n)
+        return Units(self._gid(("block", r, tuple(col)), n, len(col), False, None))
 
     def _gid(self, key: tuple, size: int, blocks: int, fixed: bool, reason: str | None) -> int:
         gid = self.keys.get(key)

@@ -61,7 +61,20 @@ def apply_along(t: torch.Tensor, axis: int, e: Expr, matrix: MatrixFor, sizes: M
     def grouped_in(space: Expr, groups: int) -> torch.Tensor:
         raise ValueError(f"cannot apply axis expression {to_json(e)}: densify the grouped-convolution weight first")
 
-    return match(e, units=units, fixed=unmatched, concat=concat, kron=kron, grouped_in=grouped_in)
+    def interleave(parts: tuple[Expr, ...], blocks: int) -> torch.Tensor:
+        # (blocks, segment) -> each part's (blocks * width) positions -> its map -> (merged blocks, width)
+        shape = t.shape
+        widths = [size(x, sizes) // blocks for x in parts]
+        u = t.reshape(*shape[:axis], blocks, sum(widths), *shape[axis + 1 :])
+        pieces = []
+        for piece, x, w in zip(u.split(widths, dim=axis + 1), parts, widths):
+            flat = piece.reshape(*shape[:axis], blocks * w, *shape[axis + 1 :])
+            y = apply_along(flat, axis, x, matrix, sizes, scale)
+            pieces.append(y.reshape(*shape[:axis], y.shape[axis] // w, w, *shape[axis + 1 :]))
+        merged = torch.cat(pieces, dim=axis + 1)
+        return merged.reshape(*shape[:axis], merged.shape[axis] * merged.shape[axis + 1], *shape[axis + 1 :])
+
+    return match(e, units=units, fixed=unmatched, concat=concat, kron=kron, grouped_in=grouped_in, interleave=interleave)
 
 
 def apply_matrix(A: "torch.Tensor | Assignment", t: torch.Tensor, axis: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Axis expressions: what the positions of one tensor axis are, in units of merge groups.
 
-An expression is a tree of five frozen node kinds (JSON form in brackets, as saved in a MergeSpec):
+An expression is a tree of six frozen node kinds (JSON form in brackets, as saved in a MergeSpec):
 
 - :class:`Units` ``(gid)`` [``["g", gid]``]: exactly the units of group ``gid``, in order;
 - :class:`Fixed` ``(n)`` [``["fixed", n]``]: ``n`` positions that never move (kernel taps, ...);
@@ -8,7 +8,11 @@ An expression is a tree of five frozen node kinds (JSON form in brackets, as sav
 - :class:`Kron` ``(major, minor)`` [``["kron", a, b]``]: row-major product, one side fixed
   (conv -> flatten -> Linear columns are ``Kron(Units(c), Fixed(H*W))``);
 - :class:`GroupedIn` ``(space, groups)`` [``["inner", e, groups]``]: a grouped convolution's
-  ``in/groups`` weight axis: for a row in block ``j`` of axis 0, the units inside block ``j`` of ``space``.
+  ``in/groups`` weight axis: for a row in block ``j`` of axis 0, the units inside block ``j`` of ``space``;
+- :class:`Interleave` ``(parts, blocks)`` [``["interleave", [e1, e2, ...], blocks]``]: ``blocks``
+  segments, segment ``j`` the concatenation of block ``j`` of every part (head-major fused rows:
+  ``view(B, N, heads, 3 * d).chunk(3, -1)`` gives, per head, its Q, K and V rows: the parts are the
+  Q/K, Q/K and V/O block groups, which move their blocks together).
 
 Every walker goes through :func:`match` (one step, children as they are) or :func:`fold`
 (bottom-up, children already folded). JSON exists only at the MergeSpec boundary (:func:`to_json`,
@@ -36,6 +40,7 @@ class _Cases(NamedTuple):
     concat: Callable[..., Any]
     kron: Callable[..., Any]
     grouped_in: Callable[..., Any]
+    interleave: Callable[..., Any]
 
 
 def _check_child(e: Any) -> None:
@@ -120,8 +125,28 @@ class GroupedIn:
         return on.grouped_in(self.space._fold(on), self.groups)
 
 
-Expr = Units | Fixed | Concat | Kron | GroupedIn
-NODES = (Units, Fixed, Concat, Kron, GroupedIn)
+@dataclass(frozen=True)
+class Interleave:
+    """``blocks`` segments; segment ``j`` is block ``j`` of each part, one after the other (each part
+    has ``blocks`` equal blocks: a block group's units or fixed positions)."""
+
+    parts: tuple[Expr, ...]
+    blocks: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(self.parts))
+        for p in self.parts:
+            _check_child(p)
+
+    def _match(self, on: _Cases) -> Any:
+        return on.interleave(self.parts, self.blocks)
+
+    def _fold(self, on: _Cases) -> Any:
+        return on.interleave([p._fold(on) for p in self.parts], self.blocks)
+
+
+Expr = Units | Fixed | Concat | Kron | GroupedIn | Interleave
+NODES = (Units, Fixed, Concat, Kron, GroupedIn, Interleave)
 
 
 def is_expr(e: Any) -> bool:
@@ -137,10 +162,11 @@ def match(
     concat: Callable[[tuple[Expr, ...]], R],
     kron: Callable[[Expr, Expr], R],
     grouped_in: Callable[[Expr, int], R],
+    interleave: Callable[[tuple[Expr, ...], int], R],
 ) -> R:
     """Call the function for ``e``'s kind with its fields (sub-expressions unevaluated)."""
     _check_child(e)
-    return e._match(_Cases(units, fixed, concat, kron, grouped_in))
+    return e._match(_Cases(units, fixed, concat, kron, grouped_in, interleave))
 
 
 def fold(
@@ -151,15 +177,16 @@ def fold(
     concat: Callable[[list[R]], R],
     kron: Callable[[R, R], R],
     grouped_in: Callable[[R, int], R],
+    interleave: Callable[[list[R], int], R],
 ) -> R:
     """Bottom-up: each function gets its node's fields with sub-expressions already folded."""
     _check_child(e)
-    return e._fold(_Cases(units, fixed, concat, kron, grouped_in))
+    return e._fold(_Cases(units, fixed, concat, kron, grouped_in, interleave))
 
 
 def relabel(e: Expr, units: Callable[[int], Expr]) -> Expr:
     """``e`` with every ``Units(gid)`` replaced by ``units(gid)``."""
-    return fold(e, units=units, fixed=Fixed, concat=Concat, kron=Kron, grouped_in=GroupedIn)
+    return fold(e, units=units, fixed=Fixed, concat=Concat, kron=Kron, grouped_in=GroupedIn, interleave=Interleave)
 
 
 # -- JSON --------------------------------------------------------------------------------------------
@@ -172,6 +199,7 @@ def to_json(e: Expr) -> list:
         concat=lambda parts: ["sum", parts],
         kron=lambda a, b: ["kron", a, b],
         grouped_in=lambda s, g: ["inner", s, g],
+        interleave=lambda parts, blocks: ["interleave", parts, blocks],
     )
 
 
@@ -187,6 +215,8 @@ _FROM_JSON: dict[str, Callable[..., Expr]] = {
     "sum": lambda parts: Concat(tuple(from_json(p) for p in parts)) if isinstance(parts, (list, tuple)) else _bad(),
     "kron": lambda a, b: Kron(from_json(a), from_json(b)),
     "inner": lambda space, groups: GroupedIn(from_json(space), _count(groups, 1)),
+    "interleave": lambda parts, blocks: Interleave(tuple(from_json(p) for p in parts), _count(blocks, 1))
+    if isinstance(parts, (list, tuple)) else _bad(),
 }
 
 
@@ -203,7 +233,8 @@ def from_json(data: Sequence) -> Expr:
         return make(*data[1:])
     except (TypeError, ValueError):
         raise SpecError(
-            f"not an axis expression: {data!r} (expected ['g', id], ['fixed', n], ['sum', [...]], ['kron', a, b] or ['inner', e, groups])"
+            f"not an axis expression: {data!r} (expected ['g', id], ['fixed', n], ['sum', [...]], ['kron', a, b], ['inner', e, groups] "
+            f"or ['interleave', [...], blocks])"
         ) from None
 
 
@@ -222,6 +253,7 @@ def group_ids(e: Expr) -> list[int]:
         concat=lambda parts: [g for p in parts for g in p],
         kron=lambda a, b: a + b,
         grouped_in=lambda s, groups: s,
+        interleave=lambda parts, blocks: [g for p in parts for g in p],
     )
 
 
@@ -243,6 +275,7 @@ def size(e: Expr, sizes: Mapping[int, int]) -> int:
         concat=sum,
         kron=lambda a, b: a * b,
         grouped_in=lambda s, g: _no("size", e),
+        interleave=lambda parts, blocks: sum(parts),
     )
 
 
@@ -257,9 +290,15 @@ def _kron(a: Expr, b: Expr) -> Expr:
     return Fixed(a.n * b.n) if isinstance(a, Fixed) and isinstance(b, Fixed) else Kron(a, b)
 
 
+def _interleave(parts: list[Expr], blocks: int) -> Expr:
+    if all(isinstance(p, Fixed) for p in parts):
+        return Fixed(sum(p.n for p in parts))
+    return Interleave(parts, blocks)
+
+
 def simplify(e: Expr) -> Expr:
-    """``e`` with every concatenation or product of fixed parts made one ``Fixed``."""
-    return fold(e, units=Units, fixed=Fixed, concat=_concat, kron=_kron, grouped_in=GroupedIn)
+    """``e`` with every concatenation, product or interleaving of fixed parts made one ``Fixed``."""
+    return fold(e, units=Units, fixed=Fixed, concat=_concat, kron=_kron, grouped_in=GroupedIn, interleave=_interleave)
 
 
 def renumber(e: Expr, remap: Mapping[int, int], sizes: Mapping[int, int]) -> Expr:
@@ -298,6 +337,15 @@ def index(e: Expr, perm: Mapping[int, torch.Tensor], sizes: Mapping[int, int]) -
             off += idx.numel()
         return torch.cat(out)
 
+    def interleave(parts: list[torch.Tensor], blocks: int) -> torch.Tensor:
+        widths = [idx.numel() // blocks for idx in parts]
+        seg, cols, off = sum(widths), [], 0
+        for idx, w in zip(parts, widths):  # new (block j, t) of a part -> old (its old block, t) in the old segment
+            idx = idx.view(blocks, w)
+            cols.append((idx // w) * seg + off + idx % w)
+            off += w
+        return torch.cat(cols, dim=1).reshape(-1)
+
     return fold(
         e,
         units=units,
@@ -305,6 +353,7 @@ def index(e: Expr, perm: Mapping[int, torch.Tensor], sizes: Mapping[int, int]) -
         concat=concat,
         kron=lambda a, b: (a[:, None] * b.numel() + b[None, :]).reshape(-1),
         grouped_in=lambda s, g: _no("index array", e, SpecError),
+        interleave=interleave,
     )
 
 
@@ -325,6 +374,14 @@ def take(t: torch.Tensor, e: Expr, gid: int, sizes: Mapping[int, int]) -> list[t
         u = t.reshape(size(a, sizes), size(b, sizes), *t.shape[1:])
         return take(u, a, gid, sizes) or take(u.movedim(1, 0), b, gid, sizes)
 
+    def interleave(parts: tuple[Expr, ...], blocks: int) -> list[torch.Tensor]:
+        widths = [size(x, sizes) // blocks for x in parts]
+        u = t.reshape(blocks, sum(widths), *t.shape[1:])
+        out: list[torch.Tensor] = []
+        for piece, x, w in zip(u.split(widths, dim=1), parts, widths):
+            out += take(piece.reshape(blocks * w, *t.shape[1:]), x, gid, sizes)
+        return out
+
     return match(
         e,
         units=lambda g: [t] if g == gid else [],
@@ -332,4 +389,5 @@ def take(t: torch.Tensor, e: Expr, gid: int, sizes: Mapping[int, int]) -> list[t
         concat=concat,
         kron=kron,
         grouped_in=lambda s, g: [],
+        interleave=interleave,
     )

@@ -2,10 +2,10 @@
 
 Every axis of every parameter and buffer is described by an *axis expression* over groups, a
 small typed tree defined in :mod:`mudsc_graph.spec.axes` (``Units(gid)``, ``Fixed(n)``,
-``Concat(parts)``, ``Kron(major, minor)``, ``GroupedIn(space, groups)``). In memory a MergeSpec
-holds typed expressions; :meth:`MergeSpec.to_json` / :meth:`MergeSpec.from_json` write and read
-them as nested lists (``["g", id]``, ``["fixed", n]``, ``["sum", [...]]``, ``["kron", a, b]``,
-``["inner", e, groups]``), and list-form expressions given to :class:`MergeSpec` or :class:`Probe`
+``Concat(parts)``, ``Kron(major, minor)``, ``GroupedIn(space, groups)``, ``Interleave(parts, blocks)``).
+In memory a MergeSpec holds typed expressions; :meth:`MergeSpec.to_json` / :meth:`MergeSpec.from_json`
+write and read them as nested lists (``["g", id]``, ``["fixed", n]``, ``["sum", [...]]``, ``["kron", a, b]``,
+``["inner", e, groups]``, ``["interleave", [...], blocks]``), and list-form expressions given to :class:`MergeSpec` or :class:`Probe`
 are converted on construction.
 
 A group has ``size`` units in ``blocks`` blocks of ``block_size`` (``blocks == 1``: plain). A

@@ -283,16 +283,28 @@ def split(ctx: OpContext) -> None:
     ctx.set_output(_split_outputs(ctx, x, d, sizes))
 
 
-def _split_outputs(ctx: OpContext, x: Value, d: int, sizes: list[int]) -> list[list[Layout]]:
+def _cut(ctx: OpContext, L: Layout, sizes: list[int]) -> list[Layout]:
+    """The layouts of the consecutive pieces of ``sizes`` (all non-zero) of an axis of layout ``L``.
+    An axis whose units depend on another axis (head-major ``view(B, N, H, 3 * d)``) is cut block by
+    block, so the pieces keep that dependence (one ``q``/``k``/``v`` per head)."""
     sp = ctx.spaces
-    s = sp.collapse(x.axis(d))
+    if len(sizes) == 1:
+        return [L]
+    if isinstance(L, Dep) and all(isinstance(p, int) and not sp.is_fixed(p) for p in L.parts):
+        cuts = [_cut(ctx, p, sizes) for p in L.parts]
+        if all(all(isinstance(c, int) for c in cut) for cut in cuts):
+            return [Dep(L.ref, tuple(cut[k] for cut in cuts)) for k in range(len(sizes))]
+    s = sp.collapse(L)
+    if sp.is_fixed(s):
+        return [sp.new(n, "") for n in sizes]
+    fresh = [sp.new(n) for n in sizes]
+    sp.define(s, Sum(tuple(fresh)))  # unified with any other cut of the axis (spaces._unify_sums)
+    return [sp.new(n, "") for n in sizes] if sp.is_fixed(s) else fresh
+
+
+def _split_outputs(ctx: OpContext, x: Value, d: int, sizes: list[int]) -> list[list[Layout]]:
     nonzero = [n for n in sizes if n]
-    if sp.is_fixed(s) or len(nonzero) == 1:
-        pieces = iter([s] if len(nonzero) == 1 else [sp.new(n, "") for n in nonzero])
-    else:
-        fresh = [sp.new(n) for n in nonzero]
-        sp.define(s, Sum(tuple(fresh)))  # unified with any other cut of the axis (spaces._unify_sums)
-        pieces = iter([sp.new(n, "") for n in nonzero] if sp.is_fixed(s) else fresh)
+    pieces = iter(_cut(ctx, x.axis(d), nonzero))
     keep = {i: i for i in range(x.ndim) if i != d}
     base = [rebase(ctx, L, keep) for L in x.layout]
     outs = []
@@ -382,8 +394,8 @@ def index_axes(ctx: OpContext, src: Value, items: list[Any]) -> None:
                 continue
             if (start, stop, step) != (0, n, 1):
                 sizes = [start, max(stop - start, 0), n - max(stop, start)]
-                pieces = _split_outputs(ctx, Value((n,), [layout[ax]]), 0, sizes)
-                layout[ax] = pieces[1][0]
+                kept_piece = sum(1 for m in sizes[:1] if m)  # where the kept piece is among the non-empty ones
+                layout[ax] = _cut(ctx, layout[ax], [m for m in sizes if m])[kept_piece] if sizes[1] else ctx.new_fixed(0)
             kept.append(("axis", ax))
         ax += 1
     for a, k in computed.items():
