@@ -25,11 +25,18 @@ class _Builder:
         self.families: dict[int, tuple[int, int]] = {}  # part root -> (block root, index)
         self.block_spaces: set[int] = set()
         self.interleaved: dict[int, list[list[int]]] = {}  # stack root -> its blocks' pieces by position
+        self.nested: list[list[int]] = []  # blocks of a stack over a structured space: to fix and join
         for root, d in sp.defn.items():
             if sp.find(root) != root or not isinstance(d, Stack):
                 continue
             r = sp.find(d.r)
             if sp.is_fixed(r):
+                continue
+            if r in sp.defn:  # blocks indexed by a structured space (a grouped conv reading a block group's units
+                # one per block): no block permutation of their own can follow it, so the blocks keep their
+                # insides and move with the units of r (kron(r, fixed))
+                if not all(sp.is_fixed(p) for p in d.parts) or len({sp.find(p) for p in d.parts}) > 1:
+                    self.nested.append(list(d.parts))
                 continue
             parts = [sp.find(p) for p in d.parts]
             if len(set(parts)) == 1:
@@ -128,9 +135,13 @@ def build_spec(prop: Propagation) -> tuple[MergeSpec, dict[str, list[Expr | None
                 axes[alias] = axes[canon]
         for name in prop.frozen:  # not in the state_dict: not the spec's business
             axes.pop(name, None)
-        if b.bad:
+        if b.bad or b.nested:
             for r in b.bad:
                 sp.fix(r, "")
+            for parts in b.nested:
+                for p in parts:
+                    sp.fix(p, "")
+                    sp.union(parts[0], p)
             continue
         # units that only buffers carry (the unused tail of position_ids) have nothing to merge: fix
         # their spaces (not just the group, so that whatever is coupled to them stays put too)
