@@ -5,6 +5,7 @@ nothing else); warnings, progress and errors go to stderr.
 """
 
 import json
+from collections import Counter
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -169,5 +170,9 @@ def show_spec(spec: Any, model: Any, inputs: Any, title: str, seconds: float, *,
         f"{len(spec.groups)} groups ({len(spec.groups) - n_fixed} permutable, {n_fixed} fixed), "
         f"{spec.permutable_units} permutable units, analysed in {seconds:.2f} s"
     )
+    if spec.fixed:  # axes outside every group, each with what it indexes (no silent drop)
+        counts = Counter(why for axes in spec.fixed.values() for why in axes.values())
+        console.print("parameter axes kept in order outside any group: " + "; ".join(f"{n} x {why}" for why, n in counts.most_common()),
+                      highlight=False)
     if difference is not None:
         console.print(f"self-check passed: max abs difference {difference:.3g}")

@@ -166,6 +166,8 @@ def test_a_spec_saved_in_the_list_format_loads_and_writes_back_the_same_text():
     assert spec.axes["c.weight"][1] == GroupedIn(Units(0), 2)
     assert spec.groups[0].probes[0].expr == Concat([Units(0), Fixed(1)])
     assert spec.to_json() == saved
+    spec.fixed = {"c.weight": {2: "kernel taps"}}  # the reasons of fixed axes travel with the spec
+    assert MergeSpec.from_json(spec.to_json()).fixed == {"c.weight": {2: "kernel taps"}}
 
 
 def test_hand_written_list_form_specs_are_converted_and_work():

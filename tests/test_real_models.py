@@ -280,3 +280,36 @@ COMPOSITE_CASES = [
 @pytest.mark.parametrize("case", COMPOSITE_CASES, ids=repr)
 def test_torch_composites(case):
     _check_and_merge_back(case)
+
+
+# --------------------------------------------------------------------------- no silent drop
+
+
+def assert_every_axis_accounted_for(model: nn.Module, spec) -> None:
+    """Every state-dict tensor is in the spec, and every axis of more than one position is in a group
+    (free, or fixed with the reason the user sees) or fixed with a recorded reason (``spec.fixed``)."""
+    from mudsc_graph.spec.axes import group_ids
+
+    groups = {g.id: g for g in spec.groups}
+    for name, t in model.state_dict().items():
+        if t.dim() == 0 or not t.is_floating_point():
+            continue
+        assert name in spec.axes, f"{name} is in no group and not reported"
+        for axis, e in enumerate(spec.axes[name]):
+            if t.shape[axis] == 1:
+                continue
+            ids = group_ids(e)
+            if ids:
+                assert all(not groups[g].fixed or groups[g].reason for g in ids), f"{name}[{axis}]: a fixed group without a reason"
+            else:
+                assert spec.fixed.get(name, {}).get(axis), f"{name}[{axis}] is fixed without a reason"
+
+
+@pytest.mark.parametrize("case", HF_CASES + TIMM_CASES + COMPOSITE_CASES, ids=repr)
+def test_no_parameter_axis_is_dropped_silently(case):
+    torch.manual_seed(0)
+    model = randomize_(case.build().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = analyze_full(model, case.inputs(2)).spec
+    assert_every_axis_accounted_for(model, spec)

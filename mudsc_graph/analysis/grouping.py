@@ -138,9 +138,11 @@ def build_spec(prop: Propagation) -> tuple[MergeSpec, dict[str, list[Expr | None
         if b.bad or b.nested:
             for r in b.bad:
                 sp.fix(r, "")
+                sp.note(r, "blocks whose structure no permutation can follow (parts shared or reused elsewhere)")
             for parts in b.nested:
                 for p in parts:
                     sp.fix(p, "")
+                    sp.note(p, "inside blocks indexed by units that are themselves in blocks")
                     sp.union(parts[0], p)
             continue
         # units that only buffers carry (the unused tail of position_ids) have nothing to merge: fix
@@ -176,7 +178,20 @@ def build_spec(prop: Propagation) -> tuple[MergeSpec, dict[str, list[Expr | None
         k: [None if e is None else renumber(e, remap, sizes) for e in v] if isinstance(v, list) else None
         for k, v in value_axes.items()
     }
-    return MergeSpec(used, axes, shapes, list(prop.warnings), consumed, buffers), value_axes
+    return MergeSpec(used, axes, shapes, list(prop.warnings), consumed, buffers, _fixed_axes(prop, axes)), value_axes
+
+
+def _fixed_axes(prop: Propagation, axes: dict[str, list[Expr]]) -> dict[str, dict[int, str]]:
+    """Why each parameter axis that no group covers keeps its order (``Fixed`` of more than one position)."""
+    out: dict[str, dict[int, str]] = {}
+    for name, exprs in axes.items():
+        canon = prop.canonical.get(name, name)
+        for axis, e in enumerate(exprs):
+            if isinstance(e, Fixed) and e.n > 1:
+                space = prop.attr_spaces.get((canon, axis))
+                why = prop.spaces.why(space) if space is not None else "never read by the traced forward"
+                out.setdefault(name, {})[axis] = why
+    return out
 
 
 def _couple(b: _Builder) -> None:

@@ -124,6 +124,7 @@ class OpContext:
         full = name if full or not self.path else f"{self.path}.{name}"
         full = self._prop.canonical.get(full, full)
         self.spaces.fix(self._prop.attr_space(full, axis), "")
+        self.spaces.note(self._prop.attr_space(full, axis), "inside a block (a grouped convolution's input channels)")
         key = (full, axis % len(self._prop.attr_shapes[full]))
         self._prop.inner_params[key] = (self.spaces.collapse(space), groups)
         self._prop.consumed.add(key)
@@ -146,9 +147,9 @@ class OpContext:
         """A fresh permutable space."""
         return self.spaces.new(size)
 
-    def new_fixed(self, size: int) -> int:
-        """A fresh fixed space (kernel taps, spatial positions after a convolution, ...)."""
-        return self.spaces.new(size, "")
+    def new_fixed(self, size: int, note: str = "positions (a spatial, token or other axis that is not a unit axis)") -> int:
+        """A fresh fixed space (kernel taps, spatial positions after a convolution, ...); ``note`` says what it indexes."""
+        return self.spaces.new(size, "", note)
 
     def link(self, a: Layout, b: Layout) -> None:
         """``a`` and ``b`` index the same units (layouts in the same axis coordinates)."""
@@ -169,11 +170,14 @@ class OpContext:
         """``layout`` is an axis of a parameter (not an activation) that is summed over: record it."""
         self._prop.mark_consumed(layout)
 
-    def fix(self, *layouts: Layout, reason: str | None = None) -> None:
+    def fix(self, *layouts: Layout, reason: str | None = None, note: str | None = None) -> None:
         """Fix every space of ``layouts``; ``reason`` (default: this op is not understood) is the
-        warning the analysis shows, ``""`` fixes them silently (kernel taps, time steps)."""
+        warning the analysis shows, ``""`` fixes them silently (kernel taps, time steps), with
+        ``note`` saying what they index."""
         for L in layouts:
             self.spaces.fix_layout(L, reason if reason is not None else self._reason())
+            for s in self.spaces.leaves(L) if note else ():
+                self.spaces.note(s, note)
 
     def fix_units(self, layout: Layout, why: str) -> None:
         """Fix ``layout`` because this op reads its units in a way no permutation survives

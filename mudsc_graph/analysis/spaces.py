@@ -65,10 +65,11 @@ class SpaceTable:
         self.size: list[int] = []
         self.fixed: dict[int, str] = {}  # root -> reason ("" = structurally fixed, no group reported)
         self.defn: dict[int, Stack | Sum] = {}  # root -> definition
+        self.notes: dict[int, str] = {}  # root -> what a structurally fixed space indexes (kernel taps, ...)
         self._hashcons: dict[tuple, int] = {}
 
     # -- basic union-find ------------------------------------------------------------------
-    def new(self, size: int, fixed: str | None = None) -> int:
+    def new(self, size: int, fixed: str | None = None, note: str | None = None) -> int:
         sid = len(self.parent)
         self.parent.append(sid)
         self.size.append(int(size))
@@ -76,7 +77,22 @@ class SpaceTable:
             fixed = ""  # one unit: nothing to permute
         if fixed is not None:
             self.fixed[sid] = fixed
+        if note:
+            self.notes[sid] = note
         return sid
+
+    def note(self, x: int, text: str) -> None:
+        """Say what a structurally fixed space indexes (shown for the parameter axes it fixes)."""
+        self.notes.setdefault(self.find(x), text)
+
+    def why(self, x: int) -> str:
+        """Why the space ``x`` (fixed) keeps its order: its reason, its note, or its pieces' (``""``: not recorded)."""
+        r = self.find(x)
+        if self.fixed.get(r) or r in self.notes:
+            return self.fixed.get(r) or self.notes[r]
+        d = self.defn.get(r)
+        whys = [] if d is None else [self.why(c) for c in _children(d) if self.size[self.find(c)] > 1]
+        return "; ".join(dict.fromkeys(w for w in whys if w))
 
     def find(self, x: int) -> int:
         parent = self.parent
@@ -119,6 +135,9 @@ class SpaceTable:
         fb = self.fixed.pop(rb, None)
         if fb is not None:
             self.fix(ra, fb)
+        nb = self.notes.pop(rb, None)
+        if nb is not None:
+            self.notes.setdefault(ra, nb)
         da, db = self.defn.get(ra), self.defn.pop(rb, None)
         if db is not None:
             if da is None:
@@ -140,6 +159,7 @@ class SpaceTable:
             # on a fused axis that a reshape also cuts into (3, heads, dim))
             st, sm = (a, b) if isinstance(a, Stack) else (b, a)
             self.fix(st.r, "")
+            self.note(st.r, "blocks told apart by position (one axis cut into pieces)")
             self._unify_sums(root, st.parts, sm.parts)
         else:  # two incompatible structures on one space: keep it whole and identity
             self._conflict(root, a, b)
@@ -230,7 +250,7 @@ class SpaceTable:
         if len(sizes) == 1:
             return [s]
         if self.is_fixed(s):
-            return [self.new(n, "") for n in sizes]
+            return [self.new(n, "", self.why(s)) for n in sizes]
         d = self.definition(s)
         inner = 1
         for n in sizes[1:]:
@@ -240,7 +260,7 @@ class SpaceTable:
             parts = tuple(self.new(inner) for _ in range(sizes[0]))
             self.define(s, Stack(r, parts))
             if self.is_fixed(s):
-                return [self.new(n, "") for n in sizes]
+                return [self.new(n, "", self.why(s)) for n in sizes]
             d = Stack(r, parts)
         if isinstance(d, Stack) and self.size[self.find(d.r)] == sizes[0]:
             subs = [self.split(p, sizes[1:]) for p in d.parts]

@@ -78,6 +78,9 @@ class MergeSpec:
     """Axes along which a parameter reads the units of its input (weight columns)."""
     buffers: list[str] = field(default_factory=list)
     """Names in ``axes`` that are buffers (BatchNorm running statistics), not parameters."""
+    fixed: dict[str, dict[int, str]] = field(default_factory=dict)
+    """Why each axis that no group covers keeps its order (``Fixed`` of more than one position):
+    ``{name: {axis: "kernel taps"}}``; every such axis of an analysed model has a reason."""
 
     def __post_init__(self) -> None:
         # list-form (JSON) expressions are converted; lists already typed are kept as they are
@@ -120,6 +123,8 @@ class MergeSpec:
             "consumed": self.consumed,
             "buffers": self.buffers,
         }
+        if self.fixed:  # written only when there is something to say: older specs read back as they were written
+            data["fixed"] = {k: {str(a): why for a, why in v.items()} for k, v in self.fixed.items()}
         return json.dumps(data, indent=indent)
 
     @classmethod
@@ -133,7 +138,8 @@ class MergeSpec:
             )
         shapes = {k: tuple(v) for k, v in data["shapes"].items()}
         axes = {k: [from_json(e) for e in v] for k, v in data["axes"].items()}
-        return cls(groups, axes, shapes, data.get("warnings", []), data.get("consumed", {}), data.get("buffers", []))
+        fixed = {k: {int(a): why for a, why in v.items()} for k, v in data.get("fixed", {}).items()}
+        return cls(groups, axes, shapes, data.get("warnings", []), data.get("consumed", {}), data.get("buffers", []), fixed)
 
 
 def _fields(obj: Any) -> dict[str, Any]:

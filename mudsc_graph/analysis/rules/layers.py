@@ -45,7 +45,7 @@ def conv_layer(
     k = w.ndim - 2
     c = x.ndim - k - 1
     for i in range(2, w.ndim):
-        ctx.fix(w.axis(i), reason="")  # kernel taps
+        ctx.fix(w.axis(i), reason="", note="kernel taps")
     out_ax, in_ax = (1, 0) if transposed else (0, 1)
     if groups == 1:
         ctx.contract(x.axis(c), w.axis(in_ax))
@@ -60,7 +60,7 @@ def conv_layer(
         if w.shape[1] == 1:  # depthwise: each row reads the one channel of its block, nothing moves inside
             pass
         elif weight_name is None:  # a weight computed in forward: no parameter to express the inner axis on
-            ctx.fix(x.axis(c), w.axis(0), w.axis(1), reason="")
+            ctx.fix(x.axis(c), w.axis(0), w.axis(1), reason="", note="a grouped convolution with a computed weight")
         else:
             ctx.param_inner(weight_name, 1, x.axis(c), groups, full=True)
         out_space = w.axis(0)
@@ -169,7 +169,7 @@ def f_group_norm(ctx: OpContext) -> None:
 
 def embedding(ctx: OpContext, ids: Value, w: Value) -> None:
     """Rows of ``w`` are looked up by the input ids (fixed); its columns are the output units."""
-    ctx.fix(w.axis(0), reason="")
+    ctx.fix(w.axis(0), reason="", note="rows looked up by index (a vocabulary, positions or buckets)")
     ctx.set_output(ctx.like(ids) + [w.axis(1)])
 
 

@@ -319,7 +319,7 @@ def unbind(ctx: OpContext) -> None:
     """unbind(dim): each output is one index along ``dim``; units along it are told apart."""
     x = ctx.input(0)
     d = ctx.arg(1, "dim", 0) % x.ndim
-    ctx.fix(x.axis(d), reason="")
+    ctx.fix(x.axis(d), reason="", note="told apart by index (unbind)")
     to_out = {i: (i if i < d else i - 1) for i in range(x.ndim) if i != d}
     outs = []
     for j in range(x.shape[d]):
