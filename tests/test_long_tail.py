@@ -107,6 +107,51 @@ class Attention(nn.Module):
         return self.out((h + self.o(a)).mean(1))
 
 
+class Experts(nn.Module):
+    """A mixture of experts stored as 3-D tensors (``einsum("td,eid->tei")`` ... ``einsum("tei,edi->ted")``):
+    each expert's 8 hidden units used to share one permutation (8 units for 4 experts x 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.router, self.out = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+        self.w1, self.w2 = nn.Parameter(torch.randn(4, 8, 16) * 0.3), nn.Parameter(torch.randn(4, 16, 8) * 0.3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        gate = torch.softmax(self.router(h), -1)
+        u = torch.relu(torch.einsum("td,eid->tei", h, self.w1))
+        return self.out(h + (gate.unsqueeze(-1) * torch.einsum("tei,edi->ted", u, self.w2)).sum(1))
+
+
+class HeadBias(nn.Module):
+    """Attention whose heads meet a per-head bias: ALiBi slopes built in forward (the heads keep their
+    places, the dimensions inside each head still permute), a relative-position table indexed by
+    head (its head axis moves with the heads), or scores over a flattened batch x heads axis."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.inp, self.q, self.k, self.v, self.o, self.out = (nn.Linear(a, b) for a, b in ((8, 16),) + ((16, 16),) * 4 + ((16, 4),))
+        self.table = nn.Parameter(torch.randn(9, 2)) if kind == "table" else None
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        h = self.inp(x)
+        split = lambda t: t.view(B, N, 2, 8).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        if self.kind == "flat":
+            flat = lambda t: t.reshape(B * 2, N, 8)  # noqa: E731
+            y = torch.bmm(torch.softmax(torch.bmm(flat(q), flat(k).transpose(1, 2)), -1), flat(v)).view(B, 2, N, 8)
+        else:
+            pos = torch.arange(N)
+            if self.kind == "alibi":
+                bias = torch.tensor([0.5, 0.25])[:, None, None] * (pos[None, None, :] - pos[None, :, None]).float()
+            else:
+                bias = self.table[pos[None, :] - pos[:, None] + 4].permute(2, 0, 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.out((h + self.o(y.transpose(1, 2).reshape(B, N, 16))).mean(1))
+
+
 X2, X3 = (torch.randn(2, 8),), (torch.randn(2, 5, 8),)
 ATTN = 16 + 16 + 16  # residual + Q/K (2 heads of 8) + V/O (2 heads of 8)
 CASES = {
@@ -118,6 +163,10 @@ CASES = {
     "qkv_slices": (lambda: Attention("slices"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
     "qkv_cat_bias": (lambda: Attention("cat"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
     "qkv_head_major": (lambda: Attention("head_major"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16, rows interleaved per head"),
+    "experts_3d": (Experts, X2, 16 + 4 * 8 + 4, "residual 16 + 4 experts x 8 hidden (blocks) + the experts' order 4 (router rows)"),
+    "alibi": (lambda: HeadBias("alibi"), X3, 16 + 4 * 8, "residual 16 + Q/K and V/O of each head on their own (the heads stay)"),
+    "relative_table": (lambda: HeadBias("table"), X3, ATTN + 2, "residual 16 + Q/K 16 + V/O 16 + the table's 2 heads"),
+    "flat_batch_heads": (lambda: HeadBias("flat"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
 }
 
 

@@ -256,6 +256,7 @@ def _param_axes(prop: Propagation, b: _Builder) -> dict[str, list[Expr]]:
 
 def _add_probes(prop: Propagation, b: _Builder) -> None:
     graph = prop.graph
+    flattened: list[tuple[int, Probe]] = []
     for name in graph.graph["order"]:
         attrs = graph.nodes[name]
         v = attrs.get("value")
@@ -266,12 +267,18 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
         if not (consumer or producer):
             continue
         for axis, L in enumerate(v.layout):
-            if isinstance(L, Dep):
+            if isinstance(L, Dep):  # units that depend on the axis before: the two axes flattened, for a
+                gid = _block_group(b, v.layout, axis)  # group with no other probe (experts x hidden units)
+                if gid is not None:
+                    flattened.append((gid, Probe(name, axis - 1, Units(gid), consumer, span=2)))
                 continue
             e = b.expr(L, strict=False)
             for gid in group_ids(e):
                 if not b.groups[gid].fixed:
                     b.groups[gid].probes.append(Probe(name, axis, e, consumer))
+    for gid, probe in flattened:
+        if not any(p.span == 1 for p in b.groups[gid].probes):
+            b.groups[gid].probes.append(probe)
     for name, key, handler, L in prop.internal_probes:
         e = b.expr(L, strict=False)
         for gid in group_ids(e):
@@ -279,6 +286,16 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
                 b.groups[gid].probes.append(Probe(name, -1, e, False, key, handler))
     for g in b.groups:
         g.probes.sort(key=lambda p: not p.consumer)
+
+
+def _block_group(b: _Builder, layout: list, axis: int) -> int | None:
+    """The free block group whose blocks are indexed by axis ``axis - 1`` and whose insides are the
+    parts of the Dep at ``axis`` (experts x hidden units), if there is one."""
+    L, sp = layout[axis], b.sp
+    if axis == 0 or L.ref != axis - 1 or not isinstance(layout[axis - 1], int) or not all(isinstance(p, int) for p in L.parts):
+        return None
+    gid = b.keys.get(("block", sp.find(layout[axis - 1]), tuple(sp.find(p) for p in L.parts)))
+    return gid if gid is not None and not b.groups[gid].fixed else None
 
 
 def _value_axes(prop: Propagation, b: _Builder) -> dict[str, list[Expr | None] | None]:

@@ -114,12 +114,14 @@ class OpContext:
         """The space of axis ``axis`` of the model's parameter or buffer ``full_name``."""
         return self._prop.attr_space(full_name, axis)
 
-    def param_inner(self, name: str, axis: int, space: Layout, groups: int, *, full: bool = False) -> None:
+    def param_inner(self, name: str, axis: int, space: Layout, groups: int, *, full: bool = False, reads: bool = True) -> None:
         """Axis ``axis`` of parameter ``name`` indexes the inside of a block of ``space``.
 
         For a grouped convolution the weight is ``(out, in / groups, ...)``: the row block ``j``
         (along axis 0) reads the units of block ``j`` of the input space ``space``. ``name`` is
-        relative to this node's module, or the model's full name with ``full=True``.
+        relative to this node's module, or the model's full name with ``full=True``. ``reads``:
+        the axis is summed over (a conv's input channels); experts' own hidden units stored as
+        ``(experts, hidden, ...)`` are produced there instead (``reads=False``).
         """
         full = name if full or not self.path else f"{self.path}.{name}"
         full = self._prop.canonical.get(full, full)
@@ -127,7 +129,13 @@ class OpContext:
         self.spaces.note(self._prop.attr_space(full, axis), "inside a block (a grouped convolution's input channels)")
         key = (full, axis % len(self._prop.attr_shapes[full]))
         self._prop.inner_params[key] = (self.spaces.collapse(space), groups)
-        self._prop.consumed.add(key)
+        if reads:
+            self._prop.consumed.add(key)
+
+    def has_inner(self, full_name: str) -> bool:
+        """Whether an axis of the model's tensor ``full_name`` is already the inside of another's blocks."""
+        full = self._prop.canonical.get(full_name, full_name)
+        return any(name == full for name, _ in self._prop.inner_params)
 
     def internal_probe(self, layout: Layout, key: str) -> None:
         """Units of ``layout`` live inside this op: read them with the handler's ``features(..., key)``."""

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from ..spec.axes import Expr, group_ids, take, ungroup
+from ..spec.axes import Expr, group_ids, grouped_axis, take, ungroup
 from ..spec.merge_spec import MergeSpec
 from .statistics import equal_constants
 from .weights import apply_along, densify_grouped
@@ -76,9 +76,13 @@ def feature_pieces(
     sizes = {g.id: g.size for g in spec.groups}
     for occ in occs if occs is not None else occurrences(spec, gid):
         t = state[occ.name].float()
+        inner = grouped_axis(spec.axes[occ.name])
+        if occ.inner_groups and occ.axis in (0, inner) and t.shape[0] == occ.inner_groups:
+            yield from _expert_pieces(spec, t, occ, inner, gid, merge_of, unmerge_t_of, sizes)
+            continue
         exprs = ungroup(spec.axes[occ.name])[0] if occ.inner_groups else spec.axes[occ.name]
         if occ.inner_groups:
-            t = densify_grouped(t, occ.inner_groups)
+            t = densify_grouped(t, occ.inner_groups, grouped_axis(spec.axes[occ.name]))
         consumed = set(spec.consumed.get(occ.name, ()))
         for a, e in enumerate(exprs):
             if a == occ.axis:
@@ -87,6 +91,30 @@ def feature_pieces(
         t = t.movedim(occ.axis, 0)
         for piece in take(t, occ.expr, gid, sizes):
             yield piece.reshape(piece.shape[0], -1)
+
+
+def _expert_pieces(spec: MergeSpec, t: torch.Tensor, occ: Occurrence, inner: int, gid: int, merge_of: Callable,
+                   unmerge_t_of: Callable, sizes: Mapping[int, int]) -> Iterator[torch.Tensor]:
+    """Features of a tensor with one block per row (experts stored as ``(experts, hidden, ...)``),
+    without the block index in them: densified, an expert's features would sit in its own block and
+    units would match by expert index, not by their weights. The units inside the blocks (``occ.axis
+    == inner``): each unit's row of its expert. The blocks themselves (axis 0): each expert's slab
+    with its hidden units in merged coordinates (the inner group's map, then summed over blocks)."""
+    consumed = set(spec.consumed.get(occ.name, ()))
+    exprs = spec.axes[occ.name]
+    for a, e in enumerate(exprs):
+        if a not in (0, inner):
+            t = apply_along(t, a, e, merge_of if a in consumed else unmerge_t_of, sizes)
+    if occ.axis == 0:
+        blocks = t.shape[0]
+        dense = apply_along(densify_grouped(t, blocks, inner), inner, ungroup(exprs)[0][inner],
+                            merge_of if inner in consumed else unmerge_t_of, sizes).movedim(inner, 1)
+        t = dense.reshape(blocks, blocks, dense.shape[1] // blocks, *dense.shape[2:]).sum(1)
+    else:
+        t = t.movedim(inner, 1)
+        t = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    for piece in take(t, occ.expr, gid, sizes):
+        yield piece.reshape(piece.shape[0], -1)
 
 
 def weight_features(

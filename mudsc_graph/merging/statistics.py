@@ -517,7 +517,7 @@ class _Pass:
 
     def features(self, out: dict, gid: int, probes: list[Any]) -> torch.Tensor:
         """One model's ``(units, samples)`` features of group ``gid`` (its probes as more samples)."""
-        per_probe = [group_features(out[_out_key(p)], p.axis, p.expr, gid, self.sizes) for p in probes]
+        per_probe = [group_features(p.read(out[_out_key(p)]), p.axis, p.expr, gid, self.sizes) for p in probes]
         return per_probe[0] if len(per_probe) == 1 else torch.cat(per_probe, dim=1)
 
     def stacked(self, gid: int, outs: list[dict]) -> torch.Tensor:
@@ -526,8 +526,8 @@ class _Pass:
         group that is a whole axis of one probe is copied there straight from the probe's value."""
         probes, units = self.plan[gid], self.sizes[gid]
         (p, *more) = probes
-        whole = not more and isinstance(p.expr, Units) and p.expr.gid == gid and outs[0][_out_key(p)].shape[p.axis] == units
-        parts = [out[_out_key(p)].movedim(p.axis, 0) if whole else self.features(out, gid, probes) for out in outs]
+        whole = not more and isinstance(p.expr, Units) and p.expr.gid == gid and p.read(outs[0][_out_key(p)]).shape[p.axis] == units
+        parts = [p.read(out[_out_key(p)]).movedim(p.axis, 0) if whole else self.features(out, gid, probes) for out in outs]
         buf = self._buffer(len(parts) * parts[0].numel()).view(len(parts) * units, parts[0].numel() // units)
         for i, part in enumerate(parts):
             buf[i * units:(i + 1) * units].view(part.shape).copy_(part)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..spec.axes import Expr, has_group, match, size, to_json, ungroup
+from ..spec.axes import Expr, grouped_axis, has_group, match, size, to_json, ungroup
 from ..spec.merge_spec import MergeSpec
 from .assignment import Assignment, Gather
 
@@ -93,21 +93,24 @@ def apply_matrix(A: "torch.Tensor | Assignment", t: torch.Tensor, axis: int) -> 
     return torch.movedim(torch.tensordot(A, t, dims=([1], [axis])), 0, axis)
 
 
-def densify_grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """(out, in/groups, ...) grouped-conv weight -> (out, in, ...) with zeros off the blocks."""
+def densify_grouped(t: torch.Tensor, groups: int, axis: int = 1) -> torch.Tensor:
+    """(out, in/groups, ...) grouped-conv weight -> (out, in, ...) with zeros off the blocks; the
+    inner axis may be another than 1 (experts' ``(experts, ..., hidden)``)."""
+    t = t.movedim(axis, 1)
     out, d = t.shape[0], t.shape[1]
     dense = t.new_zeros(out, d * groups, *t.shape[2:])
     per = out // groups
     for j in range(groups):
         dense[j * per : (j + 1) * per, j * d : (j + 1) * d] = t[j * per : (j + 1) * per]
-    return dense
+    return dense.movedim(1, axis)
 
 
-def sparsify_grouped(dense: torch.Tensor, groups: int) -> torch.Tensor:
+def sparsify_grouped(dense: torch.Tensor, groups: int, axis: int = 1) -> torch.Tensor:
     """Inverse of :func:`densify_grouped` (keeps the diagonal blocks)."""
+    dense = dense.movedim(axis, 1)
     out, n_in = dense.shape[0], dense.shape[1]
     per, d = out // groups, n_in // groups
-    return torch.cat([dense[j * per : (j + 1) * per, j * d : (j + 1) * d] for j in range(groups)], dim=0)
+    return torch.cat([dense[j * per : (j + 1) * per, j * d : (j + 1) * d] for j in range(groups)], dim=0).movedim(1, axis)
 
 
 def transform_tensor(
@@ -122,9 +125,10 @@ def transform_tensor(
     live: Callable[[int], bool],
 ) -> torch.Tensor:
     """One model's tensor in merged coordinates (see the module docstring for the roles)."""
+    inner = grouped_axis(exprs)
     exprs, groups = ungroup(exprs)
     if groups:
-        t = densify_grouped(t, groups)
+        t = densify_grouped(t, groups, inner)
     not_reading = [a for a in range(len(exprs)) if a not in consumed]
     avg = next((a for a in not_reading if has_group(exprs[a], live)), not_reading[0] if not_reading else None)
     for a, e in enumerate(exprs):
@@ -137,7 +141,7 @@ def transform_tensor(
     if avg is None:
         t = t / n_models
     if groups:
-        t = sparsify_grouped(t, groups)
+        t = sparsify_grouped(t, groups, inner)
     return t
 
 

@@ -8,7 +8,8 @@ An expression is a tree of six frozen node kinds (JSON form in brackets, as save
 - :class:`Kron` ``(major, minor)`` [``["kron", a, b]``]: row-major product, one side fixed
   (conv -> flatten -> Linear columns are ``Kron(Units(c), Fixed(H*W))``);
 - :class:`GroupedIn` ``(space, groups)`` [``["inner", e, groups]``]: a grouped convolution's
-  ``in/groups`` weight axis: for a row in block ``j`` of axis 0, the units inside block ``j`` of ``space``;
+  ``in/groups`` weight axis: for a row in block ``j`` of axis 0, the units inside block ``j`` of ``space``
+  (also the hidden units of experts stored as one ``(experts, hidden, ...)`` tensor: block ``j`` is expert ``j``'s);
 - :class:`Interleave` ``(parts, blocks)`` [``["interleave", [e1, e2, ...], blocks]``]: ``blocks``
   segments, segment ``j`` the concatenation of block ``j`` of every part (head-major fused rows:
   ``view(B, N, heads, 3 * d).chunk(3, -1)`` gives, per head, its Q, K and V rows: the parts are the
@@ -304,6 +305,11 @@ def simplify(e: Expr) -> Expr:
 def renumber(e: Expr, remap: Mapping[int, int], sizes: Mapping[int, int]) -> Expr:
     """New group ids from ``remap``; a group not in it becomes ``Fixed`` of its size in ``sizes``."""
     return relabel(e, lambda g: Units(remap[g]) if g in remap else Fixed(sizes[g]))
+
+
+def grouped_axis(exprs: Sequence[Expr]) -> int:
+    """The axis of a ``GroupedIn`` expression among ``exprs`` (1 when there is none: a conv's)."""
+    return next((a for a, e in enumerate(exprs) if isinstance(e, GroupedIn)), 1)
 
 
 def ungroup(exprs: Sequence[Expr]) -> tuple[list[Expr], int]:

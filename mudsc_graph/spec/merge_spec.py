@@ -45,9 +45,15 @@ class Probe:
     consumer: bool
     key: str | None = None
     handler: str | None = None
+    span: int = 1
+    """The units run along ``span`` axes from ``axis`` on, flattened (experts x their hidden units)."""
 
     def __post_init__(self) -> None:
         self.expr = as_expr(self.expr)
+
+    def read(self, value: torch.Tensor) -> torch.Tensor:
+        """The node's value with the probe's axes flattened into axis ``axis``."""
+        return value.flatten(self.axis, self.axis + self.span - 1) if self.span > 1 else value
 
 
 @dataclass
@@ -148,5 +154,5 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 def _group_json(g: Group) -> dict[str, Any]:
     """A group as JSON data, fields in declaration order (as ``dataclasses.asdict`` wrote them)."""
-    probes = [{**_fields(p), "expr": to_json(p.expr)} for p in g.probes]
+    probes = [{k: v for k, v in {**_fields(p), "expr": to_json(p.expr)}.items() if k != "span" or v != 1} for p in g.probes]
     return {**_fields(g), "members": [list(m) for m in g.members], "probes": probes, "coupled": list(g.coupled)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..propagate import OpContext, Value
-from ..spaces import Layout
+from ..spaces import Dep, Layout
 from .base import _plain, rebase
 
 
@@ -111,16 +111,19 @@ def einsum(ctx: OpContext) -> None:
         out_letters = letters(rhs, len(ctx.out_shape))
     frame: dict[str, int] = {}
     per_letter: dict[str, Layout] = {}
-    for k, (spec, v) in enumerate(zip(specs, values)):
-        names = letters(spec, v.ndim)
-        if len(names) != v.ndim or len(set(names)) != len(names):
-            ctx.unsupported("einsum with repeated subscripts in one operand")
-            return
+    names_of = [letters(spec, v.ndim) for spec, v in zip(specs, values)]
+    if any(len(names) != v.ndim or len(set(names)) != len(names) for names, v in zip(names_of, values)):
+        ctx.unsupported("einsum with repeated subscripts in one operand")
+        return
+    for names in names_of:
         for c in names:
             frame.setdefault(c, len(frame))
+    blocked = _per_block_letters(ctx, ops, values, names_of, out_letters, frame)
+    per_letter.update(blocked)
+    for k, (names, v) in enumerate(zip(names_of, values)):
         mapping = {i: frame[c] for i, c in enumerate(names)}
         for i, c in enumerate(names):
-            if v.shape[i] == 1:
+            if v.shape[i] == 1 or c in blocked:
                 continue
             L = rebase(ctx, v.layout[i], mapping)
             if c not in out_letters and ctx.is_constant(ops[k]):
@@ -133,3 +136,50 @@ def einsum(ctx: OpContext) -> None:
     ctx.set_output(
         [rebase(ctx, per_letter[c], to_out) if c in per_letter else ctx.new_fixed(ctx.out_shape[k]) for k, c in enumerate(out_letters)]
     )
+
+
+def _per_block_letters(ctx: OpContext, ops: list, values: list[Value], names_of: list[list[str]], out_letters: list[str],
+                       frame: dict[str, int]) -> dict[str, Layout]:
+    """Letters whose units may differ per index of another letter: experts stored as 3-D tensors,
+    ``einsum("td,eid->tei", h, w1)`` then ``einsum("tei,edi->ted", u, w2)``: every operand with ``i``
+    also has ``e``, and so does the output if ``i`` is in it, so each expert's ``i`` units permute on
+    their own. Such a letter gets a layout that depends on ``e`` (a ``Dep``); a parameter whose ``e``
+    is its first axis keeps its ``i`` axis as the inside of ``e``'s blocks (``ctx.param_inner``)."""
+    sizes = {c: v.shape[i] for names, v in zip(names_of, values) for i, c in enumerate(names)}
+    out: dict[str, Layout] = {}
+    has_dep = lambda c: any(isinstance(v.layout[names.index(c)], Dep) for names, v in zip(names_of, values) if c in names)  # noqa: E731
+    for c in sorted(frame, key=lambda c: not has_dep(c)):  # letters that already depend on another first
+        users = [k for k, names in enumerate(names_of) if c in names]
+        batch = [b for b in frame if b != c and sizes[b] > 1 and all(b in names_of[k] for k in users)
+                 and (c not in out_letters or b in out_letters)]
+        if sizes[c] <= 1 or not batch:
+            continue
+        b = batch[0]
+        blocks = [_blocks_of(ctx, ops[k], values[k], names_of[k].index(c), names_of[k].index(b), c not in out_letters) for k in users]
+        if all(p is None for p in blocks) or any(p is False for p in blocks):
+            continue  # nothing to gain (every operand shares one permutation over b) or a layout to keep whole
+        known = next(p for p in blocks if p is not None)
+        for parts in blocks:
+            for j, q in enumerate(parts if parts is not None else ()):
+                ctx.link(known[j], q)
+        for k, parts in zip(users, blocks):
+            if parts is None:  # an operand that shares one permutation over b: every block is that space
+                for q in known:
+                    ctx.link(q, ctx.spaces.collapse(values[k].layout[names_of[k].index(c)]))
+        out[c] = Dep(frame[b], tuple(known))
+    return out
+
+
+def _blocks_of(ctx: OpContext, op, v: Value, ic: int, ib: int, summed: bool) -> list | None | bool:
+    """The per-``b`` spaces of axis ``ic`` of an operand: its Dep's parts, fresh ones for a parameter
+    whose axis ``ib`` is its first (recorded as the inside of ``b``'s blocks, read when ``summed``),
+    ``None`` for a plain axis (one space for every ``b``), ``False`` for a structure this cannot follow."""
+    L = v.layout[ic]
+    if isinstance(L, Dep):
+        return list(L.parts) if L.ref == ib and all(isinstance(p, int) for p in L.parts) else False
+    name = str(op.target) if getattr(op, "op", None) == "get_attr" else None
+    if name is None or ib != 0 or ctx.spaces.settled(L) or not isinstance(v.layout[0], int) or ctx.has_inner(name):
+        return None  # (a tensor has at most one axis inside another's blocks)
+    parts = [ctx.new(v.shape[ic]) for _ in range(v.shape[ib])]
+    ctx.param_inner(name, ic, ctx.spaces.stack_of(v.layout[0], parts), v.shape[ib], full=True, reads=summed)
+    return parts
