@@ -223,6 +223,24 @@ def test_a_parameter_the_trace_never_reads_is_fixed_with_a_warning():
     torch.testing.assert_close(twin(x), model(x))
 
 
+def test_a_layer_fx_never_reaches_is_reported_too():
+    """torch.fx copies only what the trace reads into its graph: a layer the forward skips used to
+    be missing from the spec altogether; now it is fixed, named in the warning and in spec.fixed."""
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.spare = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 8)  # spare: never called
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Skips()
+    with pytest.warns(UserWarning, match="never reads spare.weight, spare.bias"):
+        spec = analyze(model, (torch.randn(3, 4),), tracer="fx")
+    assert spec.fixed["spare.weight"] == {0: "never read by the traced forward", 1: "never read by the traced forward"}
+    assert spec.permutable_units == 8
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()

@@ -371,6 +371,11 @@ class Propagator:
                         self.aliases[n] = canon
             named = set(self.aliases.values())  # a canonical name some state_dict alias stands for
             self.frozen = {n for n in self.attr_shapes if n not in state and n not in named}
+            # tensors the graph does not hold at all (fx copies only what the trace reads): never read
+            for name, t in model.state_dict(keep_vars=True).items():
+                if name not in self.canonical and isinstance(t, torch.Tensor):
+                    self.canonical[name] = name
+                    self.attr_shapes[name] = tuple(t.shape)
         for n, canon in self.canonical.items():  # the graph's own duplicate names (fx shares the modules)
             if n != canon and (model is None or n in state):
                 self.aliases.setdefault(n, canon)
