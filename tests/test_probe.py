@@ -203,3 +203,34 @@ def test_prober_reads_nothing_it_was_not_given():
     x = torch.randn(3, 4)
     finding = prober.measure(lambda xs: [torch.relu(xs[0])], [Operand(0, x, [0, 1])], [(3, 4)], key=None)
     assert finding.sources == [[[(0, 0)], [(0, 1)]]] and not finding.fixed
+
+
+class TwoGathers(nn.Module):
+    """The same op on the same shapes twice, with different index values: an identity gather (units
+    stay where they are) and a shuffle (units meet other units' weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, C), nn.Linear(C, C), nn.Linear(C, 4)
+        self.register_buffer("same", torch.arange(C))
+        self.register_buffer("shuffle", torch.randperm(C, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))[..., self.same]
+        return self.c(torch.relu(self.b(h))[..., self.shuffle])
+
+
+def test_index_values_are_part_of_what_is_measured():
+    """Integer operands are used as they are, so the cache must not hand the first gather's finding
+    to the second: the shuffle's units stay fixed, the identity gather's are merged. An index
+    tensor never joins a free group (permuting it with the units that read it is a symmetry, but a
+    merge cannot average indices): two classes that each move the same output axis are not one."""
+    torch.manual_seed(0)
+    model, x = TwoGathers().eval(), (torch.randn(5, 8),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = analyze(model, x, registry=_probe_only(), tracer="export")
+    for seed in range(3):
+        spec.check(model, x, seed=seed)
+    assert spec.permutable_units == C  # a's units through the identity gather; b's stay
+    assert not any(name in ("same", "shuffle") for g in spec.free_groups() for name, _ in g.members)

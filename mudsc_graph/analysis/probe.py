@@ -152,7 +152,7 @@ class Prober:
                 return (names.setdefault(r, len(names)), self.free(r))
             return ("dep", L.ref, tuple(canon(p) for p in L.parts))
 
-        return tuple((o.leaf, tuple(o.value.shape), o.value.dtype, tuple(canon(L) for L in o.layout)) for o in operands)
+        return tuple((o.leaf, tuple(o.value.shape), o.value.dtype, tuple(canon(L) for L in o.layout), _digest(o.value)) for o in operands)
 
     def _measure(self, fn: Callable, operands: list[Operand], out_shapes: list[tuple]) -> Finding | None:
         trials = [self._inputs(operands) for _ in range(TRIALS)]
@@ -182,6 +182,7 @@ class Prober:
                         found[c] = r
                         links.append(classes[c] + axes)
                         break
+        self._one_claim_per_axis(operands, classes, found, links)
         fixed = [ax for c, r in found.items() if r is None for ax in classes[c]]
         sources: list[list[list[tuple[int, int]]]] = [[[] for _ in s] for s in out_shapes]
         for c, r in found.items():
@@ -193,6 +194,27 @@ class Prober:
         copies = [(o, k) for o, row in enumerate(sources) for k, ss in enumerate(row)
                   if not ss and out_shapes[o][k] > 1 and all(_constant_along(b[o], k) for b in bases)]
         return Finding(sources, keep, fixed, links, reduced, copies)
+
+    @staticmethod
+    def _one_claim_per_axis(operands: list[Operand], classes: list, found: dict, links: list) -> None:
+        """Classes tested apart that each move the same output axis are not one space: moving both
+        would move that axis twice (a gather whose index tensor and source can each be permuted
+        alone). The first (a float operand's first) keeps the axis; the others are fixed."""
+        linked = {ax: g for g, group in enumerate(links) for ax in group}
+        claims: dict[tuple[int, int], list[int]] = {}
+        for c, r in found.items():
+            for o, ks in (r or {}).items():
+                for k in ks:
+                    claims.setdefault((o, k), []).append(c)
+        for cs in claims.values():
+            units = list(dict.fromkeys(linked.get(classes[c][0], ("class", c)) for c in cs))
+            if len(units) < 2:
+                continue
+            floats = [c for c in cs if operands[classes[c][0][0]].value.is_floating_point()]
+            keep = linked.get(classes[(floats or cs)[0]][0], ("class", (floats or cs)[0]))
+            for c in cs:
+                if linked.get(classes[c][0], ("class", c)) != keep:
+                    found[c] = None
 
     def _inputs(self, operands: list[Operand]) -> list[torch.Tensor]:
         """Fresh values of the example's kind: floats jittered multiplicatively (signs and zeros kept,
@@ -379,6 +401,14 @@ def act(t: torch.Tensor, layout: list[Layout | None], perm_of: Callable[[int], t
             if p is not None:
                 t = t.index_select(a, p)
     return t
+
+
+def _digest(t: torch.Tensor) -> Any:
+    """Integer and boolean operands are used as they are (indices, masks): their values are part of
+    what was measured, so of the cache key. Floats are replaced by jittered values anyway."""
+    if t.is_floating_point() or t.is_complex():
+        return None
+    return hash(t.detach().cpu().contiguous().numpy().tobytes()) if t.numel() <= 1 << 16 else id(t)
 
 
 def _leaves(L: Layout) -> list[int]:

@@ -347,7 +347,10 @@ class Propagator:
         # axes join every space it is used in
         self.canonical: dict[str, str] = {}
         first: dict[int, str] = {}
+        self.integral: set[str] = set()  # integer and boolean tensors: never in a free group
         for name, t in list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False)):
+            if not (t.is_floating_point() or t.is_complex()):
+                self.integral.add(name)
             canon = first.setdefault(id(t), name)
             self.canonical[name] = canon
             if canon == name:
@@ -398,8 +401,13 @@ class Propagator:
         key = (full_name, axis)
         sid = self.attr_spaces.get(key)
         if sid is None:
-            frozen = f"{full_name} is not in the state_dict (a non-persistent buffer or constant), so it cannot be permuted"
-            sid = self.spaces.new(shape[axis], frozen if full_name in self.frozen else None)
+            if full_name in self.frozen:
+                reason = f"{full_name} is not in the state_dict (a non-persistent buffer or constant), so it cannot be permuted"
+            elif full_name in self.integral:
+                reason = f"{full_name} holds integers (indices or a mask): its entries cannot be averaged across models"
+            else:
+                reason = None
+            sid = self.spaces.new(shape[axis], reason)
             self.attr_spaces[key] = sid
             self.attr_of_space[sid] = key
         return sid
@@ -532,9 +540,15 @@ class Propagator:
             self.spaces.fix_layout(L, reason)
         ctx.set_output(ctx.fresh_output(reason if free else ""))
 
-
     def _probe(self, ctx: OpContext, why: str) -> bool:
-        """Describe the node by measuring it (:mod:`.probe`); False when it cannot be measured."""
+        """Describe the node by measuring it (:mod:`.probe`); False when it cannot be measured (the
+        caller then fixes what it touches: the fallback never fails because the probe did)."""
+        try:
+            return self._measure(ctx, why)
+        except Exception:  # noqa: BLE001  a node the probe cannot run or describe is fixed instead
+            return False
+
+    def _measure(self, ctx: OpContext, why: str) -> bool:
         node = ctx.node
         if self.samples is None or node.op not in ("call_function", "call_method", "call_module"):
             return False
