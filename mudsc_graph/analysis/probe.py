@@ -449,7 +449,7 @@ def _explain(base: torch.Tensor, out: torch.Tensor, p: torch.Tensor) -> tuple[in
     if _close(base, out):
         return ()
     n = len(p)
-    if _varies_too_little(base):
+    if base.numel() == 0:
         return None
     cands = [k for k, m in enumerate(base.shape) if m == n]
     for r in range(1, min(3, len(cands)) + 1):
@@ -464,7 +464,3 @@ def _explain(base: torch.Tensor, out: torch.Tensor, p: torch.Tensor) -> tuple[in
 
 def _constant_along(t: torch.Tensor, k: int) -> bool:
     return _close(t, t.narrow(k, 0, 1).expand_as(t).contiguous())
-
-
-def _varies_too_little(t: torch.Tensor) -> bool:
-    return t.numel() == 0
