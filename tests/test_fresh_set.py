@@ -392,6 +392,17 @@ def _weight_norm_mlp() -> nn.Module:
 
 
 FRESH += [
+    Fresh("GPTNeoXForCausalLM", _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=2, max_position_embeddings=32, rotary_pct=1.0), tokens(),
+          lambda: [_res("residual", [(r"gpt_neox\.embed_in\.weight", 1, "p"), (r"lm_head\.weight", 1, "p"),
+                                     (r"gpt_neox\.(final_layer_norm|layers\.\d+\.(input|post_attention)_layernorm)\.(weight|bias)", 0, "p"),
+                                     (r"gpt_neox\.layers\.\d+\.(attention\.query_key_value|mlp\.dense_h_to_4h)\.weight", 1, "p"),
+                                     (r"gpt_neox\.layers\.\d+\.(attention\.dense|mlp\.dense_4h_to_h)\.(weight|bias)", 0, "p")])] + _layers(lambda i: [
+              Space(f"attention {i}", 16, ((rf"gpt_neox\.layers\.{i}\.attention\.query_key_value\.(weight|bias)", 0, _head_major_rows),
+                                           (rf"gpt_neox\.layers\.{i}\.attention\.dense\.weight", 1, "vo")), heads=2, rope=True),
+              Space(f"mlp {i}", 24, ((rf"gpt_neox\.layers\.{i}\.mlp\.dense_h_to_4h\.(weight|bias)", 0, "p"),
+                                     (rf"gpt_neox\.layers\.{i}\.mlp\.dense_4h_to_h\.weight", 1, "p")))]),
+          family="decoder", note="head-major fused query_key_value (per head [q, k, v]), RoPE on every head dimension, parallel residual"),
     Fresh("user: head-major attention", _HeadMajor, lambda b, seed=0: (torch.randn(b, 5, 8, generator=torch.Generator().manual_seed(seed)),),
           lambda: [_res("residual", [(r"inp\.(weight|bias)", 0, "p"), (r"qkv\.weight", 1, "p"), (r"o\.(weight|bias)", 0, "p"), (r"out\.weight", 1, "p")]),
                    Space("attention", 16, ((r"qkv\.(weight|bias)", 0, _head_major_rows), (r"o\.weight", 1, "vo")), heads=2)],

@@ -103,11 +103,11 @@ class _Builder:
         return Units(self._gid(key, n, len(parts), False, None))
 
     def _block_expr(self, r: int, col: list[int]) -> Expr:
-        """The group whose block ``j`` is ``col[j]`` (fixed positions when every piece is fixed)."""
-        n = sum(self.sp.size[p] for p in col)
+        """The group whose block ``j`` is ``col[j]``; when every piece is fixed (RoPE's Q/K rows), the
+        blocks still move with ``r``, their insides in place: ``kron(r, fixed)``."""
         if all(self.sp.is_fixed(p) for p in col):
-            return Fixed(n)
-        return Units(self._gid(("block", r, tuple(col)), n, len(col), False, None))
+            return simplify(Kron(self.expr(r), Fixed(self.sp.size[col[0]])))
+        return Units(self._gid(("block", r, tuple(col)), sum(self.sp.size[p] for p in col), len(col), False, None))
 
     def _gid(self, key: tuple, size: int, blocks: int, fixed: bool, reason: str | None) -> int:
         gid = self.keys.get(key)
