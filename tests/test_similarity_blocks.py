@@ -135,3 +135,16 @@ def test_weight_similarity_work_is_counted_by_hand(n_models, mode, blocks):
     res = merge(models, data=x, method="mudsc", mode=mode, reset_bn=False)
     assert res.sweeps > 1 and res.weight_macs == blocks * 6 * 6 * 8
     assert merge(models, data=x, method="zipit", reset_bn=False).weight_macs == 0
+
+
+def test_streamed_weight_similarities_count_the_same_work(monkeypatch):
+    """A group whose features stream counts its columns as the pieces pass: the same multiply-adds
+    as when its rows are built whole (no extra pass over its tensors to count them)."""
+    from mudsc_graph.merging import solver as S
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)) for _ in range(2)]
+    x = [torch.randn(8, 4)]
+    whole = merge(models, data=x, method="mudsc", mode="zip", reset_bn=False).weight_macs
+    monkeypatch.setattr(S, "STREAM_NUMEL", 0)
+    assert merge(models, data=x, method="mudsc", mode="zip", reset_bn=False).weight_macs == whole == 3 * 6 * 6 * 8

@@ -39,9 +39,9 @@ TRIALS = 2
 class Samples:
     """Concrete inputs of chosen nodes, from one run of the graph on the example inputs.
 
-    ``wanted``: names of the nodes whose inputs to keep (those without a handler). A node asked
-    for later is captured by a run that stops right after it. ``captured[node]``: the values of
-    the nodes it reads, by name.
+    ``wanted``: names of the nodes whose inputs to keep (those without a handler), all captured by
+    the first run; a node asked for later (a handler that gave up) is captured by a run that stops
+    right after it. ``captured[node]``: the values of the nodes it reads, by name.
     """
 
     def __init__(self, gm: fx.GraphModule, values: list[Any], wanted: set[str]) -> None:
@@ -50,12 +50,14 @@ class Samples:
         self._ran = False
 
     def inputs_of(self, node: fx.Node) -> dict[str, Any] | None:
-        if node.name not in self.captured and not (self._ran and node.name in self.wanted):
+        if node.name not in self.captured:
+            late = node.name not in self.wanted
             self.wanted.add(node.name)
-            self._run(stop_after=node.name)
+            if late or not self._ran:
+                self._run(stop_after=node.name if self._ran else None)
         return self.captured.get(node.name)
 
-    def _run(self, stop_after: str) -> None:
+    def _run(self, stop_after: str | None) -> None:
         samples = self
 
         class _Stop(Exception):
@@ -73,11 +75,11 @@ class Samples:
         try:
             with torch.no_grad():
                 _Capture(self.gm).run(*self.values)
-            self._ran = True
         except _Stop:
             pass
         except Exception:  # the graph ran when its shapes were recorded; a failure here only means no samples
-            self._ran = True
+            pass
+        self._ran = True
 
 
 def _detach(v: Any) -> Any:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -106,7 +106,7 @@ class DualSpaceSolver:
         self._changing: set[tuple[int, int]] = set()  # (group, model) built on different neighbours: never cached
         self.built = 0
         self.macs = 0.0  # multiply-adds of the weight similarities built (their cross products)
-        self._dims: dict[int, int] = {}  # group -> feature columns per model, once known
+        self._dims: dict[int, int] = {}  # group -> feature columns per model, of its last build
         self.workers = max(1, threads)  # assignments solved side by side (see _solve)
 
     # -- similarities ----------------------------------------------------------------------------
@@ -153,11 +153,14 @@ class DualSpaceSolver:
         self.built += 1
         key = self.weight_key(gid, matchings)
         if self.stream[gid]:
+            columns: list[int] = []
             pieces = [
                 feature_pieces(self.spec, self.states[i], gid, *self._blocks(i, matchings), self.occs[gid])
                 for i in range(self.n)
             ]
+            pieces[0] = _counted(pieces[0], columns)
             sim = streamed_correlation(pieces, within_model=self.within_model)
+            self._dims[gid] = sum(columns)
         else:
             rows = [self._model_rows(gid, i, matchings) for i in range(self.n)]
             self._dims[gid] = rows[0].x.shape[1]
@@ -167,10 +170,7 @@ class DualSpaceSolver:
 
     def _macs(self, gid: int) -> float:
         """Multiply-adds of one weight similarity of ``gid``: its computed ``O x O`` blocks times the
-        feature columns (a streamed group's columns counted once, from its tensors)."""
-        if gid not in self._dims:
-            self._dims[gid] = sum(p.shape[1] for p in feature_pieces(
-                self.spec, self.states[0], gid, *self._blocks(0, {}), self.occs[gid]))
+        feature columns (a streamed group's counted as its pieces pass)."""
         blocks = self.n * (self.n + 1) // 2 if self.within_model else self.n - 1
         return float(blocks * self.spec.groups[gid].size ** 2 * self._dims[gid])
 
@@ -289,6 +289,13 @@ class DualSpaceSolver:
                     break
         self.reporter.end()
         return MatchOutcome(best, history, sweep, self.built, self.macs)
+
+
+def _counted(pieces: Iterator[torch.Tensor], columns: list[int]) -> Iterator[torch.Tensor]:
+    """``pieces`` as they are, their columns appended to ``columns`` as they pass."""
+    for p in pieces:
+        columns.append(p.shape[1])
+        yield p
 
 
 def _signature(m: Any, i: int) -> Any:
