@@ -124,7 +124,6 @@ class Prober:
         self.find, self.free, self.size = find, free, size
         self.cache: dict[Any, Finding | None] = {}
         self.gen = torch.Generator().manual_seed(seed)
-        self.calls = 0
 
     # -- the op as a function of its operands -------------------------------------------------
     def measure(self, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]], operands: list[Operand], out_shapes: list[tuple],
@@ -234,7 +233,6 @@ class Prober:
         return out
 
     def _run(self, fn: Callable, xs: list[torch.Tensor], out_shapes: list[tuple]) -> list[torch.Tensor] | None:
-        self.calls += 1
         with torch.no_grad():
             outs = fn([x.clone() for x in xs])
         if len(outs) != len(out_shapes) or any(tuple(o.shape) != tuple(s) for o, s in zip(outs, out_shapes)):
@@ -296,17 +294,18 @@ class Prober:
             return True
         if any(not all(isinstance(p, int) for p in operands[i].layout[a].parts) for i, a in deps):
             return False
-        alias = self._aliases(operands, links)
+        shared = self._aliases(operands, links)
         layouts = out_layouts(operands, sources, keep_blocks=True)
-        if alias is None or layouts is None:
+        if shared is None or layouts is None:
             return False
+        alias, settled = shared
         for xs, base in zip(trials, bases):
             perms: dict[int, torch.Tensor | None] = {}
 
             def perm_of(s: int) -> torch.Tensor | None:
                 r = alias.get(self.find(s), self.find(s))
                 if r not in perms:
-                    perms[r] = _derangement(self.size(r), self.gen) if self.free(r) and r not in alias.get("settled", ()) else None
+                    perms[r] = _derangement(self.size(r), self.gen) if self.free(r) and r not in settled else None
                 return perms[r]
 
             try:
@@ -319,11 +318,11 @@ class Prober:
                 return False
         return True
 
-    def _aliases(self, operands: list[Operand], links: list[list[tuple[int, int]]]) -> dict | None:
+    def _aliases(self, operands: list[Operand], links: list[list[tuple[int, int]]]) -> tuple[dict[int, int], set[int]] | None:
         """Linked spaces share one permutation: ``{space root: representative}`` (Dep layouts paired
-        block by block), with ``"settled"``: representatives that include a settled space (they
-        stay put). ``None`` when a link pairs a Dep with a plain axis or Deps of different blocks."""
-        alias: dict[Any, Any] = {}
+        block by block), and the representatives that include a settled space (they stay put).
+        ``None`` when a link pairs a Dep with a plain axis or Deps of different blocks."""
+        alias: dict[int, int] = {}
         settled: set[int] = set()
 
         def rep(r: int) -> int:
@@ -344,9 +343,7 @@ class Prober:
                         alias[r] = roots[0]
                 if not all(self.free(r) for r in roots):
                     settled.add(roots[0])
-        out: dict[Any, Any] = {r: rep(r) for r in list(alias)}
-        out["settled"] = {rep(r) for r in settled}
-        return out
+        return {r: rep(r) for r in list(alias)}, {rep(r) for r in settled}
 
 
 class _CannotAct(Exception):
@@ -439,7 +436,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
         a, b = torch.view_as_real(a), torch.view_as_real(b)
     fa, fb = a.double(), b.double()
     finite = torch.isfinite(fa)
-    if not bool((finite == torch.isfinite(fb)).all()) or not bool((fa[~finite] == fb[~finite]).all() | (fa[~finite].isnan() & fb[~finite].isnan()).all()):
+    same = (fa == fb) | (fa.isnan() & fb.isnan())  # infinities and NaNs where they were
+    if not bool((finite == torch.isfinite(fb)).all()) or not bool(same[~finite].all()):
         return False
     scale = float(fa[finite].abs().max()) if bool(finite.any()) else 0.0
     return bool(((fa[finite] - fb[finite]).abs() <= RTOL * scale + 1e-30).all())
@@ -451,8 +449,6 @@ def _explain(base: torch.Tensor, out: torch.Tensor, p: torch.Tensor) -> tuple[in
     if _close(base, out):
         return ()
     n = len(p)
-    if base.numel() == 0:
-        return None
     cands = [k for k, m in enumerate(base.shape) if m == n]
     for r in range(1, min(3, len(cands)) + 1):
         for ks in itertools.combinations(cands, r):

@@ -326,12 +326,12 @@ class Propagator:
     ) -> None:
         self.graph = graph
         self.samples = samples  # example values for the equivariance probe (None: no probe)
-        self.prober = Prober(self.spaces_find, self.spaces_free, self.spaces_size)
         self.probed: list[str] = []  # nodes the probe explained
         self.gm: fx.GraphModule = graph.graph["module"]
         self.registry = registry
         self.strict = strict
         self.spaces = SpaceTable()
+        self.prober = Prober(self.spaces.find, lambda s: not self.spaces.settled(s), lambda s: self.spaces.size[self.spaces.find(s)])
         self.values: dict[str, Any] = {}
         self.attr_spaces: dict[tuple[str, int], int] = {}
         self.attr_shapes: dict[str, tuple[int, ...]] = {}
@@ -382,15 +382,6 @@ class Propagator:
         for n, canon in self.canonical.items():  # the graph's own duplicate names (fx shares the modules)
             if n != canon and (model is None or n in state):
                 self.aliases.setdefault(n, canon)
-
-    def spaces_find(self, s: int) -> int:
-        return self.spaces.find(s)
-
-    def spaces_free(self, s: int) -> bool:
-        return not self.spaces.settled(s)
-
-    def spaces_size(self, s: int) -> int:
-        return self.spaces.size[self.spaces.find(s)]
 
     def attr_space(self, full_name: str, axis: int) -> int:
         full_name = self.canonical.get(full_name, full_name)
@@ -612,13 +603,10 @@ class Propagator:
         for i, a in finding.fixed:
             L = operands[i].layout[a]
             ctx.fix(L, reason="" if self.spaces.settled(L) else reason)
-        for group in finding.links:  # block by block where the probe verified it, else whole
-            layouts = [operands[i].layout[a] for i, a in group]
-            for L in layouts[1:]:
-                if finding.keep_blocks and isinstance(L, Dep) and isinstance(layouts[0], Dep):
-                    self.spaces.link(Dep(0, layouts[0].parts), Dep(0, L.parts))
-                else:
-                    self.spaces.link(self.spaces.collapse(layouts[0]), self.spaces.collapse(L))
+        for group in finding.links:
+            first = operands[group[0][0]].layout[group[0][1]]
+            for i, a in group[1:]:
+                self._join(first, operands[i].layout[a], finding.keep_blocks)
         for i, a in finding.reduced:  # a parameter axis summed over reads its units
             if operands[i].constant:
                 ctx.reads(operands[i].layout[a])
@@ -630,20 +618,26 @@ class Propagator:
             out: list[Layout] = []
             for k, (L, ss) in enumerate(zip(row, srcs)):
                 if L is None:  # new units: fixed, unless the output only repeats itself along them
-                    out.append(self.spaces.new(shape[k], None if (o, k) in finding.copies else ""))
+                    out.append(ctx.new(shape[k]) if (o, k) in finding.copies else ctx.new_fixed(shape[k]))
                     continue
                 if isinstance(L, Dep) and not finding.keep_blocks:
                     L = self.spaces.collapse(L)
                 for i, a in ss[1:]:
-                    other = operands[i].layout[a]
-                    self.spaces.link(L if isinstance(L, int) else self.spaces.collapse(L), self.spaces.collapse(other)) \
-                        if not (isinstance(L, Dep) and isinstance(other, Dep)) else self.spaces.link(L, Dep(L.ref, other.parts))
+                    self._join(L, operands[i].layout[a], finding.keep_blocks)
                 out.append(L)
             outs.append(out)
         self.probed.append(ctx.node.name)
         if ctx.module is not None:  # measured from outside: torch.export may see through it (pipeline)
             self.opaque_modules.append(ctx.path)
         ctx.set_output(_nest(iter(outs), ctx.out_shape))
+
+
+    def _join(self, a: Layout, b: Layout, blocks: bool) -> None:
+        """Two measured layouts index the same units: block by block where the probe verified it, else whole."""
+        if blocks and isinstance(a, Dep) and isinstance(b, Dep):
+            self.spaces.link(Dep(0, a.parts), Dep(0, b.parts))
+        else:
+            self.spaces.link(self.spaces.collapse(a), self.spaces.collapse(b))
 
 
 def _flat_shapes(shape: Any) -> list:

@@ -28,6 +28,7 @@ op that no handler understands. Fixing a space fixes everything its definition i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Iterable, Union
 
 
@@ -177,7 +178,7 @@ class SpaceTable:
         """One axis cut two ways (``[16, 32]`` and ``[16, 16, 16]``): both are cut at every boundary
         of either (a piece that spans several of the other's becomes their sum), then the pieces are
         linked in order. The definition kept is the finer one."""
-        bounds = set(_cumsum([self.size[self.find(p)] for p in a])) | set(_cumsum([self.size[self.find(p)] for p in b]))
+        bounds = set(accumulate(self.size[self.find(p)] for p in a)) | set(accumulate(self.size[self.find(p)] for p in b))
         fa, fb = self._refine(a, bounds), self._refine(b, bounds)
         if [self.size[self.find(p)] for p in fa] != [self.size[self.find(p)] for p in fb]:
             self._conflict(root, Sum(a), Sum(b))
@@ -354,14 +355,6 @@ class SpaceTable:
                     changed = True
                 else:
                     seen[key] = root
-
-
-def _cumsum(sizes: list[int]) -> list[int]:
-    out, acc = [], 0
-    for n in sizes:
-        acc += n
-        out.append(acc)
-    return out
 
 
 def _children(d: Stack | Sum) -> tuple[int, ...]:

@@ -295,11 +295,12 @@ def _cut(ctx: OpContext, L: Layout, sizes: list[int]) -> list[Layout]:
         if all(all(isinstance(c, int) for c in cut) for cut in cuts):
             return [Dep(L.ref, tuple(cut[k] for cut in cuts)) for k in range(len(sizes))]
     s = sp.collapse(L)
-    if sp.is_fixed(s):
-        return [sp.new(n, "") for n in sizes]
-    fresh = [sp.new(n) for n in sizes]
-    sp.define(s, Sum(tuple(fresh)))  # unified with any other cut of the axis (spaces._unify_sums)
-    return [sp.new(n, "") for n in sizes] if sp.is_fixed(s) else fresh
+    if not sp.is_fixed(s):
+        fresh = [sp.new(n) for n in sizes]
+        sp.define(s, Sum(tuple(fresh)))  # unified with any other cut of the axis (spaces._unify_sums)
+        if not sp.is_fixed(s):
+            return fresh
+    return [sp.new(n, "", sp.why(s)) for n in sizes]
 
 
 def _split_outputs(ctx: OpContext, x: Value, d: int, sizes: list[int]) -> list[list[Layout]]:
@@ -394,7 +395,7 @@ def index_axes(ctx: OpContext, src: Value, items: list[Any]) -> None:
                 continue
             if (start, stop, step) != (0, n, 1):
                 sizes = [start, max(stop - start, 0), n - max(stop, start)]
-                kept_piece = sum(1 for m in sizes[:1] if m)  # where the kept piece is among the non-empty ones
+                kept_piece = int(start > 0)  # where the kept piece is among the non-empty ones
                 layout[ax] = _cut(ctx, layout[ax], [m for m in sizes if m])[kept_piece] if sizes[1] else ctx.new_fixed(0)
             kept.append(("axis", ax))
         ax += 1
