@@ -17,7 +17,7 @@ less merged).
 
 Results are cached per (op, argument structure, shapes, dtypes, layout pattern), so a layer
 repeated 32 times is measured once. Concrete argument values come from one run of the graph on
-the example inputs (:class:`Samples`), only up to the nodes that need them.
+the example inputs (:class:`Samples`), for every node without a handler at once.
 """
 
 from __future__ import annotations
