@@ -47,7 +47,8 @@ def _derangement(n: int, g: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Space:
-    """Units claimed by hand: ``moves`` are ``(regex over state-dict names, axis, role)``.
+    """Units claimed by hand: ``moves`` are ``(regex over state-dict names, axis, role)``; an axis
+    ``(e, a)`` is axis ``a`` inside block ``e`` of axis 0 (an expert's own units in a 3-D tensor).
 
     Roles: ``p`` the permutation; ``p2`` it twice (``cat(x, x)`` read by one layer); for attention
     (``heads`` > 0, head dimension ``dim``): ``qk`` the Q and K rows (whole heads when ``rope``), ``vo``
@@ -107,7 +108,13 @@ def _permuted(model: nn.Module, spaces: list[Space], seed: int, skip: tuple[int,
     for s, space in enumerate(spaces):
         for name, steps in _moves(state, space, g, ties, skip[1] if skip and skip[0] == s else None).items():
             for axis, index in steps:
-                state[name] = state[name].index_select(axis, index)
+                if isinstance(axis, tuple):  # (block, axis): one expert's own units, along ``axis`` inside block ``block`` of axis 0
+                    block, inner = axis
+                    t = state[name].clone()
+                    t[block] = t[block].index_select(inner - 1, index)
+                    state[name] = t
+                else:
+                    state[name] = state[name].index_select(axis, index)
     twin = copy.deepcopy(model)
     twin.load_state_dict(state)
     return twin
@@ -387,6 +394,49 @@ def _head_major_rows(ix: dict) -> torch.Tensor:
     return torch.cat([torch.cat([old(qk[j]) + qk[j] % 8, old(qk[j]) + 8 + qk[j] % 8, old(vo[j]) + 16 + vo[j] % 8]) for j in range(2)])
 
 
+def moe_like(bias: bool = False, router: str = "gate", transposed: bool = False, interleaved: bool = False,
+             shared: int = 0, experts: int = 4, inter: int = 24) -> Callable[[], list[Space]]:
+    """transformers' mixtures of experts: Llama-like attention, ``experts.gate_up_proj`` (experts, 2 * inter, d)
+    and ``down_proj`` (experts, d, inter) (``transposed``: the last two axes swapped), gate and up rows
+    concatenated or ``interleaved`` ([g0, u0, g1, u1, ...]); each expert's hidden units are its own."""
+    E = r"model\.layers\.\d+\.mlp\.experts\."
+
+    def spaces() -> list[Space]:
+        b = r"(weight|bias)" if bias else "weight"
+        L_ = r"model\.layers\.\d+\."
+        res = [(r"model\.embed_tokens\.weight", 1, "p"), (r"model\.norm\.weight", 0, "p"), (r"lm_head\.weight", 1, "p"),
+               (L_ + r"(input|post_attention)_layernorm\.weight", 0, "p"), (L_ + r"self_attn\.[qkv]_proj\.weight", 1, "p"),
+               (L_ + r"self_attn\.o_proj\." + ("(weight|bias)" if router == "router" else "weight"), 0, "p"),
+               (L_ + rf"mlp\.{router}\.weight", 1, "p"),
+               (E + "gate_up_proj", 1 if transposed else 2, "p"), (E + "down_proj", 2 if transposed else 1, "p")]
+        res += [(E + "down_proj_bias", 1, "p")] if bias and router == "router" else []
+        if shared:
+            res += [(L_ + r"mlp\.shared_expert\.(gate|up)_proj\.weight", 1, "p"), (L_ + r"mlp\.shared_expert\.down_proj\.weight", 0, "p"),
+                    (L_ + r"mlp\.shared_expert_gate\.weight", 1, "p")]
+        up = (lambda ix: torch.stack([2 * ix["p"], 2 * ix["p"] + 1], 1).flatten()) if interleaved else "p2"
+
+        def layer(i: int) -> list[Space]:
+            p, x = rf"model\.layers\.{i}\.self_attn\.", rf"model\.layers\.{i}\.mlp\.experts\."
+            heads = ((p + rf"q_proj\.{b}", 0, "qk"), (p + rf"k_proj\.{b}", 0, "qk"), (p + rf"v_proj\.{b}", 0, "vo"), (p + r"o_proj\.weight", 1, "vo"))
+            heads += ((p + "sinks", 0, "h"),) if router == "router" else ()
+            out = [Space(f"attention {i}", 16, heads, heads=2, rope=True)]
+            for e in range(experts):
+                moves = ((x + "gate_up_proj", (e, 2 if transposed else 1), up), (x + "down_proj", (e, 1 if transposed else 2), "p"))
+                moves += ((x + "gate_up_proj_bias", (e, 1), up),) if bias and router == "router" else ()
+                out.append(Space(f"expert {e} of layer {i}", inter, moves))
+            if shared:
+                s_ = rf"model\.layers\.{i}\.mlp\.shared_expert\."
+                out.append(Space(f"shared expert {i}", shared, ((s_ + r"(gate|up)_proj\.weight", 0, "p"), (s_ + r"down_proj\.weight", 1, "p"))))
+            return out
+
+        return [_res("residual", res)] + _layers(layer)
+
+    return spaces
+
+
+MOE = dict(DEC, num_experts_per_tok=2)
+
+
 def _weight_norm_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.utils.parametrizations.weight_norm(nn.Linear(16, 32)), nn.GELU(), nn.Linear(32, 4))
 
@@ -403,6 +453,14 @@ FRESH += [
               Space(f"mlp {i}", 24, ((rf"gpt_neox\.layers\.{i}\.mlp\.dense_h_to_4h\.(weight|bias)", 0, "p"),
                                      (rf"gpt_neox\.layers\.{i}\.mlp\.dense_4h_to_h\.weight", 1, "p")))]),
           family="decoder", note="head-major fused query_key_value (per head [q, k, v]), RoPE on every head dimension, parallel residual"),
+    Fresh("MixtralForCausalLM", _hf("MixtralForCausalLM", "MixtralConfig", **MOE, num_local_experts=4), tokens(), moe_like(), family="mixture of experts",
+          note="experts as 3-D tensors behind transformers' grouped_mm dispatch; every expert's hidden units its own"),
+    Fresh("GptOssForCausalLM", _hf("GptOssForCausalLM", "GptOssConfig", **dict(MOE, num_experts_per_tok=3), num_local_experts=4, head_dim=8), tokens(length=16),
+          moe_like(bias=True, router="router", transposed=True, interleaved=True), family="mixture of experts",
+          note="transposed experts with biases, gate and up rows interleaved, clamped gating; attention sinks per head"),
+    Fresh("Qwen2MoeForCausalLM", _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **MOE, num_experts=4, moe_intermediate_size=24,
+                                     shared_expert_intermediate_size=20), tokens(), moe_like(bias=True, shared=20), family="mixture of experts",
+          note="a shared expert beside the routed ones, gated by a sigmoid of the residual stream"),
     Fresh("user: head-major attention", _HeadMajor, lambda b, seed=0: (torch.randn(b, 5, 8, generator=torch.Generator().manual_seed(seed)),),
           lambda: [_res("residual", [(r"inp\.(weight|bias)", 0, "p"), (r"qkv\.weight", 1, "p"), (r"o\.(weight|bias)", 0, "p"), (r"out\.weight", 1, "p")]),
                    Space("attention", 16, ((r"qkv\.(weight|bias)", 0, _head_major_rows), (r"o\.weight", 1, "vo")), heads=2)],
@@ -424,7 +482,10 @@ def _model(case: Fresh) -> nn.Module:
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "parametrizations" not in name:
                 fan_in = p[0].numel() if p.dim() > 2 or "embed" not in name else 1
+                fan_in = min(p.shape[1:]) if "experts" in name and p.dim() == 3 else fan_in  # one matrix per expert
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            elif name.endswith("sinks"):  # attention sink logits: large enough that moving them shows
+                p.copy_(3 * torch.randn(p.shape, generator=g))
     return model
 
 

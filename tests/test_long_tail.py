@@ -123,6 +123,45 @@ class Experts(nn.Module):
         return self.out(h + (gate.unsqueeze(-1) * torch.einsum("tei,edi->ted", u, self.w2)).sum(1))
 
 
+class GatedExperts(Experts):
+    """Experts with per-expert biases added by broadcasting (``(experts, hidden)``) and gate/up rows
+    interleaved (``[g0, u0, g1, u1, ...]``, read as ``[..., ::2]`` and ``[..., 1::2]``), as GPT-OSS writes
+    them: the biases used to tie every expert to one permutation, the strided slices fixed the units."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 16, 16) * 0.3)
+        self.b1, self.b2 = nn.Parameter(torch.randn(4, 16) * 0.3), nn.Parameter(torch.randn(4, 16) * 0.3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        gate = torch.softmax(self.router(h), -1)
+        gu = torch.einsum("td,eid->tei", h, self.w1) + self.b1
+        u = torch.sigmoid(gu[..., ::2]) * gu[..., 1::2]
+        return self.out(h + (gate.unsqueeze(-1) * (torch.einsum("tei,edi->ted", u, self.w2) + self.b2)).sum(1))
+
+
+class WrittenInPlace(nn.Module):
+    """Two branches written into slices of one buffer (``new_empty`` then ``out[:, :6] = a``, as
+    DeepSeek-V3 builds its keys; or ``copy_``/``add_`` into a zeros tensor) and read by one layer: the
+    writes were not seen, so the reader's columns were a free group of their own (a wrong merge)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.a, self.b, self.c = how, nn.Linear(8, 6), nn.Linear(8, 6), nn.Linear(12, 4)
+
+    def forward(self, x):
+        if self.how == "setitem":
+            out = x.new_empty(x.shape[0], 12)
+            out[:, :6] = self.a(x)
+            out[:, 6:] = torch.relu(self.b(x))
+        else:
+            out = torch.zeros(x.shape[0], 12)
+            out[:, :6].copy_(self.a(x))
+            out[:, 6:].add_(torch.relu(self.b(x)))
+        return self.c(out)
+
+
 class HeadBias(nn.Module):
     """Attention whose heads meet a per-head bias: ALiBi slopes built in forward (the heads keep their
     places, the dimensions inside each head still permute), a relative-position table indexed by
@@ -164,6 +203,9 @@ CASES = {
     "qkv_cat_bias": (lambda: Attention("cat"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),
     "qkv_head_major": (lambda: Attention("head_major"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16, rows interleaved per head"),
     "experts_3d": (Experts, X2, 16 + 4 * 8 + 4, "residual 16 + 4 experts x 8 hidden (blocks) + the experts' order 4 (router rows)"),
+    "experts_bias_interleaved": (GatedExperts, X2, 16 + 4 * 8 + 4, "residual 16 + 4 experts x 8 units of a gate and an up row each + router 4"),
+    "write_into_slices": (lambda: WrittenInPlace("setitem"), X2, 12, "the two branches' 6 + 6 units, read by c as one axis"),
+    "copy_into_slices": (lambda: WrittenInPlace("copy"), X2, 12, "the two branches' 6 + 6 units, read by c as one axis"),
     "alibi": (lambda: HeadBias("alibi"), X3, 16 + 4 * 8, "residual 16 + Q/K and V/O of each head on their own (the heads stay)"),
     "relative_table": (lambda: HeadBias("table"), X3, ATTN + 2, "residual 16 + Q/K 16 + V/O 16 + the table's 2 heads"),
     "flat_batch_heads": (lambda: HeadBias("flat"), X3, ATTN, "residual 16 + Q/K 16 + V/O 16"),

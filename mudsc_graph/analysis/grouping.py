@@ -26,6 +26,7 @@ class _Builder:
         self.block_spaces: set[int] = set()
         self.interleaved: dict[int, list[list[int]]] = {}  # stack root -> its blocks' pieces by position
         self.nested: list[list[int]] = []  # blocks of a stack over a structured space: to fix and join
+        self.kron_blocks: dict[int, tuple[list[int], int]] = {}  # stack root -> (its blocks' units, positions per unit)
         for root, d in sp.defn.items():
             if sp.find(root) != root or not isinstance(d, Stack):
                 continue
@@ -39,9 +40,15 @@ class _Builder:
                     self.nested.append(list(d.parts))
                 continue
             parts = [sp.find(p) for p in d.parts]
+            if all(sp.is_fixed(p) for p in parts):  # blocks that move whole, their insides in place: kron(r, fixed)
+                continue
             if len(set(parts)) == 1:
-                if not sp.is_fixed(parts[0]):
-                    self.bad.add(r)
+                self.bad.add(r)
+                continue
+            kron = self._kron_parts(parts)
+            if kron is not None:  # each block units of k positions (experts' interleaved [g0, u0, g1, u1, ...] rows)
+                self.kron_blocks[root] = kron
+                self._family(r, kron[0])
                 continue
             columns = self._columns(parts)
             if columns is not None:  # head-major: every block a sum of the same pieces (q_j, k_j, v_j)
@@ -63,6 +70,17 @@ class _Builder:
                 self.bad.add(r)
                 self.bad.add(self.families[p][0])
         self.block_spaces.add(r)
+
+    def _kron_parts(self, parts: list[int]) -> tuple[list[int], int] | None:
+        """For blocks that are each ``kron(units, fixed k)`` (one k for all), their units; else ``None``."""
+        sp, units, ks = self.sp, [], set()
+        for p in parts:
+            d = sp.defn.get(p)
+            if not isinstance(d, Stack) or sp.is_fixed(d.r) or sp.find(d.r) in sp.defn or not all(sp.is_fixed(q) for q in d.parts):
+                return None
+            units.append(sp.find(d.r))
+            ks.add(sp.size[sp.find(d.parts[0])])
+        return (units, ks.pop()) if len(ks) == 1 else None
 
     def _columns(self, parts: list[int]) -> list[list[int]] | None:
         """For blocks that are each a sum of pieces of the same sizes, the pieces by position
@@ -95,8 +113,13 @@ class _Builder:
         r, parts = sp.find(d.r), [sp.find(p) for p in d.parts]
         if len(set(parts)) == 1:
             return simplify(Kron(self.expr(r, strict), self.expr(parts[0], strict)))
+        if not sp.is_fixed(r) and all(sp.is_fixed(p) for p in parts):  # units of k positions each ([g0, u0, g1, u1, ...])
+            return simplify(Kron(self.expr(r, strict), Fixed(sp.size[parts[0]])))
         if sp.is_fixed(r):
             return simplify(Concat([self.expr(p, strict) for p in parts]))
+        if s in self.kron_blocks:
+            units, k = self.kron_blocks[s]
+            return simplify(Kron(Units(self._gid(("block", r, tuple(units)), n // k, len(parts), False, None)), Fixed(k)))
         if s in self.interleaved:
             return simplify(Interleave([self._block_expr(r, col) for col in self.interleaved[s]], len(parts)))
         key = ("block", r, tuple(parts))
@@ -260,8 +283,8 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
     for name in graph.graph["order"]:
         attrs = graph.nodes[name]
         v = attrs.get("value")
-        if v is None or isinstance(v, list) or attrs["op"] in ("placeholder", "get_attr", "output"):
-            continue
+        if v is None or isinstance(v, list) or attrs["op"] in ("placeholder", "get_attr", "output") or name in prop.stale:
+            continue  # (a value written in place later would be read before it is written)
         consumer = any(_has_params(prop, graph.nodes[u]) for u in graph.successors(name))
         producer = _has_params(prop, attrs)
         if not (consumer or producer):

@@ -9,6 +9,7 @@ Placeholders get fixed spaces (model inputs); the output node fixes what it retu
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -259,6 +260,57 @@ class OpContext:
 _POSITIONS: dict[Any, dict[str, int]] = {}
 
 
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "narrow", "select", "unsqueeze",
+                           "squeeze", "expand", "expand_as", "t", "flatten", "unflatten", "split", "chunk", "unbind", "swapaxes",
+                           "movedim", "diagonal", "as_strided", "unfold", "__getitem__", "detach", "contiguous"})
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether the node's output may share memory with its first input (a view, or possibly one)."""
+    t = node.target
+    if node.op == "call_method":
+        return t in _VIEW_METHODS
+    if node.op != "call_function":
+        return False
+    if t is operator.getitem:
+        return True
+    schema = getattr(t, "_schema", None)
+    if schema is not None:
+        return any(r.alias_info is not None for r in schema.returns) and _written(node) is None
+    return getattr(t, "__name__", "") in _VIEW_METHODS
+
+
+def _stale(written: list[fx.Node]) -> frozenset[str]:
+    """The nodes whose values change after they are computed: every view of the tensor that an
+    in-place op writes (from its base down), and the in-place ops' own outputs."""
+    out: set[str] = set()
+    for dst in written:
+        base = dst
+        while _is_view(base) and base.args and isinstance(base.args[0], fx.Node):
+            base = base.args[0]
+        todo = [base]
+        while todo:
+            n = todo.pop()
+            if n.name not in out:
+                out.add(n.name)
+                todo += [u for u in n.users if _is_view(u) or _written(u) is n]
+    return frozenset(out)
+
+
+def _written(node: fx.Node) -> fx.Node | None:
+    """The argument an in-place op writes (``x.add_(y)``, ``aten.copy_(dst, src)``: the first), or None."""
+    t = node.target
+    if node.op == "call_method":
+        writes = isinstance(t, str) and t.endswith("_") and not t.endswith("__")
+    elif node.op == "call_function":
+        args = getattr(getattr(t, "_schema", None), "arguments", None)
+        writes = bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+    else:
+        writes = False
+    first = node.args[0] if node.args else None
+    return first if writes and isinstance(first, fx.Node) else None
+
+
 def _schema_positions(op: Any) -> dict[str, int]:
     """``{argument name: position}`` of an ATen operator's schema."""
     pos = _POSITIONS.get(op)
@@ -294,7 +346,8 @@ class Propagation:
     ``internal_probes``: ``(node, key, handler, layout)`` of units inside ops; ``consumed``: the
     ``(name, axis)`` that are summed over; ``aliases`` / ``canonical``: tied names; ``frozen``:
     tensors not in the state_dict; ``buffer_names``: every name of a buffer; ``modules``: the
-    graph's modules by path; ``warnings``: what the pass fixed and why.
+    graph's modules by path; ``warnings``: what the pass fixed and why; ``stale``: nodes whose value
+    is written in place after it is computed (directly or through a view), which no probe may read.
     """
 
     graph: nx.DiGraph
@@ -310,6 +363,7 @@ class Propagation:
     buffer_names: frozenset[str]
     modules: Mapping[str, Any]
     warnings: tuple[str, ...]
+    stale: frozenset[str] = frozenset()
 
 
 class Propagator:
@@ -341,6 +395,7 @@ class Propagator:
         self.attr_of_space: dict[int, tuple[str, int]] = {}
         self.consumed: set[tuple[str, int]] = set()
         self.warnings: list[str] = []
+        self.written: list[fx.Node] = []  # tensors written in place (the first argument of add_, copy_ ...)
         self.opaque_modules: list[str] = []  # leaf modules no handler describes (unsupported or probed)
         self.modules = dict(self.gm.named_modules())
         # one canonical name per tensor: a tied weight (GPT-2's lm_head = wte) is one tensor whose
@@ -430,7 +485,7 @@ class Propagator:
         return Propagation(
             self.graph, self.spaces, dict(self.attr_spaces), dict(self.attr_shapes), dict(self.inner_params),
             tuple(self.internal_probes), frozenset(self.consumed), dict(self.aliases), dict(self.canonical),
-            frozenset(self.frozen), frozenset(buffers), self.modules, tuple(notes),
+            frozenset(self.frozen), frozenset(buffers), self.modules, tuple(notes), _stale(self.written),
         )
 
     def run(self) -> None:
@@ -506,6 +561,23 @@ class Propagator:
             if not ctx._set:
                 raise AnalysisError(f"layer handler {handler.name!r} did not call ctx.set_output() at node {node.name}")
         self.values[node.name] = _as_values(ctx._output, shape)
+        written = _written(node)
+        if written is not None:
+            self.written.append(written)
+            self._write(ctx, self.values.get(written.name), self.values[node.name])
+
+    def _write(self, ctx: OpContext, dst: Any, out: Any) -> None:
+        """An in-place op: ``dst`` (a view of some tensor: a slice of ``new_empty(...)`` that
+        ``copy_`` fills) holds the op's output from now on, so whoever reads that tensor later reads
+        these units: link them (a slice's spaces are pieces of its base's, so the base is linked too)."""
+        if not isinstance(dst, Value):
+            return
+        if isinstance(out, Value) and out.shape == dst.shape:
+            for a, b in zip(dst.layout, out.layout):
+                self.spaces.link(a, b)
+            return
+        for L in dst.layout:
+            self.spaces.fix_layout(L, "" if self.spaces.settled(L) else f"{ctx._reason()} (written in place, output of another shape)")
 
     def unsupported(self, ctx: OpContext, why: str) -> None:
         if self._probe(ctx, why):

@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 from ..errors import TraceError, first_line
 from ..inputs import Inputs, as_inputs, batch_size, bind, call, describe, map_tensors
 from ..plugin.registry import runs_forward_of
+from .experts import dense_experts
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)),)
@@ -84,18 +85,19 @@ def trace(
         raise TraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}")
     inputs = as_inputs(example_inputs)
     fx_error: TraceError | None = None
-    try:
-        if tracer in ("auto", "fx"):
-            try:
-                return trace_fx(model, inputs, leaf_types=leaf_types, concrete_args=concrete_args)
-            except TraceError as exc:
-                if tracer == "fx":
-                    raise
-                fx_error = exc
-        return trace_export(model, inputs, fx_error=fx_error)
-    except TraceError:
-        _runs_on(model, inputs)  # inputs the model itself refuses are the error to report
-        raise
+    with dense_experts(model):  # transformers' experts as per-expert contractions (analysis/experts.py)
+        try:
+            if tracer in ("auto", "fx"):
+                try:
+                    return trace_fx(model, inputs, leaf_types=leaf_types, concrete_args=concrete_args)
+                except TraceError as exc:
+                    if tracer == "fx":
+                        raise
+                    fx_error = exc
+            return trace_export(model, inputs, fx_error=fx_error)
+        except TraceError:
+            _runs_on(model, inputs)  # inputs the model itself refuses are the error to report
+            raise
 
 
 def _runs_on(model: torch.nn.Module, inputs: Inputs) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..propagate import OpContext, Value, op_name
+from ..spaces import Dep
 from .base import _dims, rebase
+from .contract import _blocks_of
 
 
 def no_tensor_output(ctx: OpContext) -> None:
@@ -16,7 +18,31 @@ def elementwise(ctx: OpContext) -> None:
     if not isinstance(ctx.out_shape, tuple):
         ctx.set_output(None)
         return
-    ctx.set_output(ctx.broadcast(ctx.tensor_inputs()))
+    ctx.set_output(ctx.broadcast(_per_block_params(ctx, ctx.tensor_inputs())))
+
+
+def _per_block_params(ctx: OpContext, values: list[Value]) -> list[Value]:
+    """A parameter whose first axis is the block axis of another operand's units takes a space per
+    block along them: the biases ``(experts, hidden)`` of experts stored as 3-D tensors, added to
+    ``(tokens, experts, hidden)`` whose hidden units are each expert's own (else every expert's bias
+    would tie all experts to one permutation)."""
+    n = len(ctx.out_shape)
+    refs = {i + n - v.ndim: L.ref + n - v.ndim for v in values for i, L in enumerate(v.layout) if isinstance(L, Dep)}
+    if not refs:
+        return values
+    nodes = {id(ctx.value(a)): a for a in ctx.node.all_input_nodes if a.op == "get_attr"}
+    out = []
+    for v in values:
+        off, node = n - v.ndim, nodes.get(id(v))
+        if node is not None and v.ndim >= 2 and any(refs.get(i + off) == off for i in range(1, v.ndim)):
+            layout = list(v.layout)
+            for i in range(1, v.ndim):
+                parts = _blocks_of(ctx, node, v, i, 0, summed=False) if refs.get(i + off) == off else None
+                if parts:
+                    layout[i] = Dep(0, tuple(parts))
+            v = Value(v.shape, layout)
+        out.append(v)
+    return out
 
 
 def unary(ctx: OpContext) -> None:

@@ -366,8 +366,9 @@ def index_axes(ctx: OpContext, src: Value, items: list[Any]) -> None:
     A slice splits its axis into (before, kept, after) pieces (a sum); an int selects one unit,
     which fixes that axis's space. Bounds that the graph computes (``x[:, :H]`` with ``H`` from a
     shape) are read off the output shape: a slice that keeps the whole axis is the identity, any
-    other fixes that axis only, and so does a strided slice (``x[:, 0::2]``); the other axes pass
-    through untouched.
+    other fixes that axis only; a strided slice that takes every k-th position (``x[..., 1::2]``) keeps
+    units of k positions each, any other strided slice fixes its axis (Swin's patch merging: positions
+    matter); the other axes pass through untouched.
     """
     layout = list(src.layout)
     sp = ctx.spaces
@@ -388,8 +389,13 @@ def index_axes(ctx: OpContext, src: Value, items: list[Any]) -> None:
             kept.append(("axis", ax))
         else:
             start, stop, step = it.indices(n)
+            if step > 1 and n % step == 0 and start < step and stop > n - step + start:  # x[..., 1::2]: a view (n/k, k), one column
+                layout[ax] = _every_kth(sp, layout[ax], n, step, f"one position in every {step} is selected at node {ctx.node.name}")
+                kept.append(("axis", ax))
+                ax += 1
+                continue
             if step != 1 and (start, stop, step) != (0, n, 1):
-                computed[ax] = len(kept)  # every other position (Swin's patch merging): positions matter
+                computed[ax] = len(kept)  # a strided part of the axis: positions matter
                 kept.append(("axis", ax))
                 ax += 1
                 continue
@@ -410,6 +416,17 @@ def index_axes(ctx: OpContext, src: Value, items: list[Any]) -> None:
         for k, (kind, a) in enumerate(kept)
     ]
     ctx.set_output(out)
+
+
+def _every_kth(sp: Any, L: Layout, n: int, k: int, why: str) -> Layout:
+    """The layout of ``x[k*j + start]`` (j < n/k) along an axis of ``n`` laid out as ``L``: the axis
+    viewed as (n/k units, k positions each), one position chosen, which fixes the positions (the
+    interleaved gate and up rows of a fused ``[g0, u0, g1, u1, ...]`` projection: units of two rows)."""
+    if isinstance(L, Dep):
+        return Dep(L.ref, tuple(_every_kth(sp, p, n, k, why) for p in L.parts))
+    outer, inner = sp.split(L, (n // k, k))
+    sp.fix_layout(inner, "" if sp.settled(inner) else why)
+    return outer
 
 
 def aten_slice(ctx: OpContext) -> None:
