@@ -163,7 +163,7 @@ def eval_command(
         typer.Option(
             "--data",
             "-d",
-            help="Evaluation data: dataset name, NAME:0-4, a .pt/.npz file or an image folder; for a Hugging Face text "
+            help="Evaluation data: dataset name, NAME:0-4, a .pt/.npz file (x and y, as for merge) or an image folder; for a Hugging Face text "
             "classifier a text file of LABEL<TAB>text lines or a .pt/.npz file with input_ids and labels.",
             show_default=False,
         ),
@@ -211,7 +211,7 @@ def eval_command(
     example = example_or_none(architecture)
     test = load_data(data, split=split, input_shape=tuple(example[0].shape[1:]) if example else None)
     if example is None:
-        example = (test.x[:2],)
+        example = test.rows(slice(0, 2)) if isinstance(test.x, dict) else (test.x[:2],)
     model = _model_of(model_path, architecture, opts, state, meta, example, arch)
     model = model.to(dev).eval()
     outputs = predict_logits(model, test.x, batch_size=batch_size, device=dev)

@@ -106,8 +106,9 @@ def merge_command(
             "--data",
             "-d",
             help="Calibration data: a dataset name (digits, mnist5k, animal_mnist), NAME:0-4 for a class subset, a .pt/.npz file "
-            "with x and y, or an image folder; for a Hugging Face text model a text file (one example per line) or a "
-            ".pt/.npz file with input_ids (and attention_mask).",
+            "with x and y (several inputs: x a dict by the forward's parameter names, or arrays x.NAME), or an image folder; "
+            "for a Hugging Face text model a text file (one example per line) or a .pt/.npz file with input_ids "
+            "(and attention_mask).",
         ),
     ] = None,
     arch_opt: Annotated[
@@ -212,11 +213,11 @@ def merge_files(
         calib = load_data(c.data, split="train", input_shape=shape, limit=c.samples, seed=c.seed)
         batches = calib.batches(c.batch_size)
         if example is None:
-            example = (calib.x[:2],)
+            example = calib.rows(slice(0, 2)) if isinstance(calib.x, dict) else (calib.x[:2],)
     result = run_merge(models, batches, example, options, quiet)
     metadata = {
         "arch": arch_name, "arch_options": arch_options, **merge_metadata(result, options, len(models), c.data),
-        "samples": sum(len(b[0]) for b in batches) if batches else 0, "sources": sources,
+        "samples": sum(len(y) for _, y in batches) if batches else 0, "sources": sources,
     }
     if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it
         return

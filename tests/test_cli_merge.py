@@ -331,3 +331,73 @@ def test_the_seed_picks_the_calibration_samples(ckpts, tmp_path):
         assert r.exit_code == 0, r.output
         outs.append(out.read_bytes())
     assert outs[0] != outs[1]
+
+
+# --------------------------------------------------------------------------- several inputs per sample (issue 27)
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.m, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, mem):
+        return self.b(torch.relu(self.a(x) + self.m(mem)))
+
+
+def two_inputs():
+    """Factory of a model with two inputs, ``forward(x, mem)``."""
+    return _TwoInputs()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npz"])
+def test_several_inputs_from_a_data_file(tmp_path, fmt):
+    """A data file names each input after the forward's parameters (a dict under x, or x.NAME arrays):
+    a merge of a model with a permuted copy of itself comes back, and eval reads the same file."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    a = two_inputs().eval()
+    x, mem = torch.randn(40, 8), torch.randn(40, 8)
+    spec = analyze(a, {"x": x[:2], "mem": mem[:2]})
+    assert spec.permutable_units == 16
+    twin = spec.apply_permutation(a, spec.random_permutation(3))
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(twin.state_dict(), tmp_path / "t.pt")
+    y = torch.arange(40) % 4
+    data = tmp_path / f"pairs.{fmt}"
+    if fmt == "pt":
+        torch.save({"x": {"x": x, "mem": mem}, "y": y}, data)
+    else:
+        np.savez(data, **{"x.x": x.numpy(), "x.mem": mem.numpy(), "y": y.numpy()})
+    out = tmp_path / "m.pt"
+    arch = ["--arch", "tests.test_cli_merge:two_inputs"]
+    r = _run("merge", tmp_path / "a.pt", tmp_path / "t.pt", *arch, "--data", data, "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    from mudsc_graph.io.checkpoints import load_checkpoint
+
+    state, meta = load_checkpoint(out)
+    assert meta["samples"] == 40 and json.loads(r.output)["groups_merged"] == 1
+    merged = two_inputs().eval()
+    merged.load_state_dict(state)
+    torch.testing.assert_close(merged(x, mem), a(x, mem), rtol=1e-4, atol=1e-5)
+    r = _run("eval", out, *arch, "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["samples"] == 40
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"x": {"x": torch.randn(4, 8)}, "y": torch.zeros(5, dtype=torch.long)}, "x.x has 4 rows but y has 5 labels"),
+    ({"x": {"x": torch.randn(4, 8)}}, "no 'y'"),
+    ({"x": {}, "y": torch.zeros(4, dtype=torch.long)}, "empty dict"),
+    ({"x": {"not a name": torch.randn(4, 8)}, "y": torch.zeros(4, dtype=torch.long)}, "not a Python identifier"),
+    ({"x": {"x": torch.full((4, 8), float("nan"))}, "y": torch.zeros(4, dtype=torch.long)}, "x.x has NaN or inf"),
+    ({"x": torch.randn(4, 8), "x.mem": torch.randn(4, 8), "y": torch.zeros(4, dtype=torch.long)}, "both 'x' and inputs named"),
+])
+def test_several_inputs_bad_files(tmp_path, content, needle):
+    torch.save(two_inputs().state_dict(), tmp_path / "a.pt")
+    torch.save(content, tmp_path / "bad.pt")
+    r = _run("merge", tmp_path / "a.pt", tmp_path / "a.pt", "--arch", "tests.test_cli_merge:two_inputs", "--data", tmp_path / "bad.pt",
+             "--out", tmp_path / "m.pt", "--quiet")
+    _one_line_error(r, needle)
+    assert not (tmp_path / "m.pt").exists()

@@ -302,6 +302,8 @@ def test_several_inputs_per_batch():
         merge(models, data=pairs)
     by_name = merge(models, data=[{"x": a, "mem": b, "y": torch.zeros(6)} for a, b in pairs], method="zipit")
     by_fn = merge(models, data=pairs, inputs_from_batch=lambda batch: tuple(batch), method="zipit")
+    labelled = merge(models, data=[({"x": a, "mem": b}, torch.zeros(6)) for a, b in pairs], method="zipit")  # (inputs by name, labels)
     x, mem = pairs[0]
     torch.testing.assert_close(by_name.model(x, mem), by_fn.model(x, mem))
+    torch.testing.assert_close(labelled.model(x, mem), by_fn.model(x, mem))
     assert by_name.spec.permutable_units == 16

@@ -7,6 +7,8 @@ A data *spec* says where the data comes from (``--data SPEC`` on the command lin
     digits:0,3,5-6      ids and ranges mix freely
     runs/feats.pt       a dict {"x": Tensor, "y": Tensor} saved with torch.save (both splits)
     feats.npz:5-9       arrays x and y saved with numpy.savez; a class selection works here too
+    pairs.pt            several inputs per sample, by the forward's parameter names: {"x": {"src": ...,
+                        "mem": ...}, "y": ...} (torch.save) or arrays x.src, x.mem and y (numpy.savez)
     photos/             an image folder, one subfolder per class (sorted names = ids 0..K-1)
 
 :func:`load_data` returns a :class:`LabeledData`; with ``input_shape`` the inputs are adapted to
@@ -56,16 +58,21 @@ class DataError(MudscError):
 
 @dataclass
 class LabeledData:
-    """Inputs ``x`` (``N x ...`` float) with class labels ``y`` (``N`` long).
+    """Inputs ``x`` (``N x ...`` float; or, for a model with several inputs, a dict of them by the
+    forward's parameter names, each with ``N`` rows) with class labels ``y`` (``N`` long).
 
     ``classes`` lists the class ids this data covers (the selection of ``NAME:CLASSES``, else all
     ids of the source); labels keep their original ids, so ``mnist5k:5-9`` has labels 5..9.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor | dict[str, torch.Tensor]
     y: torch.Tensor
     classes: list[int]
     name: str
+
+    def rows(self, idx: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The inputs of the samples ``idx`` (a slice, an index or a boolean mask)."""
+        return _rows(self.x, idx)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -76,7 +83,11 @@ class LabeledData:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         n = len(self)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        return [(self.x[idx], self.y[idx]) for idx in order.split(int(batch_size))]
+        return [(self.rows(idx), self.y[idx]) for idx in order.split(int(batch_size))]
+
+
+def _rows(x: torch.Tensor | dict[str, torch.Tensor], idx: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
 
 
 # --------------------------------------------------------------------------- splits and classes
@@ -238,7 +249,7 @@ def load_data(
         x, y, num_classes = _from_file(source)
     if len(y) == 0:
         raise DataError(f"{spec!r} has no samples in its {split} split")
-    pad_value = float(x.min()) if x.numel() else 0.0  # a black pixel, before any class selection
+    pad_value = float(x.min()) if isinstance(x, torch.Tensor) and x.numel() else 0.0  # a black pixel, before any class selection
     if selection is None:
         classes = list(range(num_classes))
     else:
@@ -246,11 +257,11 @@ def load_data(
         keep = torch.isin(y, torch.tensor(classes, dtype=y.dtype))
         if not bool(keep.any()):
             raise DataError(f"{spec!r} selects no samples of the {split} split: none has a class in {classes}")
-        x, y = x[keep], y[keep]
+        x, y = _rows(x, keep), y[keep]
     if limit is not None:
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))[: int(limit)]
-        x, y = x[order], y[order]
-    if input_shape is not None:
+        x, y = _rows(x, order), y[order]
+    if input_shape is not None and isinstance(x, torch.Tensor):  # several named inputs are given as the model takes them
         x = adapt_inputs(x, input_shape, pad_value=pad_value)
     return LabeledData(x=x, y=y, classes=classes, name=spec)
 
@@ -456,7 +467,8 @@ def _stamp(path: Path) -> tuple:
 def _from_file(path: Path) -> tuple[torch.Tensor, torch.Tensor, int]:
     # the path as given (a symlink's suffix counts, not its target's); the target only keys the cache
     x, y = _read_file(str(path.absolute()), _stamp(path), str(path.resolve()))
-    return x.clone(), y.clone(), int(y.max()) + 1 if len(y) else 0
+    x = {k: v.clone() for k, v in x.items()} if isinstance(x, dict) else x.clone()
+    return x, y.clone(), int(y.max()) + 1 if len(y) else 0
 
 
 def read_tensor_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -523,13 +535,64 @@ def _parse_plain(f: Any, where: str, suffix: str) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _read_file(path: str, stamp: tuple, target: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def _read_file(path: str, stamp: tuple, target: str = "") -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
     where = f"data file {path}"
     content = _load_plain(path)
+    named = _named_inputs(content, where) if isinstance(content, dict) else None
+    if named is not None:
+        if "y" not in content:
+            raise DataError(f"{where} holds several inputs but no 'y' (labels); save y beside them")
+        y = _labels(content["y"], where)
+        x = {name: _named_input(value, name, len(y), where) for name, value in named.items()}
+        return x, y
     if not isinstance(content, dict) or "x" not in content or "y" not in content:
         have = f"keys {', '.join(map(repr, content)) or '(none)'}" if isinstance(content, dict) else f"an object of type {type(content).__name__}"
         raise DataError(f"{where} must hold a dict with 'x' (inputs) and 'y' (labels), found {have}")
     return _as_tensors(content["x"], content["y"], where, grey_images=True)
+
+
+def _named_inputs(content: dict, where: str) -> dict[str, Any] | None:
+    """Several inputs per sample: a dict under ``x`` (torch.save), or arrays ``x.NAME`` (numpy.savez,
+    which cannot nest); ``None`` for a file with one input."""
+    x = content.get("x")
+    flat = {k[2:]: v for k, v in content.items() if isinstance(k, str) and k.startswith("x.")}
+    if flat and x is not None:
+        raise DataError(f"{where} holds both 'x' and inputs named 'x.NAME'; save one input as x, or several as x.NAME (or a dict under x)")
+    named = x if isinstance(x, dict) else flat or None
+    if named is None:
+        return None
+    if not named:
+        raise DataError(f"{where}: x is an empty dict; give each input of the model by its forward parameter name")
+    for name in named:
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise DataError(f"{where}: input name {_short(repr(name), 60)} is not a Python identifier; name each input after the "
+                            "model's forward parameter (e.g. x.src, x.mem)")
+    return named
+
+
+def _named_input(value: Any, name: str, n: int, where: str) -> torch.Tensor:
+    """One of several inputs: float inputs as float32 and finite, integer ones (token ids, masks) as int64."""
+    what = f"x.{name}"
+    if isinstance(value, torch.Tensor):
+        t = _dense(value, what, where)
+    else:
+        arr = _as_array(value, what, where)
+        if arr.dtype.kind not in "iufb":
+            raise DataError(f"{where}: {what} holds {arr.dtype} values, not numbers; save it as a numeric array")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype == torch.bool:
+        pass
+    elif t.dtype in _INT_DTYPES:
+        t = t.long()
+    elif t.is_floating_point():
+        t = t.float()  # a float64 beyond float32's range becomes inf, refused here
+        if not bool(torch.isfinite(t).all()):
+            raise DataError(f"{where}: {what} has NaN or inf values; inputs must be finite numbers within float32's range")
+    else:
+        raise DataError(f"{where}: {what} holds {t.dtype} values, not real numbers; save it as a float or integer array")
+    if t.dim() < 1 or len(t) != n:
+        raise DataError(f"{where}: {what} has {len(t) if t.dim() else 0} rows but y has {n} labels; give one row per sample in every input")
+    return t
 
 
 def _from_folder(path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:

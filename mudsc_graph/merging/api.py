@@ -15,7 +15,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -104,8 +104,8 @@ def check_models(models: list[nn.Module]) -> None:
 def _check_tuple_batch(model: nn.Module, batch: Any) -> None:
     """A tuple batch is read as ``(inputs, labels, ...)``: refuse it, saying how to pass several
     inputs, when the model's forward needs more than one positional input."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        return
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or isinstance(batch[0], Mapping):
+        return  # (a dict of inputs, labels): every input is named
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):

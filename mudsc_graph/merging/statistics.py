@@ -374,7 +374,8 @@ LABEL_KEYS = ("labels", "label", "y")
 def default_inputs_from_batch(batch: Any) -> Any:
     """The model inputs of one calibration batch.
 
-    A tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)`` (inputs, labels, ...); a dict of
+    A tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)`` (inputs, labels, ...), or keyword inputs
+    when ``batch[0]`` is a dict (several named inputs and their labels); a dict of
     ``"x"`` and labels -> ``(batch["x"],)``; any other dict is keyword inputs, keyed by the forward's
     parameter names (``{"input_ids": ids, "attention_mask": ...}``, ``{"x": x, "mem": memory}``),
     without its label keys (``labels``, ``label``, ``y``). Several positional inputs: a dict, or
@@ -383,7 +384,7 @@ def default_inputs_from_batch(batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return (batch,)
     if isinstance(batch, (tuple, list)) and batch:
-        return (batch[0],)
+        return {str(k): v for k, v in batch[0].items()} if isinstance(batch[0], Mapping) else (batch[0],)
     if isinstance(batch, Mapping) and "x" in batch and all(k == "x" or k in LABEL_KEYS for k in batch):
         return (batch["x"],)
     if isinstance(batch, Mapping) and batch:
