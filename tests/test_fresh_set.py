@@ -526,6 +526,8 @@ def test_mudsc_reaches_the_hand_count(case):
         spec = analyze(model, x)
     assert 0.95 * hand <= spec.permutable_units <= hand, f"{case.name}: {spec.permutable_units} of {hand} units ({case.note})"
     assert_every_axis_accounted_for(model, spec)
+    unread = [g.id for g in spec.groups if not g.fixed and not g.probes]
+    assert not unread, f"groups {unread} have no activation probe (they would be matched by weights alone)"
     for seed in range(3):
         spec.check(model, x, seed=seed)
     twin = spec.apply_permutation(model, spec.random_permutation(seed=7))

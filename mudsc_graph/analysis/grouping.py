@@ -280,13 +280,19 @@ def _param_axes(prop: Propagation, b: _Builder) -> dict[str, list[Expr]]:
 def _add_probes(prop: Propagation, b: _Builder) -> None:
     graph = prop.graph
     flattened: list[tuple[int, Probe]] = []
+    of_params: set[str] = set()  # parameters and what is computed from them alone (a slice of a weight)
+    for name in graph.graph["order"]:
+        node = graph.nodes[name]["fx"]
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op.startswith("call_") and inputs and all(a.name in of_params for a in inputs)):
+            of_params.add(name)
     for name in graph.graph["order"]:
         attrs = graph.nodes[name]
         v = attrs.get("value")
         if v is None or isinstance(v, list) or attrs["op"] in ("placeholder", "get_attr", "output") or name in prop.stale:
             continue  # (a value written in place later would be read before it is written)
-        consumer = any(_has_params(prop, graph.nodes[u]) for u in graph.successors(name))
-        producer = _has_params(prop, attrs)
+        consumer = any(_has_params(prop, graph.nodes[u], of_params) for u in graph.successors(name))
+        producer = _has_params(prop, attrs, of_params)
         if not (consumer or producer):
             continue
         for axis, L in enumerate(v.layout):
@@ -294,6 +300,9 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
                 gid = _block_group(b, v.layout, axis)  # group with no other probe (experts x hidden units)
                 if gid is not None:
                     flattened.append((gid, Probe(name, axis - 1, Units(gid), consumer, span=2)))
+                elif _fixed_blocks(b, v.layout, axis):  # experts in place (a top-k router): a group per expert
+                    e = simplify(Concat([b.expr(p, strict=False) for p in L.parts]))
+                    flattened += [(gid, Probe(name, axis - 1, e, consumer, span=2)) for gid in group_ids(e) if not b.groups[gid].fixed]
                 continue
             e = b.expr(L, strict=False)
             for gid in group_ids(e):
@@ -309,6 +318,13 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
                 b.groups[gid].probes.append(Probe(name, -1, e, False, key, handler))
     for g in b.groups:
         g.probes.sort(key=lambda p: not p.consumer)
+
+
+def _fixed_blocks(b: _Builder, layout: list, axis: int) -> bool:
+    """Whether the Dep at ``axis`` has one plain part per position of a fixed axis just before it."""
+    L, sp = layout[axis], b.sp
+    return (axis > 0 and L.ref == axis - 1 and isinstance(layout[axis - 1], int) and sp.is_fixed(layout[axis - 1])
+            and all(isinstance(p, int) for p in L.parts))
 
 
 def _block_group(b: _Builder, layout: list, axis: int) -> int | None:
@@ -340,11 +356,11 @@ def _value_axes(prop: Propagation, b: _Builder) -> dict[str, list[Expr | None] |
     return out
 
 
-def _has_params(prop: Propagation, attrs: dict) -> bool:
+def _has_params(prop: Propagation, attrs: dict, of_params: set[str]) -> bool:
     if attrs["op"] == "call_module":
         m = prop.modules.get(attrs["fx"].target)
         return m is not None and any(True for _ in m.parameters(recurse=False))
-    if attrs["op"] == "call_function":
-        return any(getattr(a, "op", None) == "get_attr" for a in attrs["fx"].all_input_nodes)
+    if attrs["op"] == "call_function":  # a parameter, or a slice of one (F.multi_head_attention_forward's q / kv weights)
+        return any(a.name in of_params for a in attrs["fx"].all_input_nodes)
     return False
 
