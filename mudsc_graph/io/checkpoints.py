@@ -538,7 +538,8 @@ def check_not_an_input(
     out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *, contains: bool = False
 ) -> None:
     """Refuse an output that is one of ``inputs``: the same path, or the same file through another
-    path, a symbolic link or a hard link (``os.path.samefile``: same device and inode); with
+    path, a symbolic link or a hard link (``os.path.samefile``: same device and inode), or anything
+    inside an input directory (a model directory's ``config.json``, a new ``merged/`` in it); with
     ``contains`` (an output directory), also one that holds an input. ``--force`` does not matter."""
     p = Path(out).expanduser()
     target = _resolve(p)
@@ -549,6 +550,9 @@ def check_not_an_input(
             raise CheckpointError(
                 f"{p} is the input {source}{how}; write the merged model somewhere else (--force never overwrites an input)"
             )
+        if src.is_dir() and _inside(target, _resolve(src)):
+            raise CheckpointError(f"{p} is inside the input directory {source}; write the merged model somewhere else "
+                                  "(--force never writes into an input)")
         if contains and _inside(_resolve(src), target):
             raise CheckpointError(f"{p} contains the input {source}; write the merged model somewhere else")
 

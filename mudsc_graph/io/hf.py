@@ -9,13 +9,13 @@ and no remote code runs: directories are loaded with ``local_files_only=True`` a
     >>> a, b = load_model_dir("runs/bert-a"), load_model_dir("runs/bert-b")  # eval mode, weights hashed
     >>> check_same_architecture([a, b])
     >>> tok = load_tokenizer("runs/bert-a")
-    >>> calib = load_text_file(tok, "calib.txt", max_length=128).take(500, seed=0)
+    >>> calib = load_text_file(tok, "calib.txt", max_length=128, samples=500, seed=0)
     >>> result = merge([a.model, b.model], data=calib.batches(100), example_inputs=calib.example())
     >>> save_model_dir(result.model, "merged", tokenizer=tok, metadata={"method": "mudsc"})
 
 A text file has one example per line, optionally prefixed by an integer label and a TAB
-(``2\\tsome text``); it is tokenised with the model's tokenizer and padded to the longest line of
-the whole file, so that every batch has the sequence length of the exported graph. A token file
+(``2\\tsome text``); only the lines taken are read, tokenised with the model's tokenizer and padded
+to the longest of them, so that every batch has one sequence length. A token file
 (``.pt``/``.npz``) holds ``input_ids``, optionally ``attention_mask`` and ``labels``.
 """
 
@@ -36,12 +36,14 @@ import torch
 from torch import nn
 
 from ..errors import MudscError, first_line
+from ..merging.api import config_differences
 from ..merging.statistics import (
     LABEL_KEYS,  # label columns of a token file, tried in this order
 )
 from .checkpoints import (
     CheckpointError,
     check_not_an_input,
+    first_non_finite,
     check_output_parent,
     cleanup_on_termination,
     file_sha256,
@@ -145,6 +147,10 @@ def weight_files(path: Path) -> list[Path]:
                 names = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise HFError(f"cannot read the shard index {path / index}: {first_line(exc, '.')}") from None
+            bad = next((n for n in names if not isinstance(n, str) or not n or Path(n).name != n), None)
+            if bad is not None:
+                raise HFError(f"the shard index {path / index} names the shard {repr(bad)[:80]}; its weight_map must give a "
+                              "file name in the directory for every tensor")
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
                 raise HFError(f"{path}: the shard index {index} names {missing[0]}, which is missing; copy every shard")
@@ -215,6 +221,9 @@ def load_model_dir(path: str | os.PathLike[str]) -> HFModel:
     from transformers import AutoConfig
 
     files = weight_files(p)
+    table = _weight_table(files)
+    budget = 2 * sum(n for _, n in table.values()) + (1 << 20)  # parameters a config may describe (tied copies, slack)
+    _check_raw_config(p, budget)
     hashes = [(f.name, file_sha256(f)) for f in files]
     with quiet_transformers():
         try:
@@ -222,6 +231,7 @@ def load_model_dir(path: str | os.PathLike[str]) -> HFModel:
         except Exception as exc:  # transformers parsing a user's directory: any failure is the directory's
             raise HFError(f"cannot read {p / CONFIG_FILE}: {first_line(exc, '.')}") from exc
         cls = model_class(config, p)
+        _check_size(cls, config, budget, p)
         kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True, "trust_remote_code": False}
         if "weights_only" in inspect.signature(cls.from_pretrained).parameters:
             kwargs["weights_only"] = True
@@ -233,19 +243,111 @@ def load_model_dir(path: str | os.PathLike[str]) -> HFModel:
         raise HFError(f"{p}: its weight files changed while they were being read; merge a directory that nothing is writing to")
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        what = f"missing weights {missing[:3]}" if missing else f"weights of another shape {mismatched[:3]}"
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if missing or mismatched or unexpected:
+        what = (f"missing weights {missing[:3]}" if missing else f"weights of another shape {mismatched[:3]}" if mismatched
+                else f"weights it has no place for, {len(unexpected)} of them: {unexpected[:3]}")
         raise HFError(f"{p}: the weights do not fit {type(model).__name__} ({what}); the directory's weights and config.json disagree")
+    _check_dtypes(model, table, p)
+    bad = first_non_finite(dict(model.named_parameters()))
+    if bad is not None:
+        raise HFError(f"{p}: the weight {bad} has NaN or inf values; a model with them computes nothing useful: fix or retrain it")
     return HFModel(path=p, model=model.eval(), config=config, files=hashes)
 
 
-#: Config fields that change what a model computes without changing its weights' shapes.
-_STRUCTURAL = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "position_embedding_type")
+#: The largest config.json read (a real one is a few kB; a huge one is not a config).
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _weight_table(files: Sequence[Path]) -> dict[str, tuple[str, int]]:
+    """``{tensor name: (dtype, elements)}`` of the weight files, from safetensors headers (nothing
+    else is read); a ``.bin`` file counts as one entry of at most its size / 2 elements."""
+    import math
+
+    out: dict[str, tuple[str, int]] = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            out[f"<{f.name}>"] = ("", f.stat().st_size // 2)
+            continue
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    piece = h.get_slice(k)
+                    out[k] = (str(piece.get_dtype()), math.prod(piece.get_shape()))
+        except Exception as exc:  # a corrupt or foreign file: any failure is the file's
+            raise HFError(f"cannot read {f}: it is not a safetensors file ({first_line(exc, '.')}); save the model with save_pretrained") from None
+    return out
+
+
+def _check_raw_config(p: Path, budget: int) -> None:
+    """Refuse what would cost memory before transformers reads config.json: a huge file, or
+    ``num_labels`` beyond what the weights could hold (transformers builds a label table of that size)."""
+    f = p / CONFIG_FILE
+    size = f.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise HFError(f"{f} is {size / 2**20:,.0f} MiB; a config is a few kB: this is not a model's config")
+    try:
+        raw = json.loads(f.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise HFError(f"cannot read {f}: {first_line(exc, '.')}") from None
+    labels = raw.get("num_labels") if isinstance(raw, dict) else None
+    if isinstance(labels, int) and not isinstance(labels, bool) and labels > budget:
+        raise HFError(f"{f}: num_labels is {labels:,}, more than the weight files hold values; the config and the weights disagree")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _check_size(cls: Any, config: Any, budget: int, p: Path) -> None:
+    """Build the model on the meta device (no memory) and refuse a config that describes more
+    parameters than the weight files hold: ``num_hidden_layers: 1000000`` stops after the first few
+    layers beyond the budget, a ``hidden_size`` of 10**10 at its first weight."""
+    seen: set[int] = set()
+    count = 0
+
+    def hook(module: nn.Module, name: str, param: Any) -> None:
+        nonlocal count
+        if param is not None and id(param) not in seen:
+            seen.add(id(param))
+            count += param.numel()
+            if count > budget:
+                raise _TooLarge
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        with torch.device("meta"):
+            cls._from_config(config)
+    except _TooLarge:
+        raise HFError(
+            f"{p / CONFIG_FILE} describes a model with more than {budget:,} parameters, far more than its weight files hold; "
+            "the config and the weights disagree (check num_hidden_layers, hidden_size, vocab_size, intermediate_size)"
+        ) from None
+    except Exception:  # a config transformers cannot build: from_pretrained says why
+        pass
+    finally:
+        handle.remove()
+
+
+_INT_DTYPES = ("I", "U", "BOOL")
+
+
+def _check_dtypes(model: nn.Module, table: dict[str, tuple[str, int]], p: Path) -> None:
+    """Refuse integer or boolean tensors in the files where the model has floating-point weights
+    (transformers would cast them silently: an F32 header edited to I32 merges as weights around 1e9)."""
+    state = model.state_dict()
+    for name, (dtype, _) in table.items():
+        t = state.get(name)
+        if t is not None and t.is_floating_point() and dtype.upper().startswith(_INT_DTYPES):
+            raise HFError(f"{p}: the weight {name} is stored as {dtype} in the weight files, but the model's is {t.dtype}; "
+                          "save the model's floating-point weights")
 
 
 def check_same_architecture(models: Sequence[HFModel]) -> None:
-    """One class, one ``model_type``, the same structural config fields and the same state_dict
-    keys and shapes; else an :class:`HFError` naming both directories."""
+    """One class, one ``model_type``, the same state_dict keys and shapes and the same config (but
+    for names and output switches); else an :class:`HFError` naming both directories."""
     ref = models[0]
     ref_state = ref.model.state_dict()
     for other in models[1:]:
@@ -256,10 +358,6 @@ def check_same_architecture(models: Sequence[HFModel]) -> None:
                 f"{pair} have different architectures ({ref.class_name}/{a_type} and {other.class_name}/{b_type}); "
                 "only models of one architecture can be merged"
             )
-        for key in _STRUCTURAL:
-            va, vb = getattr(ref.config, key, None), getattr(other.config, key, None)
-            if va != vb:
-                raise HFError(f"{pair} have different architectures: {key} is {va!r} and {vb!r}; only models of one architecture can be merged")
         state = other.model.state_dict()
         missing, extra = [k for k in ref_state if k not in state], [k for k in state if k not in ref_state]
         if missing or extra:
@@ -271,6 +369,9 @@ def check_same_architecture(models: Sequence[HFModel]) -> None:
                     f"{pair} have different architectures: {k} has shape {tuple(t.shape)} and {tuple(state[k].shape)}; "
                     "only models of one architecture can be merged"
                 )
+        for key, va, vb in config_differences(ref.config, other.config)[:1]:
+            raise HFError(f"{pair} have different architectures: {key} is {va!r} and {vb!r} in their configs; only models "
+                          "of one architecture, computed the same way, can be merged")
 
 
 # --------------------------------------------------------------------------- tokenizers and data
@@ -341,39 +442,87 @@ class KeywordData:
         return out
 
 
-_LABELLED_LINE = re.compile(r"\s*(-?\d+)\t(.*)", re.S)
+_LABELLED_LINE = re.compile(r"\s*(-?[0-9]+)\t(.*)", re.S | re.ASCII)
+#: A line is cut to this many characters per token of ``max_length`` before it is tokenised (at
+#: least :data:`MIN_LINE_CHARS`): a 100 MB line must not reach the tokenizer whole.
+CHARS_PER_TOKEN = 64
+MIN_LINE_CHARS = 1 << 16
 
 
-def read_text_file(path: str | os.PathLike[str]) -> tuple[list[str], list[int] | None, str | None]:
+def read_text_file(path: str | os.PathLike[str], *, limit: int | None = None, seed: int = 0,
+                   max_chars: int = MIN_LINE_CHARS) -> tuple[list[str], list[int] | None, str | None]:
     """``(texts, labels or None, why not labelled)`` of a text file, one example per non-blank line;
-    a line ``2<TAB>text`` has label 2. Labels are kept only when every line has one."""
+    a line ``2<TAB>text`` has label 2 (ASCII digits). Labels are kept only when every line has one.
+
+    The file is streamed: one pass finds the non-blank lines and checks every label, then only the
+    ``limit`` lines a shuffle seeded with ``seed`` picks are read (all lines, in order, without
+    ``limit``), each cut to ``max_chars`` characters. Memory stays a few bytes per line whatever
+    the file holds (a million lines, or one line of 100 MB).
+    """
+    from ..io.data import MAX_CLASSES
+
     p = Path(path)
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise HFError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise HFError(f"cannot read {p}: {exc.strerror or exc}") from None
-    texts: list[str] = []
+    cap = 4 * int(max_chars) + 4  # bytes: at most 4 per character of UTF-8
+    starts: list[int] = []
     labels: list[int] = []
     unlabelled: str | None = None
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        m = _LABELLED_LINE.fullmatch(line)
-        if m:
-            label = int(m[1])
-            if label < 0:
-                raise HFError(f"{p}, line {number}: the label {label} is negative; labels are class ids 0..K-1")
-            labels.append(label)
-            texts.append(m[2])
-        else:
-            if unlabelled is None:
-                unlabelled = f"line {number} of {p.name} has no LABEL<TAB> prefix"
-            texts.append(line)
-    if not texts:
-        raise HFError(f"{p} has no text: give one example per line")
-    return texts, (labels if unlabelled is None else None), unlabelled
+    try:
+        with open(p, "rb") as f:
+            number, offset = 0, 0
+            while True:
+                head, size = _read_line(f, cap)
+                if not size:
+                    break
+                number += 1
+                text = _decode(head, p, number)
+                if text.strip():
+                    starts.append(offset)
+                    m = _LABELLED_LINE.match(text)
+                    if m:
+                        label = int(m[1])
+                        if label < 0:
+                            raise HFError(f"{p}, line {number}: the label {label} is negative; labels are class ids 0..K-1")
+                        if label >= MAX_CLASSES:
+                            raise HFError(f"{p}, line {number}: the label {m[1][:20]} is too large; labels are class ids below {MAX_CLASSES:,}")
+                        labels.append(label)
+                    elif unlabelled is None:
+                        unlabelled = f"line {number} of {p.name} has no LABEL<TAB> prefix"
+                offset += size
+            if not starts:
+                raise HFError(f"{p} has no text: give one example per line")
+            order = range(len(starts)) if limit is None else torch.randperm(len(starts), generator=torch.Generator().manual_seed(int(seed)))[: int(limit)].tolist()
+            texts = []
+            for i in order:
+                f.seek(starts[i])
+                text = _decode(_read_line(f, cap)[0], p, None).rstrip("\r\n")
+                m = _LABELLED_LINE.match(text) if unlabelled is None else None
+                texts.append((m[2] if m else text)[: int(max_chars)])
+    except OSError as exc:
+        raise HFError(f"cannot read {p}: {exc.strerror or exc}") from None
+    return texts, ([labels[i] for i in order] if unlabelled is None else None), unlabelled
+
+
+def _read_line(f: Any, cap: int) -> tuple[bytes, int]:
+    """The first ``cap`` bytes of the next line and the line's whole length (the rest is skipped)."""
+    head = f.readline(cap)
+    size = len(head)
+    if head and not head.endswith(b"\n"):
+        while True:
+            rest = f.readline(1 << 20)
+            size += len(rest)
+            if not rest or rest.endswith(b"\n"):
+                break
+    return head, size
+
+
+def _decode(raw: bytes, p: Path, number: int | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(raw) - 3 and exc.reason == "unexpected end of data":  # a character cut by the cap
+            return raw[: exc.start].decode("utf-8")
+        where = f", line {number}" if number else ""
+        raise HFError(f"{p} is not UTF-8 text{where} ({exc.reason}); save it as UTF-8") from None
 
 
 def _max_positions(config: Any) -> int | None:
@@ -386,13 +535,15 @@ def _vocab_size(config: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def load_text_file(tokenizer: Any, path: str | os.PathLike[str], *, max_length: int = 128, config: Any = None) -> KeywordData:
+def load_text_file(tokenizer: Any, path: str | os.PathLike[str], *, max_length: int = 128, config: Any = None,
+                   samples: int | None = None, seed: int = 0) -> KeywordData:
     """Tokenise a text file: ``input_ids`` and ``attention_mask``, every line padded (on the
-    tokenizer's padding side) to the longest line of the whole file, truncated to ``max_length``
-    tokens (and to the config's ``max_position_embeddings``)."""
+    tokenizer's padding side) to the longest line taken, truncated to ``max_length`` tokens (and to
+    the config's ``max_position_embeddings``). ``samples``: only that many lines, picked by a shuffle
+    seeded with ``seed`` (only those are read and tokenised)."""
     if int(max_length) < 1:
         raise HFError(f"--max-length must be at least 1, got {max_length}")
-    texts, labels, unlabelled = read_text_file(path)
+    texts, labels, unlabelled = read_text_file(path, limit=samples, seed=seed, max_chars=max(MIN_LINE_CHARS, CHARS_PER_TOKEN * int(max_length)))
     limit = int(max_length)
     positions = _max_positions(config) if config is not None else None
     if positions is not None:
@@ -455,6 +606,9 @@ def load_token_file(path: str | os.PathLike[str], *, config: Any = None) -> Keyw
         mask = _integer_tensor(content["attention_mask"], "attention_mask", where)
         if tuple(mask.shape) != tuple(ids.shape):
             raise HFError(f"{where}: attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}; they must match")
+        odd = mask[(mask != 0) & (mask != 1)]
+        if len(odd):
+            raise HFError(f"{where}: attention_mask holds {int(odd[0])}; it must hold 1 (a token) or 0 (padding)")
         inputs["attention_mask"] = mask
     else:
         inputs["attention_mask"] = torch.ones_like(ids)
@@ -510,7 +664,7 @@ def load_model_data(
         elif path.is_file():
             if tokenizer is None:
                 tokenizer = load_tokenizer(hf.path)
-            data = load_text_file(tokenizer, path, max_length=max_length, config=hf.config)
+            return load_text_file(tokenizer, path, max_length=max_length, config=hf.config, samples=limit, seed=seed)
         elif path.is_dir() or not path.exists():
             what = "a directory" if path.is_dir() else "no such file"
             raise HFError(

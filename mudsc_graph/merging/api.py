@@ -86,6 +86,11 @@ def check_models(models: list[nn.Module]) -> None:
         graph_modules = isinstance(m, torch.fx.GraphModule) and isinstance(models[0], torch.fx.GraphModule)
         if type(m) is not type(models[0]) and not graph_modules:
             raise MergeError(f"model {i} is a {type(m).__name__} but model 0 is a {type(models[0]).__name__}: models must share one architecture")
+        differ = config_differences(getattr(models[0], "config", None), getattr(m, "config", None))
+        if differ:
+            key, a, b = differ[0]
+            raise MergeError(f"model {i}'s config differs from model 0's: {key} is {b!r}, not {a!r}; models computed differently "
+                             "cannot be merged as one architecture")
         sd = m.state_dict()
         missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
         if missing or extra:
@@ -99,6 +104,26 @@ def check_models(models: list[nn.Module]) -> None:
         for k, t in m.state_dict().items():
             if torch.is_floating_point(t) and not torch.isfinite(t).all():
                 raise MergeError(f"model {i} has non-finite values (NaN or inf) in {k}; fix the checkpoint before merging")
+
+
+#: Config fields that do not change what a model computes (names, versions, label names, output
+#: switches, kernels chosen at run time).
+_CONFIG_IGNORED = frozenset({
+    "_name_or_path", "name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "id2label", "label2id",
+    "use_cache", "return_dict", "output_attentions", "output_hidden_states", "torchscript", "_commit_hash",
+    "_attn_implementation", "_attn_implementation_internal", "_attn_implementation_autoset", "_experts_implementation",
+    "_experts_implementation_internal", "tokenizer_class", "problem_type",
+})
+
+
+def config_differences(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """``(field, value in a, value in b)`` for every field of two Hugging Face configs (anything
+    with ``to_dict()``) that changes what the model computes; empty when either has no config."""
+    if not (hasattr(a, "to_dict") and hasattr(b, "to_dict")):
+        return []
+    da, db = a.to_dict(), b.to_dict()
+    keys = sorted((set(da) | set(db)) - _CONFIG_IGNORED, key=str)
+    return [(k, da.get(k), db.get(k)) for k in keys if da.get(k) != db.get(k)]
 
 
 def _check_tuple_batch(model: nn.Module, batch: Any) -> None:
