@@ -50,6 +50,10 @@ class MudscGroup(TyperGroup):
             if isinstance(exc, UsageError):
                 raise _cx.UsageError(str(exc), ctx=ctx) from None
             print_error(exc)
+            if getattr(exc, "abandon_process", False):  # a process group whose peer vanished aborts in its destructors
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             raise typer.Exit(1) from None
 
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True, **extra: Any) -> Any:

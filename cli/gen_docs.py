@@ -85,10 +85,13 @@ def _guarantees() -> list[str]:
         "a traceback without `MUDSC_DEBUG` is a bug.",
         "- **Inputs are never changed.** An output that is one of the inputs (the same path, or the same file through "
         "another path, a symbolic link or a hard link; for a model directory, one that contains an input, or the "
-        "`--data` file) is refused even with `--force`.",
+        "`--data` file), or that lies inside an input directory (`--out a/config.json`, `--out a/merged`), is refused "
+        "even with `--force`.",
         "- **Outputs are all or nothing.** The output path is checked before any work (extension, the directory "
         "exists and is writable, the name fits the file system, an existing file needs `--force`, a directory, FIFO "
-        "or device is never replaced). The file (or model directory) is written to a hidden temp name beside the "
+        "or device is never replaced; `--force` replaces a model directory only if it holds nothing but what a model "
+        "directory holds, so no file of yours goes with it). An output that appears while the merge runs (another "
+        "merge to the same new name) is never replaced without `--force`: the later writer fails. The file (or model directory) is written to a hidden temp name beside the "
         "target, synced and renamed into place: a failure, a full disk or quota, Ctrl-C, SIGTERM or SIGHUP leaves "
         "neither a partial output nor the temp file, and an existing `--force` target is untouched until the new one "
         "is complete (SIGKILL can leave the hidden temp file, never a partial output).",
@@ -105,6 +108,22 @@ def _guarantees() -> list[str]:
         f"or image folders, numeric and finite, with integer labels in 0..{MAX_CLASSES - 1:,}, at most "
         f"{MAX_INPUT_BYTES >> 30} GiB in memory; decompression bombs (images, `.npz`) are refused before they inflate. "
         f"`--input-shape` is at most {MAX_INPUT_NUMEL:,} values per input.",
+        "- **Model directories.** A config is checked against its weight files before anything is built: a model "
+        "with more parameters than twice the files hold (`num_hidden_layers: 1000000`, a `hidden_size` of 10**10, "
+        "`num_labels` beyond the files) is refused at once, built on the meta device; so are weights the model has no "
+        "place for (an extra layer, a config naming the base class of a classifier, zero layers), integer tensors "
+        "where the model has floats, NaN or inf weights, and models whose configs differ in anything that changes "
+        "the computation (heads, activation, `layer_norm_eps`). Text data is streamed: only the sampled lines are "
+        "read, each cut to 64 characters per token of `--max-length` before the tokenizer sees it; labels are "
+        "ASCII digits below 1,000,000, attention masks 0 or 1.",
+        "- **The self-check gates the merge.** One random valid permutation of every merge group must leave model 0's "
+        "output unchanged (to 1e-4 of its scale; 2e-2 in half precision), or nothing is merged or written (a "
+        "plugin's layer handler that links too little).",
+        "- **torchrun.** Every rank must be given the same command line. A rank waits for the others at most "
+        "`MUDSC_DIST_TIMEOUT` seconds (default 600), when joining and at every collective: a rank that never starts, "
+        "stops or dies ends the others with one line, as does a taken `MASTER_PORT`. Rank 0 writes.",
+        "- **Plugins.** A plugin that fails to import (or calls `sys.exit`) or whose hook raises is skipped with a "
+        "warning; `MUDSC_PLUGINS` naming a plugin no package provides is warned of.",
         "- **Checked after a merge.** The merged model must be finite (NaN calibration data or overflowing statistics "
         "would otherwise reach BatchNorm), or nothing is written. `mudsc eval` checks a partial (`--stop-at`) "
         f"checkpoint like any other (keys, shapes, dtypes, finite values; at most {MAX_PARTIAL_MODELS} models), its "

@@ -146,7 +146,7 @@ def merge_command(
 ) -> None:
     """Merge two or more checkpoints (or Hugging Face model directories) of one architecture into one, without training."""
     from mudsc_graph import MergeOptions
-    from mudsc_graph.merging.distributed import init_from_env, is_writer
+    from mudsc_graph.merging.distributed import init_from_env, is_writer, same_on_every_rank
     from mudsc_graph.merging.methods import resolve_method
     from mudsc_graph.plugin.registry import get_registry
 
@@ -159,6 +159,7 @@ def merge_command(
         raise MergeCommandError(f"unknown --method {method!r}; choose one of {', '.join(names)}")
     check_tracer(tracer)
     device = init_from_env(resolve_device(device))  # under torchrun: join the process group, this rank's device
+    same_on_every_rank("command line", [str(c) for c in checkpoints] + [str(out_path), data, arch, samples, batch_size, seed, method, mode])
     quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
                            reset_bn=reset_bn, device=device, tracer=tracer, repair=repair)

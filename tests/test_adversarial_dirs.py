@@ -195,9 +195,74 @@ def test_labels_and_masks_are_read_as_written(dirs, tmp_path):
     huge = tmp_path / "huge_label.txt"
     huge.write_text(f"{10**26}\tthe cat\n0\ta dog\n", encoding="utf-8")
     _one_line_error(_run("eval", dirs / "a", "--data", huge), "too large")
+    ids = _inputs(2)["input_ids"]
+    for labels, needle in (([10**26, 0], "within int64"), (torch.tensor([10**7, 0]), "too large")):
+        torch.save({"input_ids": ids, "labels": labels}, tmp_path / "big.pt")
+        _one_line_error(_run("eval", dirs / "a", "--data", tmp_path / "big.pt"), needle)
     ids = _inputs(4)
     for value in (5, -7):
         mask = ids["attention_mask"].clone()
         mask[0, 0] = value
         torch.save({"input_ids": ids["input_ids"], "attention_mask": mask, "labels": torch.tensor([0, 1, 0, 1])}, tmp_path / "t.pt")
         _one_line_error(_run("eval", dirs / "a", "--data", tmp_path / "t.pt"), "attention_mask")
+
+
+# --------------------------------------------------------------------------- 8. outputs: races, special files, other people's files
+
+
+def test_a_second_writer_to_one_new_name_does_not_replace_the_first(dirs, tmp_path, monkeypatch):
+    """The output appears (another merge's) while this one saves: this one fails, the other stays."""
+    import mudsc_graph.io.checkpoints as ck
+    import mudsc_graph.io.hf as hf
+
+    out = tmp_path / "m"
+    real = hf._fsync_tree
+
+    def other_writer_first(root):
+        real(root)
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(hf, "_fsync_tree", other_writer_first)
+    _one_line_error(_run("merge", dirs / "a", dirs / "b", "--data", dirs / "lines.txt", "--out", out, *MERGE), "created by someone else")
+    assert (out / "config.json").read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["m"]
+
+    from mudsc_graph.io.checkpoints import save_checkpoint
+
+    target = tmp_path / "m.pt"
+    real_serialise = ck._serialise
+
+    def other_file_first(writer, suffix, state, meta):
+        real_serialise(writer, suffix, state, meta)
+        target.write_bytes(b"theirs")
+
+    monkeypatch.setattr(ck, "_serialise", other_file_first)
+    with pytest.raises(ck.CheckpointError, match="created by someone else"):
+        save_checkpoint(target, {"w": torch.zeros(2)}, {})
+    assert target.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.pt"]
+
+
+def test_force_never_replaces_special_files_or_other_peoples_files(dirs, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _one_line_error(_run("merge", dirs / "a", dirs / "b", "--data", dirs / "lines.txt", "--out", fifo, "--force", *MERGE), "FIFO")
+    assert fifo.exists() and not fifo.is_dir()
+    old = _copy(dirs / "b", tmp_path / "old")
+    (old / "notes.txt").write_text("mine")
+    _one_line_error(_run("merge", dirs / "a", dirs / "b", "--data", dirs / "lines.txt", "--out", old, "--force", *MERGE), "notes.txt")
+    assert (old / "notes.txt").read_text() == "mine"
+    (old / "notes.txt").unlink()
+    r = _run("merge", dirs / "a", dirs / "b", "--data", dirs / "lines.txt", "--out", old, "--force", *MERGE)
+    assert r.exit_code == 0 and (old / "mudsc.json").is_file()
+
+
+def test_models_without_values_are_refused_in_one_line():
+    from mudsc_graph import merge
+    from mudsc_graph.merging.options import MergeError
+
+    with torch.device("meta"):
+        ghosts = [torch.nn.Linear(4, 4) for _ in range(2)]
+    with pytest.raises(MergeError, match="meta device"):
+        merge(ghosts, data=None, example_inputs=(torch.randn(2, 4),), method="weight_matching")

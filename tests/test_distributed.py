@@ -117,3 +117,82 @@ def test_the_script_in_the_docs_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "merged.pt", weights_only=True)
     assert any(k.endswith("running_var") for k in state) and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+# --------------------------------------------------------------------------- no rank waits forever (issue 28)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank: int, port: int, **extra) -> dict:
+    return {**ENV, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "MUDSC_DIST_TIMEOUT": "4", **extra}
+
+
+MERGE = ["-m", "mudsc_cli", "merge", "a.pt", "b.pt", "--arch", "mlp", "--method", "weight_matching", "--no-reset-bn", "--quiet"]
+
+
+def _one_line(proc, needle):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr and needle in lines[0], proc.stderr[-2000:]
+
+
+def test_a_rank_without_its_peer_or_its_port_ends_in_one_line(tmp_path):
+    """WORLD_SIZE=2 with no second rank waited forever; a taken MASTER_PORT was a DistNetworkError traceback."""
+    import socket
+
+    run = lambda env: subprocess.run([sys.executable, *MERGE, "--out", "m.pt"], env=env, cwd=tmp_path, capture_output=True,  # noqa: E731
+                                     text=True, timeout=120)
+    _one_line(run(_rank_env(0, _free_port())), "cannot join the process group")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        _one_line(run(_rank_env(0, taken.getsockname()[1])), "cannot join the process group")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_rank_that_stops_ends_the_others_collectives_in_one_line(tmp_path):
+    """A rank stopped (SIGSTOP) or far behind: the others' collective ends after MUDSC_DIST_TIMEOUT."""
+    script = (
+        "import sys, time\n"
+        "from mudsc_graph.merging import distributed as d\n"
+        "d.init_from_env('cpu')\n"
+        "if d.world()[0] == 1:\n"
+        "    time.sleep(30)\n"
+        "try:\n"
+        "    d.together(lambda: 1)\n"
+        "except d.DistributedError as exc:\n"
+        "    print('error:', exc, flush=True)\n"
+        "    assert exc.abandon_process\n"
+        "    import os; os._exit(1)  # as the command line does: the group cannot be torn down\n"
+    )
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=_rank_env(r, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    out, _ = procs[0].communicate(timeout=60)
+    procs[1].kill()
+    procs[1].wait()
+    assert procs[0].returncode == 1 and "another rank stopped, died or is more than 4 s behind" in out, out
+
+
+def test_ranks_given_different_arguments_refuse_together(tmp_path):
+    from mudsc_graph import get_registry
+
+    for k in "ab":
+        torch.manual_seed(ord(k))
+        torch.save(get_registry().architecture("mlp").build().state_dict(), tmp_path / f"{k}.pt")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *MERGE, "--out", "m.pt", "--data", data, "--seed", "0"], env=_rank_env(r, port),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, data in enumerate(["digits", "mnist5k"])]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        p.stderr = err
+        _one_line(p, "another command line than rank 0")
+    assert not (tmp_path / "m.pt").exists()

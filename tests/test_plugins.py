@@ -265,3 +265,50 @@ def test_hooks_are_called_through_pluggy_so_wrappers_see_them():
     assert seen and seen[0] == "before"
     assert reg.architecture("one_more").name == "one_more"
     assert reg.arch_plugins["one_more"] == "extra-1"  # One, the second extra plugin
+
+
+def test_a_merge_refuses_groups_its_self_check_rejects():
+    """A plugin's Linear handler that links nothing (every output its own fresh, free space): the
+    merge stops before merging and says the self-check failed, instead of returning a wrong model."""
+    from mudsc_graph import merge
+    from mudsc_graph.merging.options import MergeError
+
+    def links_nothing(ctx):
+        out = ctx.like(ctx.input(0))
+        out[-1] = ctx.param("weight", 0)
+        ctx.set_output(out)
+
+    class Broken:
+        @hookimpl
+        def mudsc_layer_handlers(self):
+            return [LayerHandler("broken.Linear", "call_module", (nn.Linear,), links_nothing, priority=10)]
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
+    data = [torch.randn(6, 4)]
+    with pytest.raises(MergeError, match="failed their self-check"):
+        merge(models, data=data, registry=registry_with(Broken()), method="zipit")
+    assert merge(models, data=data, method="zipit").spec.permutable_units == 8
+
+
+def test_plugins_that_exit_raise_or_are_missing_only_warn(monkeypatch):
+    """A plugin calling sys.exit at import made every command exit silently; one whose hook raises
+    gave a traceback in `mudsc plugins`; MUDSC_PLUGINS naming no installed plugin said nothing."""
+
+    class Raises:
+        @hookimpl
+        def mudsc_layer_handlers(self):
+            raise RuntimeError("boom")
+
+    eps = [_FakeEntryPoint("exits", error=SystemExit(3)), _FakeEntryPoint("raises", Raises()), _FakeEntryPoint("good", ScaledLinearPlugin())]
+    monkeypatch.setattr(registry_mod, "entry_points", lambda group: eps if group == "mudsc" else [])
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("MUDSC_PLUGINS", raising=False)
+    with pytest.warns(UserWarning, match=r"'exits'.*sys.exit\(3\)"):
+        pm = registry_mod.make_plugin_manager()
+    with pytest.warns(UserWarning, match=r"'raises': mudsc_layer_handlers\(\) raised RuntimeError: boom"):
+        reg = registry_mod.Registry.from_plugin_manager(pm)
+    assert reg.handler_for("call_module", ScaledLinear).name == "test.ScaledLinear"  # the others still count
+    monkeypatch.setenv("MUDSC_PLUGINS", "good,nosuchplugin")
+    with pytest.warns(UserWarning, match="MUDSC_PLUGINS names nosuchplugin, which no installed package provides"):
+        assert registry_mod.make_plugin_manager().has_plugin("good")

@@ -786,7 +786,7 @@ def save_checkpoint(
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, p)
+            _place(tmp, p, force)
         except BaseException as exc:
             if writer is not None:  # the temp file is ours (O_EXCL): remove it, whatever happened
                 tmp.unlink(missing_ok=True)
@@ -796,6 +796,25 @@ def save_checkpoint(
             raise
         fsync_dir(p.parent)  # make the rename durable
     return p
+
+
+def _place(tmp: Path, p: Path, force: bool) -> None:
+    """Move the finished temp file to ``p``: replacing it with ``force``, else only if ``p`` still
+    does not exist (a hard link fails if it does), so two merges racing to one new name cannot both
+    report it written."""
+    if force:
+        os.replace(tmp, p)
+        return
+    try:
+        os.link(tmp, p)
+    except FileExistsError:
+        raise CheckpointError(f"{p} was created by someone else while this merge ran; nothing was written (pass --force to replace it)") from None
+    except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
+        if os.path.lexists(p):
+            raise CheckpointError(f"{p} was created by someone else while this merge ran; nothing was written (pass --force to replace it)") from None
+        os.replace(tmp, p)
+        return
+    tmp.unlink()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

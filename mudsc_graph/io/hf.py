@@ -574,7 +574,11 @@ def load_text_file(tokenizer: Any, path: str | os.PathLike[str], *, max_length: 
 def _integer_tensor(value: Any, what: str, where: str) -> torch.Tensor:
     import numpy as np
 
-    t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    try:
+        t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # ragged lists, ints beyond int64 (10**26)
+        raise HFError(f"{where}: {what} is not an array of integers within int64 ({first_line(exc, '.')}); save token ids and "
+                      "labels as integer arrays") from None
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise HFError(f"{where}: {what} must hold integers, got {t.dtype}; save token ids as integers (e.g. int64)")
     return t.long()
@@ -583,7 +587,7 @@ def _integer_tensor(value: Any, what: str, where: str) -> torch.Tensor:
 def load_token_file(path: str | os.PathLike[str], *, config: Any = None) -> KeywordData:
     """Token ids from a ``.pt``/``.npz`` file (``input_ids``, optional ``attention_mask`` and
     ``labels``), read without unpickling anything; integers stay integers."""
-    from .data import DataError, read_tensor_file
+    from .data import MAX_CLASSES, DataError, read_tensor_file
 
     where = f"token file {path}"
     try:
@@ -621,6 +625,8 @@ def load_token_file(path: str | os.PathLike[str], *, config: Any = None) -> Keyw
                 raise HFError(f"{where}: {key} must be one class id per row of input_ids ({len(ids)}), got shape {tuple(labels.shape)}")
             if len(labels) and int(labels.min()) < 0:
                 raise HFError(f"{where}: labels must be class ids 0..K-1, got {int(labels.min())}")
+            if len(labels) and int(labels.max()) >= MAX_CLASSES:
+                raise HFError(f"{where}: the label {int(labels.max())} is too large; labels are class ids below {MAX_CLASSES:,}")
             unlabelled = None
             break
     return KeywordData(inputs, labels, str(path), unlabelled)
@@ -728,7 +734,26 @@ def check_output_dir(out: str | os.PathLike[str], *, force: bool = False, inputs
         if p.is_dir() and not p.is_symlink():
             if any(p.iterdir()) and not ((p / CONFIG_FILE).is_file() or (p / META_FILE).is_file()):
                 raise HFError(f"{p} is a directory that holds no model ({CONFIG_FILE}); mudsc replaces only model directories, even with --force")
+            other = next((f for f in sorted(p.iterdir()) if not (f.is_file() and not f.is_symlink() and _model_file(f.name))), None)
+            if other is not None:
+                raise HFError(f"{p} holds {other.name}, which is not part of a model directory; --force replaces only what a model "
+                              "directory holds: move it out first")
+        elif p.exists() and not p.is_file():
+            raise HFError(f"{p} exists and is not a directory or a file (a FIFO, a socket or a device); mudsc never replaces one, "
+                          "even with --force")
     return p
+
+
+#: What a model directory holds (what save_pretrained, a tokenizer and mudsc write): --force replaces only these.
+_MODEL_FILES = re.compile(
+    r"(config|generation_config|preprocessor_config|processor_config|special_tokens_map|added_tokens|tokenizer_config|tokenizer"
+    r"|vocab|merges|chat_template|mudsc|model|pytorch_model|spiece|sentencepiece\.bpe)"
+    r"([.-].*)?\.(json|safetensors|bin|txt|model|jinja)"
+)
+
+
+def _model_file(name: str) -> bool:
+    return bool(_MODEL_FILES.fullmatch(name))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -759,12 +784,13 @@ def save_model_dir(
     tmp = temp_path(p)
     old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
     with cleanup_on_termination():  # SIGTERM mid-save: the temp directory goes too
-        _write_dir(model, p, tmp, old, tokenizer, extra_files, meta_json)
+        _write_dir(model, p, tmp, old, tokenizer, extra_files, meta_json, force)
     fsync_dir(p.parent)
     return p
 
 
-def _write_dir(model: nn.Module, p: Path, tmp: Path, old: Path, tokenizer: Any, extra_files: Sequence[Any], meta_json: str) -> None:
+def _write_dir(model: nn.Module, p: Path, tmp: Path, old: Path, tokenizer: Any, extra_files: Sequence[Any], meta_json: str,
+               force: bool) -> None:
     try:
         tmp.mkdir()
     except OSError as exc:
@@ -784,6 +810,8 @@ def _write_dir(model: nn.Module, p: Path, tmp: Path, old: Path, tokenizer: Any, 
         (tmp / META_FILE).write_text(meta_json + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         if p.exists() or p.is_symlink():
+            if not force:  # it appeared while this merge ran: another writer's, never replaced without --force
+                raise HFError(f"{p} was created by someone else while this merge ran; nothing was written (pass --force to replace it)")
             os.replace(p, old)
             moved_aside = True
         os.replace(tmp, p)

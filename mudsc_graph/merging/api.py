@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..analysis.pipeline import analyze_full
+from ..errors import SpecCheckError
 from ..inputs import as_inputs, take_rows, tensors, to_device
 from ..io.checkpoints import first_non_finite
 from ..plugin.registry import Registry, get_registry
@@ -80,6 +81,10 @@ def check_models(models: list[nn.Module]) -> None:
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise MergeError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module")
+        meta = next((k for k, t in m.state_dict().items() if t.device.type == "meta"), None)
+        if meta is not None:
+            raise MergeError(f"model {i} has no values in {meta} (a tensor on the meta device); load its weights "
+                             "(load_state_dict(..., assign=True) or to_empty() and a checkpoint) before merging")
     ref = models[0].state_dict()
     for i, m in enumerate(models[1:], start=1):
         # exported GraphModules (ep.module()) get a class of their own each: same keys and shapes decide
@@ -104,6 +109,17 @@ def check_models(models: list[nn.Module]) -> None:
         for k, t in m.state_dict().items():
             if torch.is_floating_point(t) and not torch.isfinite(t).all():
                 raise MergeError(f"model {i} has non-finite values (NaN or inf) in {k}; fix the checkpoint before merging")
+
+
+def _self_check(spec: MergeSpec, model: nn.Module, example_inputs: Any) -> None:
+    """One random valid permutation of every group must leave model 0's output unchanged, or
+    nothing is merged: a merge never returns (and the CLI never writes) what the analysis's own
+    self-check rejects (a plugin's handler that links too little, an op understood wrongly)."""
+    low = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+    try:
+        spec.check(model, example_inputs, trials=1, rtol=2e-2 if low else 1e-4)
+    except SpecCheckError as exc:
+        raise MergeError(f"the merge groups failed their self-check, so nothing was merged: {exc}") from None
 
 
 #: Config fields that do not change what a model computes (names, versions, label names, output
@@ -258,7 +274,8 @@ class PreparedMerge:
         self.order = [(n, self.analysis.graph.nodes[n]["path"]) for n in self.analysis.graph.graph["order"]]
         self.anchored = _anchored_groups(self.spec, self.models)
         self.states = [dict(m.state_dict()) for m in self.models]
-        self.timings["analysis"] = time.perf_counter() - t0
+        _self_check(self.spec, self.models[0], example_inputs)
+        self.timings["analysis"] = time.perf_counter() - t0  # with its self-check
         self._act: Correlations | None = None
 
     def _repair_data(self, data: Sequence[Iterable] | None, n: int, shard_data: bool) -> list[list] | None:

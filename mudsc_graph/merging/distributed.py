@@ -10,26 +10,62 @@ deterministic on identical inputs, so every rank computes the same matchings and
 the CLI writes on rank 0 only.
 
 A failure on one rank (a bad batch) would leave the others waiting in a collective forever:
-:func:`together` runs a step on every rank and, when any rank failed, raises on all of them.
+:func:`together` runs a step on every rank and, when any rank failed, raises on all of them. A rank
+that never comes (not started, stopped, killed) is waited for at most ``MUDSC_DIST_TIMEOUT`` seconds
+(default 600), at joining and at every collective; then every waiting rank ends with one line.
 
     torchrun --nproc-per-node 2 -m mudsc_cli merge a.pt b.pt --arch resnet20 --data data.pt -o m.pt
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from ..errors import MudscError
+from ..errors import MudscError, first_line
 
 T = TypeVar("T")
 
 
 class DistributedError(MudscError, RuntimeError):
-    """Another rank of the process group failed (its message is quoted)."""
+    """Another rank of the process group failed (its message is quoted). ``abandon_process``: a
+    collective timed out, so the process group cannot be torn down (gloo aborts in its destructors);
+    the command line exits at once after its one line."""
+
+    abandon_process = False
+
+
+#: How long a rank waits for the others (joining, or in a collective), in seconds.
+DEFAULT_TIMEOUT = 600.0
+
+
+def timeout_seconds() -> float:
+    raw = os.environ.get("MUDSC_DIST_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise DistributedError(f"MUDSC_DIST_TIMEOUT={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise DistributedError(f"MUDSC_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _collective(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A collective call; a timeout or a lost peer becomes one :class:`DistributedError`."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:  # gloo/NCCL: timeouts, a closed connection (DistBackendError is one)
+        rank, size = world()
+        error = DistributedError(
+            f"rank {rank} of {size}: {what} failed ({first_line(exc)[:200]}): another rank stopped, died or is more than "
+            f"{timeout_seconds():g} s behind (MUDSC_DIST_TIMEOUT)"
+        )
+        error.abandon_process = True
+        raise error from None
 
 
 def world() -> tuple[int, int]:
@@ -62,7 +98,7 @@ def together(step: Callable[[], T]) -> T:
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
     messages: list[Any] = [None] * world()[1]
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    _collective("exchanging each rank's outcome", dist.all_gather_object, messages, None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
@@ -81,10 +117,10 @@ def all_sum_(tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         wire = _wire_device(backend, t.device)
         if wire == t.device:
-            dist.all_reduce(t)
+            _collective("summing statistics over the ranks", dist.all_reduce, t)
         else:
             tmp = t.to(wire)
-            dist.all_reduce(tmp)
+            _collective("summing statistics over the ranks", dist.all_reduce, tmp)
             t.copy_(tmp)
 
 
@@ -146,8 +182,29 @@ def init_from_env(device: str) -> str:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        seconds = timeout_seconds()
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        try:
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(seconds=seconds))
+        except Exception as exc:  # DistNetworkError (port taken), DistStoreError (no peer in time), ValueError (bad env)
+            raise DistributedError(
+                f"cannot join the process group (WORLD_SIZE={os.environ.get('WORLD_SIZE')}, RANK={os.environ.get('RANK')}, {where}): "
+                f"{first_line(exc)[:200]}; start every rank with torchrun, or unset WORLD_SIZE to run in one process"
+            ) from None
     return device
+
+
+def same_on_every_rank(what: str, value: Any) -> None:
+    """Refuse (on every rank) a run whose ranks were given different ``value`` (their command-line
+    arguments): each rank would compute on its own data and rank 0 record only its own."""
+    if not active():
+        return
+    values: list[Any] = [None] * world()[1]
+    _collective("comparing the ranks' arguments", dist.all_gather_object, values, value)
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise DistributedError(f"rank {differ[0]} was given another {what} than rank 0 ({values[differ[0]]!r}, not {values[0]!r}); "
+                               "give every rank the same arguments")
 
 
 def is_writer() -> bool:
@@ -159,5 +216,5 @@ def writer_turn() -> bool:
     """Wait until every rank got here (so no rank still checks an output path rank 0 is about to
     write), then tell whether this one writes."""
     if active():
-        dist.barrier()
+        _collective("waiting for every rank before writing", dist.barrier)
     return is_writer()

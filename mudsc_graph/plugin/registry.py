@@ -45,17 +45,24 @@ def make_plugin_manager(*, load_entry_points: bool | None = None, extra: Iterabl
         load_entry_points = not os.environ.get("MUDSC_DISABLE_PLUGIN_AUTOLOAD")
     if load_entry_points:
         allow = {n.strip() for n in os.environ.get("MUDSC_PLUGINS", "").split(",") if n.strip()}
+        found = set()
         for ep in entry_points(group=ENTRY_POINT_GROUP):
+            found.add(ep.name)
             if allow and ep.name not in allow:
                 continue
             if pm.has_plugin(ep.name):
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not break mudsc
-                warnings.warn(f"mudsc plugin {ep.name!r} ({ep.value}) failed to load and is skipped: {exc}", stacklevel=2)
+            except (Exception, SystemExit) as exc:  # a broken third-party plugin (even one that exits) must not break mudsc
+                why = f"it called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else str(exc)
+                warnings.warn(f"mudsc plugin {ep.name!r} ({ep.value}) failed to load and is skipped: {why}", stacklevel=2)
                 continue
             pm.register(plugin, name=ep.name)
+        unknown = sorted(allow - found)
+        if unknown:
+            warnings.warn(f"MUDSC_PLUGINS names {', '.join(unknown)}, which no installed package provides "
+                          f"(installed: {', '.join(sorted(found)) or 'none'})", stacklevel=2)
     for i, plugin in enumerate(extra):
         pm.register(plugin, name=getattr(plugin, "__name__", None) or f"extra-{i}")
     pm.check_pending()
@@ -247,11 +254,12 @@ def _collect(pm: pluggy.PluginManager, hook: str, record_type: type) -> list[tup
     """
     caller = getattr(pm.hook, hook)
     called = [impl for impl in reversed(caller.get_hookimpls()) if not (impl.hookwrapper or impl.wrapper)]
-    results = caller()
-    if len(results) != len(called):
-        others = {impl.plugin_name: [p for p in pm.get_plugins() if p is not impl.plugin] for impl in called}
-        results = [pm.subset_hook_caller(hook, others[impl.plugin_name])() for impl in called]
-        results = [r[0] if r else None for r in results]
+    try:
+        results = caller()
+    except Exception:  # some plugin's hook raised: call each on its own to skip only that one
+        results = None
+    if results is None or len(results) != len(called):
+        results = [_call_one(pm, hook, impl) for impl in called]
     trace = bool(os.environ.get("MUDSC_TRACE_PLUGINS"))
     out = []
     for impl, result in zip(called, results):
@@ -265,6 +273,18 @@ def _collect(pm: pluggy.PluginManager, hook: str, record_type: type) -> list[tup
         out.append((impl.plugin_name, records))
     out.reverse()  # registration order: built-ins first, as before
     return out
+
+
+def _call_one(pm: pluggy.PluginManager, hook: str, impl: Any) -> Any:
+    """One plugin's result of ``hook`` (through pluggy); a hook that raises is skipped with a warning."""
+    others = [p for p in pm.get_plugins() if p is not impl.plugin]
+    try:
+        result = pm.subset_hook_caller(hook, others)()
+    except Exception as exc:
+        warnings.warn(f"mudsc plugin {impl.plugin_name!r}: {hook}() raised {type(exc).__name__}: {str(exc)[:200]}; "
+                      "what it registers there is skipped", stacklevel=3)
+        return None
+    return result[0] if result else None
 
 
 _DEFAULT: Registry | None = None
