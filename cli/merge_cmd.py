@@ -118,6 +118,11 @@ def merge_command(
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULTS.method,
     mode: Annotated[str, typer.Option(help="Matcher of the mudsc method: align (permutation) or zip (ZipIt! greedy).")] = DEFAULTS.mode,
     alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act (mudsc only).")] = DEFAULTS.alpha,
+    matcher_opt: Annotated[
+        Optional[list[str]],
+        typer.Option("--matcher-opt", metavar="KEY=VALUE", help="A parameter of the matcher, e.g. a=0.3 for zip (mudsc plugins lists "
+                     "each matcher's parameters). Repeat for several.", show_default=False),
+    ] = None,
     stop_at: Annotated[
         Optional[str],
         typer.Option("--stop-at", help="Partial zip: merge up to this module path (e.g. layer3); after it each model keeps its own layers.", show_default=False),
@@ -162,7 +167,7 @@ def merge_command(
     same_on_every_rank("command line", [str(c) for c in checkpoints] + [str(out_path), data, arch, samples, batch_size, seed, method, mode])
     quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
-                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair)
+                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair, matcher_options=parse_matcher_opts(matcher_opt))
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
     calibration = Calibration(data, samples, batch_size, seed, max_length)
     if input_kind(checkpoints) == "dir":
@@ -250,10 +255,22 @@ def run_merge(models: list[Any], batches: Any, example: Any, options: Any, quiet
     return result
 
 
+def parse_matcher_opts(items: Optional[list[str]]) -> dict[str, str]:
+    """``["a=0.3"]`` -> ``{"a": "0.3"}``: the matcher's declared parameters read the text."""
+    opts: dict[str, str] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise MergeCommandError(f"--matcher-opt {item!r} is not KEY=VALUE (for example --matcher-opt a=0.3)")
+        opts[key.strip()] = raw.strip()
+    return opts
+
+
 def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]) -> dict[str, Any]:
     """What every merged output records about the merge (checkpoint files and model directories)."""
     return {
-        "method": result.method, "mode": result.mode, "alpha": result.alpha, "stop_at": options.stop_at, "tracer": options.tracer,
+        "method": result.method, "mode": result.mode, "alpha": result.alpha, "matcher_options": result.matcher_options,
+        "stop_at": options.stop_at, "tracer": options.tracer,
         "n_models": n_models, "data": data, "groups_merged": len(result.matchings), "history": result.history,
         "repair": options.repair, "repair_std_ratio": result.repair_std_ratio, "mudsc_version": _version(),
     }

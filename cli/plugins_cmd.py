@@ -53,9 +53,25 @@ def plugin_rows(registry: Any) -> list[dict[str, Any]]:
                 "hooks": hooks,
                 "layer_handlers": sorted(h for h, p in registry.handler_plugins.items() if p == name),
                 "architectures": sorted(a for a, p in registry.arch_plugins.items() if p == name),
+                "matchers": {m: [_parameter(q) for q in registry.matchers[m].parameters]
+                             for m, p in sorted(registry.matcher_plugins.items()) if p == name},
             }
         )
     return rows
+
+
+def _parameter(p: Any) -> dict[str, Any]:
+    return {"name": p.name, "type": p.kind, "default": p.default, "description": p.description,
+            **({"minimum": p.minimum} if p.minimum is not None else {}), **({"maximum": p.maximum} if p.maximum is not None else {}),
+            **({"choices": list(p.choices)} if p.choices else {})}
+
+
+def _matchers(matchers: dict[str, list[dict[str, Any]]]) -> str:
+    """``zip(a=0.5, b=1)``-style: each matcher with its parameters' defaults."""
+    if not matchers:
+        return ""
+    shown = [m + "(" + ", ".join(f"{q['name']}={q['default']!r}" for q in params) + ")" if params else m for m, params in matchers.items()]
+    return f"{len(shown)} matchers: {', '.join(shown)}"
 
 
 def _names(kind: str, names: list[str]) -> str:
@@ -84,7 +100,7 @@ def plugins_command(
     table.add_column("registers", overflow="fold")
     for r in rows:
         registers = "\n".join(
-            s for s in (_names("layer handlers", r["layer_handlers"]), _names("architectures", r["architectures"])) if s
+            s for s in (_names("layer handlers", r["layer_handlers"]), _names("architectures", r["architectures"]), _matchers(r["matchers"])) if s
         )
         table.add_row(r["name"], r["version"], "\n".join(r["hooks"]), registers)
     out().print(table)

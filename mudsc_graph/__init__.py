@@ -26,6 +26,7 @@ from .plugin.records import (
     Architecture,
     Dataset,
     LayerHandler,
+    MatcherParameter,
     MatchingStrategy,
     MergeMethod,
 )
@@ -44,7 +45,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatchingStrategy", "MergeMethod", "MergeSpec", "MudscError", "PluginError",
+    "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatcherParameter", "MatchingStrategy", "MergeMethod", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
     "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "MergeOptions", "METHODS", "prepare", "PreparedMerge", "registry_with",
     "reset_registry",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mudsc_graph.plugin.hookspecs import hookimpl
 from mudsc_graph.merging.matching import match_align, match_identity, match_zip
-from mudsc_graph.plugin.records import MatchingStrategy, MergeMethod
+from mudsc_graph.plugin.records import MatcherParameter, MatchingStrategy, MergeMethod
 
 
 @hookimpl
@@ -22,8 +22,12 @@ def mudsc_matching_strategies() -> list[MatchingStrategy]:
                          description="One permutation per model by linear assignment against model 0 (weight matching).", uses_within_model=False,
                          thread_safe=True),
         MatchingStrategy("zip", match_zip,
-                         description="ZipIt!: greedily fuse the most similar units, within a model too (options a=0.5, b=1).",
-                         thread_safe=True),
+                         description="ZipIt!: greedily fuse the most similar units, within a model too.",
+                         thread_safe=True, parameters=(
+                             MatcherParameter("a", 0.5, "how fast a unit's similarity decays as it absorbs others (ZipIt!'s alpha)", minimum=0.0),
+                             MatcherParameter("b", 1.0, "the share of a model's units that may be fused within that model (ZipIt!'s beta)",
+                                              minimum=0.0),
+                         )),
     ]
 
 

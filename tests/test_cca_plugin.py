@@ -323,3 +323,19 @@ def test_repair_leaves_soft_matchings_alone():
         repaired = merge([model, other], data=data, method="cca", reset_bn=False, repair=True)
     for key, value in plain.model.state_dict().items():
         torch.testing.assert_close(repaired.model.state_dict()[key], value, msg=key)
+
+
+@needs_cca
+def test_the_ridge_is_a_declared_parameter():
+    """gamma (was fixed per registered strategy) is given per merge, checked, and recorded."""
+    from mudsc_graph.merging.options import MergeError
+
+    model, shape = _models("mlp")
+    other = _non_constant(_NormMLP())
+    data = [torch.randn(64, *shape) for _ in range(2)]
+    default = merge([model, other], data=data, method="cca", reset_bn=False)
+    ridged = merge([model, other], data=data, method="cca", reset_bn=False, matcher_options={"gamma": 3.0})
+    assert default.matcher_options == {"gamma": 0.3} and ridged.matcher_options == {"gamma": 3.0}
+    assert any(not torch.equal(ridged.model.state_dict()[k], v) for k, v in default.model.state_dict().items())
+    with pytest.raises(MergeError, match="gamma must be a finite number >= 0, got -1.0"):
+        merge([model, other], data=data, method="cca", reset_bn=False, matcher_options={"gamma": -1.0})

@@ -146,3 +146,46 @@ def test_mudsc_merge_takes_the_plugins_method(monkeypatch, tmp_path):
         assert '"mode": "greedy"' in result.output and out.is_file()
     finally:
         R.reset_registry()
+
+
+def test_a_plugins_matcher_parameter_from_merge_the_command_line_and_the_listing(monkeypatch, tmp_path):
+    """greedy's declared threshold: merge(matcher_options=...) and --matcher-opt pass it (a threshold
+    of 1 trusts no pair, so every unit keeps its order: the plain average), mudsc plugins lists it,
+    the merged checkpoint records it, and a bad value is one line."""
+    import json
+
+    from mudsc_graph.io.checkpoints import load_checkpoint
+
+    reg = _plugin_registry(monkeypatch)
+    model, twin, x = _lowrank_pair(reg)
+    data = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    matched = merge([model, twin], data=data, registry=reg, reset_bn=False, method="greedy")
+    torch.manual_seed(5)
+    other = reg.architecture("example_lowrank_mlp").build().eval()  # independent: no pair is similar to 1
+    untrusted = merge([model, other], data=data, registry=reg, reset_bn=False, method="greedy", matcher_options={"threshold": 1.0})
+    average = merge([model, other], data=data, registry=reg, reset_bn=False, method="average")
+    torch.testing.assert_close(matched.model(*x), model(*x), rtol=1e-4, atol=1e-4)
+    assert untrusted.matcher_options == {"threshold": 1.0}
+    for k, v in average.model.state_dict().items():
+        torch.testing.assert_close(untrusted.model.state_dict()[k], v, msg=k)
+
+    monkeypatch.delenv("MUDSC_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("MUDSC_PLUGINS", raising=False)
+    R.reset_registry()
+    try:
+        torch.save(model.state_dict(), tmp_path / "a.pt")
+        torch.save(twin.state_dict(), tmp_path / "b.pt")
+        common = ["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--arch", "example_lowrank_mlp", "--data", "digits",
+                  "--samples", "64", "--method", "greedy", "--quiet"]
+        out = tmp_path / "m.pt"
+        result = CliRunner().invoke(app, [*common, "--matcher-opt", "threshold=0.25", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert load_checkpoint(out)[1]["matcher_options"] == {"threshold": 0.25}
+        bad = CliRunner().invoke(app, [*common, "--matcher-opt", "threshold=2", "--out", str(tmp_path / "n.pt")])
+        assert bad.exit_code == 1 and "threshold must be a finite number >= -1 and <= 1, got 2.0" in bad.output
+        listing = json.loads(CliRunner().invoke(app, ["plugins", "--json"]).output)
+        example = next(r for r in listing if r["name"] == "example")
+        assert example["matchers"]["greedy"][0] == {"name": "threshold", "type": "float", "default": -1.0, "minimum": -1.0, "maximum": 1.0,
+                                                    "description": "pairs less similar than this keep their order"}
+    finally:
+        R.reset_registry()

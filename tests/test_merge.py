@@ -84,8 +84,8 @@ def test_three_models():
     b, c = _permuted(a, (data[0],), seed=3), _permuted(a, (data[0],), seed=4)
     # zip's a < 1 discounts growing clusters, so a third partner can lose to a fresh pair;
     # with a = 1 a cluster of identical units keeps similarity 1 and all three meet
-    for method, mode, a_ in [("mudsc", "zip", 1.0), ("mudsc", "align", 0.5), ("zipit", "zip", 1.0), ("weight_zip", "zip", 1.0)]:
-        result = merge([a, b, c], data=data, method=method, mode=mode, reset_bn=False, max_iter=10, zip_a=a_)
+    for method, mode, zip_options in [("mudsc", "zip", {"a": 1.0}), ("mudsc", "align", {}), ("zipit", "zip", {"a": 1.0}), ("weight_zip", "zip", {"a": 1.0})]:
+        result = merge([a, b, c], data=data, method=method, mode=mode, reset_bn=False, max_iter=10, matcher_options=zip_options)
         x = data[1]
         assert (result.model(x) - a(x)).abs().max().item() <= 1e-4, method
         m = next(iter(result.matchings.values()))
@@ -268,7 +268,8 @@ def test_a_shared_fixed_head_anchors_its_units():
 def test_a_prepared_merge_gives_what_merge_gives_for_every_method():
     """prepare() once + many .merge() calls == one merge() per call, in any order, and the shared
     state (BN-reset bases, statistics) is not changed by the merges that read it."""
-    from mudsc_graph.merging.api import METHODS, prepare
+    from mudsc_graph.merging.api import prepare
+    from mudsc_graph.merging.methods import METHODS
     from mudsc_graph.merging.methods import resolve_method
     from mudsc_graph.merging.options import MergeOptions
 

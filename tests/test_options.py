@@ -47,7 +47,10 @@ def test_tol_is_the_deprecated_name_of_patience():
 @pytest.mark.parametrize("changes, needle", [
     (dict(methd="zipit"), "unknown merge option 'methd'"),
     (dict(patience=0), "patience must be an integer >= 1"),
-    (dict(zip_a=float("nan")), "zip_a must be a finite number"),
+    (dict(matcher_options={"a": float("nan")}), r"a must be a finite number >= 0, got nan"),
+    (dict(matcher_options={"c": 1}), r"matcher 'zip' has no parameter 'c' \(its parameters: a, b\)"),
+    (dict(mode="align", matcher_options={"a": 0.3}), r"matcher 'align' has no parameter 'a' \(its parameters: none\)"),
+    (dict(matcher_options=[("a", 1)]), "matcher_options must be a dict"),
     (dict(probe="middle"), "probe must be one of last, first, all"),
     (dict(tracer="jit"), "tracer must be one of auto, fx, export"),
     (dict(reset_bn="yes"), "reset_bn must be True or False"),
@@ -55,6 +58,19 @@ def test_tol_is_the_deprecated_name_of_patience():
 def test_bad_options_are_one_merge_error(changes, needle):
     with pytest.raises(MergeError, match=needle):
         merge(_pair(), data=_batches(), **changes)
+
+
+def test_matcher_parameters_are_declared_checked_and_recorded():
+    """zip's a and b are its declared parameters: given as matcher_options (text from the command line
+    is read by type), defaults filled in and recorded; zip_a/zip_b still work, with a deprecation."""
+    base = merge(_pair(), data=_batches(), method="zipit")
+    assert base.matcher_options == {"a": 0.5, "b": 1.0}
+    tuned = merge(_pair(), data=_batches(), method="zipit", matcher_options={"a": "0.9"})
+    assert tuned.matcher_options == {"a": 0.9, "b": 1.0}
+    with pytest.warns(DeprecationWarning, match="zip_a/zip_b are now matcher_options"):
+        old = merge(_pair(), data=_batches(), method="zipit", zip_a=0.9)
+    assert _same_weights(old.model, tuned.model) and old.matcher_options == tuned.matcher_options
+    assert merge(_pair(), data=_batches(), method="zipit", matcher_options={"a": 0.5, "b": 1}).matcher_options == base.matcher_options
 
 
 def test_a_prepared_merge_keeps_its_preparation():

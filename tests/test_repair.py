@@ -94,8 +94,9 @@ def test_a_model_merged_with_permuted_copies_of_itself_comes_back_repaired(name,
     data = [_inputs(name, 16, k, opts) for k in (1, 2)]
     copies = [a] + [_permuted(a, data[0], seed) for seed in (3, 4)]
     for n in (2, 3):
-        # zip_a=1: three identical units stay one cluster (see docs/merging.md, Any number of models)
-        result = merge(copies[:n], data=data, method=method, mode=mode, max_iter=10, repair=True, reset_bn=False, zip_a=1.0)
+        # zip's a=1: three identical units stay one cluster (see docs/merging.md, Any number of models)
+        result = merge(copies[:n], data=data, method=method, mode=mode, max_iter=10, repair=True, reset_bn=False,
+                       matcher_options={"a": 1.0} if mode == "zip" else {})
         assert result.repair_std_ratio == pytest.approx(1.0, abs=1e-4)
         x = data[1] if method != "weight_matching" else _inputs(name, 8, 9, opts)
         with torch.no_grad():

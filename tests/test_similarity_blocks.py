@@ -56,11 +56,18 @@ def test_streamed_ignores_empty_pieces_and_rejects_none():
         streamed_correlation([iter([torch.zeros(7, 0)])])
 
 
+def _unused(within_model: bool):
+    """A matcher record for a solver that only builds similarities (nothing is matched)."""
+    from mudsc_graph import MatchingStrategy
+
+    return MatchingStrategy("unused", lambda *a, **k: None, uses_within_model=within_model)
+
+
 def _solver_similarities(models, data, mode, cross_only):
     """Every group's weight similarity at a merge's matchings, cached rows vs streamed."""
     res = merge(models, data=data, method="mudsc", mode=mode, alpha=0.5, max_iter=2, reset_bn=False)
     states = [m.state_dict() for m in models]
-    solver = DualSpaceSolver(res.spec, states, sorted(res.matchings), match=lambda *a, **k: None, act=None, alpha=1.0, within_model=not cross_only)
+    solver = DualSpaceSolver(res.spec, states, sorted(res.matchings), _unused(within_model=not cross_only), act=None, alpha=1.0)
     for gid in sorted(res.matchings):
         solver.stream[gid] = False
         key, old = solver.weight_similarity(gid, res.matchings)
@@ -108,7 +115,7 @@ def test_solver_keeps_weight_features_only_while_their_neighbours_stand_still():
     gids = sorted(res.matchings)
 
     def solver():
-        s = DualSpaceSolver(res.spec, states, gids, match=lambda *a, **k: None, act=None, alpha=1.0, within_model=False)
+        s = DualSpaceSolver(res.spec, states, gids, _unused(within_model=False), act=None, alpha=1.0)
         s.stream = dict.fromkeys(gids, False)
         return s
 

@@ -46,6 +46,7 @@ from mudsc_graph.experiments.tasks import HeadedModel, split_classes, train_clas
 from mudsc_graph.io.data import load_data
 from mudsc_graph.merging.api import merge
 from mudsc_graph.merging.solver import DualSpaceSolver
+from mudsc_graph.plugin.records import MatchingStrategy
 from mudsc_graph.merging.statistics import activation_correlations
 from mudsc_graph.plugin.registry import get_registry
 
@@ -148,7 +149,7 @@ def scatter_data(pair: dict[str, Any], results: dict[str, Any], n_layers: int = 
         a_hi = torch.quantile(a_all, HIGH_QUANTILE)
         layer = {"gid": gid, "size": o, "act": a_all, "cross": is_cross, "methods": {}}
         for label, res in results.items():
-            solver = DualSpaceSolver(spec, states, sorted(res.matchings), match=lambda *a, **k: None, act=None, alpha=1.0)
+            solver = DualSpaceSolver(spec, states, sorted(res.matchings), MatchingStrategy("unused", lambda *a, **k: None), act=None, alpha=1.0)
             _, w = solver.weight_similarity(gid, res.matchings)
             w_full = w.float()
             w_all = w_full[iu[0], iu[1]]

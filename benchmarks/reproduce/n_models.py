@@ -7,7 +7,7 @@ Run::
 For N in ``--models``, the 10 classes of mnist5k are split into N tasks (``split_classes(10, N,
 seed=k)``: 3+4+3 or 2+3+2+3 classes); model ``i`` (the reproduction's MLP setting, its own init
 seed, the shared fixed class-embedding head) is trained on task ``i``. The N backbones are merged
-with every method (MuDSC at alpha 0.5; zip with ``zip_a=0.5``), with and without REPAIR, and
+with every method (MuDSC at alpha 0.5; zip with its ``a=0.5``), with and without REPAIR, and
 evaluated on the test split: joint accuracy over all classes, each task's accuracy within its
 classes, and their mean. The N base models and their ensemble (each model votes on its own
 classes) are the references; the ensemble is the upper bound merging aims at with one model's

@@ -125,7 +125,7 @@ def default_cache_dir() -> Path:
 
 def parse_method(name: str) -> tuple[str, str]:
     """``"zipit"`` -> ``("zipit", "zip")``; ``"mudsc-align"`` -> ``("mudsc", "align")``; ``"mudsc"`` is ``mudsc-zip``."""
-    from ..merging.api import METHODS
+    from ..merging.methods import METHODS
 
     base, _, mode = name.partition("-")
     if base == "mudsc":

@@ -41,20 +41,14 @@ from .statistics import Correlations, activation_correlations, default_inputs_fr
 from .weights import merge_state_dicts
 
 
-def __getattr__(name: str) -> Any:
-    """``METHODS``: the names ``merge(method=...)`` accepts (see :mod:`.methods`)."""
-    from . import methods
-
-    return methods.__getattr__(name)
-
-
 @dataclass
 class MergeResult:
     """What ``merge`` produced.
 
     ``model``: the merged module (with ``stop_at``: a module returning one output per model);
     ``spec``: the merge groups; ``matchings``: ``{group id: Matching}``; ``history``: the score
-    of every sweep of the iterative scheme; ``timings``: seconds per stage; ``repair_std_ratio``:
+    of every sweep of the iterative scheme; ``timings``: seconds per stage; ``matcher_options``: the
+    matcher's parameters as used (defaults included); ``repair_std_ratio``:
     with ``repair=True``, the merged model's standard deviation over its target before REPAIR's
     correction, averaged over the repaired channels (how much variance the merge had lost).
     """
@@ -70,6 +64,7 @@ class MergeResult:
     sweeps: int = 0
     repair_std_ratio: float | None = None
     weight_macs: float = 0.0
+    matcher_options: dict[str, Any] = field(default_factory=dict)
 
 
 def check_models(models: list[nn.Module]) -> None:
@@ -371,7 +366,7 @@ class PreparedMerge:
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, self.spec, matchings, outcome.history, timings, resolved.method.name, resolved.mode, resolved.alpha,
-                           outcome.sweeps, std_ratio, outcome.weight_macs)
+                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options))
 
     def _groups(self, resolved: ResolvedMethod, trunk: set[str] | None) -> list[int]:
         """The groups this merge matches: free, not anchored, in the trunk; block groups only for a
@@ -413,10 +408,8 @@ class PreparedMerge:
 
         if matcher.name == "identity":
             return MatchOutcome({g: identity(g) for g in gids})
-        options = {"a": opts.zip_a, "b": opts.zip_b} if matcher.name == "zip" else {}
         solver = DualSpaceSolver(
-            spec, self.states, gids, matcher.match, act=act, alpha=alpha, options=options, reporter=self.reporter,
-            within_model=matcher.uses_within_model, covariances=matcher.needs_covariances,
+            spec, self.states, gids, matcher, act=act, alpha=alpha, options=resolved.matcher_options, reporter=self.reporter,
             threads=torch.get_num_threads() if matcher.thread_safe else 1,
         )
         return solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
@@ -527,7 +520,7 @@ def merge(
 
     How to merge is a :class:`~mudsc_graph.MergeOptions` (``options``) with ``settings`` (its
     fields as keywords: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``, ``max_iter``,
-    ``patience``, ``zip_a``, ``zip_b``, ``repair``, ``device``, ``reset_bn``, ``probe``, ``tracer``) on top:
+    ``patience``, ``matcher_options``, ``repair``, ``device``, ``reset_bn``, ``probe``, ``tracer``) on top:
     ``merge(models, data=d, method="mudsc", mode="align", alpha=0.3)``. ``data``: an iterable of
     calibration batches (read into memory once), needed for activation similarities and BatchNorm
     resets. With ``stop_at`` each model keeps its own tail after that module (the result returns

@@ -2,8 +2,8 @@
 
 Every built-in matcher assigns each model unit to exactly one merged unit, so the merge block of
 model ``i`` (merged x model units), its unmerge block transposed and its own-coordinates map are
-such matrices. Dense, one of them weighs ``O_m * O`` floats (ViT-B/16's 3,072-unit MLP groups:
-38 MB each, four per group and sweep); as an :class:`Assignment` it is ``2 * O`` numbers, and
+such matrices. Dense, one of them weighs ``O_m * O`` floats (four per group and sweep); as an
+:class:`Assignment` it is ``2 * O`` numbers, and
 applying it to a tensor is a gather and a scatter-add, linear in the tensor's size (one gather
 for a permutation, an align matching's block, when ``inverse`` is given).
 

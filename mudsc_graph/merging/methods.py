@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PluginError
@@ -28,6 +28,8 @@ class ResolvedMethod:
     matcher: MatchingStrategy
     mode: str
     alpha: float
+    matcher_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    """Every declared parameter of the matcher: the user's values, checked, and the defaults."""
 
     @property
     def needs_activations(self) -> bool:
@@ -47,4 +49,10 @@ def resolve_method(registry: Registry, options: MergeOptions) -> ResolvedMethod:
         choices = ", ".join(n for n in registry.matchers if n != "identity")
         raise MergeError(f"unknown mode {options.mode!r} for method {record.name!r}; choose one of {choices}")
     label = name if record.matcher is None else {"identity": "average"}.get(name, name)
-    return ResolvedMethod(record, registry.matcher(name), label, record.alpha_for(options.alpha))
+    matcher = registry.matcher(name)
+    given = {**options.legacy_zip_options(), **options.matcher_options} if matcher.name == "zip" else options.matcher_options
+    try:
+        values = matcher.options(given)
+    except ValueError as exc:
+        raise MergeError(f"{exc} (method {record.name!r})") from None
+    return ResolvedMethod(record, matcher, label, record.alpha_for(options.alpha), values)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 from ..analysis.trace import TRACERS
 from ..errors import MudscError
@@ -35,7 +35,7 @@ PREPARATION = ("device", "reset_bn", "probe", "tracer", "shard_data")
 @dataclass(frozen=True)
 class MergeOptions:
     """What one merge does. Matching: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``,
-    ``max_iter``, ``patience``, ``zip_a``, ``zip_b``; ``repair``; preparation (see :data:`PREPARATION`):
+    ``max_iter``, ``patience``, ``matcher_options``; ``repair``; preparation (see :data:`PREPARATION`):
     ``device``, ``reset_bn``, ``probe``, ``tracer``, ``shard_data``.
 
     ``method``: a registered merge method (``average``, ``weight_matching``, ``weight_zip``,
@@ -43,8 +43,10 @@ class MergeOptions:
     ``mudsc`` (``align``, ``zip`` or a plugin's). ``alpha`` weighs the weight space in
     ``S = alpha * S_weight + (1 - alpha) * S_act``. ``stop_at``: partial zip, a module path or node
     name. ``seed``: the group order of the iterative scheme, which runs at most ``max_iter`` sweeps
-    and stops after ``patience`` sweeps without improvement. ``zip_a``, ``zip_b``: ZipIt!'s
-    similarity decay and within-model budget. ``repair``: REPAIR after merging (Jordan et al. 2023;
+    and stops after ``patience`` sweeps without improvement. ``matcher_options``: values of the
+    matcher's declared parameters (:class:`~mudsc_graph.MatcherParameter`; zip's ``a``, the similarity
+    decay, and ``b``, the within-model budget; ``zip_a`` and ``zip_b`` are their old, deprecated
+    names). ``repair``: REPAIR after merging (Jordan et al. 2023;
     :mod:`~mudsc_graph.merging.repair`): every merged layer's output channels get the
     interpolation of their parents' mean and standard deviation on the calibration data. ``device``: ``None`` (the first model's), ``"auto"``,
     ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
@@ -63,8 +65,9 @@ class MergeOptions:
     seed: int = 0
     max_iter: int = 100
     patience: int = 5
-    zip_a: float = 0.5
-    zip_b: float = 1.0
+    matcher_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    zip_a: float | None = None  # deprecated: matcher_options={"a": ...}
+    zip_b: float | None = None  # deprecated: matcher_options={"b": ...}
     device: Any = None
     reset_bn: bool = True
     probe: str = "last"
@@ -83,10 +86,13 @@ class MergeOptions:
                 raise MergeError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.seed >= 2**63:
             raise MergeError(f"seed must be below 2**63, got {self.seed}")
-        for name in ("zip_a", "zip_b"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise MergeError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.matcher_options, Mapping) or not all(isinstance(k, str) for k in self.matcher_options):
+            raise MergeError(f"matcher_options must be a dict of parameter names to values, got {self.matcher_options!r}")
+        legacy = self.legacy_zip_options()
+        if legacy:  # the old names of zip's parameters a and b (they apply when the matcher is zip, as before)
+            warnings.warn(f"the merge options zip_a/zip_b are now matcher_options={legacy!r} (zip's parameters a and b)",
+                          DeprecationWarning, stacklevel=4)
+        object.__setattr__(self, "matcher_options", dict(self.matcher_options))
         for name in ("reset_bn", "shard_data", "repair"):
             if not isinstance(getattr(self, name), bool):
                 raise MergeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -94,6 +100,10 @@ class MergeOptions:
             raise MergeError(f"probe must be one of {', '.join(PROBES)}, got {self.probe!r}")
         if self.tracer not in TRACERS:
             raise MergeError(f"tracer must be one of {', '.join(TRACERS)}, got {self.tracer!r}")
+
+    def legacy_zip_options(self) -> dict[str, Any]:
+        """``zip_a`` / ``zip_b`` given (deprecated) as zip's ``a`` / ``b``."""
+        return {key: getattr(self, name) for name, key in (("zip_a", "a"), ("zip_b", "b")) if getattr(self, name) is not None}
 
     @classmethod
     def of(cls, options: "MergeOptions | None" = None, **changes: Any) -> "MergeOptions":

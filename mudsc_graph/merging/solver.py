@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from ..plugin.records import MatchingStrategy
 from ..spec.merge_spec import MergeSpec
 from .progress import NullReporter, Reporter
 from .similarity import (
@@ -82,25 +83,25 @@ class DualSpaceSolver:
         spec: MergeSpec,
         states: list[Mapping[str, torch.Tensor]],
         gids: list[int],
-        match: Callable[..., list],
+        matcher: MatchingStrategy,
         *,
         act: Mapping[int, torch.Tensor] | None,
         alpha: float,
         options: Mapping[str, Any] | None = None,
         reporter: Reporter | None = None,
-        within_model: bool = True,
-        covariances: bool = False,
         threads: int = 1,
     ) -> None:
-        self.spec, self.states, self.match, self.act, self.alpha = spec, states, match, act, alpha
+        """``matcher``: the strategy record (its ``match``, whether it reads within-model blocks,
+        needs covariances); ``options``: its parameters' values (:meth:`MatchingStrategy.options`)."""
+        self.spec, self.states, self.match, self.act, self.alpha = spec, states, matcher.match, act, alpha
         self.options = dict(options or {})
         self.reporter = reporter or NullReporter()
         self.n = len(states)
         self.units = couplings(spec, gids)
         self.occs = {g: occurrences(spec, g) for g in gids}
         self.nbrs = {g: neighbours(spec, g) for g in gids}
-        self.within_model = within_model
-        self.covariances = covariances  # pass match(..., covariances=[...]) (MatchingStrategy.needs_covariances)
+        self.within_model = matcher.uses_within_model
+        self.covariances = matcher.needs_covariances  # pass match(..., covariances=[...])
         self.stream = {g: feature_numel(spec, states[0], self.occs[g]) > STREAM_NUMEL for g in gids}
         self._rows: dict[tuple[int, int], tuple[tuple, Any]] = {}  # (group, model) -> (row key, rows or None)
         self._changing: set[tuple[int, int]] = set()  # (group, model) built on different neighbours: never cached

@@ -3,7 +3,10 @@
 For each non-fixed group the features of its probe point(s) are laid out as ``units x samples``
 (batch, tokens and spatial positions are all samples; see :func:`group_features`), the N models'
 features are stacked in model order into ``(N*units) x samples`` and folded into a
-:class:`CorrelationAccumulator`. Memory is O(sum over groups of (N*units)^2), never O(samples).
+:class:`StackedMoments` (the mean and only the scatter blocks the matcher reads), group by group as
+the N models run in step (:mod:`.lockstep`). Memory is O(sum over groups of (N*units)^2), never
+O(samples). :class:`CorrelationAccumulator` is the same statistic for one stream of features (what
+a plugin may use on its own data).
 
     >>> corr = activation_correlations(gms, spec, loader, device="cuda")
     >>> corr = activation_correlations(gm, spec, loader, states=[sd_a, sd_b])   # one graph, N weights

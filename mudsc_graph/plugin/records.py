@@ -113,6 +113,68 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class MatcherParameter:
+    """A parameter a :class:`MatchingStrategy` takes, with its default and its checks: given as
+    ``merge(..., matcher_options={name: value})`` or ``mudsc merge --matcher-opt name=value``, checked
+    by :meth:`parse` (one clear line), passed to ``match(..., name=value)`` and recorded in the
+    merged model's metadata. The default's type is the parameter's (``bool``, ``int``, ``float``,
+    ``str``); ``minimum`` / ``maximum`` bound a number, ``choices`` a string."""
+
+    name: str
+    default: Any
+    description: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise PluginError(f"MatcherParameter name {self.name!r} must be a Python identifier")
+        if type(self.default) not in (bool, int, float, str):
+            raise PluginError(f"MatcherParameter {self.name!r}: the default must be a bool, int, float or str, got {type(self.default).__name__}")
+        try:
+            self.parse(self.default)
+        except ValueError as exc:
+            raise PluginError(f"MatcherParameter {self.name!r}: its default is not valid: {exc}") from None
+
+    @property
+    def kind(self) -> str:
+        return type(self.default).__name__
+
+    def parse(self, value: Any) -> Any:
+        """``value`` (a Python value, or text from the command line) as this parameter's type,
+        checked; ``ValueError`` with one line saying what is accepted."""
+        import math
+
+        kind = type(self.default)
+        if isinstance(value, str) and kind is not str:
+            text = value.strip().lower()
+            try:
+                value = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}[text] if kind is bool \
+                    else kind(text)
+            except (KeyError, ValueError):
+                raise ValueError(f"{self.name} must be {self._accepts()}, got {value!r}") from None
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok or (kind is float and not math.isfinite(value)):
+            raise ValueError(f"{self.name} must be {self._accepts()}, got {value!r}")
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise ValueError(f"{self.name} must be {self._accepts()}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{self.name} must be {self._accepts()}, got {value!r}")
+        return value
+
+    def _accepts(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        what = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "text"}[self.kind]
+        bounds = [f">= {self.minimum:g}"] if self.minimum is not None else []
+        bounds += [f"<= {self.maximum:g}"] if self.maximum is not None else []
+        return what + (" " + " and ".join(bounds) if bounds else "")
+
+
+@dataclass(frozen=True)
 class MatchingStrategy:
     """A way to turn a unit similarity into merge / unmerge matrices (``--mode NAME``).
 
@@ -144,11 +206,30 @@ class MatchingStrategy:
     thread_safe: bool = False
     """True when ``match`` may run on several threads at once (no shared mutable state): the solver
     then solves the assignments of independent groups side by side (the built-ins are)."""
+    parameters: tuple[MatcherParameter, ...] = ()
+    """What ``match`` takes besides the similarities (:class:`MatcherParameter`): each is passed as a
+    keyword, its default when the user gives none."""
 
     def __post_init__(self) -> None:
         _check_name("MatchingStrategy", self.name)
         if not callable(self.match):
             raise PluginError(f"MatchingStrategy {self.name!r}: match must be callable")
+        if not isinstance(self.parameters, tuple) or not all(isinstance(p, MatcherParameter) for p in self.parameters):
+            raise PluginError(f"MatchingStrategy {self.name!r}: parameters must be a tuple of MatcherParameter records")
+        names = [p.name for p in self.parameters]
+        if len(set(names)) != len(names):
+            raise PluginError(f"MatchingStrategy {self.name!r}: a parameter is declared twice ({', '.join(names)})")
+
+    def options(self, given: Any) -> dict[str, Any]:
+        """Every parameter's value: ``given`` (a mapping of names to values or text) checked, the
+        defaults for the rest; ``ValueError`` for an unknown name or a bad value."""
+        given = dict(given or {})
+        known = {p.name: p for p in self.parameters}
+        unknown = sorted(set(given) - set(known), key=str)
+        if unknown:
+            accepted = ", ".join(known) if known else "none"
+            raise ValueError(f"matcher {self.name!r} has no parameter {unknown[0]!r} (its parameters: {accepted})")
+        return {name: p.parse(given[name]) if name in given else p.default for name, p in known.items()}
 
 
 ACTIVATIONS = ("by_alpha", "always", "never")

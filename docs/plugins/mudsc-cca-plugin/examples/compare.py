@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from mudsc_graph import hookimpl, prepare, registry_with
+from mudsc_graph import get_registry, prepare
 from mudsc_graph.experiments.cache import EMBED_DIM
 from mudsc_graph.experiments.evaluate import ensemble_logits, predict_logits, task_metrics
 from mudsc_graph.experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head
@@ -32,17 +32,6 @@ from mudsc_graph.io.data import load_data
 import mudsc_cca
 
 GAMMAS = (1e-2, 1e-1, 0.3, 1.0, 3.0)
-
-
-class _Gammas:
-    """Registers one CCA strategy per gamma (``cca_g<gamma>``): merge passes no options to matchers."""
-
-    def __init__(self, gammas):
-        self.gammas = gammas
-
-    @hookimpl
-    def mudsc_matching_strategies(self):
-        return [mudsc_cca.cca_strategy(f"cca_g{g:g}", gamma=g) for g in self.gammas]
 
 
 def run(seed: int, hidden: tuple[int, ...], epochs: int, calib: int, gammas, alpha: float, probe: str = "last") -> dict:
@@ -55,7 +44,7 @@ def run(seed: int, hidden: tuple[int, ...], epochs: int, calib: int, gammas, alp
     val_idx, fit_idx = order[:n_val], order[n_val:]
     x_fit, y_fit, x_val, y_val = train.x[fit_idx], train.y[fit_idx], train.x[val_idx], train.y[val_idx]
     tasks = split_classes(10, 2)
-    registry = registry_with(_Gammas(gammas))
+    registry = get_registry()
     arch = registry.architecture("mlp")
 
     models = []
@@ -78,7 +67,7 @@ def run(seed: int, hidden: tuple[int, ...], epochs: int, calib: int, gammas, alp
     prepared = prepare([m.backbone for m in models], data=batches, registry=registry, reset_bn=False, probe=probe)
     runs = [("average", dict(method="average")), ("zipit", dict(method="zipit")),
             ("mudsc zip", dict(method="mudsc", mode="zip", alpha=alpha)), ("cca", dict(method="cca"))]
-    runs += [(f"cca gamma={g:g}", dict(method=f"cca_g{g:g}", alpha=0.0)) for g in gammas]
+    runs += [(f"cca gamma={g:g}", dict(method="cca", matcher_options={"gamma": g})) for g in gammas]
     seconds = {}
     val = {}
     for name, opts in runs:

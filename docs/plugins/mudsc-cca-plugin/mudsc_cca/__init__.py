@@ -36,12 +36,11 @@ warning); the merged weights are products with dense ``O x O`` maps (``O^2`` mem
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import torch
 
-from mudsc_graph import MatchingStrategy, MergeMethod, hookimpl
+from mudsc_graph import MatcherParameter, MatchingStrategy, MergeMethod, hookimpl
 from mudsc_graph.merging.matching import Matching, validate_sims
 
 __all__ = ["DEFAULT_GAMMA", "cca_strategy", "cca_transform", "canonical_directions", "match_cca"]
@@ -157,13 +156,14 @@ def match_cca(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *,
 
 
 def cca_strategy(name: str = "cca", gamma: float = DEFAULT_GAMMA) -> MatchingStrategy:
-    """The CCA matching strategy, under ``name`` and with ``gamma`` fixed (register it from your own
-    plugin for another ridge: ``merge`` passes no options to matchers other than ``zip``)."""
-    match = match_cca if gamma == DEFAULT_GAMMA else functools.partial(match_cca, gamma=gamma)
+    """The CCA matching strategy under ``name``; its ridge is the parameter ``gamma`` (default
+    ``gamma``): ``merge(..., matcher_options={"gamma": 0.1})``, ``mudsc merge --matcher-opt gamma=0.1``."""
     return MatchingStrategy(
-        name, match, supports_blocks=False, needs_covariances=True,
-        description=f"CCA merging (Horoi et al. 2024): each model mapped into model 0's units by canonical correlation "
-                    f"analysis, then averaged; dense maps, gamma={gamma:g}; no block matching (from mudsc-cca-plugin)",
+        name, match_cca, supports_blocks=False, needs_covariances=True,
+        description="CCA merging (Horoi et al. 2024): each model mapped into model 0's units by canonical correlation "
+                    "analysis, then averaged; dense maps; no block matching (from mudsc-cca-plugin)",
+        parameters=(MatcherParameter("gamma", float(gamma), "the ridge added to each covariance, relative to its mean variance",
+                                     minimum=0.0),),
     )
 
 

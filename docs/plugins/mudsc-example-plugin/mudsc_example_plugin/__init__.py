@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mudsc_graph import Architecture, LayerHandler, MatchingStrategy, hookimpl
+from mudsc_graph import Architecture, LayerHandler, MatcherParameter, MatchingStrategy, hookimpl
 from mudsc_graph.merging.matching import matching_from_labels, validate_sims
 
 
@@ -62,11 +62,12 @@ def mudsc_architectures():
                          description="MLP with a low-rank middle layer (from mudsc-example-plugin)")]
 
 
-def greedy_match(sims, n_models, blocks=1, **options):
+def greedy_match(sims, n_models, blocks=1, *, threshold=-1.0, **options):
     """Pair every model's units with model 0's greedily: repeatedly the most similar free pair of the
-    cross block (a cheaper, less exact stand-in for the linear assignment of ``align``)."""
+    cross block (a cheaper, less exact stand-in for the linear assignment of ``align``). Pairs less
+    similar than ``threshold`` are not trusted: the units left over keep their order (paired by index)."""
     if options:
-        raise ValueError(f"matching strategy 'greedy' takes no options, got {', '.join(options)}")
+        raise ValueError(f"matching strategy 'greedy' takes only threshold, got {', '.join(options)}")
     out = []
     for sim, o in zip(sims, validate_sims(sims, n_models, blocks)):
         labels = torch.empty(n_models * o, dtype=torch.long)
@@ -78,12 +79,15 @@ def greedy_match(sims, n_models, blocks=1, **options):
             taken_rows, taken_cols = torch.zeros(o, dtype=torch.bool), torch.zeros(o, dtype=torch.bool)
             for flat in order.tolist():
                 r, c = divmod(flat, o)
+                if float(cross[r, c]) < threshold or bool(taken_rows.all()):
+                    break
                 if not taken_rows[r] and not taken_cols[c]:
                     taken_rows[r] = taken_cols[c] = True
                     labels[i * o + c] = r
                     scores.append(float(cross[r, c]))
-                    if bool(taken_rows.all()):
-                        break
+            for r, c in zip((~taken_rows).nonzero().flatten().tolist(), (~taken_cols).nonzero().flatten().tolist()):
+                labels[i * o + c] = r  # the untrusted rest, in order
+                scores.append(float(cross[r, c]))
         out.append(matching_from_labels(labels.to(sim.device), n_models, o, sum(scores) / max(len(scores), 1)))
     return out
 
@@ -91,4 +95,6 @@ def greedy_match(sims, n_models, blocks=1, **options):
 @hookimpl
 def mudsc_matching_strategies():
     return [MatchingStrategy("greedy", greedy_match, supports_blocks=False, uses_within_model=False,
-                             description="greedy pairs against model 0 (from mudsc-example-plugin); no block matching")]
+                             description="greedy pairs against model 0 (from mudsc-example-plugin); no block matching",
+                             parameters=(MatcherParameter("threshold", -1.0, "pairs less similar than this keep their order",
+                                                          minimum=-1.0, maximum=1.0),))]
