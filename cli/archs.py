@@ -195,3 +195,15 @@ def build_architecture(name: str, opts: dict[str, Any], input_shape: Optional[tu
     arch = resolve_architecture(name, input_shape)
     model = build_model(arch, opts)
     return arch, model, tuple(arch.example_inputs(EXAMPLE_BATCH))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ArchOptionError(f"--device {device!r} is not auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ArchOptionError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return device

@@ -20,9 +20,8 @@ from rich.table import Table
 
 from mudsc_graph.errors import MudscError
 
-from .archs import MAX_SEED
+from .archs import MAX_SEED, resolve_device
 from .console import err, out, print_warning
-from .merge_cmd import resolve_device
 
 
 class DemoCommandError(MudscError):

@@ -19,9 +19,9 @@ from rich.table import Table
 
 from mudsc_graph.errors import MudscError
 
-from .archs import build_model, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
+from .archs import build_model, example_or_none, parse_arch_opts, parse_shape, resolve_architecture, resolve_device
 from .console import out
-from .merge_cmd import resolve_device
+from .hf_cmds import input_kind, load_dirs, refuse_options
 
 
 class EvalCommandError(MudscError):
@@ -193,7 +193,6 @@ def eval_command(
     from mudsc_graph.io.data import load_data
     from mudsc_graph.experiments.evaluate import accuracy, predict_logits, task_metrics
 
-    from .hf_cmds import eval_dir, input_kind, refuse_options
 
     if isinstance(batch_size, bool) or batch_size < 1:
         raise EvalCommandError(f"--batch-size must be at least 1, got {batch_size}")
@@ -263,3 +262,37 @@ def report(result: dict[str, Any], m: Any, task_sets: Optional[list[list[int]]],
             table.add_row(f"task {t[0]}-{t[-1]}" if t == list(range(t[0], t[-1] + 1)) else f"task {t}", f"{acc:.2%}")
         table.add_row("mean per task", f"{m.mean_per_task:.2%}")
     out().print(table)
+
+
+def eval_dir(
+    model_dir: Path, *, data: str, tasks: Optional[str], split: str, device: str, batch_size: int, max_length: int, as_json: bool,
+) -> None:
+    """``mudsc eval DIR --data DATA``: accuracy of a sequence or image classifier in a model directory."""
+    import torch
+
+    from mudsc_graph.experiments.evaluate import accuracy, predict_logits, task_metrics
+    from mudsc_graph.io.hf import load_model_data
+
+
+    dev = resolve_device(device)
+    (hf,) = load_dirs([model_dir], quiet=True)
+    test = load_model_data(hf, data, split=split, max_length=max_length)
+    if test.labels is None:
+        raise EvalCommandError(
+            f"{data} has no labels to evaluate against ({test.unlabelled}); start every line with LABEL<TAB>, "
+            "or save 'labels' in the .pt/.npz file"
+        )
+    logits = predict_logits(hf.model, test.inputs, batch_size=batch_size, device=dev)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if hasattr(logits, "shape") else type(logits).__name__
+        raise EvalCommandError(f"{hf.class_name} gives logits of shape {shape}, not one row of class scores per sample; mudsc eval needs a sequence or image classifier")
+    n_classes = int(logits.shape[1])
+    if len(test.labels) and int(test.labels.max()) >= n_classes:
+        raise EvalCommandError(f"{data} has label {int(test.labels.max())} but {hf.class_name} has {n_classes} classes (0-{n_classes - 1})")
+    task_sets = parse_tasks(tasks, n_classes)
+    check_task_labels(test.labels, task_sets, tasks, data, split)
+    result: dict[str, Any] = {"model": str(model_dir), "data": data, "split": split, "samples": len(test)}
+    m = task_metrics(logits, None, test.labels, task_sets, heads="shared") if task_sets else None
+    if m is None:
+        result["accuracy"] = accuracy(logits, test.labels)
+    report(result, m, task_sets, f"{model_dir.name} on {data} ({len(test)} samples)", as_json)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .archs import TRACER_HELP, build_architecture, check_tracer, parse_arch_opts, parse_shape
 from .console import err, out, print_warning
+from .hf_cmds import HFCommandError, input_kind, load_dirs, refuse_options
 
 #: How many member names a row of the group table shows.
 MEMBERS_SHOWN = 3
@@ -120,7 +121,6 @@ def inspect_command(
         _list_architectures(as_json)
         return
     if model_dir is not None:
-        from .hf_cmds import HFCommandError, input_kind, inspect_dir, refuse_options
 
         if arch:
             raise HFCommandError(f"give either a model directory ({model_dir}) or --arch {arch}, not both")
@@ -176,3 +176,19 @@ def show_spec(spec: Any, model: Any, inputs: Any, title: str, seconds: float, *,
                       highlight=False)
     if difference is not None:
         console.print(f"self-check passed: max abs difference {difference:.3g}")
+
+
+def inspect_dir(model_dir: Path, *, as_json: bool, check: bool, strict: bool, tracer: str = "auto") -> None:
+    """``mudsc inspect DIR``: the merge groups of the model in a directory, analysed on example inputs from its config."""
+    from mudsc_graph import analyze
+    from mudsc_graph.io.hf import example_inputs
+
+
+    (hf,) = load_dirs([model_dir], quiet=True)
+    inputs = example_inputs(hf)
+    stderr = err()
+    with stderr.status(f"analysing {hf.class_name} ...", spinner="dots"):
+        start = time.perf_counter()
+        spec = analyze(hf.model, inputs, strict=strict, tracer=tracer)
+        seconds = time.perf_counter() - start
+    show_spec(spec, hf.model, inputs, f"merge groups of {hf.class_name} ({model_dir.name})", seconds, as_json=as_json, check=check)

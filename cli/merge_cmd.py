@@ -9,6 +9,7 @@ by :func:`mudsc_cli.hf_cmds.merge_dirs` (the class from config.json, a merged di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -22,8 +23,11 @@ from rich.table import Table
 from mudsc_graph.errors import MudscError
 from mudsc_graph.merging.options import DEFAULTS
 
-from .archs import MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture
+from .archs import (
+    MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture, resolve_device,
+)
 from .console import UsageError, err, out, print_warning
+from .hf_cmds import first_tokenizer, input_kind, load_dirs, refuse_options
 
 METHOD_HELP = (
     "Merging method: average, weight_matching, weight_zip, activation_matching, zipit, mudsc, or any method or matcher "
@@ -54,18 +58,6 @@ def protected_paths(checkpoints: Sequence[Path], data: Optional[str]) -> list[Pa
     if data is not None and Path(data).expanduser().exists():
         protected.append(Path(data).expanduser())
     return protected
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise MergeCommandError(f"--device {device!r} is not auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeCommandError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return device
 
 
 def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle: bool) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -155,7 +147,6 @@ def merge_command(
     from mudsc_graph.merging.methods import resolve_method
     from mudsc_graph.plugin.registry import get_registry
 
-    from .hf_cmds import input_kind, merge_dirs, refuse_options
 
     if len(checkpoints) < 2:
         raise UsageError(f"give at least two checkpoints (or model directories) to merge, got {len(checkpoints)}")
@@ -210,7 +201,7 @@ def merge_files(
 
     c = calibration
     started = time.perf_counter()
-    with err().status("loading checkpoints ...", spinner="dots") if not quiet else _nothing():
+    with err().status("loading checkpoints ...", spinner="dots") if not quiet else contextlib.nullcontext():
         models, sources = load_models(checkpoints, architecture, arch_options, trust_pickle)
     example = example_or_none(architecture)
     batches = None
@@ -324,9 +315,62 @@ def _version() -> str:
         return "unknown"
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+
+def merge_dirs(dirs: list[Path], out_path: Path, options: Any, calibration: Any, *, needs_data: bool, force: bool, quiet: bool,
+               as_json: bool) -> None:
+    """``mudsc merge DIR_A DIR_B ... --out DIR_M``: see :func:`mudsc_cli.merge_cmd.merge_command`."""
+    from mudsc_graph.io.checkpoints import SAVE_SUFFIXES
+    from mudsc_graph.io.hf import EXTRA_FILES, check_output_dir, check_same_architecture, example_inputs, load_model_data, save_model_dir
+    from mudsc_graph.merging.batchnorm import has_batchnorm
+    from mudsc_graph.merging.distributed import writer_turn
+
+
+    c = calibration
+    if options.stop_at:
+        raise MergeCommandError(
+            "--stop-at does not work with Hugging Face model directories yet: a partial-zip model returns one output "
+            "per model, is not a Hugging Face class and cannot be saved with save_pretrained; merge the whole model, "
+            "or use the library (mudsc_graph.merge(..., stop_at=...)) and save its state_dict"
+        )
+    if c.data is None and (needs_data or options.repair):
+        why = "--repair" if options.repair and not needs_data else f"--method {options.method}"
+        raise MergeCommandError(f"{why} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
+    if out_path.suffix.lower() in SAVE_SUFFIXES:
+        raise MergeCommandError(
+            f"--out {out_path} looks like a checkpoint file, but merging model directories writes a model directory; "
+            "give a directory name (e.g. --out merged)"
+        )
+    protected: list[Any] = list(dirs)
+    if c.data is not None and Path(c.data).expanduser().exists():
+        protected.append(Path(c.data).expanduser())
+    check_output_dir(out_path, force=force, inputs=protected)
+
+    started = time.perf_counter()
+    models = load_dirs(dirs, quiet)
+    check_same_architecture(models)
+    if c.data is None and options.reset_bn and any(has_batchnorm(m.model) for m in models):
+        raise MergeCommandError("resetting BatchNorm statistics needs calibration data: pass --data (or pass --no-reset-bn)")
+    first = models[0]
+    tokenizer = first_tokenizer(first.path)
+    batches = None
+    if c.data is not None:
+        calib = load_model_data(first, c.data, split="train", max_length=c.max_length, tokenizer=tokenizer, limit=c.samples, seed=c.seed)
+        batches = calib.batches(c.batch_size)
+        example: Any = calib.example(2)
+    else:
+        example = example_inputs(first)
+    result = run_merge([m.model for m in models], batches, example, options, quiet)
+    metadata = {
+        "format": "huggingface", "arch": first.class_name, "model_type": getattr(first.config, "model_type", None),
+        **merge_metadata(result, options, len(models), c.data),
+        "samples": sum(len(next(iter(b.values()))) for b in batches) if batches else 0,
+        "max_length": c.max_length if first.main_input == "input_ids" and c.data is not None else None,
+        "seed": options.seed, "sources": [m.source() for m in models],
+    }
+    if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it
+        return
+    extras = [first.path / name for name in EXTRA_FILES if (first.path / name).is_file()]
+    written = save_model_dir(result.model.to("cpu"), out_path, metadata=metadata, tokenizer=tokenizer, force=force, inputs=protected,
+                             extra_files=extras)
+    report(result, metadata, written, started, options.device, as_json)

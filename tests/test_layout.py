@@ -7,12 +7,16 @@ import ast
 from pathlib import Path
 
 import networkx as nx
+import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mudsc_graph"
+#: The import packages and the folders they live in (the CLI and the built-in plugins are installed
+#: under other names than their folders').
+PACKAGES = {"mudsc_graph": PKG, "mudsc_cli": PKG.parent / "cli", "mudsc_plugins": PKG.parent / "plugins"}
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+def _module_name(path: Path, root: Path = PKG, package: str = "mudsc_graph") -> str:
+    parts = [package, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -21,9 +25,9 @@ def _is_type_checking(node: ast.If) -> bool:
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
 
 
-def _imports(path: Path, modules: set[str]) -> set[str]:
+def _imports(path: Path, modules: set[str], root: Path = PKG, pkg: str = "mudsc_graph") -> set[str]:
     """The package modules ``path`` imports at run time (``if TYPE_CHECKING:`` blocks left out)."""
-    name = _module_name(path)
+    name = _module_name(path, root, pkg)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
@@ -49,18 +53,27 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return {m for m in found if m in modules and m != name}
 
 
-def _graph() -> nx.DiGraph:
-    files = sorted(PKG.rglob("*.py"))
-    modules = {_module_name(f) for f in files}
+def _graph(pkg: str = "mudsc_graph") -> nx.DiGraph:
+    root = PACKAGES[pkg]
+    files = sorted(root.rglob("*.py"))
+    modules = {_module_name(f, root, pkg) for f in files}
     g = nx.DiGraph()
     for f in files:
-        src = _module_name(f)
+        src = _module_name(f, root, pkg)
         g.add_node(src)
-        for dst in _imports(f, modules):
+        for dst in _imports(f, modules, root, pkg):
             # a package's __init__ re-exporting its submodules is not a dependency of those submodules
             if not dst.startswith(src + ".") and not (f.name == "__init__.py" and dst.startswith(src)):
                 g.add_edge(src, dst)
     return g
+
+
+@pytest.mark.parametrize("pkg", ["mudsc_cli", "mudsc_plugins"])
+def test_no_import_cycle_in_the_command_line_or_the_plugins(pkg):
+    g = _graph(pkg)
+    assert g.number_of_edges() > 0, f"the graph of {pkg} sees no imports"
+    cycles = list(nx.simple_cycles(g))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles[:5])
 
 
 def test_no_import_cycle_between_modules():

@@ -11,9 +11,7 @@ downloaded). It prints a markdown table and writes no file outside that director
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,11 +19,12 @@ from pathlib import Path
 
 
 def _run(args: list[str]) -> tuple[int, float, float]:
-    """``(exit code, seconds, peak RSS in GiB)`` of ``python -m mudsc_cli ARGS`` in a fresh child."""
+    """``(exit code, seconds, peak RSS in GiB)`` of ``mudsc ARGS`` in a fresh child."""
+    from test_adversarial_dirs import _peak  # noqa: E402  (the tests' measurement)
+
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mudsc_cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss / 2**20
+    result, gib = _peak(args, timeout=3600)
+    return result.returncode, time.perf_counter() - t0, gib
 
 
 def main() -> int:

@@ -13,7 +13,6 @@ overrides on top of a base record, every unknown name and bad value one :class:`
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
