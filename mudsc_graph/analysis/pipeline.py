@@ -42,6 +42,35 @@ class Analysis:
     def graph_module(self):
         return self.graph.graph["module"]
 
+    def tensors_read_by(self, nodes: set[str]) -> set[str]:
+        """The state-dict names the graph ``nodes`` read (a get_attr's tensor, a module's own)."""
+        used: set[str] = set()
+        modules = dict(self.graph_module.named_modules())
+        for name in nodes:
+            node = self.graph.nodes[name]["fx"]
+            if node.op == "get_attr":
+                used.add(str(node.target))
+            elif node.op == "call_module":
+                prefix = f"{node.target}."
+                used.update(prefix + p for p, _ in modules[node.target].named_parameters())
+                used.update(prefix + b for b, _ in modules[node.target].named_buffers())
+        return used
+
+    def read_only_by_batchnorm(self) -> set[str]:
+        """Module paths (of an fx-traced model) whose every output is read only by BatchNorms."""
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        if self.tracer != "fx":
+            return set()
+        gm = self.graph_module
+        modules = dict(gm.named_modules())
+        calls: dict[str, list[bool]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                only_bn = bool(node.users) and all(u.op == "call_module" and isinstance(modules.get(u.target), _BatchNorm) for u in node.users)
+                calls.setdefault(str(node.target), []).append(only_bn)
+        return {path for path, flags in calls.items() if all(flags)}
+
 
 def _run(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
     t0 = time.perf_counter()

@@ -10,12 +10,13 @@ zip when ``stop_at`` is given) and reset its BatchNorm statistics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -104,6 +105,22 @@ def check_models(models: list[nn.Module]) -> None:
         for k, t in m.state_dict().items():
             if torch.is_floating_point(t) and not torch.isfinite(t).all():
                 raise MergeError(f"model {i} has non-finite values (NaN or inf) in {k}; fix the checkpoint before merging")
+
+
+class Stages:
+    """Named, timed stages of a merge: ``with stage("matching"): ...`` adds the block's seconds to
+    ``seconds["matching"]`` (a stage run twice adds up), whatever the block raised."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _self_check(spec: MergeSpec, model: nn.Module, example_inputs: Any) -> None:
@@ -229,8 +246,22 @@ class PreparedMerge:
         self.registry = registry or get_registry()
         self.inputs_from_batch = inputs_from_batch or default_inputs_from_batch
         reset_bn = opts.reset_bn
+        stage = Stages(self.timings)
 
-        t0 = time.perf_counter()
+        with stage("check"):
+            example_inputs = self._check(models, data, example_inputs, inputs_from_batch, repair_data)
+        with stage("bn_reset_bases"):
+            if reset_bn and self.batches is not None:
+                for m in self.models:  # leaves each model in eval mode, as it was
+                    self._reset_bn(m)
+        with stage("analysis"):  # with its self-check
+            self._analyse(example_inputs)
+        self._act: Correlations | None = None
+
+    def _check(self, models: list[nn.Module], data: Iterable | None, example_inputs: Any, inputs_from_batch: Any,
+               repair_data: Sequence[Iterable] | None) -> Any:
+        """The models and data checked, this rank's batches, working copies on the device; the example inputs."""
+        opts, reset_bn = self.options, self.options.reset_bn
         check_models(models)
         self.batches = _read_batches(data, self.inputs_from_batch)
         if self.batches is not None and not self.batches:
@@ -251,18 +282,12 @@ class PreparedMerge:
             if inputs_from_batch is None:
                 _check_tuple_batch(models[0], self.batches[0])
             example_inputs = take_rows(as_inputs(self.inputs_from_batch(self.batches[0])), 2)  # tracing needs only shapes
-        example_inputs = to_device(as_inputs(example_inputs), dev)
-        self.timings["check"] = time.perf_counter() - t0
+        return to_device(as_inputs(example_inputs), dev)
 
-        t0 = time.perf_counter()
-        if reset_bn and self.batches is not None:
-            for m in self.models:  # leaves each model in eval mode, as it was
-                self._reset_bn(m)
-        self.timings["bn_reset_bases"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
+    def _analyse(self, example_inputs: Any) -> None:
+        """Model 0 analysed (the merge groups), self-checked; the groups the models agree on already."""
         self.reporter.start("tracing", total=1)
-        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry, tracer=opts.tracer)
+        self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry, tracer=self.options.tracer)
         self.spec: MergeSpec = self.analysis.spec
         self.reporter.advance(1)
         self.reporter.end()
@@ -270,8 +295,6 @@ class PreparedMerge:
         self.anchored = _anchored_groups(self.spec, self.models)
         self.states = [dict(m.state_dict()) for m in self.models]
         _self_check(self.spec, self.models[0], example_inputs)
-        self.timings["analysis"] = time.perf_counter() - t0  # with its self-check
-        self._act: Correlations | None = None
 
     def _repair_data(self, data: Sequence[Iterable] | None, n: int, shard_data: bool) -> list[list] | None:
         """Per-task repair data: one calibration set per model, read into memory (this rank's share)."""
@@ -299,14 +322,14 @@ class PreparedMerge:
             if self.batches is None:
                 raise MergeError("activation similarities need calibration data: pass data=")
             self._act = None  # free the cross-only statistics before gathering the full ones
-            t0 = time.perf_counter()
-            self.reporter.start("statistics", total=len(self.local))
-            self._act = activation_correlations(
-                self.analysis.graph_module, self.spec, self.local, states=self.states, device=self.device, probe=self.options.probe,
-                inputs_from_batch=self.inputs_from_batch, reporter=self.reporter, registry=self.registry, within_model=within_model,
-            )
-            self.reporter.end()
-            self.timings["statistics"] = time.perf_counter() - t0
+            self.timings.pop("statistics", None)
+            with Stages(self.timings)("statistics"):
+                self.reporter.start("statistics", total=len(self.local))
+                self._act = activation_correlations(
+                    self.analysis.graph_module, self.spec, self.local, states=self.states, device=self.device, probe=self.options.probe,
+                    inputs_from_batch=self.inputs_from_batch, reporter=self.reporter, registry=self.registry, within_model=within_model,
+                )
+                self.reporter.end()
         return self._act
 
     def merge(self, options: MergeOptions | None = None, **changes: Any) -> MergeResult:
@@ -323,6 +346,7 @@ class PreparedMerge:
         if opts.repair and self.batches is None:
             raise MergeError("repair=True reads the models' outputs on calibration data: pass data=")
         timings: dict[str, float] = {}
+        stage = Stages(timings)
         trunk = None
         if opts.stop_at is not None:
             k = stop_index(self.order, opts.stop_at)
@@ -331,48 +355,46 @@ class PreparedMerge:
         within = resolved.matcher.uses_within_model
         act = self._activations_for(gids, timings, within) if resolved.needs_activations and gids else None
 
-        t0 = time.perf_counter()
-        outcome = self._match(resolved, opts, gids, act)
+        with stage("matching"):
+            outcome = self._match(resolved, opts, gids, act)
         matchings = outcome.matchings
-        timings["matching"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        merged = copy.deepcopy(self.models[0])
-        own = {**dict(merged.named_parameters(remove_duplicate=False)), **dict(merged.named_buffers(remove_duplicate=False))}
-        if own.keys() >= self.states[0].keys():  # the model's own tensors, written in place one by one
-            merge_state_dicts(self.spec, self.states, matchings, out=own)
-        else:  # a state dict under other names than the tensors' (state-dict hooks): loaded as a whole
-            merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
-        timings["merge"] = time.perf_counter() - t0
-
+        with stage("merge"):
+            merged = self._merged_weights(matchings)
         reset = opts.reset_bn and self.batches is not None and has_batchnorm(merged)
-        t0 = time.perf_counter()
         std_ratio = None
-        if opts.repair:
-            std_ratio = self._repair(merged, matchings, trunk, reset)
-        timings["repair"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if trunk is not None:
-            merged = self._partial(merged, matchings, trunk)
-        set_mode(merged, False)
-        timings["merge"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if reset:
-            self._reset_bn(merged)
-        timings["bn_reset_merged"] = time.perf_counter() - t0
+        with stage("repair"):
+            if opts.repair:
+                std_ratio = self._repair(merged, matchings, trunk, reset)
+        with stage("merge"):
+            if trunk is not None:
+                merged = self._partial(merged, matchings, trunk)
+            set_mode(merged, False)
+        with stage("bn_reset_merged"):
+            if reset:
+                self._reset_bn(merged)
         bad = first_non_finite(merged.state_dict())
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, self.spec, matchings, outcome.history, timings, resolved.method.name, resolved.mode, resolved.alpha,
                            outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options))
 
+    def _merged_weights(self, matchings: dict[int, Any]) -> nn.Module:
+        """A copy of model 0 holding the merged weights."""
+        merged = copy.deepcopy(self.models[0])
+        own = {**dict(merged.named_parameters(remove_duplicate=False)), **dict(merged.named_buffers(remove_duplicate=False))}
+        if own.keys() >= self.states[0].keys():  # the model's own tensors, written in place one by one
+            merge_state_dicts(self.spec, self.states, matchings, out=own)
+        else:  # a state dict under other names than the tensors' (state-dict hooks): loaded as a whole
+            merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
+        return merged
+
     def _groups(self, resolved: ResolvedMethod, trunk: set[str] | None) -> list[int]:
         """The groups this merge matches: free, not anchored, in the trunk; block groups only for a
         matcher that matches blocks (the others' are averaged in place, with a warning)."""
         spec = self.spec
-        gids = [g for g in _groups_to_merge(spec, self.analysis, trunk) if g not in self.anchored]
+        used = self.analysis.tensors_read_by(trunk) if trunk is not None else None  # partial zip: the trunk's groups only
+        gids = [g.id for g in spec.free_groups() if g.id not in self.anchored
+                and (used is None or any(name in used for name, _ in g.members))]
         blocked = [g for g in gids if spec.groups[g].blocks > 1]
         if blocked and not resolved.matcher.supports_blocks:
             warnings.warn(
@@ -424,7 +446,7 @@ class PreparedMerge:
             within = {p for p, _ in merged.named_modules() if any(p == t or p.startswith(t + ".") for t in paths)}
         points = repair_points(merged, self.spec, matchings, reset_bn=reset, within=within, n_models=len(self.models))
         if reset:  # a layer whose outputs only a BatchNorm reads is renormalised by the reset: nothing to repair
-            renormalised = _read_only_by_batchnorm(self.analysis)
+            renormalised = self.analysis.read_only_by_batchnorm()
             points = [p for p in points if p.path not in renormalised]
         soft = set(matchings) - assignments(matchings, len(self.models))
         if soft:
@@ -466,22 +488,6 @@ class PreparedMerge:
         return build_partial(
             trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
         ).to(self.device)
-
-
-def _read_only_by_batchnorm(analysis: Any) -> set[str]:
-    """Module paths (of an fx-traced model) whose every output is read only by BatchNorms."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    if analysis.tracer != "fx":
-        return set()
-    gm = analysis.graph_module
-    modules = dict(gm.named_modules())
-    calls: dict[str, list[bool]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            only_bn = bool(node.users) and all(u.op == "call_module" and isinstance(modules.get(u.target), _BatchNorm) for u in node.users)
-            calls.setdefault(str(node.target), []).append(only_bn)
-    return {path for path, flags in calls.items() if all(flags)}
 
 
 def with_state(gm: torch.fx.GraphModule, state: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
@@ -574,22 +580,3 @@ def _anchored_groups(spec: MergeSpec, models: list[nn.Module]) -> set[int]:
     for gid in list(out):  # a coupling moves as one: its other groups stay in place too
         out.update(spec.groups[gid].coupled)
     return out
-
-
-def _groups_to_merge(spec: MergeSpec, analysis: Any, trunk: set[str] | None) -> list[int]:
-    """Free groups; with a stop point, those with a parameter used in the trunk."""
-    free = [g.id for g in spec.groups if not g.fixed]
-    if trunk is None:
-        return free
-    used: set[str] = set()
-    modules = dict(analysis.graph_module.named_modules())
-    for name in trunk:
-        attrs = analysis.graph.nodes[name]
-        node = attrs["fx"]
-        if node.op == "get_attr":
-            used.add(str(node.target))
-        elif node.op == "call_module":
-            prefix = f"{node.target}."
-            used.update(prefix + p for p, _ in modules[node.target].named_parameters())
-            used.update(prefix + b for b, _ in modules[node.target].named_buffers())
-    return [g for g in free if any(name in used for name, _ in spec.groups[g].members)]
