@@ -68,7 +68,7 @@ def _ranges(classes: list[int]) -> str:
 def _partial_args(meta: dict[str, Any], state: dict[str, Any], source: str) -> Optional[tuple[int, str, str]]:
     """``(n_models, stop_at, tracer)`` of a partial-zip checkpoint from its metadata, checked against
     its tensors before anything is built; ``None`` for a plain checkpoint (no ``stop_at``)."""
-    from mudsc_graph.merging.partial_zip import check_partial_args
+    from mudsc_graph.io.partial import check_partial_args
 
     if meta.get("stop_at") is None:
         return None
@@ -124,7 +124,7 @@ def _model_of(model_path: Path, architecture: Any, opts: dict[str, Any], state: 
     """The checkpoint's model: the architecture with its weights, or the partial-zip model its
     metadata describes; a load error names the ``--arch`` the file was merged with, if another."""
     from mudsc_graph.io.checkpoints import CheckpointError, fit_state_dict
-    from mudsc_graph.merging.partial_zip import looks_partial, rebuild_partial
+    from mudsc_graph.io.partial import looks_partial, rebuild_partial
 
     partial = _partial_args(meta, state, model_path.name)
     merged_with = meta.get("arch")

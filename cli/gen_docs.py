@@ -72,7 +72,7 @@ def render_cli_reference() -> str:
 def _guarantees() -> list[str]:
     """What every command promises, with the limits as the code has them."""
     from mudsc_graph.io.data import MAX_CLASSES, MAX_INPUT_BYTES
-    from mudsc_graph.merging.partial_zip import MAX_PARTIAL_MODELS
+    from mudsc_graph.io.partial import MAX_PARTIAL_MODELS
 
     from .archs import MAX_INPUT_NUMEL
 

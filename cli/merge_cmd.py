@@ -226,7 +226,7 @@ def merge_files(
 def run_merge(models: list[Any], batches: Any, example: Any, options: Any, quiet: bool) -> Any:
     """``mudsc_graph.merge`` with progress bars on stderr; its warnings printed as one line each."""
     import mudsc_graph
-    from mudsc_graph.io.checkpoints import first_non_finite
+    from mudsc_graph.checks import first_non_finite
 
     from .progress import RichReporter
 

@@ -264,7 +264,7 @@ def test_rebuild_partial_checks_its_arguments_before_building(ckpts, n_models, s
     """Defects 2 and 11 in the library: rebuild_partial built n_models models first (a million of
     them), and 'abc', 0 or 3 failed inside range() or load_state_dict."""
     from mudsc_graph.io.checkpoints import CheckpointError
-    from mudsc_graph.merging.partial_zip import rebuild_partial
+    from mudsc_graph.io.partial import rebuild_partial
 
     state = torch.load(ckpts / "partial.pt", weights_only=True)["state_dict"]
     built: list = []
@@ -276,7 +276,7 @@ def test_rebuild_partial_checks_its_arguments_before_building(ckpts, n_models, s
 def test_rebuild_partial_checks_the_tensors_like_fit_state_dict(ckpts):
     """Defect 6 in the library: NaN weights and wrong shapes loaded silently into a partial model."""
     from mudsc_graph.io.checkpoints import CheckpointError
-    from mudsc_graph.merging.partial_zip import rebuild_partial
+    from mudsc_graph.io.partial import rebuild_partial
 
     state = torch.load(ckpts / "partial.pt", weights_only=True)["state_dict"]
     example = (torch.randn(2, 1, 28, 28),)

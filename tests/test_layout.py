@@ -83,6 +83,13 @@ def test_no_import_cycle_between_modules():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles[:5])
 
 
+def test_merging_needs_nothing_from_io():
+    """Merging is the library's core; reading and writing files builds on it, not the reverse."""
+    g = _graph()
+    edges = [(a, b) for a, b in g.edges if a.startswith("mudsc_graph.merging") and b.startswith("mudsc_graph.io")]
+    assert not edges, f"merging imports io: {edges}"
+
+
 def test_the_graph_sees_the_imports():
     """The oracle itself: known edges are found, function-local ones included."""
     g = _graph()

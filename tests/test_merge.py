@@ -235,7 +235,7 @@ def test_groups_without_activation_probes_are_matched_by_weights():
 
 
 def test_a_partial_merge_rebuilds_from_its_state_dict():
-    from mudsc_graph.merging.partial_zip import rebuild_partial
+    from mudsc_graph.io.partial import rebuild_partial
 
     arch, a = _model("resnet20", seed=0)
     _, b = _model("resnet20", seed=1)

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import first_non_finite  # noqa: F401  (re-exported: checkpoints are checked with it)
 from ..errors import MudscError
 
 #: Keys under which other tools nest a state dict, tried in this order.
@@ -483,14 +484,6 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, source: str
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{source} does not fit the architecture: {_one_line(exc)}; check --arch / --arch-opt") from exc
-
-
-def first_non_finite(state: Mapping[str, Tensor]) -> str | None:
-    """The first key (in order) of a floating or complex tensor with NaN or inf values, or None."""
-    for key, value in state.items():
-        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
-            return key
-    return None
 
 
 # --------------------------------------------------------------------------- the output path

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..checks import first_non_finite
 from ..errors import MudscError, first_line
 from ..merging.api import config_differences
 from ..merging.statistics import (
@@ -43,7 +44,6 @@ from ..merging.statistics import (
 from .checkpoints import (
     CheckpointError,
     check_not_an_input,
-    first_non_finite,
     check_output_parent,
     cleanup_on_termination,
     file_sha256,

@@ -24,7 +24,7 @@ from torch import nn
 from ..analysis.pipeline import analyze_full
 from ..errors import SpecCheckError
 from ..inputs import as_inputs, take_rows, tensors, to_device
-from ..io.checkpoints import first_non_finite
+from ..checks import first_non_finite
 from ..plugin.registry import Registry, get_registry
 from ..spec.axes import group_ids
 from ..spec.merge_spec import MergeSpec
