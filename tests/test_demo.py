@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from mudsc_graph.experiments.demo import DEFAULT_METHODS, DemoError, parse_method, run_demo
+from mudsc_experiments.demo import DEFAULT_METHODS, DemoError, parse_method, run_demo
 
 TINY = dict(dataset="digits", arch="mlp", arch_options={"hidden": (32, 32)}, methods=("average", "zipit"), epochs=5, calib_samples=200)
 

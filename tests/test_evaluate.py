@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mudsc_graph.experiments.evaluate import EvaluationError, TaskMetrics, accuracy, ensemble_logits, predict_logits, task_metrics
-from mudsc_graph.experiments.tasks import ClassEmbeddingHead, HeadedModel, class_embeddings, split_classes, train_classifier, with_class_head
+from mudsc_experiments.evaluate import EvaluationError, TaskMetrics, accuracy, ensemble_logits, predict_logits, task_metrics
+from mudsc_experiments.tasks import ClassEmbeddingHead, HeadedModel, class_embeddings, split_classes, train_classifier, with_class_head
 
 TASKS = [[0, 1], [2, 3]]
 
@@ -264,7 +264,7 @@ def test_train_classifier_is_deterministic_and_reports_epochs():
 def test_evaluation_errors_are_one_line_mudsc_errors():
     """Defect 13: a batch size of 0 raised ValueError from range() (negative: 'needs one sample')."""
     from mudsc_graph.errors import MudscError
-    from mudsc_graph.experiments.evaluate import EvaluationError
+    from mudsc_experiments.evaluate import EvaluationError
 
     assert issubclass(EvaluationError, MudscError) and issubclass(EvaluationError, ValueError)  # old except ValueError still works
     lin = nn.Linear(4, 3)
@@ -277,7 +277,7 @@ def test_evaluation_errors_are_one_line_mudsc_errors():
 
 def test_classes_and_labels_the_logits_do_not_have_are_refused():
     """Defect 14: --tasks naming a class the model has no output for gave an IndexError."""
-    from mudsc_graph.experiments.evaluate import EvaluationError
+    from mudsc_experiments.evaluate import EvaluationError
 
     logits = torch.zeros(3, 5)
     y = torch.tensor([0, 1, 2])
@@ -295,7 +295,7 @@ def test_classes_and_labels_the_logits_do_not_have_are_refused():
 
 def test_nan_logits_are_refused_not_counted():
     """Defect 7 (library part): NaN outputs gave an accuracy (argmax of NaN) instead of an error."""
-    from mudsc_graph.experiments.evaluate import EvaluationError
+    from mudsc_experiments.evaluate import EvaluationError
 
     logits = torch.zeros(3, 4)
     logits[1, 2] = float("nan")

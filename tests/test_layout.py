@@ -12,7 +12,8 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "mudsc_graph"
 #: The import packages and the folders they live in (the CLI and the built-in plugins are installed
 #: under other names than their folders').
-PACKAGES = {"mudsc_graph": PKG, "mudsc_cli": PKG.parent / "cli", "mudsc_plugins": PKG.parent / "plugins"}
+PACKAGES = {"mudsc_graph": PKG, "mudsc_cli": PKG.parent / "cli", "mudsc_plugins": PKG.parent / "plugins",
+            "mudsc_experiments": PKG.parent / "experiments"}
 
 
 def _module_name(path: Path, root: Path = PKG, package: str = "mudsc_graph") -> str:
@@ -68,7 +69,7 @@ def _graph(pkg: str = "mudsc_graph") -> nx.DiGraph:
     return g
 
 
-@pytest.mark.parametrize("pkg", ["mudsc_cli", "mudsc_plugins"])
+@pytest.mark.parametrize("pkg", ["mudsc_cli", "mudsc_plugins", "mudsc_experiments"])
 def test_no_import_cycle_in_the_command_line_or_the_plugins(pkg):
     g = _graph(pkg)
     assert g.number_of_edges() > 0, f"the graph of {pkg} sees no imports"
@@ -81,6 +82,18 @@ def test_no_import_cycle_between_modules():
     g.remove_node("mudsc_graph")  # the public facade imports everything and nothing imports it back
     cycles = list(nx.simple_cycles(g))
     assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles[:5])
+
+
+def test_the_library_holds_no_application():
+    """mudsc_graph imports neither the command line nor the experiments (nor the built-in plugins:
+    the registry loads them by name)."""
+    found = []
+    for f in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{f.relative_to(PKG)}: {n}" for n in names if n.split(".")[0] in ("mudsc_cli", "mudsc_experiments", "mudsc_plugins")]
+    assert not found, found
 
 
 def test_merging_needs_nothing_from_io():
@@ -110,7 +123,7 @@ def test_no_function_over_60_lines():
     """Long functions are where the next maintainer gets lost (the library, the built-in plugins and
     the command line; data tables are not functions)."""
     long = []
-    for root in (PKG, PKG.parent / "plugins", PKG.parent / "cli"):
+    for root in PACKAGES.values():
         for f in sorted(root.rglob("*.py")):
             for node in ast.walk(ast.parse(f.read_text())):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -251,7 +251,7 @@ def test_a_partial_merge_rebuilds_from_its_state_dict():
 def test_a_shared_fixed_head_anchors_its_units():
     """Two models trained against the same fixed class embeddings agree on their feature units:
     those are averaged in place and the head stays the shared one."""
-    from mudsc_graph.experiments.tasks import with_class_head
+    from mudsc_experiments.tasks import with_class_head
 
     torch.manual_seed(0)
     a = with_class_head(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8)), 8, 4, seed=3).eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mudsc_graph.experiments.tasks import split_classes
+from mudsc_experiments.tasks import split_classes
 
 
 @pytest.fixture(scope="module")

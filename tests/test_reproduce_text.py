@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     part = importlib.import_module("benchmarks.reproduce.text")
-    from mudsc_graph.experiments.text import TextConfig
+    from mudsc_experiments.text import TextConfig
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("text")

@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from mudsc_graph.experiments import text
-from mudsc_graph.experiments.evaluate import predict_logits
-from mudsc_graph.experiments.text import CORPORA, REPAIR_VARIANTS, TextConfig, TextError, build_tokenizer, encode, load_task, run_text
+from mudsc_experiments import text
+from mudsc_experiments.evaluate import predict_logits
+from mudsc_experiments.text import CORPORA, REPAIR_VARIANTS, TextConfig, TextError, build_tokenizer, encode, load_task, run_text
 from tests.text_corpora import require_text_corpora
 
 require_text_corpora()

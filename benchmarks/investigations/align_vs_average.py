@@ -31,11 +31,11 @@ import time
 import torch
 
 from mudsc_graph.io.data import load_data
-from mudsc_graph.experiments.cache import EMBED_DIM
-from mudsc_graph.experiments.evaluate import predict_logits, task_metrics
+from mudsc_experiments.cache import EMBED_DIM
+from mudsc_experiments.evaluate import predict_logits, task_metrics
 from mudsc_graph.merging.api import merge
 from mudsc_graph.plugin.registry import get_registry
-from mudsc_graph.experiments.tasks import split_classes, train_classifier, with_class_head
+from mudsc_experiments.tasks import split_classes, train_classifier, with_class_head
 
 PERM_METHODS = [("average", "zip"), ("weight_matching", "align"), ("activation_matching", "align"), ("mudsc", "align")]
 SHORT = {"average": "avg", "weight_matching": "WM", "activation_matching": "AM", "mudsc": "MuDSC-al", "zipit": "ZipIt"}

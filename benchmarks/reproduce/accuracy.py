@@ -46,9 +46,9 @@ from benchmarks.reproduce.common import (
     setting,
     timed,
 )
-from mudsc_graph.experiments.demo import DEFAULT_METHODS, parse_method
-from mudsc_graph.experiments.evaluate import ensemble_logits, predict_logits, task_metrics
-from mudsc_graph.experiments.tasks import HeadedModel
+from mudsc_experiments.demo import DEFAULT_METHODS, parse_method
+from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
+from mudsc_experiments.tasks import HeadedModel
 from mudsc_graph.merging.api import prepare
 
 DATASETS: tuple[str, ...] = ("mnist5k", "animal_mnist")

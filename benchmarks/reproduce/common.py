@@ -14,7 +14,7 @@ class-embedding head (same head seed), so every backbone layer can be merged.
 * Model pairs are cached under ``$MUDSC_CACHE_DIR/reproduce`` (or ``~/.cache/mudsc/reproduce``),
   keyed by a hash of everything that affects the trained weights.
 
-The backbone options and the cache files are the demo's (:mod:`mudsc_graph.experiments.cache`), imported, not copied.
+The backbone options and the cache files are the demo's (:mod:`mudsc_experiments.cache`), imported, not copied.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import torch
 
 from mudsc_graph.merging.batchnorm import reset_bn_stats
 from mudsc_graph.io.data import LabeledData, load_data
-from mudsc_graph.experiments.cache import CACHE_ENV, EMBED_DIM, backbone_options, config_key, load_cached, save_cached
+from mudsc_experiments.cache import CACHE_ENV, EMBED_DIM, backbone_options, config_key, load_cached, save_cached
 from mudsc_graph.plugin.registry import get_registry
 from mudsc_graph.merging.statistics import default_inputs_from_batch
-from mudsc_graph.experiments.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
+from mudsc_experiments.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
 
 #: Bumped whenever training or data preparation changes in a way the config hash does not capture.
 CACHE_VERSION = 2

@@ -22,7 +22,7 @@
    distance.
 
 Models: two ``mlp`` backbones (hidden 256-256-128, no bias) trained on ``mnist5k`` classes 0-4 and
-5-9 with the shared fixed class-embedding head of :mod:`mudsc_graph.experiments.tasks`, cached under
+5-9 with the shared fixed class-embedding head of :mod:`mudsc_experiments.tasks`, cached under
 ``$MUDSC_CACHE_DIR/figures`` (default ``~/.cache/mudsc/figures``). Only the backbones are merged.
 """
 
@@ -41,8 +41,8 @@ from benchmarks import default_out
 from benchmarks.reproduce.common import cache_root
 from mudsc_graph.analysis.pipeline import analyze_full
 from mudsc_graph.analysis.trace import trace
-from mudsc_graph.experiments.cache import config_key, load_cached, save_cached
-from mudsc_graph.experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head
+from mudsc_experiments.cache import config_key, load_cached, save_cached
+from mudsc_experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head
 from mudsc_graph.io.data import load_data
 from mudsc_graph.merging.api import merge
 from mudsc_graph.merging.solver import DualSpaceSolver

@@ -32,9 +32,9 @@ import torch
 from benchmarks import default_out
 from benchmarks.reproduce import accuracy as acc
 from benchmarks.reproduce.common import input_shape_for, mean_std, model_pair, prepare_data
-from mudsc_graph.experiments.demo import DEFAULT_METHODS, parse_method
-from mudsc_graph.experiments.evaluate import ensemble_logits, predict_logits, task_metrics
-from mudsc_graph.experiments.tasks import HeadedModel
+from mudsc_experiments.demo import DEFAULT_METHODS, parse_method
+from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
+from mudsc_experiments.tasks import HeadedModel
 from mudsc_graph.merging.api import prepare
 
 ALPHA = 0.5

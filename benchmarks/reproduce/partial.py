@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import default_out
 from benchmarks.reproduce import accuracy as acc
 from benchmarks.reproduce.common import mean_std, model_pair, prepare_data, input_shape_for
-from mudsc_graph.experiments.evaluate import ensemble_logits, predict_logits, task_metrics
+from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
 from mudsc_graph.merging.api import prepare
 
 #: stop points per architecture setting, in forward order (None: the whole model merged)

@@ -5,7 +5,7 @@ Run::
 
     python -m benchmarks.reproduce.text [--quick] [--out DIR] [--threads N]
 
-The library part is :func:`mudsc_graph.experiments.text.run_text` (models A on sentiment, B on
+The library part is :func:`mudsc_experiments.text.run_text` (models A on sentiment, B on
 party, C on sentiment from another seed; every method plain, with REPAIR and, for the two tasks,
 with per-task REPAIR). The command-line part does what a user with two trained checkpoints does:
 models A and C are written with ``save_pretrained`` (model and tokenizer) into their own
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from benchmarks import ROOT, default_out
-from mudsc_graph.experiments.text import TWO_TASKS, TextConfig, TextResult, TextRow, run_text
+from mudsc_experiments.text import TWO_TASKS, TextConfig, TextResult, TextRow, run_text
 
 #: The files :func:`run` writes into its output folder.
 OUTPUT_FILES = ("text.csv", "text.md", "text_run.json")

@@ -5,7 +5,7 @@ Run (about a minute on one CPU thread)::
     pip install --no-deps -e docs/plugins/mudsc-cca-plugin
     python docs/plugins/mudsc-cca-plugin/examples/compare.py [--seeds 0 1 2] [--hidden 256 256 256] [--json]
 
-The protocol is the demo's (:mod:`mudsc_graph.experiments.demo`): model A is trained on classes
+The protocol is the demo's (:mod:`mudsc_experiments.demo`): model A is trained on classes
 0-4 and model B on 5-9 (different init seeds, the same fixed class-embedding head); their
 backbones are merged on calibration images of both halves (BatchNorm-free MLP, so no reset) and
 the shared head is put back. Joint accuracy is on the ``digits`` test split (all 10 classes);
@@ -24,9 +24,9 @@ import time
 import torch
 
 from mudsc_graph import get_registry, prepare
-from mudsc_graph.experiments.cache import EMBED_DIM
-from mudsc_graph.experiments.evaluate import ensemble_logits, predict_logits, task_metrics
-from mudsc_graph.experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head
+from mudsc_experiments.cache import EMBED_DIM
+from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
+from mudsc_experiments.tasks import HeadedModel, split_classes, train_classifier, with_class_head
 from mudsc_graph.io.data import load_data
 
 import mudsc_cca

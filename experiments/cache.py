@@ -1,7 +1,7 @@
 """The trained-model cache shared by ``mudsc demo`` and the reproduction benchmarks.
 
 Both train pairs of models of one architecture that end in the fixed class-embedding head of
-:mod:`mudsc_graph.experiments.tasks`, and both keep the trained weights on disk, keyed by a hash
+:mod:`mudsc_experiments.tasks`, and both keep the trained weights on disk, keyed by a hash
 of everything that affects them. This module holds what they share:
 
 * :func:`backbone_options`: the factory options of such a backbone (the demo's defaults, the
@@ -11,7 +11,7 @@ of everything that affects them. This module holds what they share:
   named by its hash, written atomically, read back only for the very same config);
 * :data:`CACHE_ENV`: the environment variable that moves the cache folder.
 
-Where each caller keeps its files is its own choice: the demo under :func:`mudsc_graph.experiments.demo.default_cache_dir`,
+Where each caller keeps its files is its own choice: the demo under :func:`mudsc_experiments.demo.default_cache_dir`,
 the benchmarks under ``$MUDSC_CACHE_DIR/<kind>``.
 """
 

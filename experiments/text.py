@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MudscError
-from ..merging.progress import NullReporter, Reporter
+from mudsc_graph.errors import MudscError
+from mudsc_graph.merging.progress import NullReporter, Reporter
 from .cache import config_key, load_cached, save_cached
 from .evaluate import predict_logits, task_metrics
 
@@ -178,7 +178,7 @@ def text_model(config: TextConfig, vocab_size: int, seed: int, num_labels: int =
     """A randomly initialised ``BertForSequenceClassification`` of the given sizes (seeded)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from ..io.hf import quiet_transformers
+    from mudsc_graph.io.hf import quiet_transformers
 
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=config.hidden, num_hidden_layers=config.layers,
                      num_attention_heads=config.heads, intermediate_size=config.intermediate,
@@ -372,7 +372,7 @@ def _merged_rows(setting: str, s: _Setting, parsed: list[tuple[str, str, str]], 
                  reporter: Reporter) -> list[TextRow]:
     """Every method of ``parsed`` with every variant of :data:`REPAIR_VARIANTS` for ``setting``.
     REPAIR reads both parents on the merge's calibration data; per-task REPAIR each on its own."""
-    from ..merging.api import prepare
+    from mudsc_graph.merging.api import prepare
 
     prepared = {False: prepare(s.pair, data=s.data)}
     if any(per_task for _, _, per_task in REPAIR_VARIANTS[setting]):
@@ -407,7 +407,7 @@ def run_text(
 ) -> TextResult:
     """Train (or load) three text classifiers — A on sentiment, B on party, C on sentiment from
     another initialisation — and merge them every way (see the module docstring). ``methods``:
-    names as in the demo (default: all of :data:`mudsc_graph.experiments.demo.DEFAULT_METHODS`)."""
+    names as in the demo (default: all of :data:`mudsc_experiments.demo.DEFAULT_METHODS`)."""
     from .demo import DEFAULT_METHODS, parse_method
 
     reporter = reporter or NullReporter()

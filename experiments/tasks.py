@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..merging.progress import NullReporter, Reporter
+from mudsc_graph.merging.progress import NullReporter, Reporter
 
 __all__ = ["ClassEmbeddingHead", "HeadedModel", "with_class_head", "class_embeddings", "split_classes", "train_classifier"]
 

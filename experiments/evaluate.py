@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MudscError
+from mudsc_graph.errors import MudscError
 
 __all__ = ["EvaluationError", "TaskMetrics", "predict_logits", "accuracy", "task_metrics", "ensemble_logits"]
 

@@ -4,12 +4,12 @@
 
 1. load a bundled real dataset (``mnist5k`` by default: 5000 MNIST digits, 80/20 train/test);
 2. train two models of one architecture from different seeds, model A on classes 0-4 and model B
-   on 5-9, both ending in the same fixed class-embedding head (:mod:`mudsc_graph.experiments.tasks`);
+   on 5-9, both ending in the same fixed class-embedding head (:mod:`mudsc_experiments.tasks`);
    their weights are cached under ``cache_dir``, keyed by a hash of everything that affects them;
 3. merge the two backbones with every method (``average`` ... ``mudsc-zip``), calibrating on a
    few hundred train images of both halves, and put the shared head back on;
 4. evaluate everything on the test split: joint accuracy, accuracy per task and their mean
-   (:func:`mudsc_graph.experiments.evaluate.task_metrics`), plus the seconds each merge took.
+   (:func:`mudsc_experiments.evaluate.task_metrics`), plus the seconds each merge took.
 
 Only the backbones are merged: the head is the same fixed buffer in both models, so the backbone's
 output coordinates are shared (not permutable), exactly as with the paper's CLIP-embedding heads.
@@ -29,9 +29,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import MudscError
-from ..merging.options import MergeOptions
-from ..merging.progress import NullReporter, Reporter
+from mudsc_graph.errors import MudscError
+from mudsc_graph.merging.options import MergeOptions
+from mudsc_graph.merging.progress import NullReporter, Reporter
 from .cache import CACHE_ENV, EMBED_DIM, config_key, load_cached, save_cached
 from .cache import backbone_options as _backbone_options  # the name run_demo uses
 from .evaluate import ensemble_logits, predict_logits, task_metrics
@@ -125,7 +125,7 @@ def default_cache_dir() -> Path:
 
 def parse_method(name: str) -> tuple[str, str]:
     """``"zipit"`` -> ``("zipit", "zip")``; ``"mudsc-align"`` -> ``("mudsc", "align")``; ``"mudsc"`` is ``mudsc-zip``."""
-    from ..merging.methods import METHODS
+    from mudsc_graph.merging.methods import METHODS
 
     base, _, mode = name.partition("-")
     if base == "mudsc":
@@ -169,7 +169,7 @@ def run_demo(
     resets. ``reporter`` sees stages ``model A: training``, ``merging`` (one step per method)
     and each merge's own stages prefixed with the method name.
     """
-    from ..plugin.registry import get_registry
+    from mudsc_graph.plugin.registry import get_registry
 
     reporter = reporter or NullReporter()
     parsed = [(m, *parse_method(m)) for m in methods]
@@ -240,7 +240,7 @@ class _DemoData:
 
     @classmethod
     def load(cls, dataset: str, architecture: Any, arch_options: dict[str, Any] | None, calib_samples: int) -> "_DemoData":
-        from ..io.data import load_data
+        from mudsc_graph.io.data import load_data
 
         probe = load_data(dataset, split="train")
         if len(probe.classes) < 2:
@@ -284,7 +284,7 @@ def _trained_models(architecture: Any, data: _DemoData, config: dict, cache_path
 
 def _merged(models: list[HeadedModel], batches: list, options: MergeOptions, reporter: Reporter) -> tuple[HeadedModel, int]:
     """The backbones merged, under model A's (shared, fixed) head; and the sweeps it took."""
-    from ..merging.api import merge
+    from mudsc_graph.merging.api import merge
 
     result = merge([m.backbone for m in models], data=batches, options=options, reporter=reporter)
     return HeadedModel(result.model, copy.deepcopy(models[0].head)).to(options.device).eval(), result.sweeps

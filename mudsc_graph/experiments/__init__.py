@@ -1,1 +1,0 @@
-"""Experiments on real data: tasks and training, evaluation, the demo and its model cache."""
