@@ -34,6 +34,12 @@ def _debug() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _in_process_group() -> bool:
+    """Whether this process joined a torch.distributed process group (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 class MudscGroup(TyperGroup):
     """The root command group: maps :class:`MudscError` raised by a command to exit code 1.
 
@@ -50,7 +56,9 @@ class MudscGroup(TyperGroup):
             if isinstance(exc, UsageError):
                 raise _cx.UsageError(str(exc), ctx=ctx) from None
             print_error(exc)
-            if getattr(exc, "abandon_process", False):  # a process group whose peer vanished aborts in its destructors
+            if getattr(exc, "abandon_process", False) or _in_process_group():
+                # a process group's gloo threads abort the interpreter's exit ("terminate called without
+                # an active exception") when its peers are gone or going: leave at once, with exit code 1
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(1)
