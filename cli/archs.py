@@ -33,17 +33,23 @@ def parse_arch_opts(items: Optional[list[str]]) -> dict[str, Any]:
     strings, None) and fall back to the raw string.
     """
     opts: dict[str, Any] = {}
+    for key, raw in parse_key_values(items, "--arch-opt", "width=2").items():
+        try:
+            opts[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            opts[key] = raw
+    return opts
+
+
+def parse_key_values(items: Optional[list[str]], flag: str, example: str) -> dict[str, str]:
+    """``["a=0.3"]`` -> ``{"a": "0.3"}`` for a repeatable ``flag KEY=VALUE`` option; a bad item is one line."""
+    out: dict[str, str] = {}
     for item in items or ():
         key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ArchOptionError(f"--arch-opt {item!r} is not KEY=VALUE (for example --arch-opt width=2)")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            value = raw
-        opts[key] = value
-    return opts
+        if not sep or not key.strip().isidentifier():
+            raise ArchOptionError(f"{flag} {item!r} is not KEY=VALUE (for example {flag} {example})")
+        out[key.strip()] = raw.strip()
+    return out
 
 
 def _check_options(arch: Any, opts: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from mudsc_graph.errors import MudscError
 from mudsc_graph.merging.options import DEFAULTS
 
 from .archs import (
-    MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_shape, resolve_architecture, resolve_device,
+    MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_key_values, parse_shape, resolve_architecture, resolve_device,
 )
 from .console import UsageError, err, out, print_warning
 from .hf_cmds import first_tokenizer, input_kind, load_dirs, refuse_options
@@ -158,7 +158,8 @@ def merge_command(
     same_on_every_rank("command line", [str(c) for c in checkpoints] + [str(out_path), data, arch, samples, batch_size, seed, method, mode])
     quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
-                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair, matcher_options=parse_matcher_opts(matcher_opt))
+                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair,
+                           matcher_options=parse_key_values(matcher_opt, "--matcher-opt", "a=0.3"))  # read by the parameters' types
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
     calibration = Calibration(data, samples, batch_size, seed, max_length)
     if input_kind(checkpoints) == "dir":
@@ -244,17 +245,6 @@ def run_merge(models: list[Any], batches: Any, example: Any, options: Any, quiet
             "are not finite (or too large; e.g. NaN images poison BatchNorm statistics); check --data and the checkpoints"
         )
     return result
-
-
-def parse_matcher_opts(items: Optional[list[str]]) -> dict[str, str]:
-    """``["a=0.3"]`` -> ``{"a": "0.3"}``: the matcher's declared parameters read the text."""
-    opts: dict[str, str] = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise MergeCommandError(f"--matcher-opt {item!r} is not KEY=VALUE (for example --matcher-opt a=0.3)")
-        opts[key.strip()] = raw.strip()
-    return opts
 
 
 def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]) -> dict[str, Any]:

@@ -331,7 +331,7 @@ def _check_size(cls: Any, config: Any, budget: int, p: Path) -> None:
         handle.remove()
 
 
-_INT_DTYPES = ("I", "U", "BOOL")
+_INTEGER_KINDS = ("I", "U", "BOOL")  # safetensors dtype names of integer and boolean tensors
 
 
 def _check_dtypes(model: nn.Module, table: dict[str, tuple[str, int]], p: Path) -> None:
@@ -340,7 +340,7 @@ def _check_dtypes(model: nn.Module, table: dict[str, tuple[str, int]], p: Path) 
     state = model.state_dict()
     for name, (dtype, _) in table.items():
         t = state.get(name)
-        if t is not None and t.is_floating_point() and dtype.upper().startswith(_INT_DTYPES):
+        if t is not None and t.is_floating_point() and dtype.upper().startswith(_INTEGER_KINDS):
             raise HFError(f"{p}: the weight {name} is stored as {dtype} in the weight files, but the model's is {t.dtype}; "
                           "save the model's floating-point weights")
 
@@ -459,7 +459,7 @@ def read_text_file(path: str | os.PathLike[str], *, limit: int | None = None, se
     ``limit``), each cut to ``max_chars`` characters. Memory stays a few bytes per line whatever
     the file holds (a million lines, or one line of 100 MB).
     """
-    from ..io.data import MAX_CLASSES
+    from .data import MAX_CLASSES
 
     p = Path(path)
     cap = 4 * int(max_chars) + 4  # bytes: at most 4 per character of UTF-8
