@@ -3,9 +3,10 @@
 Every error a user can cause derives from :class:`MudscError`. Messages are one line that says
 what is wrong, where (node, module path, op) and what to do. The CLI prints them in red and exits
 with code 1 (2 for a command line it cannot parse); anything else is a bug and propagates with its
-traceback. The errors of one stage live beside the code that raises them, all subclasses of
-:class:`MudscError`: ``MergeError`` (merging/options.py), ``StatisticsError``,
-``BatchNormResetError``, ``InputError``, ``CheckpointError``, ``DataError``, ``HFError``,
+traceback. :class:`MergeError` is every failure of a merge (its calibration errors,
+``CalibrationError``, ``StatisticsError``, ``RepairError`` and ``BatchNormResetError``, derive from
+it); the errors of one stage live beside the code that raises them, all subclasses of
+:class:`MudscError`: ``InputError``, ``CheckpointError``, ``DataError``, ``HFError``,
 ``EvaluationError``, ``DemoError``, and the CLI's own.
 """
 
@@ -45,6 +46,10 @@ class PluginError(MudscError):
 
 class SpecCheckError(MudscError):
     """A permutation that the MergeSpec calls valid changed the model's output."""
+
+
+class MergeError(MudscError):
+    """Merging failed (incompatible models, bad options, calibration data that cannot be used)."""
 
 
 class SpecError(MudscError):

@@ -126,13 +126,12 @@ def test_partial_zip_of_independent_models_keeps_tails():
 
 def test_bn_reset_gives_the_reset_model_back():
     from mudsc_graph.merging.batchnorm import reset_bn_stats
-    from mudsc_graph.merging.statistics import default_inputs_from_batch
 
     arch, a = _model("resnet20")
     data = _data(arch)
     b = _permuted(a, (data[0],))
     result = merge([a, b], data=data, method="mudsc", mode="zip", reset_bn=True, max_iter=10)
-    reset_bn_stats(a, data, default_inputs_from_batch)
+    reset_bn_stats(a, data)
     a.eval()
     torch.testing.assert_close(result.model(data[0]), a(data[0]), rtol=1e-4, atol=1e-4)
 

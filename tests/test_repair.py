@@ -12,7 +12,7 @@ from mudsc_graph import analyze, get_registry
 from mudsc_graph.inputs import as_inputs
 from mudsc_graph.merging import repair as rp
 from mudsc_graph.merging.api import MergeError, merge
-from mudsc_graph.merging.statistics import default_inputs_from_batch
+from mudsc_graph.merging.calibration import Calibration
 
 
 def _model(name: str, seed: int, **opts) -> nn.Module:
@@ -46,12 +46,12 @@ def _stats_after(result, parents, data, *, repair_data=None):
     """(the repaired model's statistics, their targets) at every repair point."""
     model = result.model
     points = rp.repair_points(model, result.spec, result.matchings, reset_bn=False, n_models=len(parents))
-    points = [p for p in points if p.path in rp.measure(parents[0], points, data, default_inputs_from_batch, "cpu", "parent").stats]
+    points = [p for p in points if p.path in rp.measure(parents[0], points, Calibration(data), "parent").stats]
     sizes = {g.id: g.size for g in result.spec.groups}
     sets = repair_data or [data] * len(parents)
-    parent_stats = [rp.measure(m, points, d, default_inputs_from_batch, "cpu", "parent") for m, d in zip(parents, sets)]
+    parent_stats = [rp.measure(m, points, Calibration(d), "parent") for m, d in zip(parents, sets)]
     wanted = rp.targets(points, parent_stats, result.matchings, sizes)
-    got = rp.measure(model, points, data, default_inputs_from_batch, "cpu", "merged").stats
+    got = rp.measure(model, points, Calibration(data), "merged").stats
     return points, got, wanted
 
 

@@ -34,7 +34,6 @@ from mudsc_graph.merging.batchnorm import reset_bn_stats
 from mudsc_graph.io.data import LabeledData, load_data
 from mudsc_experiments.cache import CACHE_ENV, EMBED_DIM, backbone_options, config_key, load_cached, save_cached
 from mudsc_graph.plugin.registry import get_registry
-from mudsc_graph.merging.statistics import default_inputs_from_batch
 from mudsc_experiments.tasks import DEFAULT_SCALE, HeadedModel, split_classes, train_classifier, with_class_head
 
 #: Bumped whenever training or data preparation changes in a way the config hash does not capture.
@@ -255,7 +254,7 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
             x, y = _limit_task(data.train.x, data.train.y, task, arch.train_limit, seeds[i])
             t0 = time.perf_counter()
             train_classifier(model, x, y, task, epochs=arch.epochs, lr=arch.lr, batch_size=arch.batch_size, seed=seeds[i])
-            reset_bn_stats(model, [(b,) for b in x.split(100)], default_inputs_from_batch)
+            reset_bn_stats(model, [(b,) for b in x.split(100)])
             seconds[i] = time.perf_counter() - t0
             if log:
                 log(f"    trained model {'ABCDEFGH'[i]} ({len(y)} images x {arch.epochs} epochs) in {seconds[i]:.1f}s")

@@ -135,7 +135,7 @@ def cost_floor(prepared: Any, result: Any, models: list, data: list, dev: Any) -
         models[0](data[0])
     forward_flops = counter.get_total_flops() * len(models) * sum(len(x) for x in data) / len(data[0])
     n = len(models)
-    act = prepared.activations(within_model=False) if prepared.batches is not None else {}
+    act = prepared.activations(within_model=False) if prepared.calib is not None else {}
     macs = 0.0
     for gid in result.matchings:
         if gid not in act:

@@ -38,7 +38,7 @@ from torch import nn
 from ..checks import first_non_finite
 from ..errors import MudscError, first_line
 from ..merging.api import config_differences
-from ..merging.statistics import (
+from ..merging.calibration import (
     LABEL_KEYS,  # label columns of a token file, tried in this order
 )
 from .checkpoints import (

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..analysis.pipeline import analyze_full
 from ..errors import SpecCheckError
-from ..inputs import as_inputs, take_rows, tensors, to_device
+from ..inputs import as_inputs, take_rows, to_device
 from ..checks import first_non_finite
 from ..plugin.registry import Registry, get_registry
 from ..spec.axes import group_ids
@@ -37,8 +37,9 @@ from .partial_zip import build_partial, stop_index
 from .progress import NullReporter, Reporter
 from .repair import assignments, measure, repair, repair_points
 from .solver import DualSpaceSolver, MatchOutcome
-from .distributed import reduce_batchnorm, shard, together
-from .statistics import Correlations, activation_correlations, default_inputs_from_batch
+from .calibration import Calibration
+from .distributed import reduce_batchnorm, together
+from .statistics import Correlations, activation_correlations
 from .weights import merge_state_dicts
 
 
@@ -174,20 +175,6 @@ def _check_tuple_batch(model: nn.Module, batch: Any) -> None:
         )
 
 
-def _read_batches(data: Iterable | None, inputs_from_batch: Callable[[Any], Any]) -> list | None:
-    """The calibration batches in memory, each checked: model inputs found, every float finite."""
-    if data is None:
-        return None
-    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-        raise MergeError(f"data= must be an iterable of batches (a list, a DataLoader), got {type(data).__name__}")
-    batches = list(data)
-    for k, batch in enumerate(batches):
-        for t in tensors(as_inputs(inputs_from_batch(batch))):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise MergeError(f"calibration batch {k} has NaN or inf inputs; they would poison every statistic: clean the data")
-    return batches
-
-
 def _working_copy(model: nn.Module, device: torch.device, reset_bn: bool) -> nn.Module:
     """The model a merge reads: a copy on ``device`` (the input is never modified), or the model
     itself when nothing would modify it (already on ``device``, in eval mode, no BatchNorm to
@@ -244,14 +231,13 @@ class PreparedMerge:
         self.timings: dict[str, float] = {}
         self.reporter = reporter or NullReporter()
         self.registry = registry or get_registry()
-        self.inputs_from_batch = inputs_from_batch or default_inputs_from_batch
         reset_bn = opts.reset_bn
         stage = Stages(self.timings)
 
         with stage("check"):
             example_inputs = self._check(models, data, example_inputs, inputs_from_batch, repair_data)
         with stage("bn_reset_bases"):
-            if reset_bn and self.batches is not None:
+            if reset_bn and self.calib is not None:
                 for m in self.models:  # leaves each model in eval mode, as it was
                     self._reset_bn(m)
         with stage("analysis"):  # with its self-check
@@ -260,28 +246,29 @@ class PreparedMerge:
 
     def _check(self, models: list[nn.Module], data: Iterable | None, example_inputs: Any, inputs_from_batch: Any,
                repair_data: Sequence[Iterable] | None) -> Any:
-        """The models and data checked, this rank's batches, working copies on the device; the example inputs."""
+        """The models and data checked, working copies on the device, the calibration (this rank's
+        batches: under torch.distributed each rank passes its share and the sums are all-reduced);
+        the example inputs."""
         opts, reset_bn = self.options, self.options.reset_bn
         check_models(models)
-        self.batches = _read_batches(data, self.inputs_from_batch)
-        if self.batches is not None and not self.batches:
-            raise MergeError("the calibration data is empty: give at least one batch")
-        if self.batches is None and reset_bn and has_batchnorm(models[0]):
-            raise MergeError("resetting BatchNorm statistics (reset_bn=True) needs calibration data: pass data=")
-        # this process's batches: under torch.distributed each rank passes its share and the sums are all-reduced
-        self.local = shard(self.batches) if self.batches is not None and opts.shard_data else self.batches
-        self.repair_local = self._repair_data(repair_data, len(models), opts.shard_data)
-        self._parents: dict[tuple[str, ...], list] = {}
         self.device = dev = _resolve_device(opts.device, models[0])
+        whole = Calibration.read(data, inputs_from_batch, dev)
+        if whole is not None and not len(whole):
+            raise MergeError("the calibration data is empty: give at least one batch")
+        if whole is None and reset_bn and has_batchnorm(models[0]):
+            raise MergeError("resetting BatchNorm statistics (reset_bn=True) needs calibration data: pass data=")
+        self.calib = whole.shard() if whole is not None and opts.shard_data else whole
+        self.task_calibs = self._repair_data(repair_data, len(models), inputs_from_batch, opts.shard_data)
+        self._parents: dict[tuple[str, ...], list] = {}
         self.models = [_working_copy(m, dev, reset_bn) for m in models]
         for m in self.models:
             set_mode(m, False)
         if example_inputs is None:
-            if self.batches is None:
+            if whole is None:
                 raise MergeError("pass example_inputs= (or data=) so the model can be traced")
             if inputs_from_batch is None:
-                _check_tuple_batch(models[0], self.batches[0])
-            example_inputs = take_rows(as_inputs(self.inputs_from_batch(self.batches[0])), 2)  # tracing needs only shapes
+                _check_tuple_batch(models[0], whole.batches[0])
+            example_inputs = take_rows(next(whole.inputs())[1], 2)  # tracing needs only shapes
         return to_device(as_inputs(example_inputs), dev)
 
     def _analyse(self, example_inputs: Any) -> None:
@@ -296,22 +283,22 @@ class PreparedMerge:
         self.states = [dict(m.state_dict()) for m in self.models]
         _self_check(self.spec, self.models[0], example_inputs)
 
-    def _repair_data(self, data: Sequence[Iterable] | None, n: int, shard_data: bool) -> list[list] | None:
-        """Per-task repair data: one calibration set per model, read into memory (this rank's share)."""
+    def _repair_data(self, data: Sequence[Iterable] | None, n: int, inputs_from_batch: Any, shard_data: bool) -> list[Calibration] | None:
+        """Per-task repair data: one calibration per model, read into memory (this rank's share)."""
         if data is None:
             return None
         if isinstance(data, (str, bytes)) or not hasattr(data, "__len__") or len(data) != n:
             raise MergeError(f"repair_data= must hold one calibration set per model ({n}), got {type(data).__name__}")
-        sets = [_read_batches(d, self.inputs_from_batch) for d in data]
-        empty = [i for i, b in enumerate(sets) if not b]
+        sets = [Calibration.read(d, inputs_from_batch, self.device) for d in data]
+        empty = [i for i, c in enumerate(sets) if not len(c)]
         if empty:
             raise MergeError(f"repair_data[{empty[0]}] is empty: give each model at least one batch")
-        return [shard(b) if shard_data else b for b in sets]
+        return [c.shard() if shard_data else c for c in sets]
 
     def _reset_bn(self, model: nn.Module) -> None:
         """Recompute ``model``'s BatchNorm statistics on this rank's batches, averaged over the ranks."""
-        together(lambda: reset_bn_stats(model, self.local, self.inputs_from_batch, self.device))
-        reduce_batchnorm(model, len(self.local))
+        together(lambda: reset_bn_stats(model, self.calib))
+        reduce_batchnorm(model, len(self.calib))
 
     def activations(self, within_model: bool = True) -> Correlations:
         """``{group id: (N*units) x (N*units) activation correlation}``, gathered on first call;
@@ -319,15 +306,15 @@ class PreparedMerge:
         :func:`~mudsc_graph.merging.statistics.activation_correlations`); a later call that needs the
         within-model blocks gathers them again."""
         if self._act is None or (within_model and not self._act.within_model):
-            if self.batches is None:
+            if self.calib is None:
                 raise MergeError("activation similarities need calibration data: pass data=")
             self._act = None  # free the cross-only statistics before gathering the full ones
             self.timings.pop("statistics", None)
             with Stages(self.timings)("statistics"):
-                self.reporter.start("statistics", total=len(self.local))
+                self.reporter.start("statistics", total=len(self.calib))
                 self._act = activation_correlations(
-                    self.analysis.graph_module, self.spec, self.local, states=self.states, device=self.device, probe=self.options.probe,
-                    inputs_from_batch=self.inputs_from_batch, reporter=self.reporter, registry=self.registry, within_model=within_model,
+                    self.analysis.graph_module, self.spec, self.calib, states=self.states, probe=self.options.probe,
+                    reporter=self.reporter, registry=self.registry, within_model=within_model,
                 )
                 self.reporter.end()
         return self._act
@@ -341,9 +328,9 @@ class PreparedMerge:
         if moved:
             raise MergeError(f"{', '.join(moved)} cannot change after prepare(): prepare the merge again with the new value")
         resolved = resolve_method(self.registry, opts)
-        if resolved.needs_activations and self.batches is None:
+        if resolved.needs_activations and self.calib is None:
             raise MergeError(f"method {resolved.method.name!r} needs calibration data: pass data=")
-        if opts.repair and self.batches is None:
+        if opts.repair and self.calib is None:
             raise MergeError("repair=True reads the models' outputs on calibration data: pass data=")
         timings: dict[str, float] = {}
         stage = Stages(timings)
@@ -360,7 +347,7 @@ class PreparedMerge:
         matchings = outcome.matchings
         with stage("merge"):
             merged = self._merged_weights(matchings)
-        reset = opts.reset_bn and self.batches is not None and has_batchnorm(merged)
+        reset = opts.reset_bn and self.calib is not None and has_batchnorm(merged)
         std_ratio = None
         with stage("repair"):
             if opts.repair:
@@ -461,16 +448,12 @@ class PreparedMerge:
             self._reset_bn(merged)
         key = tuple(p.path for p in points)
         if key not in self._parents:
-            sets = self.repair_local or [self.local] * len(self.models)
-            self._parents[key] = [
-                measure(m, points, batches, self.inputs_from_batch, self.device, f"model {i}")
-                for i, (m, batches) in enumerate(zip(self.models, sets))
-            ]
+            calibs = self.task_calibs or [self.calib] * len(self.models)
+            self._parents[key] = [measure(m, points, c, f"model {i}") for i, (m, c) in enumerate(zip(self.models, calibs))]
         parents = self._parents[key]
         points = [p for p in points if all(p.path in q.stats for q in parents)]  # modules the forward calls
         sizes = {g.id: g.size for g in self.spec.groups}
-        return repair(merged, points, parents, matchings, sizes, self.local, self.inputs_from_batch, self.device,
-                      same_batches=self.repair_local is None)
+        return repair(merged, points, parents, matchings, sizes, self.calib, same_batches=self.task_calibs is None)
 
     def _partial(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str]) -> nn.Module:
         """The partial-zip module: ``merged``'s trunk, each model's own tail."""

@@ -7,16 +7,16 @@ no gradient), as ZipIt! and MuDSC do for the base models before matching and for
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import MudscError, first_line
-from ..inputs import as_inputs, batch_size, call, describe, to_device
+from ..inputs import batch_size, call
+from .calibration import Calibration, CalibrationError
 
 
-class BatchNormResetError(MudscError, ValueError):
+class BatchNormResetError(CalibrationError):
     """A calibration batch that the model cannot run in training mode."""
 
 
@@ -25,8 +25,10 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reset_bn_stats(model: torch.nn.Module, batches: Iterable, inputs_from_batch: Callable, device: torch.device | str | None = None) -> None:
-    """Recompute every BatchNorm's running mean and variance over ``batches`` (cumulative average)."""
+def reset_bn_stats(model: torch.nn.Module, data: Iterable | Calibration) -> None:
+    """Recompute every BatchNorm's running mean and variance over ``data`` (batches, or a
+    :class:`~.calibration.Calibration`) as a cumulative average."""
+    calib = Calibration.of(data)
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -37,16 +39,10 @@ def reset_bn_stats(model: torch.nn.Module, batches: Iterable, inputs_from_batch:
         m.momentum = None  # cumulative moving average
     model.train()
     try:
-        for k, batch in enumerate(batches):
-            inputs = to_device(as_inputs(inputs_from_batch(batch)), device)
-            try:
+        for k, inputs in calib.inputs():
+            small = "; BatchNorm in training mode needs at least 2 samples per batch" if batch_size(inputs) == 1 else ""
+            with calib.batch(k, inputs, "resetting BatchNorm statistics", error=BatchNormResetError, hint=small):
                 call(model, inputs)
-            except Exception as exc:  # the model refuses a batch: say which, and why
-                small = " (BatchNorm in training mode needs at least 2 samples per batch)" if batch_size(inputs) == 1 else ""
-                raise BatchNormResetError(
-                    f"resetting BatchNorm statistics: the model failed on calibration batch {k} ({describe(inputs)}){small}: "
-                    f"{type(exc).__name__}: {first_line(exc)}"
-                ) from exc
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom

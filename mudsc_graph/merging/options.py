@@ -18,12 +18,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from ..analysis.trace import TRACERS
-from ..errors import MudscError
+from ..errors import MergeError
 from .statistics import PROBES
 
-
-class MergeError(MudscError):
-    """Merging failed (incompatible models, bad options)."""
 
 
 #: Fields fixed when a merge is prepared (:class:`~mudsc_graph.PreparedMerge`): the checks, the

@@ -43,12 +43,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import MudscError, first_line
-from ..inputs import as_inputs, call, describe, to_device
+from ..inputs import call
 from ..spec.axes import Expr, has_group, ungroup
 from ..spec.merge_spec import MergeSpec
 from .distributed import all_sum_, together
 from .assignment import Assignment
+from .calibration import Calibration, CalibrationError
 from .weights import apply_along
 
 #: the variance floor of a unit, as BatchNorm's eps: a dead unit (constant output) keeps its scale
@@ -58,7 +58,7 @@ PASSES = 4
 TOL = 1e-3
 
 
-class RepairError(MudscError, ValueError):
+class RepairError(CalibrationError):
     """REPAIR could not read the statistics it needs (a model failed on a batch, non-finite values)."""
 
 
@@ -153,7 +153,7 @@ def _total(per_batch: Sequence[Moments]) -> Moments:
     return {path: tuple(m) for path, m in out.items()}
 
 
-def _pass(model: nn.Module, points: Sequence[Point], batches: Sequence, inputs_from_batch: Callable, device: Any, who: str,
+def _pass(model: nn.Module, points: Sequence[Point], calib: Calibration, who: str,
           correct: Callable[[int, Point], tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[Moments]:
     """Each point's moments on each batch (a point whose module never ran has none). With
     ``correct`` (batch index, point) -> (target mean, target std), each output is also corrected
@@ -185,14 +185,10 @@ def _pass(model: nn.Module, points: Sequence[Point], batches: Sequence, inputs_f
     model.eval()
     try:
         with torch.no_grad():
-            for k, batch in enumerate(batches):
+            for k, inputs in calib.inputs():
                 per_batch.append({})
-                inputs = to_device(as_inputs(inputs_from_batch(batch)), device)
-                try:
+                with calib.batch(k, inputs, "REPAIR", who, error=RepairError):
                     call(model, inputs)
-                except Exception as exc:
-                    raise RepairError(f"REPAIR: {who} failed on calibration batch {k} ({describe(inputs)}): "
-                                      f"{type(exc).__name__}: {first_line(exc)}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -227,12 +223,11 @@ class Parent:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def measure(model: nn.Module, points: Sequence[Point], batches: Sequence, inputs_from_batch: Callable, device: Any,
-            who: str) -> Parent:
-    """A model's statistics at ``points`` over this rank's ``batches`` (summed over the ranks). A
+def measure(model: nn.Module, points: Sequence[Point], calib: Calibration, who: str) -> Parent:
+    """A model's statistics at ``points`` over this rank's batches (summed over the ranks). A
     point whose module the forward never calls as a module (``nn.MultiheadAttention`` reads its
     ``out_proj`` weights directly) is left out of ``stats``."""
-    per_batch = together(lambda: _pass(model, points, batches, inputs_from_batch, device, who))
+    per_batch = together(lambda: _pass(model, points, calib, who))
     return Parent(per_batch, _summed(points, per_batch, who))
 
 
@@ -279,10 +274,9 @@ def fold(model: nn.Module, points: Sequence[Point], measured: Mapping[str, tuple
 
 
 def repair(merged: nn.Module, points: Sequence[Point], parents: Sequence[Parent], matchings: Mapping[int, Any],
-           sizes: Mapping[int, int], batches: Sequence, inputs_from_batch: Callable, device: Any, *,
-           same_batches: bool = True, passes: int | None = None, tol: float | None = None) -> float:
+           sizes: Mapping[int, int], calib: Calibration, *, same_batches: bool = True, passes: int | None = None, tol: float | None = None) -> float:
     """REPAIR ``merged`` in place (see the module docstring); ``parents``: each parent's
-    :func:`measure` at ``points``, on ``batches`` themselves when ``same_batches``. Returns the
+    :func:`measure` at ``points``, on ``calib``'s batches themselves when ``same_batches``. Returns the
     mean ratio, over points and channels, of the merged model's standard deviation to its target
     in the first pass (how much of its parents' variance the merge had lost)."""
     passes = PASSES if passes is None else passes
@@ -297,7 +291,7 @@ def repair(merged: nn.Module, points: Sequence[Point], parents: Sequence[Parent]
     first = None
     for k in range(passes):
         correct = on_batch if k == 0 else None
-        per_batch = together(lambda correct=correct: _pass(merged, points, batches, inputs_from_batch, device, "the merged model", correct))
+        per_batch = together(lambda correct=correct: _pass(merged, points, calib, "the merged model", correct))
         measured = _summed(points, per_batch, "the merged model")
         if first is None:
             first = [float((measured[p.path][1] / wanted[p.path][1]).mean()) for p in points]

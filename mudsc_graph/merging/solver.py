@@ -35,6 +35,7 @@ import torch
 from ..plugin.records import MatchingStrategy
 from ..spec.merge_spec import MergeSpec
 from .progress import NullReporter, Reporter
+from .statistics import ActivationStatistics, Correlations
 from .similarity import (
     feature_numel,
     feature_pieces,
@@ -85,15 +86,20 @@ class DualSpaceSolver:
         gids: list[int],
         matcher: MatchingStrategy,
         *,
-        act: Mapping[int, torch.Tensor] | None,
+        act: ActivationStatistics | Mapping[int, torch.Tensor] | None,
         alpha: float,
         options: Mapping[str, Any] | None = None,
         reporter: Reporter | None = None,
         threads: int = 1,
     ) -> None:
         """``matcher``: the strategy record (its ``match``, whether it reads within-model blocks,
-        needs covariances); ``options``: its parameters' values (:meth:`MatchingStrategy.options`)."""
-        self.spec, self.states, self.match, self.act, self.alpha = spec, states, matcher.match, act, alpha
+        needs covariances); ``act``: the activation statistics (a plain ``{group id: correlation}`` is
+        read as :class:`Correlations` without scales); ``options``: its parameters' values
+        (:meth:`MatchingStrategy.options`)."""
+        if act is not None and not isinstance(act, ActivationStatistics):
+            act = Correlations(act)
+        self.act: ActivationStatistics | None = act
+        self.spec, self.states, self.match, self.alpha = spec, states, matcher.match, alpha
         self.options = dict(options or {})
         self.reporter = reporter or NullReporter()
         self.n = len(states)
@@ -192,15 +198,13 @@ class DualSpaceSolver:
         if alpha >= 1.0:
             return w
         act = self.act[gid]
-        fresh = getattr(self.act, "fresh", None)  # a plain {gid: correlation} hands out its own tensors
-        act = act.mul_(1.0 - alpha) if fresh is not None and fresh(gid) else act * (1.0 - alpha)
+        act = act.mul_(1.0 - alpha) if self.act.fresh(gid) else act * (1.0 - alpha)
         return w.mul_(alpha).add_(act)  # w is fresh: scaled in place
 
     def covariance(self, gid: int) -> torch.Tensor | None:
         """``gid``'s activation covariance (:meth:`Correlations.covariance
         <mudsc_graph.merging.statistics.Correlations.covariance>`), or ``None`` without statistics."""
-        of = getattr(self.act, "covariance", None)  # a plain {gid: correlation} has no scales
-        return of(gid) if of is not None else None
+        return self.act.covariance(gid) if self.act is not None else None
 
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks

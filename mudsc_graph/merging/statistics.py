@@ -8,7 +8,7 @@ the N models run in step (:mod:`.lockstep`). Memory is O(sum over groups of (N*u
 O(samples). :class:`CorrelationAccumulator` is the same statistic for one stream of features (what
 a plugin may use on its own data).
 
-    >>> corr = activation_correlations(gms, spec, loader, device="cuda")
+    >>> corr = activation_correlations(gms, spec, Calibration(loader, device="cuda"))
     >>> corr = activation_correlations(gm, spec, loader, states=[sd_a, sd_b])   # one graph, N weights
     >>> corr[gid].shape   # (N * spec.groups[gid].size,) * 2
 """
@@ -16,14 +16,14 @@ a plugin may use on its own data).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
 
-from ..errors import MudscError, first_line
-from ..inputs import InputError, as_inputs, bind, call_graph, describe, to_device
+from ..inputs import bind, call_graph
 from ..spec.axes import Expr, Units, size, take, to_json
+from .calibration import Calibration, CalibrationError
 from .distributed import all_sum_, reduce_moments, together
 from .lockstep import Stepper
 
@@ -32,8 +32,24 @@ from .lockstep import Stepper
 PROBES = ("last", "first", "all")
 
 
-class StatisticsError(MudscError, ValueError):
-    """No calibration data, or features that are not finite (names the group and the node)."""
+class StatisticsError(CalibrationError):
+    """No calibration data, a model failing on a batch, or features that are not finite (names the
+    group and the node)."""
+
+
+@runtime_checkable
+class ActivationStatistics(Protocol):
+    """What a matcher reads of the activation statistics (:class:`Correlations` is one): each
+    group's ``(N*units) x (N*units)`` correlation, whether a read builds a new tensor (the reader
+    may then change it in place), and the covariance where the units' scales are known."""
+
+    def __getitem__(self, gid: int) -> torch.Tensor: ...
+
+    def __contains__(self, gid: object) -> bool: ...
+
+    def fresh(self, gid: int) -> bool: ...
+
+    def covariance(self, gid: int) -> torch.Tensor | None: ...
 
 
 class Correlations(Mapping):
@@ -370,41 +386,14 @@ def select_probes(group: Any, probe: str = "last") -> list[Any]:
     return [p for p in consumers if (p.node, p.axis) not in seen and not seen.add((p.node, p.axis))]
 
 
-#: Keys of a dict batch that are targets, not model inputs.
-LABEL_KEYS = ("labels", "label", "y")
-
-
-def default_inputs_from_batch(batch: Any) -> Any:
-    """The model inputs of one calibration batch.
-
-    A tensor -> ``(batch,)``; a tuple/list -> ``(batch[0],)`` (inputs, labels, ...), or keyword inputs
-    when ``batch[0]`` is a dict (several named inputs and their labels); a dict of
-    ``"x"`` and labels -> ``(batch["x"],)``; any other dict is keyword inputs, keyed by the forward's
-    parameter names (``{"input_ids": ids, "attention_mask": ...}``, ``{"x": x, "mem": memory}``),
-    without its label keys (``labels``, ``label``, ``y``). Several positional inputs: a dict, or
-    ``inputs_from_batch=``.
-    """
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch:
-        return {str(k): v for k, v in batch[0].items()} if isinstance(batch[0], Mapping) else (batch[0],)
-    if isinstance(batch, Mapping) and "x" in batch and all(k == "x" or k in LABEL_KEYS for k in batch):
-        return (batch["x"],)
-    if isinstance(batch, Mapping) and batch:
-        return {str(k): v for k, v in batch.items() if k not in LABEL_KEYS}
-    raise StatisticsError(f"cannot take model inputs from a batch of type {type(batch).__name__}; pass inputs_from_batch=")
-
-
 @torch.no_grad()
 def activation_correlations(
     gms: list[fx.GraphModule] | fx.GraphModule,
     spec: Any,
-    batches: Iterable,
+    data: Iterable | Calibration,
     *,
     states: list[Mapping[str, torch.Tensor]] | None = None,
-    device: torch.device | str | None = None,
     probe: str = "last",
-    inputs_from_batch: Callable[[Any], Any] | None = None,
     reporter: Any = None,
     eps: float | None = None,
     registry: Any = None,
@@ -418,9 +407,10 @@ def activation_correlations(
     Rows/columns are the models' units stacked in model order. ``probe``: ``"last"`` (the last
     consumer probe in graph order, as the official MuDSC code), ``"first"`` or ``"all"`` (every
     consumer probe, stacked as more samples); a group without consumer probes uses its first
-    producer probe. One pass over ``batches``; ``reporter.advance()`` per batch. ``eps``: see
-    :meth:`CorrelationAccumulator.correlation` (``1e-7``: the official formula). Batches give the
-    models' inputs through ``inputs_from_batch`` (positional or keyword tensors).
+    producer probe. One pass over ``data`` (batches, or a :class:`~.calibration.Calibration` that
+    says how a batch gives the models' inputs and on which device they run: by default the models');
+    ``reporter.advance()`` per batch. ``eps``: see :meth:`CorrelationAccumulator.correlation`
+    (``1e-7``: the official formula).
     ``within_model=False`` computes only the blocks between model 0 and the others (what a
     permutation matcher reads): the within-model blocks read 0, and the pass costs a fraction of
     the full one (:class:`StackedMoments`).
@@ -436,17 +426,20 @@ def activation_correlations(
         raise ValueError("activation_correlations needs at least one model")
     if states is not None and len(gms) != 1:
         raise ValueError("with states=, pass a single GraphModule")
-    if device is None:
+    calib = Calibration.of(data)
+    if calib.device is None:
         p = next(iter(gms[0].parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
+        calib = Calibration.of(calib.batches, inputs_from_batch=calib.inputs_from_batch,
+                               device=p.device if p is not None else torch.device("cpu"))
+    device = calib.device
     sizes = {g.id: g.size for g in spec.groups}
     plan = {g.id: select_probes(g, probe) for g in spec.groups if not g.fixed and g.probes}
     runs = _runs(gms, states, plan, registry)
     if not runs:
         return Correlations()
     accs = {gid: StackedMoments(len(runs), sizes[gid], device, within_model=within_model) for gid in plan}
-    pass_ = _Pass(runs, plan, sizes, accs, inputs_from_batch or default_inputs_from_batch, device, reporter)
-    n_batches = together(lambda: pass_.over(batches))
+    pass_ = _Pass(runs, plan, sizes, accs, calib, reporter)
+    n_batches = together(pass_.over)
     counts = torch.tensor([float(n_batches)], dtype=torch.float64)
     all_sum_([counts])
     if counts.item() == 0:
@@ -478,9 +471,9 @@ class _Pass:
     are computed in every model, and its values are then freed, so a batch never holds every probe
     value of every model at once."""
 
-    def __init__(self, runs: list, plan: dict, sizes: dict, accs: dict, inputs_from_batch: Callable, device: Any, reporter: Any) -> None:
+    def __init__(self, runs: list, plan: dict, sizes: dict, accs: dict, calib: Calibration, reporter: Any) -> None:
         self.runs, self.plan, self.sizes, self.accs = runs, plan, sizes, accs
-        self.inputs_from_batch, self.device, self.reporter = inputs_from_batch, device, reporter
+        self.calib, self.device, self.reporter = calib, calib.device, reporter
         self.steppers = [Stepper(ext, state) for ext, state in runs]
         keys = {gid: [_out_key(p) for p in probes] for gid, probes in plan.items()}
         self.order = sorted(plan, key=lambda gid: self.steppers[0].ready(keys[gid]))  # stable: plan order on ties
@@ -489,23 +482,24 @@ class _Pass:
         self.done = {gid: [k for k in keys[gid] if last[k] == gid] for gid in self.order}  # values freed after folding gid
         self._scratch: torch.Tensor | None = None  # see stacked()
 
-    def over(self, batches: Iterable) -> int:
+    def over(self) -> int:
         n_batches = 0
-        for batch in batches:
-            self.fold(to_device(as_inputs(self.inputs_from_batch(batch)), self.device))
+        for k, inputs in self.calib.inputs():
+            self.fold(k, inputs)
             n_batches += 1
             if self.reporter is not None:
                 self.reporter.advance(1)
         return n_batches
 
-    def fold(self, inputs: Any) -> None:
+    def fold(self, k: int, inputs: Any) -> None:
         finite = []
         try:
             for s in self.steppers:
                 s.start(inputs)
             for gid in self.order:
-                for s in self.steppers:
-                    _step(s, s.ready(self.keys[gid]), inputs)
+                for i, s in enumerate(self.steppers):
+                    with self.running(k, inputs, i):
+                        s.advance(s.ready(self.keys[gid]))
                 finite.append(self.accs[gid].update(self.stacked(gid, [s.values for s in self.steppers]), in_place=True))
                 for k in self.done[gid]:
                     for s in self.steppers:
@@ -514,10 +508,18 @@ class _Pass:
             for s in self.steppers:
                 s.finish()
         if finite and not bool(torch.stack(finite).all()):  # one device sync per batch
-            outs = [_run(ext, state, inputs) for ext, state in self.runs]  # again, whole, to say where
+            outs = []
+            for i, (ext, state) in enumerate(self.runs):  # again, whole, to say where
+                with self.running(k, inputs, i):
+                    outs.append(_run(ext, state, inputs))
             _check_finite([(self.features(out, gid, [p]), gid, p.node, k) for gid, probes in self.plan.items()
                            for p in probes for k, out in enumerate(outs)])
             raise StatisticsError("features too large for float32 statistics (their sums overflow); scale the inputs down")
+
+    def running(self, k: int, inputs: Any, i: int) -> Any:
+        """Model ``i`` runs on batch ``k`` inside (the calibration's error path)."""
+        return self.calib.batch(k, inputs, "activation statistics", f"model {i}", error=StatisticsError, hint=(
+            "; calibration batches must have the example inputs' shapes apart from the batch size (pad text to one length)"))
 
     def features(self, out: dict, gid: int, probes: list[Any]) -> torch.Tensor:
         """One model's ``(units, samples)`` features of group ``gid`` (its probes as more samples)."""
@@ -543,34 +545,11 @@ class _Pass:
         return self._scratch[:numel]
 
 
-def _step(stepper: Stepper, upto: int, inputs: Any) -> None:
-    """``stepper.advance(upto)``, with the error of :func:`_run` when the model fails on the batch."""
-    try:
-        stepper.advance(upto)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise _model_error(exc, inputs) from exc
-
-
 def _run(ext: fx.GraphModule, state: Mapping[str, torch.Tensor] | None, inputs: Any) -> dict:
-    """The probe values of one model on one batch, with a clear error when the batch does not fit."""
-    try:
-        if state is None:
-            return call_graph(ext, inputs)
-        return torch.func.functional_call(ext, state, tuple(bind(ext, inputs)))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise _model_error(exc, inputs) from exc
-
-
-def _model_error(exc: Exception, inputs: Any) -> StatisticsError:
-    return StatisticsError(
-        f"running the model on a calibration batch ({describe(inputs)}) failed: {type(exc).__name__}: "
-        f"{first_line(exc)}; calibration batches must have the example inputs' "
-        "shapes apart from the batch size (pad text to one length)"
-    )
+    """The probe values of one model on one batch."""
+    if state is None:
+        return call_graph(ext, inputs)
+    return torch.func.functional_call(ext, state, tuple(bind(ext, inputs)))
 
 
 def _check_finite(checks: list[tuple[torch.Tensor, int, str, int]]) -> None:
