@@ -106,13 +106,9 @@ app = typer.Typer(
 
 def _version_callback(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
+        from .console import version
 
-        try:
-            v = version("mudsc")
-        except PackageNotFoundError:  # running from a source tree that is not installed
-            v = "unknown"
-        typer.echo(f"mudsc {v}")
+        typer.echo(f"mudsc {version()}")
         raise typer.Exit()
 
 

@@ -10,7 +10,7 @@ import importlib
 import inspect
 from typing import Any, Optional
 
-from mudsc_graph.errors import MudscError, first_line
+from mudsc_graph.errors import MudscError, did_you_mean, first_line
 
 #: Batch size of the example inputs that a model is traced and checked with.
 EXAMPLE_BATCH = 2
@@ -63,10 +63,7 @@ def _check_options(arch: Any, opts: dict[str, Any]) -> None:
     accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in opts:
         if key not in accepted:
-            import difflib
-
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, accepted, n=1, quote=True)
             choices = ", ".join(accepted) or "none"
             raise ArchOptionError(f"architecture {arch.name!r} has no option {key!r}{hint} (its options: {choices})")
 
@@ -112,10 +109,7 @@ def _timm_architecture(timm: Any, model_name: str, input_shape: Optional[tuple[i
     from mudsc_graph.plugin.records import Architecture
 
     if model_name not in timm.list_models():
-        import difflib
-
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        hint = did_you_mean(model_name, timm.list_models(), otherwise=" (see timm.list_models())")
         raise ArchOptionError(f"timm has no model {model_name!r}{hint}")
     shape = input_shape or tuple(timm.get_pretrained_cfg(model_name).input_size)
 

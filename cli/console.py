@@ -20,6 +20,18 @@ class UsageError(MudscError):
     reported like the usage errors the parser finds, with exit code 2."""
 
 
+def version() -> str:
+    """The installed version of mudsc (``mudsc --version``, and what every merged output records),
+    ``"unknown"`` when running from a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("mudsc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def out() -> Console:
     """Console for results (stdout)."""
     return Console(highlight=False, markup=False)

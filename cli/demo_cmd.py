@@ -22,6 +22,7 @@ from mudsc_graph.errors import MudscError
 
 from .archs import MAX_SEED, resolve_device
 from .console import err, out, print_warning
+from .options import ArchOptOption, DeviceOption, JsonOption, QuietOption
 
 
 class DemoCommandError(MudscError):
@@ -41,10 +42,7 @@ def _pct(value: float | None) -> str:
 def demo_command(
     dataset: Annotated[str, typer.Option(help="Bundled dataset whose classes are split into two halves: mnist5k, digits or animal_mnist.")] = "mnist5k",
     arch: Annotated[str, typer.Option("--arch", "-a", help="Registered architecture of both models; its last layer becomes the input of the fixed class-embedding head.")] = "mlp",
-    arch_opt: Annotated[
-        Optional[list[str]],
-        typer.Option("--arch-opt", "-o", metavar="KEY=VALUE", help="Option for the architecture's factory, e.g. hidden=(512,512). Repeat for several.", show_default=False),
-    ] = None,
+    arch_opt: ArchOptOption = None,
     methods: Annotated[
         str,
         typer.Option(help="Comma-separated merging methods to compare: average, weight_matching, weight_zip, activation_matching, zipit, mudsc-align, mudsc-zip."),
@@ -64,9 +62,9 @@ def demo_command(
         typer.Option(help="Folder where the trained models are cached; the default is $MUDSC_CACHE_DIR or ~/.cache/mudsc/demo.", show_default=False),
     ] = None,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the two models again even if the cache has them, and overwrite the cache.")] = False,
-    device: Annotated[str, typer.Option(help="Where to train and merge: auto (CUDA when available), cpu or cuda.")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout instead of a table.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show no progress bars.")] = False,
+    device: DeviceOption = "auto",
+    json_out: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train two models on disjoint class halves of a bundled dataset (or, with --text, text
     classifiers on two bundled corpora), merge them with every method, compare."""

@@ -22,6 +22,7 @@ from mudsc_graph.errors import MudscError
 from .archs import build_model, example_or_none, parse_arch_opts, parse_shape, resolve_architecture, resolve_device
 from .console import out
 from .hf_cmds import input_kind, load_dirs, refuse_options
+from .options import ArchOption, ArchOptOption, DeviceOption, InputShapeOption, JsonOption, MaxLengthOption, TrustPickleOption
 
 
 class EvalCommandError(MudscError):
@@ -123,7 +124,8 @@ def _check_outputs(outputs: Any, name: str) -> None:
 def _model_of(model_path: Path, architecture: Any, opts: dict[str, Any], state: dict, meta: dict, example: Any, arch: str) -> Any:
     """The checkpoint's model: the architecture with its weights, or the partial-zip model its
     metadata describes; a load error names the ``--arch`` the file was merged with, if another."""
-    from mudsc_graph.io.checkpoints import CheckpointError, fit_state_dict
+    from mudsc_graph.io.fitting import fit_state_dict
+    from mudsc_graph.io.paths import CheckpointError
     from mudsc_graph.io.partial import looks_partial, rebuild_partial
 
     partial = _partial_args(meta, state, model_path.name)
@@ -168,25 +170,19 @@ def eval_command(
             show_default=False,
         ),
     ],
-    arch: Annotated[
-        Optional[str],
-        typer.Option("--arch", "-a", help="Registered architecture name or alias, package.module:factory or timm:NAME; required for a checkpoint file.", show_default=False),
-    ] = None,
-    arch_opt: Annotated[
-        Optional[list[str]],
-        typer.Option("--arch-opt", "-o", metavar="KEY=VALUE", help="Option for the architecture's factory, e.g. num_classes=10. Repeat for several.", show_default=False),
-    ] = None,
+    arch: ArchOption = None,
+    arch_opt: ArchOptOption = None,
     tasks: Annotated[
         Optional[str],
         typer.Option(help="Disjoint class sets of the merged models' tasks, e.g. 0-4/5-9: report joint and per-task accuracy.", show_default=False),
     ] = None,
     split: Annotated[str, typer.Option(help="Which split of --data: test or train (a tensor, text or token file is used whole).")] = "test",
-    device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch size.")] = 512,
-    input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
-    max_length: Annotated[int, typer.Option(min=1, help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+    input_shape: InputShapeOption = None,
+    max_length: MaxLengthOption = 128,
+    trust_pickle: TrustPickleOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Accuracy of a checkpoint; joint and per-task accuracy of a merged multi-task model."""
     from mudsc_graph.io.checkpoints import load_checkpoint

@@ -16,6 +16,7 @@ from rich.table import Table
 from .archs import TRACER_HELP, build_architecture, check_tracer, parse_arch_opts, parse_shape
 from .console import err, out, print_warning
 from .hf_cmds import HFCommandError, input_kind, load_dirs, refuse_options
+from .options import ArchOption, ArchOptOption, InputShapeOption, JsonOption
 
 #: How many member names a row of the group table shows.
 MEMBERS_SHOWN = 3
@@ -85,23 +86,9 @@ def inspect_command(
             show_default=False,
         ),
     ] = None,
-    arch: Annotated[
-        Optional[str],
-        typer.Option("--arch", "-a", help="Name or alias of a registered architecture (see --list), package.module:factory or timm:NAME.", show_default=False),
-    ] = None,
-    arch_opt: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--arch-opt",
-            "-o",
-            metavar="KEY=VALUE",
-            help="Option for the architecture's factory; the value is read as a Python literal, else as a string. Repeat for several.",
-            show_default=False,
-        ),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print only the MergeSpec as JSON on stdout (with --list: the architectures).")
-    ] = False,
+    arch: ArchOption = None,
+    arch_opt: ArchOptOption = None,
+    as_json: JsonOption = False,
     check: Annotated[
         bool,
         typer.Option("--check", help="Also apply three random valid permutations and verify that the output is unchanged."),
@@ -112,11 +99,10 @@ def inspect_command(
     ] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the registered architectures and exit.")] = False,
     tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = "auto",
-    input_shape: Annotated[
-        Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")
-    ] = None,
+    input_shape: InputShapeOption = None,
 ) -> None:
-    """Show the merge groups that mudsc infers for an architecture or a Hugging Face model directory."""
+    """Show the merge groups that mudsc infers for an architecture or a Hugging Face model directory (--json: the
+    MergeSpec alone; with --list, the architectures)."""
     if list_:
         _list_architectures(as_json)
         return

@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any, Optional, Protocol, Sequence
 
 import typer
 from rich.table import Table
@@ -26,7 +26,8 @@ from mudsc_graph.merging.options import DEFAULTS
 from .archs import (
     MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_key_values, parse_shape, resolve_architecture, resolve_device,
 )
-from .console import UsageError, err, out, print_warning
+from .console import UsageError, err, out, print_warning, version
+from .options import ArchOption, ArchOptOption, DeviceOption, InputShapeOption, JsonOption, MaxLengthOption, QuietOption, TrustPickleOption
 from .hf_cmds import first_tokenizer, input_kind, load_dirs, refuse_options
 
 METHOD_HELP = (
@@ -43,8 +44,8 @@ def check_output(path: Path, force: bool, inputs: Sequence[Path] = ()) -> Path:
     """Refuse a bad output path before any work is done: the extension, one of ``inputs`` (even with
     ``--force``), a missing or unwritable directory, a name too long for the file system, an
     existing directory, an existing file without ``--force``
-    (:func:`mudsc_graph.io.checkpoints.check_output_file`, which ``save_checkpoint`` runs again)."""
-    from mudsc_graph.io.checkpoints import CheckpointError, check_output_file
+    (:func:`mudsc_graph.io.paths.check_output_file`, which ``save_checkpoint`` runs again)."""
+    from mudsc_graph.io.paths import CheckpointError, check_output_file
 
     try:
         return check_output_file(path, force=force, inputs=inputs)
@@ -63,7 +64,8 @@ def protected_paths(checkpoints: Sequence[Path], data: Optional[str]) -> list[Pa
 def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle: bool) -> tuple[list[Any], list[dict[str, Any]]]:
     """The models, and the ``{"file", "sha256"}`` of each source: the hash of the very bytes its
     weights were loaded from (each file is read once), so a file replaced later is not misrecorded."""
-    from mudsc_graph.io.checkpoints import fit_state_dict, read_checkpoint
+    from mudsc_graph.io.checkpoints import read_checkpoint
+    from mudsc_graph.io.fitting import fit_state_dict
 
     models, sources = [], []
     for path in paths:
@@ -88,10 +90,7 @@ def merge_command(
         Path,
         typer.Option("--out", "-O", help="Where to write the merged checkpoint (.pt or .safetensors); for model directories, the merged directory.", show_default=False),
     ],
-    arch: Annotated[
-        Optional[str],
-        typer.Option("--arch", "-a", help="Registered architecture name or alias, package.module:factory or timm:NAME; required for checkpoint files, not used with model directories.", show_default=False),
-    ] = None,
+    arch: ArchOption = None,
     data: Annotated[
         Optional[str],
         typer.Option(
@@ -103,10 +102,7 @@ def merge_command(
             "(and attention_mask).",
         ),
     ] = None,
-    arch_opt: Annotated[
-        Optional[list[str]],
-        typer.Option("--arch-opt", "-o", metavar="KEY=VALUE", help="Option for the architecture's factory, e.g. num_classes=10. Repeat for several.", show_default=False),
-    ] = None,
+    arch_opt: ArchOptOption = None,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULTS.method,
     mode: Annotated[str, typer.Option(help="Matcher of the mudsc method: align (permutation) or zip (ZipIt! greedy).")] = DEFAULTS.mode,
     alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act (mudsc only).")] = DEFAULTS.alpha,
@@ -119,7 +115,7 @@ def merge_command(
         Optional[str],
         typer.Option("--stop-at", help="Partial zip: merge up to this module path (e.g. layer3); after it each model keeps its own layers.", show_default=False),
     ] = None,
-    device: Annotated[str, typer.Option(help="Where to compute: auto (CUDA when available), cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     samples: Annotated[int, typer.Option(min=1, help="Number of calibration samples taken from the training split of --data.")] = 500,
     batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 100,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the group order in the iterative scheme and of the sample choice.")] = DEFAULTS.seed,
@@ -133,13 +129,13 @@ def merge_command(
     repair: Annotated[
         bool, typer.Option("--repair/--no-repair", help="REPAIR after merging: give every merged layer's output channels the interpolation of their parents' mean and std on the data.")
     ] = DEFAULTS.repair,
-    input_shape: Annotated[Optional[str], typer.Option(help="Shape of one input, e.g. 3,32,32; needed only for a package.module:factory --arch.")] = None,
-    max_length: Annotated[int, typer.Option(min=1, help="Text data for a Hugging Face model: at most this many tokens per line (lines are padded to the longest).")] = 128,
+    input_shape: InputShapeOption = None,
+    max_length: MaxLengthOption = 128,
     tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = DEFAULTS.tracer,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (a directory only if it holds a model).")] = False,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow checkpoints that contain pickled Python objects; this executes their code, so only for trusted files.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    trust_pickle: TrustPickleOption = False,
+    quiet: QuietOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Merge two or more checkpoints (or Hugging Face model directories) of one architecture into one, without training."""
     from mudsc_graph import MergeOptions
@@ -161,26 +157,20 @@ def merge_command(
                            reset_bn=reset_bn, device=device, tracer=tracer, repair=repair,
                            matcher_options=parse_key_values(matcher_opt, "--matcher-opt", "a=0.3"))  # read by the parameters' types
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
-    calibration = Calibration(data, samples, batch_size, seed, max_length)
+    choice = DataChoice(data, samples, batch_size, seed, max_length)
+    source: Source
     if input_kind(checkpoints) == "dir":
         refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
-        merge_dirs(checkpoints, out_path, options, calibration, needs_data=resolved.needs_activations, force=force, quiet=quiet, as_json=as_json)
-        return
-    if not arch:
-        raise MergeCommandError("--arch is required to merge checkpoint files: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
-    if data is None and (resolved.needs_activations or reset_bn or repair):
-        why = (f"--method {method}" if resolved.needs_activations else "--repair" if repair
-               else "resetting BatchNorm statistics (or pass --no-reset-bn)")
-        raise MergeCommandError(f"{why} needs calibration data: pass --data (e.g. --data mnist5k)")
-    protected = protected_paths(checkpoints, data)
-    check_output(out_path, force, protected)
-    architecture = resolve_architecture(arch, parse_shape(input_shape))
-    merge_files(checkpoints, out_path, options, calibration, arch_name=arch, architecture=architecture, arch_options=parse_arch_opts(arch_opt),
-                protected=protected, trust_pickle=trust_pickle, force=force, quiet=quiet, as_json=as_json)
+        source = ModelDirs(list(checkpoints), options)
+    else:
+        if not arch:
+            raise MergeCommandError("--arch is required to merge checkpoint files: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
+        source = CheckpointFiles(list(checkpoints), arch, parse_arch_opts(arch_opt), parse_shape(input_shape), trust_pickle)
+    merge_sources(source, out_path, options, choice, needs_data=resolved.needs_activations, force=force, quiet=quiet, as_json=as_json)
 
 
 @dataclass(frozen=True)
-class Calibration:
+class DataChoice:
     """Where the calibration batches come from: ``--data``, ``--samples``, ``--batch-size``, the
     ``--seed`` that picks the samples, and ``--max-length`` for text."""
 
@@ -191,37 +181,98 @@ class Calibration:
     max_length: int
 
 
-def merge_files(
-    checkpoints: list[Path], out_path: Path, options: Any, calibration: Calibration, *, arch_name: str, architecture: Any,
-    arch_options: dict[str, Any], protected: list[Path], trust_pickle: bool, force: bool, quiet: bool, as_json: bool,
-) -> None:
-    """Checkpoint files: load them into the architecture, merge, write one checkpoint with metadata."""
-    from mudsc_graph.io.checkpoints import save_checkpoint
-    from mudsc_graph.io.data import load_data
+class Source(Protocol):
+    """What ``mudsc merge`` merges (:class:`CheckpointFiles`, :class:`ModelDirs`): one pipeline
+    (:func:`merge_sources`) checks, loads, calibrates, merges and saves any of them."""
+
+    paths: list[Path]
+    #: how ``--data`` is given for these inputs, for the message when it is missing
+    data_hint: str
+
+    def check_output(self, out: Path, force: bool, protected: list[Path]) -> None:
+        """Refuse a bad ``--out`` (and options these inputs cannot honour) before any work."""
+
+    def load(self, quiet: bool) -> list[Any]:
+        """The models, each source read once."""
+
+    def data(self, choice: DataChoice) -> tuple[Any, Any]:
+        """``(calibration data with len() and batches(size), or None; the example inputs)``."""
+
+    def metadata(self, choice: DataChoice) -> dict[str, Any]:
+        """What the output records about its inputs (architecture, sources and their hashes)."""
+
+    def save(self, result: Any, out: Path, metadata: dict[str, Any], *, force: bool, protected: list[Path]) -> Path:
+        """Write the merged model atomically; the path written."""
+
+
+def merge_sources(source: Source, out_path: Path, options: Any, choice: DataChoice, *, needs_data: bool, force: bool,
+                  quiet: bool, as_json: bool) -> None:
+    """The one merge pipeline of the command line: check the output, load, calibrate, merge, record
+    the metadata, save (rank 0 alone under torchrun), report."""
+    from mudsc_graph.merging.batchnorm import has_batchnorm
     from mudsc_graph.merging.distributed import writer_turn
 
-    c = calibration
+    if choice.data is None and (needs_data or options.repair):
+        why = f"--method {options.method}" if needs_data else "--repair"
+        raise MergeCommandError(f"{why} needs calibration data: pass --data ({source.data_hint})")
+    protected = protected_paths(source.paths, choice.data)
+    source.check_output(out_path, force, protected)
     started = time.perf_counter()
-    with err().status("loading checkpoints ...", spinner="dots") if not quiet else contextlib.nullcontext():
-        models, sources = load_models(checkpoints, architecture, arch_options, trust_pickle)
-    example = example_or_none(architecture)
-    batches = None
-    if c.data is not None:
-        shape = tuple(example[0].shape[1:]) if example is not None else None
-        calib = load_data(c.data, split="train", input_shape=shape, limit=c.samples, seed=c.seed)
-        batches = calib.batches(c.batch_size)
-        if example is None:
-            example = calib.rows(slice(0, 2)) if isinstance(calib.x, dict) else (calib.x[:2],)
+    models = source.load(quiet)
+    if choice.data is None and options.reset_bn and any(has_batchnorm(m) for m in models):
+        raise MergeCommandError("resetting BatchNorm statistics needs calibration data: pass --data (or pass --no-reset-bn)")
+    data, example = source.data(choice)
+    batches = data.batches(choice.batch_size) if data is not None else None
     result = run_merge(models, batches, example, options, quiet)
-    metadata = {
-        "arch": arch_name, "arch_options": arch_options, **merge_metadata(result, options, len(models), c.data),
-        "samples": sum(len(y) for _, y in batches) if batches else 0, "sources": sources,
-    }
+    metadata = {**source.metadata(choice), **merge_metadata(result, options, len(models), choice.data),
+                "samples": len(data) if data is not None else 0}
     if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it
         return
-    state = {k: v.detach().to("cpu") for k, v in result.model.state_dict().items()}
-    written = save_checkpoint(out_path, state, metadata, force=force, inputs=protected)
+    written = source.save(result, out_path, metadata, force=force, protected=protected)
     report(result, metadata, written, started, options.device, as_json)
+
+
+@dataclass
+class CheckpointFiles:
+    """Checkpoint files of one architecture (``--arch``, ``--arch-opt``): loaded into it, merged into
+    one checkpoint with metadata."""
+
+    paths: list[Path]
+    arch_name: str
+    arch_options: dict[str, Any]
+    input_shape: Optional[tuple[int, ...]]
+    trust_pickle: bool
+    data_hint = "e.g. --data mnist5k"
+
+    def check_output(self, out: Path, force: bool, protected: list[Path]) -> None:
+        check_output(out, force, protected)
+        self.architecture = resolve_architecture(self.arch_name, self.input_shape)
+
+    def load(self, quiet: bool) -> list[Any]:
+        with err().status("loading checkpoints ...", spinner="dots") if not quiet else contextlib.nullcontext():
+            models, self.sources = load_models(self.paths, self.architecture, self.arch_options, self.trust_pickle)
+        return models
+
+    def data(self, choice: DataChoice) -> tuple[Any, Any]:
+        from mudsc_graph.io.data import load_data
+
+        example = example_or_none(self.architecture)
+        if choice.data is None:
+            return None, example
+        shape = tuple(example[0].shape[1:]) if example is not None else None
+        data = load_data(choice.data, split="train", input_shape=shape, limit=choice.samples, seed=choice.seed)
+        if example is None:
+            example = data.rows(slice(0, 2)) if isinstance(data.x, dict) else (data.x[:2],)
+        return data, example
+
+    def metadata(self, choice: DataChoice) -> dict[str, Any]:
+        return {"arch": self.arch_name, "arch_options": self.arch_options, "sources": self.sources}
+
+    def save(self, result: Any, out: Path, metadata: dict[str, Any], *, force: bool, protected: list[Path]) -> Path:
+        from mudsc_graph.io.checkpoints import save_checkpoint
+
+        state = {k: v.detach().to("cpu") for k, v in result.model.state_dict().items()}
+        return save_checkpoint(out, state, metadata, force=force, inputs=protected)
 
 
 def run_merge(models: list[Any], batches: Any, example: Any, options: Any, quiet: bool) -> Any:
@@ -253,7 +304,7 @@ def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]
         "method": result.method, "mode": result.mode, "alpha": result.alpha, "matcher_options": result.matcher_options,
         "stop_at": options.stop_at, "tracer": options.tracer,
         "n_models": n_models, "data": data, "groups_merged": len(result.matchings), "history": result.history,
-        "repair": options.repair, "repair_std_ratio": result.repair_std_ratio, "mudsc_version": _version(),
+        "repair": options.repair, "repair_std_ratio": result.repair_std_ratio, "mudsc_version": version(),
     }
 
 
@@ -296,71 +347,66 @@ def _print_summary(s: dict, device: Any) -> None:
     out().print(table)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mudsc")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 
 
-def merge_dirs(dirs: list[Path], out_path: Path, options: Any, calibration: Any, *, needs_data: bool, force: bool, quiet: bool,
-               as_json: bool) -> None:
-    """``mudsc merge DIR_A DIR_B ... --out DIR_M``: see :func:`mudsc_cli.merge_cmd.merge_command`."""
-    from mudsc_graph.io.checkpoints import SAVE_SUFFIXES
-    from mudsc_graph.io.hf import EXTRA_FILES, check_output_dir, check_same_architecture, example_inputs, load_model_data, save_model_dir
-    from mudsc_graph.merging.batchnorm import has_batchnorm
-    from mudsc_graph.merging.distributed import writer_turn
+@dataclass
+class ModelDirs:
+    """Hugging Face model directories (the class from config.json): merged into a model directory
+    (``save_pretrained``) with the first model's tokenizer and extra files."""
 
+    paths: list[Path]
+    options: Any
+    data_hint = "a text file, or a .pt/.npz with input_ids"
 
-    c = calibration
-    if options.stop_at:
-        raise MergeCommandError(
-            "--stop-at does not work with Hugging Face model directories yet: a partial-zip model returns one output "
-            "per model, is not a Hugging Face class and cannot be saved with save_pretrained; merge the whole model, "
-            "or use the library (mudsc_graph.merge(..., stop_at=...)) and save its state_dict"
-        )
-    if c.data is None and (needs_data or options.repair):
-        why = "--repair" if options.repair and not needs_data else f"--method {options.method}"
-        raise MergeCommandError(f"{why} needs calibration data: pass --data (a text file, or a .pt/.npz with input_ids)")
-    if out_path.suffix.lower() in SAVE_SUFFIXES:
-        raise MergeCommandError(
-            f"--out {out_path} looks like a checkpoint file, but merging model directories writes a model directory; "
-            "give a directory name (e.g. --out merged)"
-        )
-    protected: list[Any] = list(dirs)
-    if c.data is not None and Path(c.data).expanduser().exists():
-        protected.append(Path(c.data).expanduser())
-    check_output_dir(out_path, force=force, inputs=protected)
+    def check_output(self, out: Path, force: bool, protected: list[Path]) -> None:
+        from mudsc_graph.io.hf import check_output_dir
+        from mudsc_graph.io.paths import SAVE_SUFFIXES
 
-    started = time.perf_counter()
-    models = load_dirs(dirs, quiet)
-    check_same_architecture(models)
-    if c.data is None and options.reset_bn and any(has_batchnorm(m.model) for m in models):
-        raise MergeCommandError("resetting BatchNorm statistics needs calibration data: pass --data (or pass --no-reset-bn)")
-    first = models[0]
-    tokenizer = first_tokenizer(first.path)
-    batches = None
-    if c.data is not None:
-        calib = load_model_data(first, c.data, split="train", max_length=c.max_length, tokenizer=tokenizer, limit=c.samples, seed=c.seed)
-        batches = calib.batches(c.batch_size)
-        example: Any = calib.example(2)
-    else:
-        example = example_inputs(first)
-    result = run_merge([m.model for m in models], batches, example, options, quiet)
-    metadata = {
-        "format": "huggingface", "arch": first.class_name, "model_type": getattr(first.config, "model_type", None),
-        **merge_metadata(result, options, len(models), c.data),
-        "samples": sum(len(next(iter(b.values()))) for b in batches) if batches else 0,
-        "max_length": c.max_length if first.main_input == "input_ids" and c.data is not None else None,
-        "seed": options.seed, "sources": [m.source() for m in models],
-    }
-    if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it
-        return
-    extras = [first.path / name for name in EXTRA_FILES if (first.path / name).is_file()]
-    written = save_model_dir(result.model.to("cpu"), out_path, metadata=metadata, tokenizer=tokenizer, force=force, inputs=protected,
-                             extra_files=extras)
-    report(result, metadata, written, started, options.device, as_json)
+        if self.options.stop_at:
+            raise MergeCommandError(
+                "--stop-at does not work with Hugging Face model directories yet: a partial-zip model returns one output "
+                "per model, is not a Hugging Face class and cannot be saved with save_pretrained; merge the whole model, "
+                "or use the library (mudsc_graph.merge(..., stop_at=...)) and save its state_dict"
+            )
+        if out.suffix.lower() in SAVE_SUFFIXES:
+            raise MergeCommandError(
+                f"--out {out} looks like a checkpoint file, but merging model directories writes a model directory; "
+                "give a directory name (e.g. --out merged)"
+            )
+        check_output_dir(out, force=force, inputs=protected)
+
+    def load(self, quiet: bool) -> list[Any]:
+        from mudsc_graph.io.hf import check_same_architecture
+
+        self.models = load_dirs(self.paths, quiet)
+        check_same_architecture(self.models)
+        self.tokenizer = first_tokenizer(self.models[0].path)
+        return [m.model for m in self.models]
+
+    def data(self, choice: DataChoice) -> tuple[Any, Any]:
+        from mudsc_graph.io.hf import example_inputs, load_model_data
+
+        first = self.models[0]
+        if choice.data is None:
+            return None, example_inputs(first)
+        data = load_model_data(first, choice.data, split="train", max_length=choice.max_length, tokenizer=self.tokenizer,
+                               limit=choice.samples, seed=choice.seed)
+        return data, data.example(2)
+
+    def metadata(self, choice: DataChoice) -> dict[str, Any]:
+        first = self.models[0]
+        return {
+            "format": "huggingface", "arch": first.class_name, "model_type": getattr(first.config, "model_type", None),
+            "max_length": choice.max_length if first.main_input == "input_ids" and choice.data is not None else None,
+            "seed": self.options.seed, "sources": [m.source() for m in self.models],
+        }
+
+    def save(self, result: Any, out: Path, metadata: dict[str, Any], *, force: bool, protected: list[Path]) -> Path:
+        from mudsc_graph.io.hf import EXTRA_FILES, save_model_dir
+
+        first = self.models[0].path
+        extras = [first / name for name in EXTRA_FILES if (first / name).is_file()]
+        return save_model_dir(result.model.to("cpu"), out, metadata=metadata, tokenizer=self.tokenizer, force=force,
+                              inputs=protected, extra_files=extras)

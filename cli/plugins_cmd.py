@@ -2,12 +2,13 @@
 
 import json
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from .console import out
+from .options import JsonOption
 
 #: How many registered names a cell of the table shows (``--json`` lists them all).
 NAMES_SHOWN = 6
@@ -84,7 +85,7 @@ def _names(kind: str, names: list[str]) -> str:
 
 
 def plugins_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plugins as JSON on stdout, with every registered name.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List the loaded plugins: where they come from, which hooks they implement and what they register."""
     from mudsc_graph.plugin.registry import get_registry

@@ -33,20 +33,12 @@ from .plugin.records import (
 from .plugin.registry import Registry, get_registry, registry_with, reset_registry
 from .spec.merge_spec import Group, MergeSpec, Probe
 
+#: The one place the version is written (pyproject.toml reads it; the CLI and merge metadata report it).
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    """``mudsc_graph.METHODS``: the method names the registry knows (see :mod:`mudsc_graph.merging.methods`)."""
-    if name == "METHODS":
-        from .merging.methods import __getattr__ as methods
-
-        return methods(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Analysis", "AnalysisError", "Architecture", "Dataset", "Group", "LayerHandler", "MatcherParameter", "MatchingStrategy", "MergeMethod", "MergeSpec", "MudscError", "PluginError",
     "Probe", "Registry", "SpecCheckError", "SpecError", "TraceError", "UnsupportedOpError", "analyze", "analyze_full",
-    "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "MergeOptions", "METHODS", "prepare", "PreparedMerge", "registry_with",
+    "get_registry", "hookimpl", "merge", "MergeResult", "MergeError", "MergeOptions", "prepare", "PreparedMerge", "registry_with",
     "reset_registry",
 ]

@@ -12,6 +12,8 @@ it); the errors of one stage live beside the code that raises them, all subclass
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 
 def first_line(exc: BaseException, strip: str = "") -> str:
     """The first line of an exception's message (ANSI colour codes removed), ``strip`` characters
@@ -22,6 +24,17 @@ def first_line(exc: BaseException, strip: str = "") -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     line = (text.splitlines() or [""])[0].strip().rstrip(strip)
     return line or type(exc).__name__
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, n: int = 3, cutoff: float = 0.6, quote: bool = False,
+                 shown: Callable[[str], str] = str, otherwise: str = "") -> str:
+    """``"; did you mean a, b?"``: the (at most ``n``) choices closest to ``word`` for an error
+    message, each shown through ``shown`` (quoted with ``quote``); ``otherwise`` when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+    names = [repr(shown(c)) if quote else shown(c) for c in close]
+    return f"; did you mean {', '.join(names)}?" if names else otherwise
 
 
 class MudscError(Exception):

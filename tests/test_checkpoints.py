@@ -11,8 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from mudsc_graph.io import checkpoints
-from mudsc_graph.io.checkpoints import CheckpointError, file_sha256, fit_state_dict, load_checkpoint, save_checkpoint
+from mudsc_graph.checks import first_non_finite
+from mudsc_graph.io import atomic, checkpoints, paths
+from mudsc_graph.io.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from mudsc_graph.io.fitting import fit_state_dict
+from mudsc_graph.io.paths import check_output_file, file_sha256
 from mudsc_graph.errors import MudscError
 
 
@@ -238,7 +241,7 @@ def test_fit_loads_values():
 
 
 def test_sha256(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoints, "_CHUNK", 7)  # exercise the streaming loop
+    monkeypatch.setattr(paths, "CHUNK", 7)  # exercise the streaming loop
     data = bytes(range(256)) * 3
     (tmp_path / "f.bin").write_bytes(data)
     assert file_sha256(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
@@ -484,7 +487,7 @@ def test_output_that_is_an_input_is_refused_even_with_force(tmp_path, monkeypatc
     src, outs = _out_is_input_cases(tmp_path, monkeypatch)
     before = src.read_bytes()
     with pytest.raises(CheckpointError, match=r"is the input .*b\.pt.*somewhere else"):
-        checkpoints.check_output_file(outs[case], force=True, inputs=[src])
+        check_output_file(outs[case], force=True, inputs=[src])
     with pytest.raises(CheckpointError, match=r"is the input"):
         save_checkpoint(outs[case], tiny(10).state_dict(), {}, force=True, inputs=[src])
     assert src.read_bytes() == before
@@ -511,7 +514,7 @@ def test_bad_output_paths_are_refused_up_front(tmp_path, monkeypatch, out, needl
     os.mkfifo("fifo.pt")
     before = only_files(tmp_path)
     with pytest.raises(CheckpointError, match=re.escape(needle)) as err:
-        checkpoints.check_output_file(Path(out), force=True)
+        check_output_file(Path(out), force=True)
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match=re.escape(needle)):
         save_checkpoint(Path(out), tiny().state_dict(), {}, force=True)
@@ -528,7 +531,7 @@ def test_unwritable_directory_is_refused_up_front(tmp_path):
     d.chmod(0o555)
     try:
         with pytest.raises(CheckpointError, match="cannot write into"):
-            checkpoints.check_output_file(d / "m.pt")
+            check_output_file(d / "m.pt")
     finally:
         d.chmod(0o755)
 
@@ -595,7 +598,7 @@ def test_sigterm_during_the_save_cleans_up_and_restores_the_handler(tmp_path, mo
         died.append((signum, signal.getsignal(signum)))
         raise Died
 
-    monkeypatch.setattr(checkpoints, "_die_by_signal", fake_die)
+    monkeypatch.setattr(atomic, "_die_by_signal", fake_die)
 
     def save_then_terminated(obj, f, *args, **kwargs):
         f.write(b"partial")
@@ -616,7 +619,7 @@ def test_sigterm_during_the_save_cleans_up_and_restores_the_handler(tmp_path, mo
 
 def test_check_finite_names_the_first_bad_key():
     state = {k: v.clone() for k, v in tiny().state_dict().items()}
-    assert checkpoints.first_non_finite(state) is None
+    assert first_non_finite(state) is None
     state["3.bias"][0] = float("inf")
     state["1.running_var"][0] = float("nan")
-    assert checkpoints.first_non_finite(state) == "1.running_var"
+    assert first_non_finite(state) == "1.running_var"

@@ -401,3 +401,20 @@ def test_several_inputs_bad_files(tmp_path, content, needle):
              "--out", tmp_path / "m.pt", "--quiet")
     _one_line_error(r, needle)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_data_is_asked_for_only_when_the_merge_reads_it(ckpts, tmp_path):
+    """One pipeline for files and directories: a data-free method merges a model without BatchNorm
+    with no --data (the default --reset-bn has nothing to reset); a model with BatchNorm needs --data
+    for the reset, said in one line before anything is written."""
+    out = tmp_path / "m.pt"
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--method", "weight_matching", "--out", out, "--quiet")
+    assert r.exit_code == 0 and out.exists(), r.output
+    torch.manual_seed(0)
+    bn = [get_registry().architecture("resnet20").build(width=1, num_classes=10) for _ in range(2)]
+    for k, m in enumerate(bn):
+        torch.save(m.state_dict(), tmp_path / f"r{k}.pt")
+    out_bn = tmp_path / "r.pt"
+    _one_line_error(_run("merge", tmp_path / "r0.pt", tmp_path / "r1.pt", "--arch", "resnet20", "--arch-opt", "width=1",
+                         "--method", "weight_matching", "--out", out_bn), "resetting BatchNorm statistics needs calibration data", "--no-reset-bn")
+    assert not out_bn.exists()

@@ -146,3 +146,16 @@ def test_architecture_md_lists_every_module():
         if not any(line.strip().split()[:1] == [rel.name] for line in tree.splitlines()):
             missing.append(str(rel))
     assert not missing, f"docs/architecture.md does not list {missing}"
+
+
+@pytest.mark.parametrize("pkg", ["mudsc_cli", "mudsc_experiments", "mudsc_plugins"])
+def test_applications_use_only_public_names_of_the_library(pkg):
+    """The command line, the experiments and the built-in plugins build on what the library
+    documents: no ``_private`` name of mudsc_graph, and no private module."""
+    found = []
+    for f in sorted(PACKAGES[pkg].rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mudsc_graph":
+                private = [p for p in node.module.split(".") if p.startswith("_")] + [a.name for a in node.names if a.name.startswith("_")]
+                found += [f"{f.name}: from {node.module} import {name}" for name in private]
+    assert not found, found

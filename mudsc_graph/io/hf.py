@@ -41,15 +41,8 @@ from ..merging.api import config_differences
 from ..merging.calibration import (
     LABEL_KEYS,  # label columns of a token file, tried in this order
 )
-from .checkpoints import (
-    CheckpointError,
-    check_not_an_input,
-    check_output_parent,
-    cleanup_on_termination,
-    file_sha256,
-    fsync_dir,
-    temp_path,
-)
+from .atomic import cleanup_on_termination, fsync_dir
+from .paths import CheckpointError, check_not_an_input, check_output_parent, file_sha256, temp_path
 
 #: What makes a directory a Hugging Face model directory.
 CONFIG_FILE = "config.json"

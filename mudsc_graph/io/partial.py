@@ -1,7 +1,7 @@
 """Reading a partial-zip checkpoint back (``mudsc eval`` of a ``--stop-at`` merge): its tensors and
 metadata checked, the module rebuilt with :func:`~mudsc_graph.merging.partial_zip.build_partial`.
 
-Each check ends in one :class:`~mudsc_graph.io.checkpoints.CheckpointError` line.
+Each check ends in one :class:`~mudsc_graph.io.paths.CheckpointError` line.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from torch import nn
 
 from ..errors import MudscError
 from ..merging.partial_zip import build_partial, stop_index
-from .checkpoints import CheckpointError, fit_state_dict
+from .fitting import fit_state_dict
+from .paths import CheckpointError
 
 
 MAX_PARTIAL_MODELS = 1024
@@ -107,7 +108,7 @@ def rebuild_partial(
     which values are unmerged where) is recomputed by the same analysis that made it, and the
     unmerge matrices come from ``state`` (keys ``unmerge{i}_{node}.u{gid}``).
 
-    Everything is checked as :func:`mudsc_graph.io.checkpoints.fit_state_dict` checks a plain
+    Everything is checked as :func:`mudsc_graph.io.fitting.fit_state_dict` checks a plain
     checkpoint (keys, shapes, dtypes, NaN/inf), after the arguments (:func:`check_partial_args`,
     before anything is built) and the unmerge matrices; finally the module is run once on
     ``example_inputs``. ``source`` names the file in the errors.

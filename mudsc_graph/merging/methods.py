@@ -8,16 +8,8 @@ from typing import Any
 
 from ..errors import PluginError
 from ..plugin.records import MatchingStrategy, MergeMethod
-from ..plugin.registry import Registry, get_registry
+from ..plugin.registry import Registry
 from .options import MergeError, MergeOptions
-
-
-def __getattr__(name: str) -> Any:
-    """``METHODS``: the names ``merge(method=...)`` accepts, read from the registry (methods and
-    matching strategies that plugins register included)."""
-    if name == "METHODS":
-        return tuple(get_registry().method_names())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import MudscError
+from ..errors import MudscError, did_you_mean
 from ..spec.axes import Expr, group_ids
 from .assignment import Gather
 from .weights import apply_along
@@ -58,11 +58,8 @@ def stop_index(order: Sequence[tuple[str, str]], stop_at: str) -> int:
         if name == stop_at or path == stop_at or path.startswith(stop_at + "."):
             last = k
     if last < 0:
-        import difflib
-
         paths = sorted({p for _, p in order if p} | {n for n, _ in order})
-        close = difflib.get_close_matches(stop_at, paths, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(stop_at, paths)
         raise MudscError(f"stop point {stop_at!r} is neither a module path nor a node of the model{hint}")
     return last
 

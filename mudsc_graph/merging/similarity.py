@@ -247,7 +247,3 @@ def streamed_correlation(pieces: list[Iterator[torch.Tensor]], within_model: boo
         torch.cat(mean),
     )
 
-
-def row_correlation(x: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation between the rows of ``x`` (constant rows: see :func:`stacked_correlation`)."""
-    return stacked_correlation([normal_rows(x)])

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import pluggy
 import torch
 
-from ..errors import PluginError
+from ..errors import PluginError, did_you_mean
 from . import hookspecs
 from .records import Architecture, Dataset, LayerHandler, MatchingStrategy, MergeMethod
 
@@ -190,20 +190,14 @@ class Registry:
             return m
         if isinstance(name, str) and name in self.matchers:
             return MergeMethod(name, matcher=name, description=self.matchers[name].description)
-        import difflib
-
         names = self.method_names()
-        close = difflib.get_close_matches(str(name), names, n=2) if isinstance(name, str) else []
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, names, n=2) if isinstance(name, str) else ""
         raise PluginError(f"unknown method {name!r}{hint} (choose one of {', '.join(names)})")
 
     def dataset(self, name: str) -> Dataset:
         d = self.datasets.get(name)
         if d is None:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(self.datasets), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(name, self.datasets, cutoff=0.5)
             raise PluginError(f"unknown dataset {name!r}{hint} (registered: {', '.join(sorted(self.datasets))})")
         return d
 
@@ -211,10 +205,7 @@ class Registry:
         """Look up an architecture by name or alias (case, '-' and '_' insensitive)."""
         key = self.arch_aliases.get(_norm(name))
         if key is None:
-            import difflib
-
-            close = difflib.get_close_matches(_norm(name), list(self.arch_aliases), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(self.arch_aliases[c] for c in close)}?" if close else ""
+            hint = did_you_mean(_norm(name), self.arch_aliases, cutoff=0.5, shown=self.arch_aliases.__getitem__)
             raise PluginError(f"unknown architecture {name!r}{hint} (see `mudsc inspect --list`)")
         return self.architectures[key]
 
