@@ -198,12 +198,12 @@ def build_architecture(name: str, opts: dict[str, Any], input_shape: Optional[tu
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """``--device``: auto, cpu, cuda or cuda:N, resolved as the library resolves a merge's device."""
+    from mudsc_graph.merging.options import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if device != "auto" and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ArchOptionError(f"--device {device!r} is not auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ArchOptionError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return device
+    try:
+        return str(resolve(device))
+    except MudscError as exc:
+        raise ArchOptionError(f"--device: {exc}") from None

@@ -125,7 +125,7 @@ def default_cache_dir() -> Path:
 
 def parse_method(name: str) -> tuple[str, str]:
     """``"zipit"`` -> ``("zipit", "zip")``; ``"mudsc-align"`` -> ``("mudsc", "align")``; ``"mudsc"`` is ``mudsc-zip``."""
-    from mudsc_graph.merging.methods import METHODS
+    from mudsc_graph import get_registry
 
     base, _, mode = name.partition("-")
     if base == "mudsc":
@@ -133,7 +133,7 @@ def parse_method(name: str) -> tuple[str, str]:
         if mode not in ("align", "zip"):
             raise DemoError(f"unknown demo method {name!r}: mudsc takes -align or -zip")
         return base, mode
-    if mode or base not in METHODS:
+    if mode or base not in get_registry().method_names():
         choices = ", ".join(DEFAULT_METHODS)
         raise DemoError(f"unknown demo method {name!r}; choose from {choices}")
     return base, "align" if base in ("weight_matching", "activation_matching") else "zip"

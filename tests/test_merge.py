@@ -268,14 +268,14 @@ def test_a_prepared_merge_gives_what_merge_gives_for_every_method():
     """prepare() once + many .merge() calls == one merge() per call, in any order, and the shared
     state (BN-reset bases, statistics) is not changed by the merges that read it."""
     from mudsc_graph.merging.api import prepare
-    from mudsc_graph.merging.methods import METHODS
+    from mudsc_graph import get_registry
     from mudsc_graph.merging.methods import resolve_method
     from mudsc_graph.merging.options import MergeOptions
 
     arch, a = _model("resnet20", seed=0)
     _, b = _model("resnet20", seed=1)
     data = _data(arch)
-    calls = [dict(method=m) for m in METHODS if m != "mudsc"] + [
+    calls = [dict(method=m) for m in get_registry().method_names() if m != "mudsc"] + [
         dict(method="mudsc", mode="align", alpha=0.4), dict(method="mudsc", mode="zip", alpha=0.2), dict(method="mudsc", mode="zip", alpha=0.7)
     ]
     prepared = prepare([a, b], data=data)

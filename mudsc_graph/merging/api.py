@@ -32,7 +32,7 @@ from ..spec.permute import set_mode
 from .batchnorm import has_batchnorm, reset_bn_stats
 from .matching import identity_matching
 from .methods import ResolvedMethod, resolve_method
-from .options import MergeError, MergeOptions
+from .options import MergeError, MergeOptions, resolve_device
 from .partial_zip import build_partial, stop_index
 from .progress import NullReporter, Reporter
 from .repair import assignments, measure, repair, repair_points
@@ -185,21 +185,6 @@ def _working_copy(model: nn.Module, device: torch.device, reset_bn: bool) -> nn.
     return copy.deepcopy(model).to(device)
 
 
-def _resolve_device(device: Any, model: nn.Module) -> torch.device:
-    if device in (None, "auto"):
-        if device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MergeError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu or auto")
-    return dev
-
-
 class PreparedMerge:
     """What every merge of the same models and data shares, done once: the checks, the BatchNorm
     reset of the base models, the graph analysis and (on first need) the activation correlations.
@@ -251,7 +236,7 @@ class PreparedMerge:
         the example inputs."""
         opts, reset_bn = self.options, self.options.reset_bn
         check_models(models)
-        self.device = dev = _resolve_device(opts.device, models[0])
+        self.device = dev = resolve_device(opts.device, models[0])
         whole = Calibration.read(data, inputs_from_batch, dev)
         if whole is not None and not len(whole):
             raise MergeError("the calibration data is empty: give at least one batch")

@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+import torch
+
 from ..analysis.trace import TRACERS
 from ..errors import MergeError
 from .statistics import PROBES
@@ -122,3 +124,20 @@ class MergeOptions:
 
 #: Every default, for the command line's option defaults.
 DEFAULTS = MergeOptions()
+
+
+def resolve_device(device: Any, model: Any = None) -> torch.device:
+    """The device a merge runs on: ``"auto"`` is CUDA when there is one, ``None`` where ``model``'s
+    parameters are (the CPU without a model), anything else must be a device torch knows and has."""
+    if device in (None, "auto"):
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        p = next(model.parameters(), None) if model is not None else None
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergeError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"device {device!r} was asked for but no CUDA device is available; use 'cpu' or 'auto'")
+    return dev
