@@ -129,6 +129,10 @@ def merge_command(
     repair: Annotated[
         bool, typer.Option("--repair/--no-repair", help="REPAIR after merging: give every merged layer's output channels the interpolation of their parents' mean and std on the data.")
     ] = DEFAULTS.repair,
+    refit: Annotated[
+        bool, typer.Option("--refit/--no-refit", help="Least-squares refit after merging: each merged Linear/Conv2d, front to back, fitted in closed form "
+                           "to reproduce its parents' outputs on the data (one forward pass of each model).")
+    ] = DEFAULTS.refit,
     input_shape: InputShapeOption = None,
     max_length: MaxLengthOption = 128,
     tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = DEFAULTS.tracer,
@@ -154,7 +158,7 @@ def merge_command(
     same_on_every_rank("command line", [str(c) for c in checkpoints] + [str(out_path), data, arch, samples, batch_size, seed, method, mode])
     quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
-                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair,
+                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair, refit=refit,
                            matcher_options=parse_key_values(matcher_opt, "--matcher-opt", "a=0.3"))  # read by the parameters' types
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
     choice = DataChoice(data, samples, batch_size, seed, max_length)
@@ -212,8 +216,8 @@ def merge_sources(source: Source, out_path: Path, options: Any, choice: DataChoi
     from mudsc_graph.merging.batchnorm import has_batchnorm
     from mudsc_graph.merging.distributed import writer_turn
 
-    if choice.data is None and (needs_data or options.repair):
-        why = f"--method {options.method}" if needs_data else "--repair"
+    if choice.data is None and (needs_data or options.repair or options.refit):
+        why = f"--method {options.method}" if needs_data else "--repair" if options.repair else "--refit"
         raise MergeCommandError(f"{why} needs calibration data: pass --data ({source.data_hint})")
     protected = protected_paths(source.paths, choice.data)
     source.check_output(out_path, force, protected)
@@ -304,7 +308,9 @@ def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]
         "method": result.method, "mode": result.mode, "alpha": result.alpha, "matcher_options": result.matcher_options,
         "stop_at": options.stop_at, "tracer": options.tracer,
         "n_models": n_models, "data": data, "groups_merged": len(result.matchings), "history": result.history,
-        "repair": options.repair, "repair_std_ratio": result.repair_std_ratio, "mudsc_version": version(),
+        "repair": options.repair, "repair_std_ratio": result.repair_std_ratio,
+        "refit": options.refit, "refit_residual": list(result.refit.mean()) if result.refit is not None else None,
+        "mudsc_version": version(),
     }
 
 
@@ -313,7 +319,7 @@ def report(result: Any, metadata: dict[str, Any], written: Path, started: float,
     import torch
 
     summary = {
-        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged", "repair_std_ratio")},
+        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged", "repair_std_ratio", "refit_residual")},
         "permutable_units": result.spec.permutable_units,
         "sweeps": result.sweeps,
         "score_per_sweep": result.history,
@@ -338,6 +344,9 @@ def _print_summary(s: dict, device: Any) -> None:
         shown = ", ".join(f"{x:.4f}" for x in s["score_per_sweep"][:12])
         more = " ..." if len(s["score_per_sweep"]) > 12 else ""
         table.add_row("score per sweep", f"{shown}{more} (best {max(s['score_per_sweep']):.4f})")
+    if s["refit_residual"] is not None:
+        before, after = s["refit_residual"]
+        table.add_row("refit", f"layers' residual against their parents: {before:.4f} -> {after:.4f} (relative, mean over layers)")
     if s["repair_std_ratio"] is not None:
         table.add_row("REPAIR", f"merged std / parents' before repair: {s['repair_std_ratio']:.3f} (restored)")
     for stage, seconds in s["timings"].items():

@@ -17,7 +17,8 @@ import torch
 
 import mudsc_graph
 
-MERGES = {"zip": dict(method="mudsc", mode="zip"), "align": dict(method="mudsc", mode="align"), "zipit": dict(method="zipit")}
+MERGES = {"zip": dict(method="mudsc", mode="zip"), "align": dict(method="mudsc", mode="align"), "zipit": dict(method="zipit"),
+          "zip_refit": dict(method="mudsc", mode="zip", refit=True)}
 #: the ``repair`` scenario: GroupNorm models (no BatchNorm, so REPAIR has channels to repair)
 REPAIRED = {"zip_repair": dict(method="mudsc", mode="zip", repair=True), "zipit_repair": dict(method="zipit", repair=True)}
 

@@ -418,3 +418,17 @@ def test_data_is_asked_for_only_when_the_merge_reads_it(ckpts, tmp_path):
     _one_line_error(_run("merge", tmp_path / "r0.pt", tmp_path / "r1.pt", "--arch", "resnet20", "--arch-opt", "width=1",
                          "--method", "weight_matching", "--out", out_bn), "resetting BatchNorm statistics needs calibration data", "--no-reset-bn")
     assert not out_bn.exists()
+
+
+def test_refit_is_recorded_and_reported(ckpts, tmp_path):
+    from mudsc_graph.io.checkpoints import load_checkpoint
+
+    out = tmp_path / "refit.pt"
+    r = _run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--data", "digits", "--samples", "100", "--refit", "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    before, after = json.loads(r.output)["refit_residual"]
+    assert 0 <= after < before
+    state, meta = load_checkpoint(out)
+    assert meta["refit"] is True and meta["refit_residual"] == [before, after]
+    _one_line_error(_run("merge", ckpts / "a.pt", ckpts / "b.pt", *ARCH, "--method", "weight_matching", "--no-reset-bn", "--refit",
+                         "--out", tmp_path / "x.pt"), "--refit needs calibration data")

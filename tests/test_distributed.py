@@ -38,13 +38,15 @@ def _run_ranks(tmp_path: Path, scenario: str, world: int = 2) -> Path:
 def test_two_gloo_ranks_merge_what_one_process_merges(tmp_path):
     out = _run_ranks(tmp_path, "good")
     want = distributed_worker.merges("good")
-    assert {"zip", "align", "zipit"} <= set(want)
+    assert {"zip", "align", "zipit", "zip_refit"} <= set(want)
     for name, state in want.items():
         for rank in (0, 1):
             got = torch.load(out / f"rank{rank}-{name}.pt", weights_only=True)
             assert set(got) == set(state)
+            # the refit solves a least-squares system per layer from moments summed in another order: a little looser
+            tol = dict(rtol=1e-4, atol=1e-4) if "refit" in name else dict(rtol=0, atol=1e-5)
             for k, v in state.items():  # BatchNorm running statistics are among them
-                torch.testing.assert_close(got[k], v, rtol=0, atol=1e-5, msg=f"{name}, rank {rank}: {k}")
+                torch.testing.assert_close(got[k], v, **tol, msg=f"{name}, rank {rank}: {k}")
         assert any("running_var" in k for k in state)
 
 

@@ -24,6 +24,7 @@ ARCHS = {  # name: arch options that keep the test fast
     "vgg11_bn": dict(width=0.125),
     "vit_tiny": {},
     "timm_vit_tiny": {},
+    "mixer_tiny": {},  # token mixing: samples along the merged channels (each model's own order)
 }
 
 

@@ -31,7 +31,7 @@ except ImportError:  # package not installed: load plugins/ as mudsc_plugins
         _spec.loader.exec_module(_mod)
     from mudsc_plugins import zoo
 
-TINY = ["mlp", "resnet20", "resnet20_gn", "vit_tiny", "timm_vit_tiny", "vgg11", "vgg11_bn",
+TINY = ["mlp", "resnet20", "resnet20_gn", "vit_tiny", "timm_vit_tiny", "mixer_tiny", "vgg11", "vgg11_bn",
         "vgg16", "vgg16_bn"]
 BIG = ["resnet18", "resnet50", "vit_b16", "timm_vit_b16"]
 # VGG's default 4096-wide classifier is ~130M parameters; shrink it for the CPU forward test.
@@ -84,7 +84,7 @@ def test_big_forward_and_trace(name):
 
 def test_zoo_entries_and_aliases():
     expected = {"mlp", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "resnet20", "resnet20_gn",
-                "resnet18", "resnet50", "vit_b16", "vit_tiny", "timm_vit_tiny", "timm_vit_b16"}
+                "resnet18", "resnet50", "vit_b16", "vit_tiny", "timm_vit_tiny", "timm_vit_b16", "mixer_tiny"}
     assert set(zoo.ZOO) == expected
     assert zoo.get_entry("vit_b_16") is zoo.ZOO["vit_b16"]
     assert zoo.get_entry("vit_base_patch16_224") is zoo.ZOO["timm_vit_b16"]

@@ -295,19 +295,22 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
         producer = _has_params(prop, attrs, of_params)
         if not (consumer or producer):
             continue
+        free = _free_axes(b, v.layout)
         for axis, L in enumerate(v.layout):
             if isinstance(L, Dep):  # units that depend on the axis before: the two axes flattened, for a
                 gid = _block_group(b, v.layout, axis)  # group with no other probe (experts x hidden units)
+                mixed = tuple(a for a in free if a not in (axis - 1, axis))
                 if gid is not None:
-                    flattened.append((gid, Probe(name, axis - 1, Units(gid), consumer, span=2)))
+                    flattened.append((gid, Probe(name, axis - 1, Units(gid), consumer, span=2, mixed=mixed)))
                 elif _fixed_blocks(b, v.layout, axis):  # experts in place (a top-k router): a group per expert
                     e = simplify(Concat([b.expr(p, strict=False) for p in L.parts]))
-                    flattened += [(gid, Probe(name, axis - 1, e, consumer, span=2)) for gid in group_ids(e) if not b.groups[gid].fixed]
+                    flattened += [(gid, Probe(name, axis - 1, e, consumer, span=2, mixed=mixed)) for gid in group_ids(e)
+                                  if not b.groups[gid].fixed]
                 continue
             e = b.expr(L, strict=False)
             for gid in group_ids(e):
                 if not b.groups[gid].fixed:
-                    b.groups[gid].probes.append(Probe(name, axis, e, consumer))
+                    b.groups[gid].probes.append(Probe(name, axis, e, consumer, mixed=tuple(a for a in free if a != axis)))
     for gid, probe in flattened:
         if not any(p.span == 1 for p in b.groups[gid].probes):
             b.groups[gid].probes.append(probe)
@@ -318,6 +321,17 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
                 b.groups[gid].probes.append(Probe(name, -1, e, False, key, handler))
     for g in b.groups:
         g.probes.sort(key=lambda p: not p.consumer)
+
+
+def _free_axes(b: _Builder, layout: list) -> list[int]:
+    """The axes of a value that carry units to be matched (a free group among their spaces)."""
+    out = []
+    for axis, L in enumerate(layout):
+        spaces = b.sp.leaves(L) if isinstance(L, Dep) else group_ids(b.expr(L, strict=False))
+        free = [s for s in spaces if not b.sp.is_fixed(s)] if isinstance(L, Dep) else [g for g in spaces if not b.groups[g].fixed]
+        if free:
+            out.append(axis)
+    return out
 
 
 def _fixed_blocks(b: _Builder, layout: list, axis: int) -> bool:

@@ -35,6 +35,7 @@ from .methods import ResolvedMethod, resolve_method
 from .options import MergeError, MergeOptions, resolve_device
 from .partial_zip import build_partial, stop_index
 from .progress import NullReporter, Reporter
+from .refit import Fit, refit, refit_points
 from .repair import assignments, measure, repair, repair_points
 from .solver import DualSpaceSolver, MatchOutcome
 from .calibration import Calibration
@@ -52,7 +53,10 @@ class MergeResult:
     of every sweep of the iterative scheme; ``timings``: seconds per stage; ``matcher_options``: the
     matcher's parameters as used (defaults included); ``repair_std_ratio``:
     with ``repair=True``, the merged model's standard deviation over its target before REPAIR's
-    correction, averaged over the repaired channels (how much variance the merge had lost).
+    correction, averaged over the repaired channels (how much variance the merge had lost);
+    ``refit``: with ``refit=True``, what the least-squares refit did (:class:`~.refit.Fit`: per
+    layer, the residual against the parents' mapped outputs before and after, relative to their
+    energy).
     """
 
     model: nn.Module
@@ -67,6 +71,7 @@ class MergeResult:
     repair_std_ratio: float | None = None
     weight_macs: float = 0.0
     matcher_options: dict[str, Any] = field(default_factory=dict)
+    refit: Fit | None = None
 
 
 def check_models(models: list[nn.Module]) -> None:
@@ -315,8 +320,9 @@ class PreparedMerge:
         resolved = resolve_method(self.registry, opts)
         if resolved.needs_activations and self.calib is None:
             raise MergeError(f"method {resolved.method.name!r} needs calibration data: pass data=")
-        if opts.repair and self.calib is None:
-            raise MergeError("repair=True reads the models' outputs on calibration data: pass data=")
+        for flag in ("repair", "refit"):
+            if getattr(opts, flag) and self.calib is None:
+                raise MergeError(f"{flag}=True reads the models' outputs on calibration data: pass data=")
         timings: dict[str, float] = {}
         stage = Stages(timings)
         trunk = None
@@ -333,6 +339,10 @@ class PreparedMerge:
         with stage("merge"):
             merged = self._merged_weights(matchings)
         reset = opts.reset_bn and self.calib is not None and has_batchnorm(merged)
+        fit = None
+        with stage("refit"):
+            if opts.refit:
+                fit = self._refit(merged, matchings, trunk, reset, opts.refit_ridge)
         std_ratio = None
         with stage("repair"):
             if opts.repair:
@@ -348,7 +358,7 @@ class PreparedMerge:
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, self.spec, matchings, outcome.history, timings, resolved.method.name, resolved.mode, resolved.alpha,
-                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options))
+                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options), fit)
 
     def _merged_weights(self, matchings: dict[int, Any]) -> nn.Module:
         """A copy of model 0 holding the merged weights."""
@@ -408,14 +418,31 @@ class PreparedMerge:
         )
         return solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
 
+    def _trunk_modules(self, merged: nn.Module, trunk: set[str] | None) -> set[str] | None:
+        """The module paths of a partial zip's trunk (None: the whole model is merged)."""
+        if trunk is None:
+            return None
+        paths = {path for name, path in self.order if name in trunk and path}
+        return {p for p, _ in merged.named_modules() if any(p == t or p.startswith(t + ".") for t in paths)}
+
+    def _refit(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool, ridge: float) -> Fit:
+        """Refit ``merged``'s layers by least squares (:mod:`.refit`); with ``trunk``, its merged part
+        only; ``reset``: its BatchNorms are reset first, so the walk reads the merged model's own."""
+        if reset:
+            self._reset_bn(merged)
+        points = refit_points(self.analysis.graph_module, merged, self.spec, self.analysis.value_axes,
+                              within=self._trunk_modules(merged, trunk))
+        if not points:
+            warnings.warn("refit=True: no Linear or Conv2d layer the forward calls once as a module; the merge is unchanged",
+                          stacklevel=3)
+        sizes = {g.id: g.size for g in self.spec.groups}
+        return refit(merged, self.models, self.analysis.graph_module, points, matchings, sizes, self.calib, ridge=ridge)
+
     def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool) -> float | None:
         """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only; ``reset``:
         its BatchNorms are reset first. Returns the merged model's standard deviation over its target
         before the correction (None: nothing to repair)."""
-        within = None
-        if trunk is not None:
-            paths = {path for name, path in self.order if name in trunk and path}
-            within = {p for p, _ in merged.named_modules() if any(p == t or p.startswith(t + ".") for t in paths)}
+        within = self._trunk_modules(merged, trunk)
         points = repair_points(merged, self.spec, matchings, reset_bn=reset, within=within, n_models=len(self.models))
         if reset:  # a layer whose outputs only a BatchNorm reads is renormalised by the reset: nothing to repair
             renormalised = self.analysis.read_only_by_batchnorm()

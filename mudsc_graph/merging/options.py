@@ -33,7 +33,7 @@ PREPARATION = ("device", "reset_bn", "probe", "tracer", "shard_data")
 @dataclass(frozen=True)
 class MergeOptions:
     """What one merge does. Matching: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``,
-    ``max_iter``, ``patience``, ``matcher_options``; ``repair``; preparation (see :data:`PREPARATION`):
+    ``max_iter``, ``patience``, ``matcher_options``; ``repair``, ``refit``, ``refit_ridge``; preparation (see :data:`PREPARATION`):
     ``device``, ``reset_bn``, ``probe``, ``tracer``, ``shard_data``.
 
     ``method``: a registered merge method (``average``, ``weight_matching``, ``weight_zip``,
@@ -46,7 +46,10 @@ class MergeOptions:
     decay, and ``b``, the within-model budget; ``zip_a`` and ``zip_b`` are their old, deprecated
     names). ``repair``: REPAIR after merging (Jordan et al. 2023;
     :mod:`~mudsc_graph.merging.repair`): every merged layer's output channels get the
-    interpolation of their parents' mean and standard deviation on the calibration data. ``device``: ``None`` (the first model's), ``"auto"``,
+    interpolation of their parents' mean and standard deviation on the calibration data. ``refit``:
+    each merged Linear/Conv2d refit by least squares to reproduce its parents' outputs, front to back
+    (:mod:`~mudsc_graph.merging.refit`), with the ridge ``refit_ridge`` (relative to the inputs'
+    mean energy) toward the merged weights. ``device``: ``None`` (the first model's), ``"auto"``,
     ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
     merged model on the data; ``probe``: which consumer of a group its features are read at
     (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``; ``shard_data``:
@@ -72,6 +75,8 @@ class MergeOptions:
     tracer: str = "auto"
     shard_data: bool = True
     repair: bool = False
+    refit: bool = False
+    refit_ridge: float = 1e-4
 
     def __post_init__(self) -> None:  # method and mode need the registry: resolve_method checks them
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
@@ -91,7 +96,9 @@ class MergeOptions:
             warnings.warn(f"the merge options zip_a/zip_b are now matcher_options={legacy!r} (zip's parameters a and b)",
                           DeprecationWarning, stacklevel=4)
         object.__setattr__(self, "matcher_options", dict(self.matcher_options))
-        for name in ("reset_bn", "shard_data", "repair"):
+        if isinstance(self.refit_ridge, bool) or not isinstance(self.refit_ridge, (int, float)) or not 0 <= self.refit_ridge < float("inf"):
+            raise MergeError(f"refit_ridge must be a number >= 0, got {self.refit_ridge!r}")
+        for name in ("reset_bn", "shard_data", "repair", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise MergeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.probe not in PROBES:

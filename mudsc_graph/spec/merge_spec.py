@@ -47,12 +47,19 @@ class Probe:
     handler: str | None = None
     span: int = 1
     """The units run along ``span`` axes from ``axis`` on, flattened (experts x their hidden units)."""
+    mixed: tuple[int, ...] = ()
+    """Other axes of the value that carry units to be matched (the channels a token-mixing layer
+    runs over): each model lays its samples out along them in its own order, so the features are
+    averaged over them (what stays aligned across models is kept)."""
 
     def __post_init__(self) -> None:
         self.expr = as_expr(self.expr)
+        self.mixed = tuple(self.mixed)
 
     def read(self, value: torch.Tensor) -> torch.Tensor:
-        """The node's value with the probe's axes flattened into axis ``axis``."""
+        """The node's value, averaged over the ``mixed`` axes, with the probe's axes flattened into axis ``axis``."""
+        if self.mixed:
+            value = value.mean(dim=self.mixed, keepdim=True)
         return value.flatten(self.axis, self.axis + self.span - 1) if self.span > 1 else value
 
 
@@ -154,5 +161,6 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 def _group_json(g: Group) -> dict[str, Any]:
     """A group as JSON data, fields in declaration order (as ``dataclasses.asdict`` wrote them)."""
-    probes = [{k: v for k, v in {**_fields(p), "expr": to_json(p.expr)}.items() if k != "span" or v != 1} for p in g.probes]
+    probes = [{k: list(v) if k == "mixed" else v for k, v in {**_fields(p), "expr": to_json(p.expr)}.items()
+               if (k, v) not in (("span", 1), ("mixed", ()))} for p in g.probes]
     return {**_fields(g), "members": [list(m) for m in g.members], "probes": probes, "coupled": list(g.coupled)}

@@ -16,6 +16,7 @@ vit_b16            3x224x224    torchvision ViT-B/16 layout (alias ``vit_b_16``)
 vit_tiny           3x32x32      small torchvision-layout ViT
 timm_vit_tiny      3x32x32      small timm-layout ViT (fused qkv)
 timm_vit_b16       3x224x224    timm ViT-B/16 layout (alias ``vit_base_patch16_224``)
+mixer_tiny         3x32x32      small timm-layout MLP-Mixer (token-mixing MLPs; alias ``mlp_mixer``)
 =================  ===========  ============================================================
 
 Example::
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .mixer import MlpMixer, mixer_tiny
 from .mlp import MLP, mlp
 from .resnet import ResNet, resnet18, resnet50
 from .resnet_cifar import ResNetCIFAR, resnet20
@@ -63,6 +65,8 @@ __all__ = [
     "vit_tiny",
     "timm_vit_tiny",
     "timm_vit_b16",
+    "MlpMixer",
+    "mixer_tiny",
 ]
 
 
@@ -115,6 +119,8 @@ ZOO: dict[str, ZooEntry] = {
                               "tiny ViT, timm layout (4 blocks, 4 heads, D=64, patch 4)"),
     "timm_vit_b16": ZooEntry(timm_vit_b16, (3, 224, 224), ("vit_base_patch16_224",),
                              "ViT-B/16, timm layout"),
+    "mixer_tiny": ZooEntry(mixer_tiny, (3, 32, 32), ("mlp_mixer",),
+                           "tiny MLP-Mixer, timm layout (2 blocks, D=64, patch 8): token-mixing MLPs"),
 }
 
 _ALIASES: dict[str, str] = {a: name for name, e in ZOO.items() for a in e.aliases}
