@@ -102,18 +102,26 @@ def test_a_model_merged_with_permuted_copies_of_itself_comes_back(name, how):
         assert float((r.model(x) - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
-def test_refit_brings_a_merge_of_different_models_toward_their_ensemble():
+@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+def test_refit_brings_a_merge_of_different_models_toward_their_ensemble(name):
+    """On the calibration data (what least squares fits) the refit merge is clearly closer to the
+    parents' averaged outputs than the merge alone; no layer's residual grows. ResNet-20: with the
+    BatchNorm reset, against the parents as the merge sees them (their statistics reset too)."""
     torch.manual_seed(5)
-    arch = get_registry().architecture("mlp")
-    a, b = (arch.build(hidden=(32, 24), bias=True).eval() for _ in range(2))
-    x = torch.randn(96, 1, 28, 28)
+    arch = get_registry().architecture(name)
+    opts = dict(hidden=(32, 24), bias=True) if name == "mlp" else dict(width=1)
+    a, b = (arch.build(**opts).eval() for _ in range(2))
+    x = torch.randn(96, *arch.example_inputs(1)[0].shape[1:])
+    for m in (a, b):
+        reset_bn_stats(m, _batches(x))
+        m.eval()
     with torch.no_grad():
         ensemble = (a(x) + b(x)) / 2
     plain = merge([a, b], data=_batches(x), method="mudsc", mode="zip", max_iter=5)
     fitted = merge([a, b], data=_batches(x), method="mudsc", mode="zip", max_iter=5, refit=True)
     with torch.no_grad():
         gap = [float((r.model(x) - ensemble).norm() / ensemble.norm()) for r in (plain, fitted)]
-    assert gap[1] < 0.8 * gap[0], gap
+    assert gap[1] < 0.75 * gap[0], gap
     assert all(after <= before + 1e-9 for before, after in zip(fitted.refit.before, fitted.refit.after))
     assert plain.refit is None and set(fitted.timings) >= {"refit", "matching", "merge"}
 
@@ -137,3 +145,18 @@ def test_refit_needs_data_and_a_sane_ridge():
     for bad in (-1.0, float("inf"), "0.1", True):
         with pytest.raises(MergeError, match="refit_ridge must be a number >= 0"):
             merge(models, data=[torch.randn(4, 4)], method="average", refit=True, refit_ridge=bad)
+
+
+def test_the_export_tracer_graph_is_refit_too():
+    """torch.export graphs call aten.linear / aten.conv2d / aten.batch_norm on the modules' tensors:
+    the same layers are found and a permuted copy still merges back, BatchNorm reset included."""
+    torch.manual_seed(8)
+    model, x = _randomise_norms(get_registry().architecture("resnet20").build(width=1)), torch.randn(32, 3, 16, 16)
+    twin = _permuted_copy(model, (x[:2],), 5)
+    fx_paths = merge([model, twin], data=_batches(x), refit=True, max_iter=3).refit.paths
+    r = merge([model, twin], data=_batches(x), refit=True, max_iter=3, tracer="export")
+    assert r.refit.paths == fx_paths and len(fx_paths) == 22  # 19 convolutions, 2 shortcuts, the classifier
+    reset_bn_stats(model, _batches(x))
+    with torch.no_grad():
+        ref = model.eval()(x)
+        assert float((r.model(x) - ref).abs().max() / ref.abs().max()) < 1e-4

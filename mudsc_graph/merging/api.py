@@ -427,16 +427,15 @@ class PreparedMerge:
 
     def _refit(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool, ridge: float) -> Fit:
         """Refit ``merged``'s layers by least squares (:mod:`.refit`); with ``trunk``, its merged part
-        only; ``reset``: its BatchNorms are reset first, so the walk reads the merged model's own."""
-        if reset:
-            self._reset_bn(merged)
-        points = refit_points(self.analysis.graph_module, merged, self.spec, self.analysis.value_axes,
-                              within=self._trunk_modules(merged, trunk))
+        only; ``reset``: its BatchNorm statistics are reset afterwards, so the walk normalises by
+        batch, as the reset does."""
+        gm = self.analysis.graph_module
+        points = refit_points(gm, merged, self.spec, self.analysis.value_axes, within=self._trunk_modules(merged, trunk))
         if not points:
             warnings.warn("refit=True: no Linear or Conv2d layer the forward calls once as a module; the merge is unchanged",
                           stacklevel=3)
         sizes = {g.id: g.size for g in self.spec.groups}
-        return refit(merged, self.models, self.analysis.graph_module, points, matchings, sizes, self.calib, ridge=ridge)
+        return refit(merged, self.models, gm, points, matchings, sizes, self.calib, ridge=ridge, batch_norms=reset)
 
     def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool) -> float | None:
         """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only; ``reset``:

@@ -48,8 +48,8 @@ class MergeOptions:
     :mod:`~mudsc_graph.merging.repair`): every merged layer's output channels get the
     interpolation of their parents' mean and standard deviation on the calibration data. ``refit``:
     each merged Linear/Conv2d refit by least squares to reproduce its parents' outputs, front to back
-    (:mod:`~mudsc_graph.merging.refit`), with the ridge ``refit_ridge`` (relative to the inputs'
-    mean energy) toward the merged weights. ``device``: ``None`` (the first model's), ``"auto"``,
+    (:mod:`~mudsc_graph.merging.refit`), with the ridge ``refit_ridge`` toward the merged weights
+    (in units of the inputs' mean squared norm: it weighs like ``refit_ridge * features / samples``). ``device``: ``None`` (the first model's), ``"auto"``,
     ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
     merged model on the data; ``probe``: which consumer of a group its features are read at
     (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``; ``shard_data``:
@@ -76,7 +76,7 @@ class MergeOptions:
     shard_data: bool = True
     repair: bool = False
     refit: bool = False
-    refit_ridge: float = 1e-4
+    refit_ridge: float = 0.1
 
     def __post_init__(self) -> None:  # method and mode need the registry: resolve_method checks them
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:

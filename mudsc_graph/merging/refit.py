@@ -11,8 +11,8 @@ to back and, for each layer, solves
 where ``x_m`` is the layer's input in the merged model (with the layers before it already refit),
 ``y* = sum_i M_i y_i`` its parents' outputs mapped into the merged units as the merge maps their
 weights (``M_i``: model i's merge map along the layer's output axis; unmatched outputs averaged), and
-``W_0`` the merged weights (the ridge ``lambda = ridge * mean(diag(X^T X))`` keeps a layer with too
-few samples near them). A bias is fitted as one more input column of ones; a convolution's inputs are
+``W_0`` the merged weights (the ridge ``lambda = ridge * E||x||^2`` keeps a layer with few samples
+for its inputs near them, and fades as the data grow). A bias is fitted as one more input column of ones; a convolution's inputs are
 its unfolded patches. A model merged with permuted copies of itself is left as it is (its merged
 weights already solve the system exactly).
 
@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..spec.axes import Expr, group_ids, ungroup
 from ..spec.merge_spec import MergeSpec
@@ -48,8 +49,8 @@ from .lockstep import Stepper
 from .statistics import probe_extractor
 from .weights import apply_along
 
-#: ``lambda = RIDGE * mean(diag(X^T X))``: enough to keep a rank-deficient system solvable
-RIDGE = 1e-4
+#: ``lambda = RIDGE * E||x||^2``: the default ridge toward the merged weights (see :func:`_solve`)
+RIDGE = 0.1
 _OPS = {"aten.linear.default": nn.Linear, "aten.conv2d.default": nn.Conv2d}
 
 
@@ -114,6 +115,36 @@ def _samples_aligned(exprs: Sequence[Expr | None] | None, features: int, spec: M
                for a, e in enumerate(exprs))
 
 
+def _norm_by_batch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """BatchNorm as in training mode (the batch's own statistics), without touching running statistics."""
+    return F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
+
+
+def norms_by_batch(ext: fx.GraphModule) -> fx.GraphModule:
+    """``ext`` with every BatchNorm with running statistics (a module call, or ``aten.batch_norm``)
+    normalising by each batch's own statistics, as the BatchNorm reset runs the model."""
+    graph = ext.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(ext.get_submodule(str(node.target)), _BatchNorm):
+            bn = ext.get_submodule(str(node.target))
+            if not bn.track_running_stats:
+                continue
+            with graph.inserting_before(node):
+                w = graph.get_attr(f"{node.target}.weight") if bn.affine else None
+                b = graph.get_attr(f"{node.target}.bias") if bn.affine else None
+                new = graph.call_function(_norm_by_batch, (node.args[0], w, b, bn.eps))
+        elif node.op == "call_function" and str(node.target) == "aten.batch_norm.default" and len(node.args) > 7:
+            with graph.inserting_before(node):
+                new = graph.call_function(_norm_by_batch, (node.args[0], node.args[1], node.args[2], node.args[7]))
+        else:
+            continue
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    ext.recompile()
+    return ext
+
+
 def refit_points(gm: fx.GraphModule, model: nn.Module, spec: MergeSpec, value_axes: Mapping[str, Any], *,
                  within: set[str] | None = None) -> list[Point]:
     """The layers of ``model`` the refit fits, in graph order (see the module docstring); ``within``:
@@ -170,23 +201,30 @@ def _target(p: Point, ys: Sequence[torch.Tensor], matchings: Mapping[int, Any], 
     return total
 
 
-def _solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(G + lambda I)^-1 (C + lambda W_0^T)``, transposed: the refit weights ``(out, features)``."""
-    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+def _solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float, samples: float) -> torch.Tensor:
+    """``(G + lambda I)^-1 (C + lambda W_0^T)``, transposed: the refit weights ``(out, features)``;
+    ``lambda = ridge * E||x||^2`` (the inputs' mean squared norm over the ``samples`` rows), so the
+    ridge weighs like ``ridge * features / samples`` against the data: strong where a layer has few
+    samples for its inputs, vanishing as the data grow."""
+    lam = ridge * float(gram.diagonal().sum().clamp_min(1e-12)) / max(samples, 1.0)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + lam * eye, cross + lam * w0.T).T
 
 
 @torch.no_grad()
 def refit(merged: nn.Module, parents: Sequence[nn.Module], gm: fx.GraphModule, points: Sequence[Point],
-          matchings: Mapping[int, Any], sizes: Mapping[int, int], calib: Calibration, *, ridge: float = RIDGE) -> Fit:
+          matchings: Mapping[int, Any], sizes: Mapping[int, int], calib: Calibration, *, ridge: float = RIDGE,
+          batch_norms: bool = False) -> Fit:
     """Refit ``merged`` in place at ``points`` (see the module docstring): ``gm`` is the models'
-    traced graph, run with each model's weights; ``calib`` the calibration (this rank's batches)."""
+    traced graph, run with each model's weights; ``calib`` the calibration (this rank's batches).
+    ``batch_norms``: the BatchNorm statistics are reset afterwards, so the walk runs every model's
+    BatchNorms as the reset does (each batch normalised by its own statistics): a layer is fitted in
+    the regime the reset's statistics describe, and a merge of permuted copies still comes back."""
     if not points:
         return Fit([], [], [])
     own_state = dict(merged.state_dict())  # shares the parameters' storage: written in place, read by the walk
-    walk_in = _runs(gm, [p.input for p in points], [own_state])
-    walk_out = _runs(gm, [p.node for p in points], [dict(m.state_dict()) for m in parents])
+    walk_in = _runs(gm, [p.input for p in points], [own_state], batch_norms)
+    walk_out = _runs(gm, [p.node for p in points], [dict(m.state_dict()) for m in parents], batch_norms)
     inputs = list(calib.inputs())
     walks = [[Stepper(ext, st) for ext, st in walk_in + walk_out] for _ in inputs]
     last = {p.input: j for j, p in enumerate(points)}  # the merged model's inputs are freed after their last point
@@ -210,9 +248,13 @@ def refit(merged: nn.Module, parents: Sequence[nn.Module], gm: fx.GraphModule, p
     return fit
 
 
-def _runs(gm: fx.GraphModule, nodes: list[str], states: list[dict[str, torch.Tensor]]) -> list[tuple[fx.GraphModule, dict]]:
-    """One extractor of ``nodes`` and, per model, its state restricted to the extractor's tensors."""
+def _runs(gm: fx.GraphModule, nodes: list[str], states: list[dict[str, torch.Tensor]],
+          batch_norms: bool) -> list[tuple[fx.GraphModule, dict]]:
+    """One extractor of ``nodes`` (BatchNorms by batch with ``batch_norms``) and, per model, its
+    state restricted to the extractor's tensors."""
     ext = probe_extractor(gm, list(dict.fromkeys(nodes)))
+    if batch_norms:
+        ext = norms_by_batch(ext)
     own = {n for n, _ in ext.named_parameters()} | {n for n, _ in ext.named_buffers()}
     return [(ext, {k: v for k, v in st.items() if k in own}) for st in states]
 
@@ -221,7 +263,7 @@ def _fit_point(p: Point, module: nn.Module, state: dict[str, torch.Tensor], inpu
                matchings: Mapping[int, Any], sizes: Mapping[int, int], ridge: float, calib: Calibration, fit: Fit) -> None:
     """Sum one layer's moments over the batches (and ranks), solve, write the weights."""
     gram = cross = None
-    energy = torch.zeros((), dtype=torch.float64)
+    energy_count = torch.zeros(2, dtype=torch.float64)  # the targets' energy, the samples
     for (k, x), (merged, *parents) in zip(inputs, walks):
         with calib.batch(k, x, "refit", "the merged model or a parent", error=RefitError):
             merged.advance(merged.ready([p.input]))
@@ -231,19 +273,20 @@ def _fit_point(p: Point, module: nn.Module, state: dict[str, torch.Tensor], inpu
         y = _target(p, [_outputs(module, s.values[p.node]) for s in parents], matchings, sizes)
         g, c = xs.T @ xs, xs.T @ y
         gram, cross = (g, c) if gram is None else (gram + g, cross + c)
-        energy += (y * y).sum().cpu()
+        energy_count += torch.tensor([float((y * y).sum()), float(xs.shape[0])], dtype=torch.float64)
     w = state[p.weight]
     w0 = w.reshape(w.shape[0], -1).double()
     if p.bias is not None:
         w0 = torch.cat([w0, state[p.bias].double()[:, None]], dim=1)
     if gram is None:  # no batch on this rank: the others' sums
         gram, cross = w0.new_zeros(w0.shape[1], w0.shape[1]), w0.new_zeros(w0.shape[1], w0.shape[0])
-    tensors = [gram, cross, energy.to(gram.device)]
+    tensors = [gram, cross, energy_count]
     all_sum_(tensors)
-    gram, cross, energy = tensors
+    gram, cross, energy_count = tensors
+    energy = energy_count[0]
     if not (torch.isfinite(gram).all() and torch.isfinite(cross).all()):
         raise RefitError(f"refit: non-finite inputs or targets at {p.path}; check the models and the calibration data")
-    new = _solve(gram, cross, w0, ridge)
+    new = _solve(gram, cross, w0, ridge, float(energy_count[1]))
     scale = float(energy.clamp_min(1e-30))
     fit.paths.append(p.path)
     fit.before.append(_residual(gram, cross, energy, w0) / scale)
