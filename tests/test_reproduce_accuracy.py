@@ -46,32 +46,34 @@ def test_files_and_columns(acc, tiny_run):
     with open(out / "alpha_sweep.csv", newline="") as f:
         assert next(csv.reader(f)) == acc.SWEEP_COLUMNS
     rows = _read(out / "accuracy.csv")
-    assert [r["method"] for r in rows] == ["model A", "model B", "ensemble", "zipit", "zipit+repair", "mudsc-zip", "mudsc-zip",
-                                           "mudsc-zip+repair"]
+    assert [r["method"] for r in rows] == ["model A", "model B", "ensemble", "zipit", "zipit+repair", "zipit+refit", "mudsc-zip",
+                                           "mudsc-zip", "mudsc-zip+repair", "mudsc-zip+refit"]
     assert [r["alpha"] for r in rows if r["method"] == "mudsc-zip"] == ["0.2", "0.8"]
     for r in rows:
         for k in ("joint", "task_a", "task_b", "mean_per_task"):
             assert 0.0 <= float(r[k]) <= 1.0
         assert json.loads(r["tasks"]) == split_classes(10, 2, seed=0)
     summary = _read(out / "accuracy_summary.csv")
-    assert [s["method"] for s in summary] == ["model A", "model B", "ensemble", "zipit", "zipit+repair", "mudsc-zip", "mudsc-zip+repair"]
+    assert [s["method"] for s in summary] == ["model A", "model B", "ensemble", "zipit", "zipit+repair", "zipit+refit", "mudsc-zip",
+                                              "mudsc-zip+repair", "mudsc-zip+refit"]
     sweep = _read(out / "alpha_sweep.csv")
     assert [(w["method"], w["alpha"]) for w in sweep] == [("mudsc-zip", "0.2"), ("mudsc-zip", "0.8")]
     md = (out / "accuracy.md").read_text()
     assert "### digits / mlp-tiny" in md and "| mudsc-zip |" in md and "α=0.2" in md and "| mudsc-zip+repair |" in md
 
 
-def test_repair_rows_repair_the_chosen_merge(tiny_run):
-    """Each method's +repair row is the merge at that method's chosen alpha, with REPAIR: chosen,
-    out of the alpha sweep, and not the same model (REPAIR changed its accuracy or kept it)."""
+@pytest.mark.parametrize("suffix", ["+repair", "+refit"])
+def test_variant_rows_vary_the_chosen_merge(tiny_run, suffix):
+    """Each method's +repair / +refit row is the merge at that method's chosen alpha, with REPAIR or
+    the refit: chosen, out of the alpha sweep."""
     out, _ = tiny_run
     rows = _read(out / "accuracy.csv")
     chosen = next(r for r in rows if r["method"] == "mudsc-zip" and r["chosen"] == "1")
-    repaired = next(r for r in rows if r["method"] == "mudsc-zip+repair")
-    assert repaired["alpha"] == chosen["alpha"] and repaired["chosen"] == "1" and repaired["val_joint"] == ""
-    zipit = next(r for r in rows if r["method"] == "zipit+repair")
+    varied = next(r for r in rows if r["method"] == "mudsc-zip" + suffix)
+    assert varied["alpha"] == chosen["alpha"] and varied["chosen"] == "1" and varied["val_joint"] == ""
+    zipit = next(r for r in rows if r["method"] == "zipit" + suffix)
     assert zipit["alpha"] == "" and 0.0 <= float(zipit["joint"]) <= 1.0
-    assert all(not w["method"].endswith("+repair") for w in _read(out / "alpha_sweep.csv"))
+    assert all(not w["method"].endswith(suffix) for w in _read(out / "alpha_sweep.csv"))
 
 
 def test_alpha_is_validation_best(tiny_run):
@@ -98,7 +100,7 @@ def test_deterministic(acc, tiny_run, tmp_path):
     out, res = tiny_run
     arch = acc.setting("mlp-tiny", "mlp", epochs=2, train_limit=300, hidden=(32, 32), bias=False)
     again = acc.run_pair("digits", arch, 0, acc.DataSetting(calib_samples=100, test_limit=200), ["mudsc-zip"], (0.2,),
-                         cache_dir=tmp_path, log=lambda s: None, repair=False)[0]
+                         cache_dir=tmp_path, log=lambda s: None, variants=())[0]
     first = {(r["method"], r["alpha"]): r for r in res["rows"]}
     for r in again:
         assert r["joint"] == first[(r["method"], r["alpha"])]["joint"]

@@ -41,16 +41,19 @@ def test_a_method_missing_from_a_setting_is_left_out(run_all):
     assert run_all.verdicts(rows) == []
 
 
-def test_repair_verdicts_count_each_split_against_the_chosen_plain_merge(run_all):
+def test_variant_verdicts_count_each_split_against_the_chosen_plain_merge(run_all):
     rows = []
     for k, (plain, repaired) in enumerate([(0.50, 0.60), (0.50, 0.502), (0.50, 0.40)]):
-        rows.append({"dataset": "d", "arch": "mlp", "split": k, "method": "zipit", "kind": "merged", "chosen": True, "joint": plain})
-        rows.append({"dataset": "d", "arch": "mlp", "split": k, "method": "zipit+repair", "kind": "merged", "chosen": True, "joint": repaired})
-        rows.append({"dataset": "d", "arch": "mlp", "split": k, "method": "ensemble", "kind": "ensemble", "chosen": None, "joint": 0.9})
-    (v,) = run_all.repair_verdicts(rows)
+        common = {"dataset": "d", "arch": "mlp", "split": k, "chosen": True}
+        rows.append({**common, "method": "zipit", "kind": "merged", "joint": plain, "mean_per_task": 0.7})
+        rows.append({**common, "method": "zipit+repair", "kind": "merged", "joint": repaired, "mean_per_task": 0.8})
+        rows.append({**common, "method": "ensemble", "kind": "ensemble", "chosen": None, "joint": 0.9, "mean_per_task": 0.95})
+    (v,) = run_all.variant_verdicts(rows, "+repair")
     assert (v["method"], v["n"], v["improves"], v["keeps"], v["hurts"]) == ("zipit", 3, 1, 1, 1)
-    assert v["mean"] == pytest.approx((0.10 + 0.002 - 0.10) / 3)
-    assert "| zipit | +0.1 ± 10.0 | 1 | 1 | 1 |" in run_all.repair_markdown([v])
+    assert v["mean"] == pytest.approx((0.10 + 0.002 - 0.10) / 3) and v["worst"] == pytest.approx(-0.10)
+    assert v["per_task"] == pytest.approx(0.1) and v["gap_closed"] == pytest.approx((0.25 + 0.005 - 0.25) / 3)
+    assert "| zipit | +0.1 ± 10.0 | +10.0 | 0 % | -10.0 | 1 | 1 | 1 |" in run_all.variant_markdown([v], "REPAIR")
+    assert run_all.variant_verdicts(rows, "+refit") == []
 
 
 def test_a_run_with_every_part_skipped_says_so(run_all, tmp_path):

@@ -59,6 +59,15 @@ QUICK_ALPHAS: tuple[float, ...] = (0.1, 0.5, 0.9)
 SWEPT = ("mudsc-align", "mudsc-zip")
 #: the suffix of a method's row merged with ``repair=True`` (REPAIR, Jordan et al. 2023)
 REPAIRED = "+repair"
+#: the suffix of a method's row merged with ``refit=True`` (the least-squares refit, mudsc_graph.merging.refit)
+REFIT = "+refit"
+#: Every variant row: suffix -> what the merge at the method's chosen alpha adds.
+VARIANTS: dict[str, dict[str, Any]] = {REPAIRED: {"repair": True}, REFIT: {"refit": True}}
+
+
+def is_variant(method: str) -> bool:
+    """Whether a row's method is a variant (``<method>+repair``, ``<method>+refit``) of a swept method's merge."""
+    return method.endswith(tuple(VARIANTS))
 
 #: Full-mode settings, sized so that the whole grid (2 datasets x 6 settings x 3 splits, 15 merges
 #: per pair) runs in about 40 minutes on 2 cores (one ResNet-20 x4 pair: ~4 min on 1 thread). Training budgets were set so that every base model
@@ -125,12 +134,12 @@ def _metrics(outputs: torch.Tensor, y: torch.Tensor, tasks: list[list[int]]) -> 
 
 def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, methods: Sequence[str],
              alphas: Sequence[float], *, cache_dir: Path | None = None, log: Callable[[str], None] = print,
-             timings: dict[str, float] | None = None, repair: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             timings: dict[str, float] | None = None, variants: Sequence[str] = tuple(VARIANTS)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every row of one (dataset, arch, split), and info about the pair (training seconds, cache).
 
-    With ``repair``, every method also gets a ``<method>+repair`` row: the same merge (at the
-    alpha chosen for the method without REPAIR) with ``repair=True``, parents and merged model
-    read on the calibration data.
+    Each of ``variants`` gives every method one more row: ``<method>+repair``, the same merge (at
+    the alpha chosen for the method alone) with ``repair=True``; ``<method>+refit``, with
+    ``refit=True``; parents and merged model read on the calibration data.
 
     The pair is prepared once (:func:`mudsc_graph.prepare`: BatchNorm reset of the bases, analysis,
     activation statistics); every method and alpha then runs only its matching, merged weights and
@@ -190,14 +199,14 @@ def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, metho
                 r["chosen"] = r["alpha"] == chosen
         else:
             method_rows[0]["chosen"] = True
-        if repair:
+        for suffix in variants:
             t0 = time.perf_counter()
-            result = prepared.merge(method=method, mode=mode, alpha=0.5 if chosen is None else chosen, seed=split, repair=True)
+            result = prepared.merge(method=method, mode=mode, alpha=0.5 if chosen is None else chosen, seed=split, **VARIANTS[suffix])
             seconds = time.perf_counter() - t0
             timings[f"merge:{arch.label}"] = timings.get(f"merge:{arch.label}", 0.0) + seconds
             merged = HeadedModel(result.model, copy.deepcopy(head)).eval()
             with timed(timings, "evaluate"):
-                row(f"{name}{REPAIRED}", "merged", predict_logits(merged, data.test.x), None, chosen, seconds)["chosen"] = True
+                row(f"{name}{suffix}", "merged", predict_logits(merged, data.test.x), None, chosen, seconds)["chosen"] = True
     info = {"train_seconds": pair.train_seconds, "trained": pair.trained, "cache_path": pair.cache_path,
             "prepare_seconds": prepare_seconds,
             "train_images": [min(int(torch.isin(data.train.y, torch.tensor(t)).sum()), arch.train_limit or 10**12)
@@ -209,12 +218,12 @@ def run_pair(dataset: str, arch: ArchSetting, split: int, ds: DataSetting, metho
 
 def _pair_job(job: tuple) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float], float]:
     """One (dataset, arch, split) in a worker process with its own thread count."""
-    threads, dataset, arch, split, ds, methods, alphas, cache_dir, quiet, repair = job
+    threads, dataset, arch, split, ds, methods, alphas, cache_dir, quiet, variants = job
     torch.set_num_threads(threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
-    rows, info = run_pair(dataset, arch, split, ds, methods, alphas, cache_dir=cache_dir, log=log, timings=timings, repair=repair)
+    rows, info = run_pair(dataset, arch, split, ds, methods, alphas, cache_dir=cache_dir, log=log, timings=timings, variants=variants)
     return rows, info, timings, time.perf_counter() - t0
 
 
@@ -254,7 +263,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
         secs = [r["merge_seconds"] for r in chosen if r["merge_seconds"] is not None]
         s["merge_seconds_mean"] = mean_std(secs)[0] if secs else None
         summary.append(s)
-        alphas = sorted({r["alpha"] for r in group if r["alpha"] is not None and not method.endswith(REPAIRED)})
+        alphas = sorted({r["alpha"] for r in group if r["alpha"] is not None and not is_variant(method)})
         for a in alphas:
             at = [r for r in group if r["alpha"] == a]
             w = {"dataset": ds, "arch": arch, "method": method, "alpha": a, "n_splits": len(at),
@@ -321,7 +330,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
         methods: Sequence[str] | None = None, alphas: Sequence[float] = FULL_ALPHAS, out: Path,
         cache_dir: Path | None = None, log: Callable[[str], None] = print, mode: str = "custom",
         jobs: int = 1, threads: int | None = None, first: Sequence[str] = (),
-        command: str = "python -m benchmarks.reproduce.accuracy", repair: bool = True) -> dict[str, Any]:
+        command: str = "python -m benchmarks.reproduce.accuracy", variants: Sequence[str] = tuple(VARIANTS)) -> dict[str, Any]:
     """Run the whole grid and write the output files; returns rows, summary, sweep, timings.
 
     ``jobs > 1`` runs that many (dataset, arch, split) pairs at once in worker processes, each with
@@ -338,7 +347,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
     rank = {label: i for i, label in enumerate(first)}
     by_cost = sorted(archs, key=lambda a: rank.get(a.label, len(rank)))
     grid = [(ds, arch, k) for arch in by_cost for ds in datasets for k in range(splits)]
-    work = [(per_job if jobs > 1 else threads, ds, arch, k, data_setting, tuple(methods), tuple(alphas), cache_dir, jobs > 1, repair)
+    work = [(per_job if jobs > 1 else threads, ds, arch, k, data_setting, tuple(methods), tuple(alphas), cache_dir, jobs > 1, tuple(variants))
             for ds, arch, k in grid]
     timings: dict[str, float] = {}
     pairs_info: list[dict[str, Any]] = []
@@ -384,7 +393,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[ArchSetting], splits: int, d
               f"mean ± sample std over splits; alpha chosen on a validation hold-out of the train split -->\n")
     (out / "accuracy.md").write_text(markdown(summary, sweep, header=header))
     meta = {"mode": mode, "datasets": list(datasets), "archs": [as_jsonable(a) for a in archs], "splits": splits,
-            "data": as_jsonable(data_setting), "methods": list(methods), "alphas": list(alphas), "repair": repair,
+            "data": as_jsonable(data_setting), "methods": list(methods), "alphas": list(alphas), "variants": list(variants),
             "pairs": pairs_info, "timings": timings, "total_seconds": total, "threads": threads, "jobs": jobs}
     (out / "accuracy_run.json").write_text(json.dumps(as_jsonable(meta), indent=1))
     return {"rows": rows, "summary": summary, "sweep": sweep, "timings": timings, "total_seconds": total,
@@ -403,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"MuDSC's alpha sweep (default {' '.join(map(str, FULL_ALPHAS))}; quick: {' '.join(map(str, QUICK_ALPHAS))})")
     p.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
     p.add_argument("--no-repair", action="store_true", help="leave out the <method>+repair rows (REPAIR after merging)")
+    p.add_argument("--no-refit", action="store_true", help="leave out the <method>+refit rows (least-squares refit after merging)")
     p.add_argument("--jobs", type=int, default=2, help="pairs run at once in worker processes, threads split among them (default 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -421,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               alphas=args.alphas or (QUICK_ALPHAS if args.quick else FULL_ALPHAS), out=out,
               mode="quick" if args.quick else "full", log=lambda s: print(s, flush=True),
               jobs=max(1, args.jobs), threads=max(1, args.threads), first=() if args.quick else FULL_COST_ORDER,
-              command=f"python -m benchmarks.reproduce.accuracy{' --quick' if args.quick else ''}", repair=not args.no_repair)
+              command=f"python -m benchmarks.reproduce.accuracy{' --quick' if args.quick else ''}", variants=[v for v, off in ((REPAIRED, args.no_repair), (REFIT, args.no_refit)) if not off])
     print()
     print(markdown(res["summary"], res["sweep"]))
     print(f"wrote {out}/accuracy.csv, accuracy_summary.csv, alpha_sweep.csv, accuracy.md, accuracy_run.json "

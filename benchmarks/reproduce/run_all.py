@@ -104,27 +104,41 @@ def verdict_markdown(vs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(tally) + "\n\n" + "\n".join(lines) + "\n"
 
 
-def repair_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: REPAIR's change of the test joint accuracy at the chosen alpha, over every
-    dataset x setting x split, counted as improves / keeps (within :data:`KEEPS`) / hurts."""
+def variant_verdicts(rows: Sequence[dict[str, Any]], suffix: str) -> list[dict[str, Any]]:
+    """Per method: the change a variant (``+repair``, ``+refit``) makes to the test accuracy of the
+    merge at the chosen alpha, over every dataset x setting x split: joint and mean per-task change,
+    the share of the joint gap to the ensemble it closes (``(variant - plain) / (ensemble - plain)``,
+    averaged over the pairs with a gap), the worst pair, and the splits it improves / keeps (within
+    :data:`KEEPS`) / hurts."""
     plain = {(r["dataset"], r["arch"], r["split"], r["method"]): r for r in rows if r["kind"] == "merged" and r["chosen"]
-             and not r["method"].endswith(accuracy.REPAIRED)}
+             and not accuracy.is_variant(r["method"])}
+    ensemble = {(r["dataset"], r["arch"], r["split"]): r for r in rows if r["kind"] == "ensemble"}
     out = []
     for method in dict.fromkeys(k[3] for k in plain):
-        deltas = [r["joint"] - plain[(r["dataset"], r["arch"], r["split"], method)]["joint"] for r in rows
-                  if r["method"] == method + accuracy.REPAIRED and (r["dataset"], r["arch"], r["split"], method) in plain]
-        if deltas:
-            mean, std = mean_std(deltas)
-            out.append({"method": method, "n": len(deltas), "mean": mean, "std": std,
-                        "improves": sum(d > KEEPS for d in deltas), "keeps": sum(abs(d) <= KEEPS for d in deltas),
-                        "hurts": sum(d < -KEEPS for d in deltas)})
+        pairs = [(r, plain[(r["dataset"], r["arch"], r["split"], method)]) for r in rows
+                 if r["method"] == method + suffix and (r["dataset"], r["arch"], r["split"], method) in plain]
+        if not pairs:
+            continue
+        deltas = [r["joint"] - p["joint"] for r, p in pairs]
+        per_task = [r["mean_per_task"] - p["mean_per_task"] for r, p in pairs if "mean_per_task" in r]
+        closed = [(r["joint"] - p["joint"]) / (e["joint"] - p["joint"]) for r, p in pairs
+                  if (e := ensemble.get((r["dataset"], r["arch"], r["split"]))) is not None and e["joint"] > p["joint"]]
+        mean, std = mean_std(deltas)
+        out.append({"method": method, "n": len(deltas), "mean": mean, "std": std, "worst": min(deltas),
+                    "per_task": mean_std(per_task)[0] if per_task else None, "gap_closed": mean_std(closed)[0] if closed else None,
+                    "improves": sum(d > KEEPS for d in deltas), "keeps": sum(abs(d) <= KEEPS for d in deltas),
+                    "hurts": sum(d < -KEEPS for d in deltas)})
     return out
 
 
-def repair_markdown(vs: Sequence[dict[str, Any]]) -> str:
-    lines = ["| method | joint change with REPAIR (points) | improves | keeps (±0.5) | hurts |", "|---|---|---|---|---|"]
+def variant_markdown(vs: Sequence[dict[str, Any]], name: str) -> str:
+    lines = [f"| method | joint change with {name} (points) | per-task mean change | gap to the ensemble closed | worst split | "
+             "improves | keeps (±0.5) | hurts |", "|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "–" if v is None else f"{100 * v:+.1f}"  # noqa: E731
     for v in vs:
-        lines.append(f"| {v['method']} | {100 * v['mean']:+.1f} ± {100 * v['std']:.1f} | {v['improves']} | {v['keeps']} | {v['hurts']} |")
+        closed = "–" if v["gap_closed"] is None else f"{100 * v['gap_closed']:.0f} %"
+        lines.append(f"| {v['method']} | {100 * v['mean']:+.1f} ± {100 * v['std']:.1f} | {pct(v['per_task'])} | {closed} | "
+                     f"{100 * v['worst']:+.1f} | {v['improves']} | {v['keeps']} | {v['hurts']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,7 +263,12 @@ def _results_md(args: argparse.Namespace, out: Path, res_dir: Path, command: str
                   "Every method's merge at its chosen alpha, again with `repair=True` (REPAIR, Jordan et al. 2023: every merged "
                   "layer's output channels rescaled to their parents' interpolated mean and std on the calibration data); the "
                   "change of test joint accuracy over every dataset x setting x split (rows `<method>+repair` in the tables below).", "",
-                  repair_markdown(repair_verdicts(acc["rows"])), "## Accuracy", "",
+                  variant_markdown(variant_verdicts(acc["rows"], accuracy.REPAIRED), "REPAIR"),
+                  "## Least-squares refit", "",
+                  "Every method's merge at its chosen alpha, again with `refit=True` (each merged Linear/Conv2d, front to back, "
+                  "fitted in closed form to reproduce its parents' outputs on the calibration data, with the BatchNorm reset "
+                  "in the loop; `mudsc_graph.merging.refit`); rows `<method>+refit` in the tables below.", "",
+                  variant_markdown(variant_verdicts(acc["rows"], accuracy.REFIT), "the refit"), "## Accuracy", "",
                   (res_dir / "accuracy.md").read_text()]
     else:
         parts += ["## Accuracy", "", "Left out of this run (`--skip accuracy`).", ""]
