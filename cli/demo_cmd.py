@@ -44,9 +44,11 @@ def demo_command(
     arch: Annotated[str, typer.Option("--arch", "-a", help="Registered architecture of both models; its last layer becomes the input of the fixed class-embedding head.")] = "mlp",
     arch_opt: ArchOptOption = None,
     methods: Annotated[
-        str,
-        typer.Option(help="Comma-separated merging methods to compare: average, weight_matching, weight_zip, activation_matching, zipit, mudsc-align, mudsc-zip."),
-    ] = "average,weight_matching,weight_zip,activation_matching,zipit,mudsc-align,mudsc-zip",
+        Optional[str],
+        typer.Option(help="Comma-separated merging methods to compare: average, weight_matching, weight_zip, activation_matching, zipit, "
+                     "mudsc-align, mudsc-zip; in the image demo each may end in +refit or +repair (default: all, and mudsc-zip+refit), "
+                     "the text demo shows both variants of every method.", show_default=False),
+    ] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act, used by the mudsc methods.")] = 0.5,
     epochs: Annotated[Optional[int], typer.Option(min=0, help="Training epochs of each model (default: 10; 4 with --text).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the models' initialisation, the training order, the class embeddings and the merge.")] = 0,
@@ -71,8 +73,8 @@ def demo_command(
     from .archs import parse_arch_opts
     from .progress import RichReporter
 
-    method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    if not method_list:
+    method_list = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    if method_list is not None and not method_list:
         raise DemoCommandError("--methods is empty; name at least one method, e.g. --methods zipit,mudsc-zip")
     if text:
         image_only = [flag for flag, used in (("--dataset", dataset != "mnist5k"), ("--arch", arch != "mlp"), ("--arch-opt", bool(arch_opt)))
@@ -98,10 +100,10 @@ def demo_command(
                 result = run_text(methods=method_list, config=config, alpha=alpha, seed=seed, cache_dir=cache_dir,
                                   retrain=retrain, reporter=reporter)
             else:
-                from mudsc_experiments.demo import run_demo
+                from mudsc_experiments.demo import DEMO_METHODS, run_demo
 
                 result = run_demo(
-                    dataset=dataset, arch=arch, arch_options=parse_arch_opts(arch_opt), methods=method_list, alpha=alpha,
+                    dataset=dataset, arch=arch, arch_options=parse_arch_opts(arch_opt), methods=method_list or DEMO_METHODS, alpha=alpha,
                     epochs=10 if epochs is None else epochs, seed=seed, cache_dir=cache_dir, retrain=retrain,
                     calib_samples=calib_samples or 500, device=dev, reporter=reporter,
                 )

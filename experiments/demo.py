@@ -43,12 +43,17 @@ from .tasks import (
     with_class_head,
 )
 
-__all__ = ["DEFAULT_METHODS", "DemoError", "DemoResult", "DemoRow", "default_cache_dir", "run_demo", "parse_method"]
+__all__ = ["DEFAULT_METHODS", "DEMO_METHODS", "DemoError", "DemoResult", "DemoRow", "default_cache_dir", "run_demo", "parse_method",
+           "parse_demo_method"]
 
 #: Every method of the demo, in table order: ``NAME`` or ``mudsc-align`` / ``mudsc-zip``.
 DEFAULT_METHODS: tuple[str, ...] = (
     "average", "weight_matching", "weight_zip", "activation_matching", "zipit", "mudsc-align", "mudsc-zip",
 )
+#: What a demo method's name may end with, and what it adds to the merge.
+VARIANTS: dict[str, dict[str, Any]] = {"+refit": {"refit": True}, "+repair": {"repair": True}}
+#: The image demo's rows: every method, and MuDSC-zip with the least-squares refit.
+DEMO_METHODS: tuple[str, ...] = (*DEFAULT_METHODS, "mudsc-zip+refit")
 #: Bumped whenever training changes in a way that the config hash does not capture.
 CACHE_VERSION = 1
 
@@ -123,6 +128,16 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mudsc" / "demo"
 
 
+def parse_demo_method(name: str) -> tuple[str, str, dict[str, Any]]:
+    """``"mudsc-zip+refit"`` -> ``("mudsc", "zip", {"refit": True})``: :func:`parse_method` and a
+    variant of :data:`VARIANTS`."""
+    base, plus, variant = name.partition("+")
+    extras = VARIANTS.get(plus + variant, None) if plus else {}
+    if extras is None:
+        raise DemoError(f"unknown variant {plus + variant!r} of demo method {name!r}; use {' or '.join(VARIANTS)}")
+    return (*parse_method(base), extras)
+
+
 def parse_method(name: str) -> tuple[str, str]:
     """``"zipit"`` -> ``("zipit", "zip")``; ``"mudsc-align"`` -> ``("mudsc", "align")``; ``"mudsc"`` is ``mudsc-zip``."""
     from mudsc_graph import get_registry
@@ -144,7 +159,7 @@ def run_demo(
     dataset: str = "mnist5k",
     arch: str = "mlp",
     arch_options: dict[str, Any] | None = None,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] = DEMO_METHODS,
     alpha: float = 0.5,
     epochs: int = 10,
     lr: float = 1e-3,
@@ -162,7 +177,7 @@ def run_demo(
     its classes are split into two contiguous halves (model A gets the lower one). ``arch`` / ``arch_options``: any registered
     architecture whose factory takes ``num_classes`` (set to the embedding width; for the MLP the
     default is the paper's 1024-1024-1024-512 and ``in_features`` follows the data). ``methods``:
-    names from :data:`DEFAULT_METHODS`. ``alpha``: MuDSC's weight-space share. ``epochs``, ``lr``,
+    names from :data:`DEFAULT_METHODS`, each with a variant of :data:`VARIANTS` or not. ``alpha``: MuDSC's weight-space share. ``epochs``, ``lr``,
     ``batch_size``: Adam training of each model. ``cache_dir``: where trained weights are kept
     (default :func:`default_cache_dir`); ``retrain`` ignores and overwrites the cache.
     ``calib_samples``: train images (both halves) used for activation statistics and BatchNorm
@@ -172,7 +187,7 @@ def run_demo(
     from mudsc_graph.plugin.registry import get_registry
 
     reporter = reporter or NullReporter()
-    parsed = [(m, *parse_method(m)) for m in methods]
+    parsed = [(m, *parse_demo_method(m)) for m in methods]
     if epochs < 0 or calib_samples < 1 or batch_size < 1:
         raise DemoError(f"need epochs >= 0, calib_samples >= 1 and batch_size >= 1 (got {epochs}, {calib_samples}, {batch_size})")
     dev = torch.device(device)
@@ -210,9 +225,9 @@ def run_demo(
     calib_batches = [(x, y) for x, y in zip(data.calib.x[keep].split(100), data.calib.y[keep].split(100))]
     reporter.start("merging", total=len(parsed))
     try:
-        for name, method, mode in parsed:
+        for name, method, mode, extras in parsed:
             t0 = time.perf_counter()
-            options = MergeOptions(method=method, mode=mode, alpha=alpha, seed=seed, device=dev)
+            options = MergeOptions(method=method, mode=mode, alpha=alpha, seed=seed, device=dev, **extras)
             merged, sweeps = _merged(models, calib_batches, options, _Prefixed(reporter, f"{name}: "))
             seconds = time.perf_counter() - t0
             add(name, "merged", predict_logits(merged, data.test.x, device=dev), seconds, sweeps)

@@ -274,9 +274,12 @@ class TextResult:
                 "timings": self.timings, "trained": self.trained, "cache_path": self.cache_path}
 
 
-#: Merge rows of each setting: (suffix, REPAIR, per-task REPAIR).
-REPAIR_VARIANTS = {"two tasks": (("", False, False), ("+repair", True, False), ("+task repair", True, True)),
-                   "one task": (("", False, False), ("+repair", True, False))}
+#: Merge rows of each setting: (suffix, merge options, per-task REPAIR data).
+MERGE_VARIANTS = {
+    "two tasks": (("", {}, False), ("+repair", {"repair": True}, False), ("+task repair", {"repair": True}, True),
+                  ("+refit", {"refit": True}, False)),
+    "one task": (("", {}, False), ("+repair", {"repair": True}, False), ("+refit", {"refit": True}, False)),
+}
 
 
 def _subset(examples: list[tuple[int, str]], n: int | None, seed: int) -> list[tuple[int, str]]:
@@ -370,20 +373,21 @@ def _one_task(a: nn.Module, c: nn.Module, calib: Callable[[str], list], test_enc
 
 def _merged_rows(setting: str, s: _Setting, parsed: list[tuple[str, str, str]], alpha: float, seed: int,
                  reporter: Reporter) -> list[TextRow]:
-    """Every method of ``parsed`` with every variant of :data:`REPAIR_VARIANTS` for ``setting``.
-    REPAIR reads both parents on the merge's calibration data; per-task REPAIR each on its own."""
+    """Every method of ``parsed`` with every variant of :data:`MERGE_VARIANTS` for ``setting``.
+    REPAIR and the refit read both parents on the merge's calibration data; per-task REPAIR each on
+    its own."""
     from mudsc_graph.merging.api import prepare
 
     prepared = {False: prepare(s.pair, data=s.data)}
-    if any(per_task for _, _, per_task in REPAIR_VARIANTS[setting]):
+    if any(per_task for _, _, per_task in MERGE_VARIANTS[setting]):
         prepared[True] = prepare(s.pair, data=s.data, repair_data=s.own)
     rows = []
-    reporter.start(f"{setting}: merging", total=len(parsed) * len(REPAIR_VARIANTS[setting]))
+    reporter.start(f"{setting}: merging", total=len(parsed) * len(MERGE_VARIANTS[setting]))
     try:
         for name, method, mode in parsed:
-            for suffix, repair, per_task in REPAIR_VARIANTS[setting]:
+            for suffix, options, per_task in MERGE_VARIANTS[setting]:
                 t0 = time.perf_counter()
-                result = prepared[per_task].merge(method=method, mode=mode, alpha=alpha, seed=seed, stop_at=s.stop_at, repair=repair)
+                result = prepared[per_task].merge(method=method, mode=mode, alpha=alpha, seed=seed, stop_at=s.stop_at, **options)
                 seconds = time.perf_counter() - t0
                 m = s.metrics(predict_logits(result.model, s.x))
                 rows.append(TextRow(setting, name + suffix, "merged", m.joint, m.per_task, m.mean_per_task, seconds, s.tasks))
@@ -411,10 +415,13 @@ def run_text(
     from .demo import DEFAULT_METHODS, parse_method
 
     reporter = reporter or NullReporter()
+    varied = [m for m in methods or () if "+" in m]
+    if varied:
+        raise TextError(f"the text demo shows every method plain, with REPAIR and refit; give plain method names, not {varied[0]!r}")
     parsed = [(m, *parse_method(m)) for m in (methods or DEFAULT_METHODS)]
-    unknown = set(settings) - set(REPAIR_VARIANTS)
+    unknown = set(settings) - set(MERGE_VARIANTS)
     if unknown or not settings:
-        raise TextError(f"unknown text settings {sorted(unknown)}; choose from {', '.join(REPAIR_VARIANTS)}")
+        raise TextError(f"unknown text settings {sorted(unknown)}; choose from {', '.join(MERGE_VARIANTS)}")
     if config.epochs < 0 or config.calib_samples < 1 or config.batch_size < 1 or config.max_length < 4:
         raise TextError("need epochs >= 0, calib_samples >= 1, batch_size >= 1 and max_length >= 4")
     timings: dict[str, float] = {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from mudsc_experiments.demo import DEFAULT_METHODS, DemoError, parse_method, run_demo
+from mudsc_experiments.demo import DEFAULT_METHODS, DEMO_METHODS, DemoError, parse_demo_method, parse_method, run_demo
 
 TINY = dict(dataset="digits", arch="mlp", arch_options={"hidden": (32, 32)}, methods=("average", "zipit"), epochs=5, calib_samples=200)
 
@@ -102,6 +102,10 @@ def test_parse_method():
     for bad in ("zipit-align", "mudsc-foo", "nope"):
         with pytest.raises(DemoError):
             parse_method(bad)
+    assert parse_demo_method("mudsc-zip+refit") == ("mudsc", "zip", {"refit": True})
+    assert parse_demo_method("zipit") == ("zipit", "zip", {}) and all(parse_demo_method(m) for m in DEMO_METHODS)
+    with pytest.raises(DemoError, match="use \\+refit or \\+repair"):
+        parse_demo_method("zipit+magic")
 
 
 # --------------------------------------------------------------------------- the progress bars
@@ -152,7 +156,7 @@ def test_demo_command_table_and_json(first, cache):
     from typer.testing import CliRunner
 
     app = _app_with_demo()
-    args = ["demo", "--dataset", "digits", "--arch-opt", "hidden=(32,32)", "--methods", "average,zipit", "--epochs", "5",
+    args = ["demo", "--dataset", "digits", "--arch-opt", "hidden=(32,32)", "--methods", "average,zipit,zipit+refit", "--epochs", "5",
             "--calib-samples", "200", "--cache-dir", str(cache), "--device", "cpu", "--quiet"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -161,7 +165,7 @@ def test_demo_command_table_and_json(first, cache):
     result = CliRunner().invoke(app, args + ["--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [r["name"] for r in data["rows"]] == ["model A", "model B", "ensemble", "average", "zipit"]
+    assert [r["name"] for r in data["rows"]] == ["model A", "model B", "ensemble", "average", "zipit", "zipit+refit"]
     assert all(0 <= r["joint"] <= 1 and not math.isnan(r["joint"]) for r in data["rows"])
     bad = CliRunner().invoke(app, ["demo", "--methods", "nope", "--cache-dir", str(cache), "--quiet"])
     assert bad.exit_code == 1 and "unknown demo method" in bad.output

@@ -43,3 +43,4 @@ def test_files(tiny):
         assert next(csv.reader(f)) == part.COLUMNS
     md = (out / "partial.md").read_text()
     assert "### digits / mlp-tiny" in md and "| zipit | layers.0 |" in md and "| mudsc-zip | (whole model) |" in md
+    assert "| mudsc-zip+refit | layers.0 |" in md

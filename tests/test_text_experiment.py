@@ -14,7 +14,7 @@ import torch
 
 from mudsc_experiments import text
 from mudsc_experiments.evaluate import predict_logits
-from mudsc_experiments.text import CORPORA, REPAIR_VARIANTS, TextConfig, TextError, build_tokenizer, encode, load_task, run_text
+from mudsc_experiments.text import CORPORA, MERGE_VARIANTS, TextConfig, TextError, build_tokenizer, encode, load_task, run_text
 from tests.text_corpora import require_text_corpora
 
 require_text_corpora()
@@ -76,9 +76,10 @@ def tiny_result(tmp_path_factory):
 
 def test_run_text_rows_for_every_method_and_variant(tiny_result):
     r = tiny_result
-    for setting, variants in REPAIR_VARIANTS.items():
+    for setting, variants in MERGE_VARIANTS.items():
         merged = [row.name for row in r.rows_of(setting) if row.kind == "merged"]
         assert merged == [m + suffix for m in ("average", "mudsc-zip") for suffix, _, _ in variants]
+        assert "mudsc-zip+refit" in merged
         for row in r.rows_of(setting):
             values = row.per_task + ([] if row.joint is None else [row.joint])
             assert all(0 <= v <= 1 and not math.isnan(v) for v in values), row
@@ -138,7 +139,7 @@ def test_demo_text_command(tmp_path):
     data = json.loads(result.stdout)
     assert not data["trained"] and data["samples"]["test party"] == 100
     assert [row["name"] for row in data["rows"] if row["setting"] == "one task"] == [
-        "model A (sentiment)", "model C (sentiment)", "ensemble", "zipit", "zipit+repair"]
+        "model A (sentiment)", "model C (sentiment)", "ensemble", "zipit", "zipit+repair", "zipit+refit"]
     for bad, message in ((["--dataset", "digits"], "--dataset apply to the image demo"), (["--device", "cuda"], "runs on the CPU")):
         result = CliRunner().invoke(app, [*args, *bad])
         assert result.exit_code == 1 and message in result.output

@@ -7,8 +7,8 @@ Run::
 ZipIt! (Stoica et al. 2023) shows that merging only the first layers (``stop_at``: each model
 keeps its own layers after the stop point, fed by its unmerged features) closes most of the gap
 to the ensemble at a fraction of its cost. For the reproduction's model pairs (disjoint 5+5 class
-splits of mnist5k, the same cached models as :mod:`accuracy`), ZipIt! and MuDSC-zip (alpha 0.5)
-merge up to each stop point in turn, and the whole model; each row gives the test joint and
+splits of mnist5k, the same cached models as :mod:`accuracy`), ZipIt! and MuDSC-zip (alpha 0.5),
+each plain and with the least-squares refit, merge up to each stop point in turn, and the whole model; each row gives the test joint and
 per-task mean accuracy (each model's output through the shared class-embedding head, the
 separate-heads protocol) and the merged model's forward FLOPs relative to one base model
 (``torch.utils.flop_counter``; the ensemble is 2.0).
@@ -43,7 +43,8 @@ STOPS: dict[str, tuple[str | None, ...]] = {
     "mlp-small": ("layers.0", "layers.1", None),
     "resnet20x1": ("layer1", "layer2.0", "layer2", "layer3.0", "layer3", None),
 }
-METHODS = ("zipit", "mudsc-zip")
+#: each curve: a method, plain or with a variant of :data:`accuracy.VARIANTS` (the least-squares refit)
+METHODS = ("zipit", "mudsc-zip", "zipit+refit", "mudsc-zip+refit")
 ALPHA = 0.5
 #: The files :func:`run` writes into its output folder.
 OUTPUT_FILES = ("partial.csv", "partial.md", "partial.png", "partial_run.json")
@@ -95,9 +96,11 @@ def run_pair(dataset: str, arch: acc.ArchSetting, split: int, ds: acc.DataSettin
     add("ensemble", None, ensemble_logits(models, x, classes=tasks), 2.0)
     prepared = prepare([m.backbone for m in models], data=data.calib_batches)
     for name in methods:
-        method, mode = acc.parse_method(name)
+        base_name, plus, variant = name.partition("+")
+        method, mode = acc.parse_method(base_name)
+        extras = acc.VARIANTS[plus + variant] if plus else {}
         for stop in stops:
-            result = prepared.merge(method=method, mode=mode, alpha=ALPHA, seed=split, stop_at=stop)
+            result = prepared.merge(method=method, mode=mode, alpha=ALPHA, seed=split, stop_at=stop, **extras)
             model = _Heads(result.model, copy.deepcopy(models[0].head)).eval()
             add(name, stop, predict_logits(model, x), flops(model, probe) / one)
     return rows
