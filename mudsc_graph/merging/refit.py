@@ -33,7 +33,7 @@ order (pairing a merged input with a parent's output there would pair different 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -220,32 +220,53 @@ def refit(merged: nn.Module, parents: Sequence[nn.Module], gm: fx.GraphModule, p
     ``batch_norms``: the BatchNorm statistics are reset afterwards, so the walk runs every model's
     BatchNorms as the reset does (each batch normalised by its own statistics): a layer is fitted in
     the regime the reset's statistics describe, and a merge of permuted copies still comes back."""
-    if not points:
-        return Fit([], [], [])
-    own_state = dict(merged.state_dict())  # shares the parameters' storage: written in place, read by the walk
-    walk_in = _runs(gm, [p.input for p in points], [own_state], batch_norms)
-    walk_out = _runs(gm, [p.node for p in points], [dict(m.state_dict()) for m in parents], batch_norms)
-    inputs = list(calib.inputs())
-    walks = [[Stepper(ext, st) for ext, st in walk_in + walk_out] for _ in inputs]
-    last = {p.input: j for j, p in enumerate(points)}  # the merged model's inputs are freed after their last point
-    modules = dict(merged.named_modules())
     fit = Fit([], [], [])
-    try:
-        for (k, x), steppers in zip(inputs, walks):
-            for s in steppers:
-                s.start(x)
-        for j, p in enumerate(points):
-            together(lambda p=p: _fit_point(p, modules[p.path], own_state, inputs, walks, matchings, sizes, ridge, calib, fit))
-            for merged_walk, *parent_walks in walks:
-                for s in parent_walks:
-                    s.values.pop(p.node, None)
-                if last[p.input] == j:
-                    merged_walk.values.pop(p.input, None)
-    finally:
-        for steppers in walks:
-            for s in steppers:
-                s.finish()
+    if points:
+        _Walk(merged, parents, gm, points, calib, batch_norms).run(lambda walk, p: _fit_point(walk, p, matchings, sizes, ridge, fit))
     return fit
+
+
+class _Walk:
+    """The merged model (read up to each layer's input) and its parents (up to each layer's output)
+    run in step over every batch, held where the walk is."""
+
+    def __init__(self, merged: nn.Module, parents: Sequence[nn.Module], gm: fx.GraphModule, points: Sequence[Point],
+                 calib: Calibration, batch_norms: bool) -> None:
+        self.points, self.calib = list(points), calib
+        self.state = dict(merged.state_dict())  # shares the parameters' storage: written in place, read by the walk
+        self.modules = dict(merged.named_modules())
+        runs = (_runs(gm, [p.input for p in points], [self.state], batch_norms)
+                + _runs(gm, [p.node for p in points], [dict(m.state_dict()) for m in parents], batch_norms))
+        self.inputs = list(calib.inputs())
+        self.steppers = [[Stepper(ext, st) for ext, st in runs] for _ in self.inputs]
+
+    def run(self, at: Callable[["_Walk", Point], None]) -> None:
+        """``at(walk, point)`` for every point in turn (together on every rank), each value freed after its last use."""
+        last = {p.input: j for j, p in enumerate(self.points)}
+        try:
+            for (k, x), steppers in zip(self.inputs, self.steppers):
+                for s in steppers:
+                    s.start(x)
+            for j, p in enumerate(self.points):
+                together(lambda p=p: at(self, p))
+                for merged, *parents in self.steppers:
+                    for s in parents:
+                        s.values.pop(p.node, None)
+                    if last[p.input] == j:
+                        merged.values.pop(p.input, None)
+        finally:
+            for steppers in self.steppers:
+                for s in steppers:
+                    s.finish()
+
+    def batches(self, p: Point) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Per batch: the merged model's input of ``p`` and its parents' outputs of ``p``."""
+        for (k, x), (merged, *parents) in zip(self.inputs, self.steppers):
+            with self.calib.batch(k, x, "refit", "the merged model or a parent", error=RefitError):
+                merged.advance(merged.ready([p.input]))
+                for s in parents:
+                    s.advance(s.ready([p.node]))
+            yield merged.values[p.input], [s.values[p.node] for s in parents]
 
 
 def _runs(gm: fx.GraphModule, nodes: list[str], states: list[dict[str, torch.Tensor]],
@@ -259,35 +280,28 @@ def _runs(gm: fx.GraphModule, nodes: list[str], states: list[dict[str, torch.Ten
     return [(ext, {k: v for k, v in st.items() if k in own}) for st in states]
 
 
-def _fit_point(p: Point, module: nn.Module, state: dict[str, torch.Tensor], inputs: list, walks: list[list[Stepper]],
-               matchings: Mapping[int, Any], sizes: Mapping[int, int], ridge: float, calib: Calibration, fit: Fit) -> None:
+def _fit_point(walk: _Walk, p: Point, matchings: Mapping[int, Any], sizes: Mapping[int, int], ridge: float, fit: Fit) -> None:
     """Sum one layer's moments over the batches (and ranks), solve, write the weights."""
-    gram = cross = None
-    energy_count = torch.zeros(2, dtype=torch.float64)  # the targets' energy, the samples
-    for (k, x), (merged, *parents) in zip(inputs, walks):
-        with calib.batch(k, x, "refit", "the merged model or a parent", error=RefitError):
-            merged.advance(merged.ready([p.input]))
-            for s in parents:
-                s.advance(s.ready([p.node]))
-        xs = _rows(module, merged.values[p.input], p.bias is not None)
-        y = _target(p, [_outputs(module, s.values[p.node]) for s in parents], matchings, sizes)
-        g, c = xs.T @ xs, xs.T @ y
-        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
-        energy_count += torch.tensor([float((y * y).sum()), float(xs.shape[0])], dtype=torch.float64)
+    module, state = walk.modules[p.path], walk.state
     w = state[p.weight]
     w0 = w.reshape(w.shape[0], -1).double()
     if p.bias is not None:
         w0 = torch.cat([w0, state[p.bias].double()[:, None]], dim=1)
-    if gram is None:  # no batch on this rank: the others' sums
-        gram, cross = w0.new_zeros(w0.shape[1], w0.shape[1]), w0.new_zeros(w0.shape[1], w0.shape[0])
-    tensors = [gram, cross, energy_count]
-    all_sum_(tensors)
-    gram, cross, energy_count = tensors
-    energy = energy_count[0]
+    gram = w0.new_zeros(w0.shape[1], w0.shape[1])  # zeros where this rank has no batch: the others' sums
+    cross = w0.new_zeros(w0.shape[1], w0.shape[0])
+    energy_count = torch.zeros(2, dtype=torch.float64)  # the targets' energy, the samples
+    for x, ys in walk.batches(p):
+        xs = _rows(module, x, p.bias is not None)
+        y = _target(p, [_outputs(module, y) for y in ys], matchings, sizes)
+        gram += xs.T @ xs
+        cross += xs.T @ y
+        energy_count += torch.tensor([float((y * y).sum()), float(xs.shape[0])], dtype=torch.float64)
+    all_sum_([gram, cross, energy_count])
     if not (torch.isfinite(gram).all() and torch.isfinite(cross).all()):
         raise RefitError(f"refit: non-finite inputs or targets at {p.path}; check the models and the calibration data")
-    new = _solve(gram, cross, w0, ridge, float(energy_count[1]))
-    scale = float(energy.clamp_min(1e-30))
+    energy, samples = energy_count.tolist()
+    new = _solve(gram, cross, w0, ridge, samples)
+    scale = max(energy, 1e-30)
     fit.paths.append(p.path)
     fit.before.append(_residual(gram, cross, energy, w0) / scale)
     fit.after.append(_residual(gram, cross, energy, new) / scale)
@@ -296,6 +310,6 @@ def _fit_point(p: Point, module: nn.Module, state: dict[str, torch.Tensor], inpu
         state[p.bias].copy_(new[:, -1].to(state[p.bias].dtype))
 
 
-def _residual(gram: torch.Tensor, cross: torch.Tensor, energy: torch.Tensor, w: torch.Tensor) -> float:
+def _residual(gram: torch.Tensor, cross: torch.Tensor, energy: float, w: torch.Tensor) -> float:
     """``||X W^T - Y||^2`` from the moments: ``tr(W G W^T) - 2 tr(W C) + ||Y||^2``."""
     return max(float((w @ gram * w).sum() - 2 * (w * cross.T).sum() + energy), 0.0)
