@@ -173,11 +173,11 @@ def refit_points(gm: fx.GraphModule, model: nn.Module, spec: MergeSpec, value_ax
 
 
 def _rows(module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
-    """The layer's inputs as ``(samples, features)`` float64 rows (a column of ones for the bias)."""
+    """The layer's inputs as ``(samples, features)`` float32 rows (a column of ones for the bias)."""
     if isinstance(module, nn.Conv2d):
         x = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
         x = x.transpose(1, 2)
-    x = x.reshape(-1, x.shape[-1]).double()
+    x = x.reshape(-1, x.shape[-1]).float()
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias else x
 
 
@@ -196,7 +196,7 @@ def _target(p: Point, ys: Sequence[torch.Tensor], matchings: Mapping[int, Any], 
             m = matchings.get(gid)
             return None if m is None else m.merge_map(i)
 
-        part = apply_along(y.double(), 1, p.out, merge_of, sizes, 1.0 / len(ys))
+        part = apply_along(y.float(), 1, p.out, merge_of, sizes, 1.0 / len(ys))
         total = part if total is None else total + part
     return total
 
@@ -293,9 +293,9 @@ def _fit_point(walk: _Walk, p: Point, matchings: Mapping[int, Any], sizes: Mappi
     for x, ys in walk.batches(p):
         xs = _rows(module, x, p.bias is not None)
         y = _target(p, [_outputs(module, y) for y in ys], matchings, sizes)
-        gram += xs.T @ xs
-        cross += xs.T @ y
-        energy_count += torch.tensor([float((y * y).sum()), float(xs.shape[0])], dtype=torch.float64)
+        gram += (xs.T @ xs).double()  # each batch's products in float32 (the cost: samples x features^2), summed in float64
+        cross += (xs.T @ y).double()
+        energy_count += torch.tensor([float(y.double().square().sum()), float(xs.shape[0])], dtype=torch.float64)
     all_sum_([gram, cross, energy_count])
     if not (torch.isfinite(gram).all() and torch.isfinite(cross).all()):
         raise RefitError(f"refit: non-finite inputs or targets at {p.path}; check the models and the calibration data")
