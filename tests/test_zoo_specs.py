@@ -23,6 +23,8 @@ EXPECTED = {
     "timm_vit_b16": 768 + 12 * (768 + 768 + 3072),
     "vit_tiny": 64 + 4 * (64 + 64 + 128),
     "timm_vit_tiny": 64 + 4 * (64 + 64 + 128),
+    # channels (the residual stream) + per block: token-mixing hidden units (over the 16 patches) and the channel MLP
+    "mixer_tiny": 64 + 2 * (32 + 128),
 }
 BIG = {"vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "resnet18", "resnet50", "vit_b16", "timm_vit_b16"}
 
