@@ -12,15 +12,17 @@ where ``x_m`` is the layer's input in the merged model (with the layers before i
 ``y* = sum_i M_i y_i`` its parents' outputs mapped into the merged units as the merge maps their
 weights (``M_i``: model i's merge map along the layer's output axis; unmatched outputs averaged), and
 ``W_0`` the merged weights (the ridge ``lambda = ridge * E||x||^2`` keeps a layer with few samples
-for its inputs near them, and fades as the data grow). A bias is fitted as one more input column of ones; a convolution's inputs are
-its unfolded patches. A model merged with permuted copies of itself is left as it is (its merged
-weights already solve the system exactly).
+for its inputs near them, and fades as the data grow). A bias is fitted as one more input column of
+ones; a convolution's inputs are its unfolded patches. A model merged with permuted copies of itself
+is left as it is (its merged weights already solve the system exactly).
 
 One walk: the merged model and its N parents run in step over the calibration batches, node by node
 (:class:`~.lockstep.Stepper`), each batch held where the walk is; each layer's Gram matrix and cross
 moments are summed over the batches (and over the ranks of a process group), solved, and written
-into the merged model before the walk goes on. The cost is one forward pass of each model; the
-memory, every batch's live activations at the walk's position plus one layer's moments.
+into the merged model before the walk goes on. The cost is one forward pass of each model plus
+the Gram products (for a 3x3 convolution about nine of its forward passes: samples x (9 C_in)^2
+against samples x 9 C_in x C_out); the memory, every batch's live activations at the walk's
+position plus one layer's moments.
 
 Refit points: ``nn.Linear`` and ``nn.Conv2d`` (one group, zero padding) that the forward calls once,
 as a module (the fx tracer) or as ``aten.linear``/``aten.conv2d`` on the module's own weight (the
