@@ -77,3 +77,23 @@ def test_a_merged_model_with_non_finite_statistics_is_refused():
     data = [torch.full((6, 4), 1e30) * torch.randn(6, 4, generator=torch.Generator().manual_seed(k)) for k in range(2)]
     with pytest.raises(MudscError, match="non-finite values in"):
         merge(_pair(), data=data, method="weight_matching")
+
+
+def test_a_batch_whose_features_do_not_fit_the_spec_is_one_line_naming_it():
+    """Convolutions run on a smaller image; the flattened features after them have fewer positions
+    than the spec's group says: the statistics name the batch (once a traceback from group_features,
+    and the batch index was lost after the first group)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8 * 8 * 8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 6, 6)]
+    with pytest.raises(MudscError) as err:
+        merge([Net().eval(), Net().eval()], data=data, method="zipit", reset_bn=False)
+    msg = str(err.value)
+    assert "calibration batch 2 (input 0 (4, 3, 6, 6)" in msg and "group" in msg and "\n" not in msg

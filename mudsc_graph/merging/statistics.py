@@ -15,6 +15,7 @@ a plugin may use on its own data).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -429,8 +430,7 @@ def activation_correlations(
     calib = Calibration.of(data)
     if calib.device is None:
         p = next(iter(gms[0].parameters()), None)
-        calib = Calibration.of(calib.batches, inputs_from_batch=calib.inputs_from_batch,
-                               device=p.device if p is not None else torch.device("cpu"))
+        calib = dataclasses.replace(calib, device=p.device if p is not None else torch.device("cpu"))
     device = calib.device
     sizes = {g.id: g.size for g in spec.groups}
     plan = {g.id: select_probes(g, probe) for g in spec.groups if not g.fixed and g.probes}
@@ -498,27 +498,29 @@ class _Pass:
                 s.start(inputs)
             for gid in self.order:
                 for i, s in enumerate(self.steppers):
-                    with self.running(k, inputs, i):
+                    with self.running(k, inputs, f"model {i}"):
                         s.advance(s.ready(self.keys[gid]))
-                finite.append(self.accs[gid].update(self.stacked(gid, [s.values for s in self.steppers]), in_place=True))
-                for k in self.done[gid]:
+                with self.running(k, inputs, f"group {gid}'s features"):  # a probe value of another size than the spec's
+                    features = self.stacked(gid, [s.values for s in self.steppers])
+                finite.append(self.accs[gid].update(features, in_place=True))
+                for key in self.done[gid]:
                     for s in self.steppers:
-                        s.values.pop(k, None)
+                        s.values.pop(key, None)
         finally:
             for s in self.steppers:
                 s.finish()
         if finite and not bool(torch.stack(finite).all()):  # one device sync per batch
             outs = []
             for i, (ext, state) in enumerate(self.runs):  # again, whole, to say where
-                with self.running(k, inputs, i):
+                with self.running(k, inputs, f"model {i}"):
                     outs.append(_run(ext, state, inputs))
-            _check_finite([(self.features(out, gid, [p]), gid, p.node, k) for gid, probes in self.plan.items()
-                           for p in probes for k, out in enumerate(outs)])
+            _check_finite([(self.features(out, gid, [p]), gid, p.node, i) for gid, probes in self.plan.items()
+                           for p in probes for i, out in enumerate(outs)])
             raise StatisticsError("features too large for float32 statistics (their sums overflow); scale the inputs down")
 
-    def running(self, k: int, inputs: Any, i: int) -> Any:
-        """Model ``i`` runs on batch ``k`` inside (the calibration's error path)."""
-        return self.calib.batch(k, inputs, "activation statistics", f"model {i}", error=StatisticsError, hint=(
+    def running(self, k: int, inputs: Any, who: str) -> Any:
+        """``who`` (a model, a group's features) is computed on batch ``k`` inside (the calibration's error path)."""
+        return self.calib.batch(k, inputs, "activation statistics", who, error=StatisticsError, hint=(
             "; calibration batches must have the example inputs' shapes apart from the batch size (pad text to one length)"))
 
     def features(self, out: dict, gid: int, probes: list[Any]) -> torch.Tensor:
