@@ -131,7 +131,7 @@ def merge_command(
     ] = DEFAULTS.repair,
     refit: Annotated[
         bool, typer.Option("--refit/--no-refit", help="Least-squares refit after merging: each merged Linear/Conv2d, front to back, fitted in closed form "
-                           "to reproduce its parents' outputs on the data (one forward pass of each model).")
+                           "to reproduce its parents' outputs on the data (a forward pass of each model, plus each layer's Gram matrix).")
     ] = DEFAULTS.refit,
     input_shape: InputShapeOption = None,
     max_length: MaxLengthOption = 128,

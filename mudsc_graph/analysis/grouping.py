@@ -325,13 +325,12 @@ def _add_probes(prop: Propagation, b: _Builder) -> None:
 
 def _free_axes(b: _Builder, layout: list) -> list[int]:
     """The axes of a value that carry units to be matched (a free group among their spaces)."""
-    out = []
-    for axis, L in enumerate(layout):
-        spaces = b.sp.leaves(L) if isinstance(L, Dep) else group_ids(b.expr(L, strict=False))
-        free = [s for s in spaces if not b.sp.is_fixed(s)] if isinstance(L, Dep) else [g for g in spaces if not b.groups[g].fixed]
-        if free:
-            out.append(axis)
-    return out
+    def free(L: object) -> bool:
+        if isinstance(L, Dep):
+            return any(not b.sp.is_fixed(s) for s in b.sp.leaves(L))
+        return any(not b.groups[g].fixed for g in group_ids(b.expr(L, strict=False)))
+
+    return [axis for axis, L in enumerate(layout) if free(L)]
 
 
 def _fixed_blocks(b: _Builder, layout: list, axis: int) -> bool:

@@ -266,6 +266,7 @@ class PreparedMerge:
         self.reporter.start("tracing", total=1)
         self.analysis = analyze_full(self.models[0], example_inputs, registry=self.registry, tracer=self.options.tracer)
         self.spec: MergeSpec = self.analysis.spec
+        self.sizes = {g.id: g.size for g in self.spec.groups}
         self.reporter.advance(1)
         self.reporter.end()
         self.order = [(n, self.analysis.graph.nodes[n]["path"]) for n in self.analysis.graph.graph["order"]]
@@ -434,8 +435,7 @@ class PreparedMerge:
         if not points:
             warnings.warn("refit=True: no Linear or Conv2d layer the forward calls once as a module; the merge is unchanged",
                           stacklevel=3)
-        sizes = {g.id: g.size for g in self.spec.groups}
-        return refit(merged, self.models, gm, points, matchings, sizes, self.calib, ridge=ridge, batch_norms=reset)
+        return refit(merged, self.models, gm, points, matchings, self.sizes, self.calib, ridge=ridge, batch_norms=reset)
 
     def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool) -> float | None:
         """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only; ``reset``:
@@ -463,12 +463,10 @@ class PreparedMerge:
             self._parents[key] = [measure(m, points, c, f"model {i}") for i, (m, c) in enumerate(zip(self.models, calibs))]
         parents = self._parents[key]
         points = [p for p in points if all(p.path in q.stats for q in parents)]  # modules the forward calls
-        sizes = {g.id: g.size for g in self.spec.groups}
-        return repair(merged, points, parents, matchings, sizes, self.calib, same_batches=self.task_calibs is None)
+        return repair(merged, points, parents, matchings, self.sizes, self.calib, same_batches=self.task_calibs is None)
 
     def _partial(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str]) -> nn.Module:
         """The partial-zip module: ``merged``'s trunk, each model's own tail."""
-        sizes = {g.id: g.size for g in self.spec.groups}
 
         def unmerge_of(i: int, gid: int):
             m = matchings.get(gid)
@@ -480,7 +478,7 @@ class PreparedMerge:
         else:
             trunk_module, tails = merged, self.models
         return build_partial(
-            trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, sizes
+            trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, self.sizes
         ).to(self.device)
 
 

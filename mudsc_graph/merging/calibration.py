@@ -16,7 +16,7 @@ that fails on a batch the same way for each of them (:meth:`Calibration.batch`):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -93,10 +93,6 @@ class Calibration:
     def shard(self) -> "Calibration":
         """This rank's share of the batches (all of them outside a process group)."""
         return replace(self, batches=shard(list(self.batches)))
-
-    def on(self, batches: Sequence) -> "Calibration":
-        """The same calibration over other batches (a model's own task data)."""
-        return replace(self, batches=batches)
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
