@@ -3,6 +3,9 @@ model merged with permuted copies of itself comes back, and a real merge moves t
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -160,3 +163,46 @@ def test_the_export_tracer_graph_is_refit_too():
     with torch.no_grad():
         ref = model.eval()(x)
         assert float((r.model(x) - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_a_weight_tied_to_another_module_is_not_refit():
+    """An LM head tied to its embedding: fitting the head would move the embedding under every
+    token, so the head keeps its merged weight (the embedding is the plain merge's)."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(20, 16), nn.Linear(16, 16), nn.Linear(16, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.emb(ids))))
+
+    torch.manual_seed(9)
+    models, ids = [LM().eval(), LM().eval()], torch.randint(0, 20, (32, 8))
+    data = [ids[:16], ids[16:]]
+    plain = merge(models, data=data, method="zipit")
+    fitted = merge(models, data=data, method="zipit", refit=True)
+    assert fitted.refit.paths == ["fc"] and fitted.model.head.weight is fitted.model.emb.weight
+    torch.testing.assert_close(fitted.model.emb.weight, plain.model.emb.weight, rtol=0, atol=0)
+
+
+def test_a_hugging_face_llama_with_tied_embeddings_merged_with_a_permuted_copy_comes_back():
+    """transformers' own Llama (attention and MLP projections refit; the tied head left alone),
+    RMSNorm weights made non-constant."""
+    name = "transformers"  # CI installs it: missing there is a failure, elsewhere the test skips
+    transformers = importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32)
+    torch.manual_seed(10)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    for m in model.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 40, (8, 12))
+    spec = analyze(model, {"input_ids": ids[:2]})
+    twin = spec.apply_permutation(model, spec.random_permutation(2))
+    r = merge([model, twin], data=[{"input_ids": ids[:4]}, {"input_ids": ids[4:]}], method="mudsc", mode="zip", refit=True)
+    assert "model.layers.0.self_attn.q_proj" in r.refit.paths and "lm_head" not in r.refit.paths
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert float((r.model(input_ids=ids).logits - ref).abs().max() / ref.abs().max()) < 1e-5

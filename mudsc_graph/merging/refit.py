@@ -28,7 +28,8 @@ Refit points: ``nn.Linear`` and ``nn.Conv2d`` (one group, zero padding) that the
 as a module (the fx tracer) or as ``aten.linear``/``aten.conv2d`` on the module's own weight (the
 export tracer), whose samples are aligned across the models. Other layers keep their merged weights:
 fused projections that are not modules (``nn.MultiheadAttention``'s ``in_proj``), grouped
-convolutions, and token-mixing layers, whose samples are the merged channels in each model's own
+convolutions, layers whose weight is tied to another module's (a language model's head and its
+embedding: fitting one would change the other), and token-mixing layers, whose samples are the merged channels in each model's own
 order (pairing a merged input with a parent's output there would pair different channels).
 """
 
@@ -153,7 +154,11 @@ def refit_points(gm: fx.GraphModule, model: nn.Module, spec: MergeSpec, value_ax
     only these module paths (a partial zip's trunk). ``value_axes``: each node's axis expressions
     (the analysis's); a layer whose inputs or outputs carry merged units on a sample axis (token
     mixing) keeps its merged weights."""
-    modules = {p: m for p, m in model.named_modules() if _fittable(m) and (within is None or p in within)}
+    names: dict[int, int] = {}  # a tensor's number of names: a weight tied to another module's (an LM head to
+    for _, t in model.named_parameters(remove_duplicate=False):  # its embedding) is not the layer's alone to fit
+        names[id(t)] = names.get(id(t), 0) + 1
+    modules = {p: m for p, m in model.named_modules() if _fittable(m) and (within is None or p in within)
+               and all(names.get(id(t), 1) == 1 for t in m.parameters(recurse=False))}
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         path = _layer_of(node, modules)
