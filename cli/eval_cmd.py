@@ -126,7 +126,9 @@ def _model_of(model_path: Path, architecture: Any, opts: dict[str, Any], state: 
     metadata describes; a load error names the ``--arch`` the file was merged with, if another."""
     from mudsc_graph.io.fitting import fit_state_dict
     from mudsc_graph.io.paths import CheckpointError
+    from mudsc_graph.errors import MudscError
     from mudsc_graph.io.partial import looks_partial, rebuild_partial
+    from mudsc_graph.merging.widths import rebuild
 
     partial = _partial_args(meta, state, model_path.name)
     merged_with = meta.get("arch")
@@ -139,6 +141,11 @@ def _model_of(model_path: Path, architecture: Any, opts: dict[str, Any], state: 
             )
         else:
             model = build_model(architecture, opts)
+            if meta.get("widths"):  # merged wider than one model: the architecture rebuilt with the merged sizes
+                try:
+                    rebuild(model, meta["widths"], model_path.name)
+                except (ValueError, MudscError) as exc:
+                    raise CheckpointError(str(exc)) from None
             try:
                 fit_state_dict(model, state, source=model_path.name)
             except CheckpointError:

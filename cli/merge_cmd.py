@@ -133,6 +133,13 @@ def merge_command(
         bool, typer.Option("--refit/--no-refit", help="Least-squares refit after merging: each merged Linear/Conv2d, front to back, fitted in closed form "
                            "to reproduce its parents' outputs on the data (a forward pass of each model, plus each layer's Gram matrix).")
     ] = DEFAULTS.refit,
+    width: Annotated[
+        Optional[list[str]],
+        typer.Option("--width", metavar="W|NAME=W", help="Width budget: the merged model this many times as wide as one model "
+                     "(1 to the number of models; the least similar units are left unmerged), e.g. --width 1.5; or NAME=W for "
+                     "the groups a module or parameter produces (repeat for several; see mudsc inspect). Groups the model's code "
+                     "cannot widen stay at one model's width, with a warning.", show_default=False),
+    ] = None,
     input_shape: InputShapeOption = None,
     max_length: MaxLengthOption = 128,
     tracer: Annotated[str, typer.Option(help=TRACER_HELP)] = DEFAULTS.tracer,
@@ -158,7 +165,7 @@ def merge_command(
     same_on_every_rank("command line", [str(c) for c in checkpoints] + [str(out_path), data, arch, samples, batch_size, seed, method, mode])
     quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
-                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair, refit=refit,
+                           reset_bn=reset_bn, device=device, tracer=tracer, repair=repair, refit=refit, width=parse_width(width),
                            matcher_options=parse_key_values(matcher_opt, "--matcher-opt", "a=0.3"))  # read by the parameters' types
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
     choice = DataChoice(data, samples, batch_size, seed, max_length)
@@ -219,6 +226,9 @@ def merge_sources(source: Source, out_path: Path, options: Any, choice: DataChoi
     if choice.data is None and (needs_data or options.repair or options.refit):
         why = f"--method {options.method}" if needs_data else "--repair" if options.repair else "--refit"
         raise MergeCommandError(f"{why} needs calibration data: pass --data ({source.data_hint})")
+    if options.stop_at and options.width != 1.0:
+        raise MergeCommandError("--width with --stop-at cannot be written to a file yet (a partial-zip file is rebuilt at one "
+                                "model's width); give one of them, or use the library (mudsc_graph.merge(..., stop_at=..., width=...))")
     protected = protected_paths(source.paths, choice.data)
     source.check_output(out_path, force, protected)
     started = time.perf_counter()
@@ -302,6 +312,45 @@ def run_merge(models: list[Any], batches: Any, example: Any, options: Any, quiet
     return result
 
 
+def parse_width(items: Optional[list[str]]) -> Any:
+    """``--width 1.5`` -> 1.5; ``--width layer1=1.5 --width 3=2`` -> ``{"layer1": 1.5, 3: 2.0}`` (a
+    group id or a module/parameter name); nothing -> 1 (one model's width)."""
+    if not items:
+        return 1.0
+    plain = [i for i in items if "=" not in i]
+    named = [i for i in items if "=" in i]
+    if plain and (named or len(plain) > 1):
+        raise MergeCommandError("give --width once as a number (e.g. --width 1.5), or as NAME=W entries for some groups, not both")
+
+    def number(text: str, item: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise MergeCommandError(f"--width {item!r}: {text!r} is not a number (e.g. --width 1.5 or --width layer1=1.5)") from None
+
+    if plain:
+        return number(plain[0], plain[0])
+    out: dict[Any, float] = {}
+    for item in named:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = number(value.strip(), item)
+    return out
+
+
+def width_metadata(result: Any) -> Optional[dict[str, Any]]:
+    """What rebuilds a model merged wider than one model: every resized tensor's shape and every
+    attention layer's new head count (``{"shapes": {name: shape}, "heads": {path: [old, new, size]}}``)."""
+    from mudsc_graph.merging.widths import head_changes, merged_shapes
+
+    if not result.widths:
+        return None
+    shapes = merged_shapes(result.spec, result.widths)
+    return {"shapes": {k: list(v) for k, v in shapes.items()},
+            "heads": {k: list(v) for k, v in head_changes(result.spec, result.widths).items()},
+            "units": {str(g): u for g, u in sorted(result.widths.items())}}
+
+
 def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]) -> dict[str, Any]:
     """What every merged output records about the merge (checkpoint files and model directories)."""
     return {
@@ -310,7 +359,8 @@ def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]
         "n_models": n_models, "data": data, "groups_merged": len(result.matchings), "history": result.history,
         "repair": options.repair, "repair_std_ratio": result.repair_std_ratio,
         "refit": options.refit, "refit_residual": list(result.refit.mean()) if result.refit is not None else None,
-        "mudsc_version": version(),
+        "width": options.width if not isinstance(options.width, dict) else {str(k): v for k, v in options.width.items()},
+        "widths": width_metadata(result), "mudsc_version": version(),
     }
 
 
@@ -319,7 +369,9 @@ def report(result: Any, metadata: dict[str, Any], written: Path, started: float,
     import torch
 
     summary = {
-        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged", "repair_std_ratio", "refit_residual")},
+        **{k: metadata[k] for k in ("method", "mode", "alpha", "stop_at", "n_models", "groups_merged", "repair_std_ratio", "refit_residual",
+                                    "width")},
+        "widened_groups": len(result.widths),
         "permutable_units": result.spec.permutable_units,
         "sweeps": result.sweeps,
         "score_per_sweep": result.history,
@@ -344,6 +396,8 @@ def _print_summary(s: dict, device: Any) -> None:
         shown = ", ".join(f"{x:.4f}" for x in s["score_per_sweep"][:12])
         more = " ..." if len(s["score_per_sweep"]) > 12 else ""
         table.add_row("score per sweep", f"{shown}{more} (best {max(s['score_per_sweep']):.4f})")
+    if s["widened_groups"]:
+        table.add_row("width", f"{s['widened_groups']} groups merged wider than one model (--width {s['width']})")
     if s["refit_residual"] is not None:
         before, after = s["refit_residual"]
         table.add_row("refit", f"layers' residual against their parents: {before:.4f} -> {after:.4f} (relative, mean over layers)")

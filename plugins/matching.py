@@ -20,10 +20,10 @@ def mudsc_matching_strategies() -> list[MatchingStrategy]:
         MatchingStrategy("identity", match_identity, description="Keep every model's unit order and average.", thread_safe=True),
         MatchingStrategy("align", match_align,
                          description="One permutation per model by linear assignment against model 0 (weight matching).", uses_within_model=False,
-                         thread_safe=True),
+                         thread_safe=True, supports_width=True),
         MatchingStrategy("zip", match_zip,
                          description="ZipIt!: greedily fuse the most similar units, within a model too.",
-                         thread_safe=True, parameters=(
+                         thread_safe=True, supports_width=True, parameters=(
                              MatcherParameter("a", 0.5, "how fast a unit's similarity decays as it absorbs others (ZipIt!'s alpha)", minimum=0.0),
                              MatcherParameter("b", 1.0, "the share of a model's units that may be fused within that model (ZipIt!'s beta)",
                                               minimum=0.0),

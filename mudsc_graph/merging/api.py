@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..analysis.pipeline import analyze_full
+from ..analysis.trace import trace
 from ..errors import SpecCheckError
 from ..inputs import as_inputs, take_rows, to_device
 from ..checks import first_non_finite
@@ -42,6 +43,7 @@ from .calibration import Calibration
 from .distributed import reduce_batchnorm, together
 from .statistics import Correlations, activation_correlations
 from .weights import merge_state_dicts
+from .widths import describe, expressible, target_units, widened, widened_config
 
 
 @dataclass
@@ -56,7 +58,8 @@ class MergeResult:
     correction, averaged over the repaired channels (how much variance the merge had lost);
     ``refit``: with ``refit=True``, what the least-squares refit did (:class:`~.refit.Fit`: per
     layer, the residual against the parents' mapped outputs before and after, relative to their
-    energy).
+    energy); ``widths``: with a width budget, ``{group id: merged units}`` of every group merged
+    wider than one model (the merged model is built with these sizes).
     """
 
     model: nn.Module
@@ -72,6 +75,7 @@ class MergeResult:
     weight_macs: float = 0.0
     matcher_options: dict[str, Any] = field(default_factory=dict)
     refit: Fit | None = None
+    widths: dict[int, int] = field(default_factory=dict)
 
 
 def check_models(models: list[nn.Module]) -> None:
@@ -259,7 +263,9 @@ class PreparedMerge:
             if inputs_from_batch is None:
                 _check_tuple_batch(models[0], whole.batches[0])
             example_inputs = take_rows(next(whole.inputs())[1], 2)  # tracing needs only shapes
-        return to_device(as_inputs(example_inputs), dev)
+        self.example_inputs = to_device(as_inputs(example_inputs), dev)
+        self._expressible: dict[tuple, tuple[dict[int, int], dict[int, str]]] = {}
+        return self.example_inputs
 
     def _analyse(self, example_inputs: Any) -> None:
         """Model 0 analysed (the merge groups), self-checked; the groups the models agree on already."""
@@ -332,25 +338,28 @@ class PreparedMerge:
             trunk = {name for name, _ in self.order[: k + 1]}
         gids = self._groups(resolved, trunk)
         within = resolved.matcher.uses_within_model
+        with stage("widths"):
+            units = self._widths(resolved, opts, gids)
         act = self._activations_for(gids, timings, within) if resolved.needs_activations and gids else None
 
         with stage("matching"):
-            outcome = self._match(resolved, opts, gids, act)
+            outcome = self._match(resolved, opts, gids, act, units)
         matchings = outcome.matchings
+        widths = {g: m.merged_units for g, m in matchings.items() if m.merged_units != self.sizes[g]}
         with stage("merge"):
-            merged = self._merged_weights(matchings)
+            merged = self._merged_weights(matchings, widths)
         reset = opts.reset_bn and self.calib is not None and has_batchnorm(merged)
         fit = None
         with stage("refit"):
             if opts.refit:
-                fit = self._refit(merged, matchings, trunk, reset, opts.refit_ridge)
+                fit = self._refit(merged, matchings, trunk, reset, opts.refit_ridge, widths)
         std_ratio = None
         with stage("repair"):
             if opts.repair:
                 std_ratio = self._repair(merged, matchings, trunk, reset)
         with stage("merge"):
             if trunk is not None:
-                merged = self._partial(merged, matchings, trunk)
+                merged = self._partial(merged, matchings, trunk, widths)
             set_mode(merged, False)
         with stage("bn_reset_merged"):
             if reset:
@@ -359,11 +368,40 @@ class PreparedMerge:
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, self.spec, matchings, outcome.history, timings, resolved.method.name, resolved.mode, resolved.alpha,
-                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options), fit)
+                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options), fit, widths)
 
-    def _merged_weights(self, matchings: dict[int, Any]) -> nn.Module:
-        """A copy of model 0 holding the merged weights."""
+    def _widths(self, resolved: ResolvedMethod, opts: MergeOptions, gids: list[int]) -> dict[int, int]:
+        """``{group id: merged units}`` of the width budget: the groups ``opts.width`` widens that the
+        model's code can run with (the others stay at one model's width, with a warning)."""
+        n = len(self.models)
+        units = target_units(self.spec, gids, opts.width, n)
+        if not units:
+            return {}
+        if not resolved.matcher.supports_width:
+            raise MergeError(f"width={opts.width!r}: matcher {resolved.matcher.name!r} cannot merge wider than one model "
+                             "(it takes no merged widths); use mode 'zip' or 'align', or width=1")
+        key = tuple(sorted(units.items()))
+        if key not in self._expressible:
+            self._expressible[key] = expressible(self.models[0], self.spec, units, self.example_inputs)
+        ok, refused = self._expressible[key]
+        if refused:
+            first = next(iter(refused.items()))
+            warnings.warn(f"width: {len(refused)} groups stay at one model's width because the model cannot take them wider "
+                          f"(group {first[0]}: {first[1]})", stacklevel=4)
+        return ok
+
+    def _merged_weights(self, matchings: dict[int, Any], widths: dict[int, int]) -> nn.Module:
+        """A copy of model 0 holding the merged weights (rebuilt with the merged ``widths``)."""
         merged = copy.deepcopy(self.models[0])
+        if widths:
+            widened(merged, self.spec, widths)
+            if hasattr(getattr(merged, "config", None), "to_dict"):
+                config = widened_config(self.models[0], {k: tuple(v.shape) for k, v in merged.state_dict().items()})
+                if config is None:
+                    raise MergeError(f"width: the merged model's sizes ({describe(self.spec, widths)}) cannot be written in its "
+                                     f"{type(merged.config).__name__} (one size per kind of layer); use one width for all "
+                                     "groups, or width=1")
+                merged.config = config
         own = {**dict(merged.named_parameters(remove_duplicate=False)), **dict(merged.named_buffers(remove_duplicate=False))}
         if own.keys() >= self.states[0].keys():  # the model's own tensors, written in place one by one
             merge_state_dicts(self.spec, self.states, matchings, out=own)
@@ -403,7 +441,7 @@ class PreparedMerge:
             )
         return act
 
-    def _match(self, resolved: ResolvedMethod, opts: MergeOptions, gids: list[int], act: Any) -> MatchOutcome:
+    def _match(self, resolved: ResolvedMethod, opts: MergeOptions, gids: list[int], act: Any, units: dict[int, int]) -> MatchOutcome:
         """``{group id: Matching}``, the score of every sweep, the number of sweeps and their work."""
         spec, n, dev = self.spec, len(self.models), self.device
         matcher, alpha = resolved.matcher, resolved.alpha
@@ -415,7 +453,7 @@ class PreparedMerge:
             return MatchOutcome({g: identity(g) for g in gids})
         solver = DualSpaceSolver(
             spec, self.states, gids, matcher, act=act, alpha=alpha, options=resolved.matcher_options, reporter=self.reporter,
-            threads=torch.get_num_threads() if matcher.thread_safe else 1,
+            threads=torch.get_num_threads() if matcher.thread_safe else 1, widths=units,
         )
         return solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
 
@@ -426,7 +464,8 @@ class PreparedMerge:
         paths = {path for name, path in self.order if name in trunk and path}
         return {p for p, _ in merged.named_modules() if any(p == t or p.startswith(t + ".") for t in paths)}
 
-    def _refit(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool, ridge: float) -> Fit:
+    def _refit(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool, ridge: float,
+               widths: dict[int, int]) -> Fit:
         """Refit ``merged``'s layers by least squares (:mod:`.refit`); with ``trunk``, its merged part
         only; ``reset``: its BatchNorm statistics are reset afterwards, so the walk normalises by
         batch, as the reset does."""
@@ -435,7 +474,21 @@ class PreparedMerge:
         if not points:
             warnings.warn("refit=True: no Linear or Conv2d layer the forward calls once as a module; the merge is unchanged",
                           stacklevel=3)
-        return refit(merged, self.models, gm, points, matchings, self.sizes, self.calib, ridge=ridge, batch_norms=reset)
+        return refit(merged, self.models, gm, points, matchings, self.sizes, self.calib, ridge=ridge, batch_norms=reset,
+                     merged_gm=self._merged_graph(merged, widths))
+
+    def _merged_graph(self, merged: nn.Module, widths: dict[int, int]) -> torch.fx.GraphModule:
+        """The graph the merged model runs as: its parents' (model 0's), or with a width budget the
+        merged model traced again (a graph may hold sizes as constants: heads in a reshape, GroupNorm's
+        groups), node for node the same."""
+        gm = self.analysis.graph_module
+        if not widths:
+            return gm
+        again = trace(merged, self.example_inputs, leaf_types=self.registry.leaf_module_types(), tracer=gm.meta["mudsc_tracer"])
+        if [n.name for n in again.graph.nodes] != [n.name for n in gm.graph.nodes]:
+            raise MergeError("width: the merged model traces to another graph than its parents' (its code branches on its "
+                             "sizes), so refit and partial zip cannot follow it; use width=1 with refit=True or stop_at")
+        return again
 
     def _repair(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str] | None, reset: bool) -> float | None:
         """REPAIR ``merged`` in place (:mod:`.repair`); with ``trunk``, its merged part only; ``reset``:
@@ -465,7 +518,7 @@ class PreparedMerge:
         points = [p for p in points if all(p.path in q.stats for q in parents)]  # modules the forward calls
         return repair(merged, points, parents, matchings, self.sizes, self.calib, same_batches=self.task_calibs is None)
 
-    def _partial(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str]) -> nn.Module:
+    def _partial(self, merged: nn.Module, matchings: dict[int, Any], trunk: set[str], widths: dict[int, int]) -> nn.Module:
         """The partial-zip module: ``merged``'s trunk, each model's own tail."""
 
         def unmerge_of(i: int, gid: int):
@@ -473,12 +526,15 @@ class PreparedMerge:
             return None if m is None else m.unmerge_block(i)
 
         gm = self.analysis.graph_module
+        trunk_gm = self._merged_graph(merged, widths)
         if self.analysis.tracer == "export":  # the graph reads the exported module's attributes: give it the weights
-            trunk_module, tails = with_state(gm, merged.state_dict()), [with_state(gm, st) for st in self.states]
+            trunk_module = trunk_gm if widths else with_state(gm, merged.state_dict())  # traced again: holds them
+            tails = [with_state(gm, st) for st in self.states]
         else:
             trunk_module, tails = merged, self.models
         return build_partial(
-            trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, self.sizes
+            trunk_module, tails, gm.graph, trunk, lambda name: self.analysis.value_axes.get(name), unmerge_of, {**self.sizes, **widths},
+            trunk_graph=trunk_gm.graph,
         ).to(self.device)
 
 

@@ -22,6 +22,7 @@ import torch
 from ..analysis.trace import TRACERS
 from ..errors import MergeError
 from .statistics import PROBES
+from .widths import check_width
 
 
 
@@ -33,7 +34,7 @@ PREPARATION = ("device", "reset_bn", "probe", "tracer", "shard_data")
 @dataclass(frozen=True)
 class MergeOptions:
     """What one merge does. Matching: ``method``, ``mode``, ``alpha``, ``stop_at``, ``seed``,
-    ``max_iter``, ``patience``, ``matcher_options``; ``repair``, ``refit``, ``refit_ridge``; preparation (see :data:`PREPARATION`):
+    ``max_iter``, ``patience``, ``matcher_options``; ``repair``, ``refit``, ``refit_ridge``, ``width``; preparation (see :data:`PREPARATION`):
     ``device``, ``reset_bn``, ``probe``, ``tracer``, ``shard_data``.
 
     ``method``: a registered merge method (``average``, ``weight_matching``, ``weight_zip``,
@@ -49,7 +50,10 @@ class MergeOptions:
     interpolation of their parents' mean and standard deviation on the calibration data. ``refit``:
     each merged Linear/Conv2d refit by least squares to reproduce its parents' outputs, front to back
     (:mod:`~mudsc_graph.merging.refit`), with the ridge ``refit_ridge`` toward the merged weights
-    (in units of the inputs' mean squared norm: it weighs like ``refit_ridge * features / samples``). ``device``: ``None`` (the first model's), ``"auto"``,
+    (in units of the inputs' mean squared norm: it weighs like ``refit_ridge * features / samples``). ``width``: a width
+    budget (:mod:`~mudsc_graph.merging.widths`), between 1 (one model's width) and N (every unit of
+    every model kept): a number for every matched group, or ``{group id or parameter/module name:
+    width}`` for some (the others: 1); the merged model is built with the new widths. ``device``: ``None`` (the first model's), ``"auto"``,
     ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
     merged model on the data; ``probe``: which consumer of a group its features are read at
     (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``; ``shard_data``:
@@ -77,6 +81,7 @@ class MergeOptions:
     repair: bool = False
     refit: bool = False
     refit_ridge: float = 0.1
+    width: Any = field(default=1.0, hash=False)
 
     def __post_init__(self) -> None:  # method and mode need the registry: resolve_method checks them
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
@@ -98,6 +103,9 @@ class MergeOptions:
         object.__setattr__(self, "matcher_options", dict(self.matcher_options))
         if isinstance(self.refit_ridge, bool) or not isinstance(self.refit_ridge, (int, float)) or not 0 <= self.refit_ridge < float("inf"):
             raise MergeError(f"refit_ridge must be a number >= 0, got {self.refit_ridge!r}")
+        check_width(self.width)
+        if isinstance(self.width, Mapping):
+            object.__setattr__(self, "width", dict(self.width))
         for name in ("reset_bn", "shard_data", "repair", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise MergeError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -72,13 +72,17 @@ def build_partial(
     value_axes: Callable[[str], list[Any]],
     unmerge_of: Callable[[int, int], torch.Tensor | None],
     sizes: dict[int, int],
+    trunk_graph: fx.Graph | None = None,
 ) -> fx.GraphModule:
     """The partial-zip module (see the module docstring).
 
     ``value_axes(node)`` gives the axis expressions of a node's output (``None`` for an axis whose
     structure depends on another axis); ``unmerge_of(i, gid)`` model ``i``'s unmerge block
-    ``(O, O_m)`` of a merged group, or ``None`` if the group is not merged.
+    ``(O, O_m)`` of a merged group, or ``None`` if the group is not merged; ``sizes`` the merged
+    groups' units. ``trunk_graph``: the merged model's own graph when its sizes differ from the
+    models' (a width budget: the same nodes, other constants), whose nodes the trunk runs.
     """
+    trunk_nodes = {n.name: n for n in (trunk_graph or graph).nodes}
     root = nn.Module()
     root.trunk = merged
     out = fx.Graph()
@@ -94,7 +98,7 @@ def build_partial(
 
     for n in nodes:
         if n.name in trunk and n.op != "output":
-            env[n.name] = copy(n, "trunk", env) if n.op != "placeholder" else out.node_copy(n)
+            env[n.name] = copy(trunk_nodes[n.name], "trunk", env) if n.op != "placeholder" else out.node_copy(n)
     tail = [n for n in nodes if n.name not in trunk and n.op != "output"]
     if not tail:
         out.output(fx.node.map_arg(output_node.args[0], lambda a: env[a.name]))

@@ -221,15 +221,17 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: flo
 @torch.no_grad()
 def refit(merged: nn.Module, parents: Sequence[nn.Module], gm: fx.GraphModule, points: Sequence[Point],
           matchings: Mapping[int, Any], sizes: Mapping[int, int], calib: Calibration, *, ridge: float = RIDGE,
-          batch_norms: bool = False) -> Fit:
+          batch_norms: bool = False, merged_gm: fx.GraphModule | None = None) -> Fit:
     """Refit ``merged`` in place at ``points`` (see the module docstring): ``gm`` is the models'
     traced graph, run with each model's weights; ``calib`` the calibration (this rank's batches).
     ``batch_norms``: the BatchNorm statistics are reset afterwards, so the walk runs every model's
     BatchNorms as the reset does (each batch normalised by its own statistics): a layer is fitted in
-    the regime the reset's statistics describe, and a merge of permuted copies still comes back."""
+    the regime the reset's statistics describe, and a merge of permuted copies still comes back.
+    ``merged_gm``: the graph the merged model runs as, when its sizes differ from its parents' (a
+    width budget: :func:`~mudsc_graph.merging.widths.widened_graph`)."""
     fit = Fit([], [], [])
     if points:
-        _Walk(merged, parents, gm, points, calib, batch_norms).run(lambda walk, p: _fit_point(walk, p, matchings, sizes, ridge, fit))
+        _Walk(merged, parents, gm, points, calib, batch_norms, merged_gm).run(lambda walk, p: _fit_point(walk, p, matchings, sizes, ridge, fit))
     return fit
 
 
@@ -238,11 +240,11 @@ class _Walk:
     run in step over every batch, held where the walk is."""
 
     def __init__(self, merged: nn.Module, parents: Sequence[nn.Module], gm: fx.GraphModule, points: Sequence[Point],
-                 calib: Calibration, batch_norms: bool) -> None:
+                 calib: Calibration, batch_norms: bool, merged_gm: fx.GraphModule | None = None) -> None:
         self.points, self.calib = list(points), calib
         self.state = dict(merged.state_dict())  # shares the parameters' storage: written in place, read by the walk
         self.modules = dict(merged.named_modules())
-        runs = (_runs(gm, [p.input for p in points], [self.state], batch_norms)
+        runs = (_runs(merged_gm if merged_gm is not None else gm, [p.input for p in points], [self.state], batch_norms)
                 + _runs(gm, [p.node for p in points], [dict(m.state_dict()) for m in parents], batch_norms))
         self.inputs = list(calib.inputs())
         self.steppers = [[Stepper(ext, st) for ext, st in runs] for _ in self.inputs]

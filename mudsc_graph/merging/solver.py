@@ -91,11 +91,13 @@ class DualSpaceSolver:
         options: Mapping[str, Any] | None = None,
         reporter: Reporter | None = None,
         threads: int = 1,
+        widths: Mapping[int, int] | None = None,
     ) -> None:
         """``matcher``: the strategy record (its ``match``, whether it reads within-model blocks,
         needs covariances); ``act``: the activation statistics (a plain ``{group id: correlation}`` is
         read as :class:`Correlations` without scales); ``options``: its parameters' values
-        (:meth:`MatchingStrategy.options`)."""
+        (:meth:`MatchingStrategy.options`); ``widths``: ``{group id: merged units}`` of the groups
+        merged wider than one model (a width budget; passed to ``match`` as ``merged=``)."""
         if act is not None and not isinstance(act, ActivationStatistics):
             act = Correlations(act)
         self.act: ActivationStatistics | None = act
@@ -115,6 +117,7 @@ class DualSpaceSolver:
         self.macs = 0.0  # multiply-adds of the weight similarities built (their cross products)
         self._dims: dict[int, int] = {}  # group -> feature columns per model, of its last build
         self.workers = max(1, threads)  # assignments solved side by side (see _solve)
+        self.widths = dict(widths or {})
 
     # -- similarities ----------------------------------------------------------------------------
     def _row_key(self, gid: int, i: int, matchings: Mapping[int, Any]) -> tuple:
@@ -208,9 +211,12 @@ class DualSpaceSolver:
 
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks
+        extra: dict[str, Any] = {}
+        if any(g in self.widths for g in unit):
+            extra["merged"] = [self.widths.get(g, self.spec.groups[g].size) for g in unit]
         if self.covariances:  # built per call, not kept (as the similarities)
-            return self.match(sims, self.n, blocks, covariances=[self.covariance(g) for g in unit], **self.options)
-        return self.match(sims, self.n, blocks, **self.options)
+            extra["covariances"] = [self.covariance(g) for g in unit]
+        return self.match(sims, self.n, blocks, **extra, **self.options)
 
     # -- the scheme --------------------------------------------------------------------------------
     def _solve(self, jobs: list[tuple[tuple[int, ...], Callable[[], list[torch.Tensor]]]]) -> list[list[Any]]:

@@ -206,6 +206,10 @@ class MatchingStrategy:
     thread_safe: bool = False
     """True when ``match`` may run on several threads at once (no shared mutable state): the solver
     then solves the assignments of independent groups side by side (the built-ins are)."""
+    supports_width: bool = False
+    """True when ``match`` takes ``merged=[units, ...]`` (one per similarity, each between the units
+    of one model and of all N): a width budget, the merged group wider than one model. A merge with
+    ``width > 1`` refuses a matcher without it."""
     parameters: tuple[MatcherParameter, ...] = ()
     """What ``match`` takes besides the similarities (:class:`MatcherParameter`): each is passed as a
     keyword, its default when the user gives none."""

@@ -232,33 +232,54 @@ def match_identity(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1,
     return out
 
 
-def match_align(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, **options: Any) -> list[Matching]:
+def validate_widths(merged: Sequence[int] | None, units: list[int], n_models: int) -> list[int]:
+    """The merged units asked for per similarity (a width budget), each between O and N*O; ``None``:
+    O each (one model's width)."""
+    if merged is None:
+        return list(units)
+    merged = list(merged)
+    if len(merged) != len(units):
+        raise ValueError(f"merged= gives {len(merged)} widths for {len(units)} similarities")
+    for m, o in zip(merged, units):
+        if isinstance(m, bool) or int(m) != m or not o <= m <= n_models * o:
+            raise ValueError(f"a merged width must be an integer between {o} and {n_models * o} (the units of one model and "
+                             f"of all {n_models}), got {m!r}")
+    return [int(m) for m in merged]
+
+
+def match_align(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *, merged: Sequence[int] | None = None,
+                **options: Any) -> list[Matching]:
     """The ``align`` strategy: a permutation per model i >= 1 that maximises its cross block with
     model 0 (Git Re-Basin / MuDSC's permutation mode); block-structured when ``blocks > 1``, with
-    coupled similarities sharing one block pairing."""
+    coupled similarities sharing one block pairing. ``merged`` (a width budget, per similarity):
+    the least similar matched pairs (whole blocks) are left unmerged until each has that many units."""
     _check_options("align", options, ())
     units = validate_sims(sims, n_models, blocks)
+    widths = validate_widths(merged, units, n_models)
     if blocks > 1:
-        results = group_align_labels(list(sims), n_models, blocks)
+        results = group_align_labels(list(sims), n_models, blocks, merged=widths)
     else:
-        results = [align_labels(s, n_models) for s in sims]
-    return [matching_from_labels(lab, n_models, o, sc) for (lab, sc), o in zip(results, units)]
+        results = [align_labels(s, n_models, merged=m) for s, m in zip(sims, widths)]
+    return [matching_from_labels(lab, n_models, m, sc) for (lab, sc), m in zip(results, widths)]
 
 
 def match_zip(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *, a: float = 0.5, b: float = 1.0,
-              **options: Any) -> list[Matching]:
+              merged: Sequence[int] | None = None, **options: Any) -> list[Matching]:
     """The ``zip`` strategy (ZipIt!): greedy pair fusion with within-model fusions allowed up to a
     budget ``floor((to_remove // N) * b)`` per model; fused similarities become ``a * min``. With
-    ``blocks > 1`` blocks are paired as in group align and zipped within each paired set."""
+    ``blocks > 1`` blocks are paired as in group align and zipped within each paired set.
+    ``merged`` (a width budget, per similarity): the fusion stops at that many merged units (whole
+    blocks: the weakest block pairings are left unmerged)."""
     _check_options("zip", options, ())
     if not (math.isfinite(a) and a >= 0) or not (math.isfinite(b) and b >= 0):
         raise ValueError(f"zip options a and b must be finite and >= 0, got a={a!r}, b={b!r}")
     units = validate_sims(sims, n_models, blocks)
+    widths = validate_widths(merged, units, n_models)
     if blocks > 1:
-        results = group_zip_labels(list(sims), n_models, blocks, a=a, b=b)
+        results = group_zip_labels(list(sims), n_models, blocks, a=a, b=b, merged=widths)
     else:
-        results = [zip_labels(s, n_models, a=a, b=b) for s in sims]
-    return [matching_from_labels(lab, n_models, o, sc) for (lab, sc), o in zip(results, units)]
+        results = [zip_labels(s, n_models, a=a, b=b, merged=m) for s, m in zip(sims, widths)]
+    return [matching_from_labels(lab, n_models, m, sc) for (lab, sc), m in zip(results, widths)]
 
 
 __all__ = [

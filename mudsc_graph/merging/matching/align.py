@@ -38,14 +38,42 @@ def labels_from_perms(perms: list[np.ndarray], device: torch.device) -> torch.Te
     return torch.from_numpy(np.concatenate(labels)).to(device)
 
 
-def align_labels(sim: torch.Tensor, n_models: int) -> tuple[torch.Tensor, float]:
+def detach_weakest(labels: torch.Tensor, pair_scores: np.ndarray, n_models: int, extra: int, block: int = 1) -> torch.Tensor:
+    """A width budget for a permutation-style result: ``extra`` more merged blocks (of ``block``
+    units), made by detaching the ``extra`` least similar (model i >= 1, merged block j) memberships
+    from their merged block; each detached block becomes a merged block of its own, after the first
+    ``O / block`` ones (in order of model, then block). ``pair_scores[i - 1, j]``: the similarity of
+    model i's member of merged block j to model 0's."""
+    if extra <= 0:
+        return labels
+    o = labels.numel() // n_models
+    blocks = o // block
+    if extra > (n_models - 1) * blocks:
+        raise ValueError(f"a width of {o + extra * block} units is more than the {n_models * o} of all models together")
+    weakest = np.argsort(pair_scores.reshape(-1), kind="stable")[:extra]
+    out = labels.clone()
+    for t, flat in enumerate(sorted(int(f) for f in weakest)):
+        i, j = divmod(flat, blocks)
+        rows = slice((i + 1) * o, (i + 2) * o)
+        members = (labels[rows] // block) == j
+        out[rows][members] = (blocks + t) * block + labels[rows][members] % block
+    return out
+
+
+def align_labels(sim: torch.Tensor, n_models: int, merged: int | None = None) -> tuple[torch.Tensor, float]:
     """Align every model to model 0; return the labels and the mean matched similarity over all
-    (model 0, model i) matched pairs (0 for a single model)."""
+    (model 0, model i) matched pairs (0 for a single model). ``merged > O`` (a width budget): the
+    ``merged - O`` least similar matched pairs are left unmerged (:func:`detach_weakest`)."""
     o = sim.shape[0] // n_models
     perms = [np.arange(o)]
-    scores = []
+    scores, pair_scores = [], []
     for i in range(1, n_models):
-        perm, score = lap(cross_block(sim, n_models, i))
+        cross = cross_block(sim, n_models, i)
+        perm, score = lap(cross)
         perms.append(perm)
         scores.append(score)
-    return labels_from_perms(perms, sim.device), float(np.mean(scores)) if scores else 0.0
+        pair_scores.append(cross[np.arange(o), perm])
+    labels = labels_from_perms(perms, sim.device)
+    if merged is not None and merged > o:
+        labels = detach_weakest(labels, np.stack(pair_scores), n_models, merged - o)
+    return labels, float(np.mean(scores)) if scores else 0.0

@@ -13,6 +13,10 @@ assignments stay per similarity. Group align then is block-structured: merged un
 model-0 unit ``j*d + r`` with model i's unit ``pi(j)*d + inner[j, pi(j)][r]``. Group zip zips each
 paired block set (model-0 block j and its partners, ``N*d`` units) on its own to d merged units,
 placed at ``j*d:(j+1)*d`` (blocks stay contiguous, their size is preserved).
+
+A width budget of ``extra`` more blocks (whole heads) detaches the ``extra`` least similar
+(model i, block pairing) memberships, by the coupled similarities' summed block scores, so coupled
+groups keep one structure; a detached block is a merged block of its own (after the first G).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .align import cross_block, labels_from_perms, lap
+from .align import cross_block, detach_weakest, labels_from_perms, lap
 from .zipit import zip_labels
 
 
@@ -59,10 +63,39 @@ def pair_blocks(sims: list[torch.Tensor], n_models: int, blocks: int):
     return outer, per_sim
 
 
-def group_align_labels(sims: list[torch.Tensor], n_models: int, blocks: int) -> list[tuple[torch.Tensor, float]]:
+def pairing_scores(outer: list[np.ndarray], per_sim: list[list], n_models: int, blocks: int) -> np.ndarray:
+    """``[i - 1, j]``: the summed (over coupled similarities) score of model i's block paired with
+    model 0's block j."""
+    total = np.zeros((n_models - 1, blocks))
+    for models in per_sim:
+        for i in range(1, n_models):
+            total[i - 1] += models[i][0][np.arange(blocks), outer[i]]
+    return total
+
+
+def extra_blocks(sims: list[torch.Tensor], n_models: int, blocks: int, merged: list[int] | None) -> int:
+    """The merged blocks asked for beyond ``blocks`` (one number for coupled similarities)."""
+    if merged is None:
+        return 0
+    extras = set()
+    for sim, m in zip(sims, merged):
+        d = sim.shape[0] // n_models // blocks
+        if m % d:
+            raise ValueError(f"a width of {m} units is not a whole number of blocks of {d}")
+        extras.add(m // d - blocks)
+    if len(extras) != 1:
+        raise ValueError(f"coupled groups must be given the same number of blocks, got {sorted(b + blocks for b in extras)}")
+    return extras.pop()
+
+
+def group_align_labels(sims: list[torch.Tensor], n_models: int, blocks: int,
+                       merged: list[int] | None = None) -> list[tuple[torch.Tensor, float]]:
     """Block-structured align of each similarity (one shared block pairing); labels and score (the
-    mean matched similarity over all (model 0, model i) pairs) per similarity."""
+    mean matched similarity over all (model 0, model i) pairs) per similarity; ``merged``: the
+    merged units per similarity (a width budget, whole blocks)."""
     outer, per_sim = pair_blocks(sims, n_models, blocks)
+    extra = extra_blocks(sims, n_models, blocks, merged)
+    weak = pairing_scores(outer, per_sim, n_models, blocks) if extra else None
     out = []
     for sim, models in zip(sims, per_sim):
         o = sim.shape[0] // n_models
@@ -74,15 +107,28 @@ def group_align_labels(sims: list[torch.Tensor], n_models: int, blocks: int) -> 
             perm = np.concatenate([pi[j] * d + inner[j, pi[j]] for j in range(blocks)])
             perms.append(perm)
             scores.append(block_score[np.arange(blocks), pi].mean())
-        out.append((labels_from_perms(perms, sim.device), float(np.mean(scores)) if scores else 0.0))
+        labels = labels_from_perms(perms, sim.device)
+        if extra:
+            labels = detach_weakest(labels, weak, n_models, extra, d)
+        out.append((labels, float(np.mean(scores)) if scores else 0.0))
     return out
 
 
-def group_zip_labels(sims: list[torch.Tensor], n_models: int, blocks: int, a: float = 0.5,
-                     b: float = 1.0) -> list[tuple[torch.Tensor, float]]:
+def group_zip_labels(sims: list[torch.Tensor], n_models: int, blocks: int, a: float = 0.5, b: float = 1.0,
+                     merged: list[int] | None = None) -> list[tuple[torch.Tensor, float]]:
     """Pair blocks as in group align, then zip each paired block set to d merged units placed at
-    ``j*d:(j+1)*d``; labels and score (mean of the block sets' zip scores) per similarity."""
-    outer, _ = pair_blocks(sims, n_models, blocks)
+    ``j*d:(j+1)*d``; labels and score (mean of the block sets' zip scores) per similarity.
+    ``merged``: the merged units per similarity (a width budget, whole blocks): the weakest
+    pairings' blocks are detached first and kept whole after the first G blocks."""
+    outer, per_sim = pair_blocks(sims, n_models, blocks)
+    extra = extra_blocks(sims, n_models, blocks, merged)
+    detached: list[tuple[int, int]] = []  # (model i >= 1, model-0 block j) in merged-block order
+    if extra:
+        if extra > (n_models - 1) * blocks:
+            raise ValueError(f"a width of {blocks + extra} blocks is more than the {n_models * blocks} of all models together")
+        weak = pairing_scores(outer, per_sim, n_models, blocks).reshape(-1)
+        detached = sorted(divmod(int(f), blocks) for f in np.argsort(weak, kind="stable")[:extra])
+        detached = [(i + 1, j) for i, j in detached]
     out = []
     for sim in sims:
         o = sim.shape[0] // n_models
@@ -90,10 +136,14 @@ def group_zip_labels(sims: list[torch.Tensor], n_models: int, blocks: int, a: fl
         labels = torch.empty(sim.shape[0], dtype=torch.long, device=sim.device)
         scores = []
         ar = torch.arange(d, device=sim.device)
+        for t, (i, j) in enumerate(detached):
+            labels[i * o + int(outer[i][j]) * d + ar] = (blocks + t) * d + ar
         for j in range(blocks):
-            idx = torch.cat([i * o + int(outer[i][j]) * d + ar for i in range(n_models)])
-            local, score = zip_labels(sim[idx][:, idx], n_models, a=a, b=b)
+            members = [i for i in range(n_models) if (i, j) not in detached]
+            idx = torch.cat([i * o + int(outer[i][j]) * d + ar for i in members])
+            local, score = zip_labels(sim[idx][:, idx], len(members), a=a, b=b)
             labels[idx] = j * d + local
-            scores.append(score)
-        out.append((labels, float(np.mean(scores))))
+            if len(members) > 1:
+                scores.append(score)
+        out.append((labels, float(np.mean(scores)) if scores else 0.0))
     return out

@@ -1,7 +1,7 @@
 """Zip: ZipIt!'s greedy pair fusion (Stoica et al. 2023), allowing within-model fusions.
 
 Start with every stacked unit in its own cluster and ``S`` with its diagonal at -inf. Repeat
-``N*O - O`` times: take the most similar pair of clusters (i, j), fuse them, and set the fused
+``N*O - O`` times (``N*O - O_m`` for a merged width ``O_m``, a width budget): take the most similar pair of clusters (i, j), fuse them, and set the fused
 cluster's similarities to ``a * min(S[i], S[j])``. A pair whose two clusters come from the same
 model (a cluster's model is that of its smallest member, as in ZipIt!) spends one unit of that
 model's budget ``floor((to_remove // N) * b)``; once the budget is spent, that model's
@@ -31,8 +31,10 @@ from . import _zip_kernel
 _NEG = float("-inf")
 
 
-def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0) -> tuple[torch.Tensor, float]:
-    """Zip ``n_models * O`` stacked units into ``O`` clusters.
+def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0,
+               merged: int | None = None) -> tuple[torch.Tensor, float]:
+    """Zip ``n_models * O`` stacked units into ``merged`` clusters (default ``O``; more is a width
+    budget: the greedy stops early, so the least similar units are left unmerged).
 
     Returns the labels (``labels[u]`` = merged unit of stacked unit u, a LongTensor on ``sim``'s
     device) and the score: the mean over fusion steps of the (symmetrised) input similarity of the
@@ -41,7 +43,7 @@ def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0)
     n = sim.shape[0]
     o = n // n_models
     dev = sim.device
-    to_remove = n - o
+    to_remove = n - (o if merged is None else merged)
     if to_remove == 0:
         return torch.arange(n, device=dev), 0.0
     dtype = sim.dtype if sim.dtype in (torch.float32, torch.float64) else torch.float32
