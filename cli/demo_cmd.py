@@ -46,8 +46,8 @@ def demo_command(
     methods: Annotated[
         Optional[str],
         typer.Option(help="Comma-separated merging methods to compare: average, weight_matching, weight_zip, activation_matching, zipit, "
-                     "mudsc-align, mudsc-zip; in the image demo each may end in +refit or +repair (default: all, and mudsc-zip+refit), "
-                     "the text demo shows both variants of every method.", show_default=False),
+                     "mudsc-align, mudsc-zip; in the image demo each may end in +refit or +repair and then @W for a width budget "
+                     "(default: all, and mudsc-zip+refit at width 1 and 1.5), the text demo shows both variants of every method.", show_default=False),
     ] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act, used by the mudsc methods.")] = 0.5,
     epochs: Annotated[Optional[int], typer.Option(min=0, help="Training epochs of each model (default: 10; 4 with --text).", show_default=False)] = None,

@@ -52,8 +52,9 @@ DEFAULT_METHODS: tuple[str, ...] = (
 )
 #: What a demo method's name may end with, and what it adds to the merge.
 VARIANTS: dict[str, dict[str, Any]] = {"+refit": {"refit": True}, "+repair": {"repair": True}}
-#: The image demo's rows: every method, and MuDSC-zip with the least-squares refit.
-DEMO_METHODS: tuple[str, ...] = (*DEFAULT_METHODS, "mudsc-zip+refit")
+#: The image demo's rows: every method, and MuDSC-zip with the least-squares refit, at one model's
+#: width and at a width budget of 1.5 (``@W``: the merged model W times as wide as one model).
+DEMO_METHODS: tuple[str, ...] = (*DEFAULT_METHODS, "mudsc-zip+refit", "mudsc-zip+refit@1.5")
 #: Bumped whenever training changes in a way that the config hash does not capture.
 CACHE_VERSION = 1
 
@@ -129,12 +130,18 @@ def default_cache_dir() -> Path:
 
 
 def parse_demo_method(name: str) -> tuple[str, str, dict[str, Any]]:
-    """``"mudsc-zip+refit"`` -> ``("mudsc", "zip", {"refit": True})``: :func:`parse_method` and a
-    variant of :data:`VARIANTS`."""
+    """``"mudsc-zip+refit@1.5"`` -> ``("mudsc", "zip", {"refit": True, "width": 1.5})``:
+    :func:`parse_method`, a variant of :data:`VARIANTS` or none, and a width budget ``@W`` or none."""
+    name, at, width = name.partition("@")
     base, plus, variant = name.partition("+")
     extras = VARIANTS.get(plus + variant, None) if plus else {}
     if extras is None:
         raise DemoError(f"unknown variant {plus + variant!r} of demo method {name!r}; use {' or '.join(VARIANTS)}")
+    if at:
+        try:
+            extras = {**extras, "width": float(width)}
+        except ValueError:
+            raise DemoError(f"demo method {name}@{width}: the width after @ must be a number, e.g. mudsc-zip@1.5") from None
     return (*parse_method(base), extras)
 
 

@@ -103,6 +103,10 @@ def test_parse_method():
         with pytest.raises(DemoError):
             parse_method(bad)
     assert parse_demo_method("mudsc-zip+refit") == ("mudsc", "zip", {"refit": True})
+    assert parse_demo_method("mudsc-zip+refit@1.5") == ("mudsc", "zip", {"refit": True, "width": 1.5})
+    assert parse_demo_method("zipit@2") == ("zipit", "zip", {"width": 2.0})
+    with pytest.raises(DemoError, match="must be a number"):
+        parse_demo_method("zipit@wide")
     assert parse_demo_method("zipit") == ("zipit", "zip", {}) and all(parse_demo_method(m) for m in DEMO_METHODS)
     with pytest.raises(DemoError, match="use \\+refit or \\+repair"):
         parse_demo_method("zipit+magic")

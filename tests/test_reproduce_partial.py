@@ -26,12 +26,16 @@ def test_rows_and_flops(tiny):
     part, out, res = tiny
     rows = res["rows"]
     assert [r["method"] for r in rows[:3]] == ["model A", "model B", "ensemble"]
-    ratios = {(r["method"], r["stop_at"]): r["flops_ratio"] for r in rows}
-    assert ratios[("ensemble", "(whole model)")] == 2.0
+    ratios = {(r["method"], r["stop_at"], r["width"]): r["flops_ratio"] for r in rows}
+    assert ratios[("ensemble", "(whole model)", 2.0)] == 2.0
     for m in part.METHODS:
-        whole, first, second = ratios[(m, "(whole model)")], ratios[(m, "layers.0")], ratios[(m, "layers.1")]
+        whole, first, second = (ratios[(m, stop, 1.0)] for stop in ("(whole model)", "layers.0", "layers.1"))
         assert whole == pytest.approx(1.0, abs=0.01)  # the merged model is one model
         assert 2.0 > first > second > whole  # the later the stop, the less is run twice
+        wide = [ratios[(m, "(whole model)", w)] for w in part.WIDTHS]
+        assert whole < wide[0] < wide[1] < wide[2]  # the wider, the costlier
+    for m in part.FULL_ONLY:
+        assert ratios[(m, "(whole model)", 1.0)] == pytest.approx(1.0, abs=0.01)
     for r in rows:
         assert 0.0 <= r["joint"] <= 1.0 and 0.0 <= r["mean_per_task"] <= 1.0
 
@@ -42,5 +46,6 @@ def test_files(tiny):
     with open(out / "partial.csv", newline="") as f:
         assert next(csv.reader(f)) == part.COLUMNS
     md = (out / "partial.md").read_text()
-    assert "### digits / mlp-tiny" in md and "| zipit | layers.0 |" in md and "| mudsc-zip | (whole model) |" in md
-    assert "| mudsc-zip+refit | layers.0 |" in md
+    assert "### digits / mlp-tiny" in md and "| zipit | merged up to layers.0 |" in md and "| mudsc-zip | whole model |" in md
+    assert "| mudsc-zip+refit | merged up to layers.0 |" in md and "| mudsc-zip | width 1.5 |" in md
+    assert "Frontier: at " in md and "of the ensemble's" in md

@@ -308,3 +308,30 @@ def test_a_width_checkpoint_survives_save_and_eval(tmp_path):
     bad = run("merge", tmp_path / "a.pt", tmp_path / "b.pt", *arch, "--data", "digits", "--width", "1.5", "--stop-at", "layers.0",
               "--out", tmp_path / "x.pt")
     assert bad.exit_code == 1 and "--width with --stop-at" in bad.output and not (tmp_path / "x.pt").exists()
+
+
+def test_a_groupnorm_without_weights_keeps_its_groups_at_one_models_width():
+    """No tensor says such a GroupNorm's channels, so its group count could not follow a widening."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8, affine=False), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(8, 3, 9, 9)
+    spec = analyze(net, (x[:2],))
+    twin = spec.apply_permutation(net, spec.random_permutation(1))
+    r, said = _caught(lambda: merge([net, twin], data=[x], width=1.5))
+    assert any("GroupNorm without affine" in s for s in said), said
+    with torch.no_grad():
+        _close(r.model(x), net(x))
+
+
+def test_eval_refuses_width_metadata_it_cannot_read(tmp_path):
+    from typer.testing import CliRunner
+
+    from mudsc_cli.app import app
+    from mudsc_graph.io.checkpoints import save_checkpoint
+
+    a = get_registry().architecture("mlp").build(hidden=(24, 16), bias=True).eval()
+    save_checkpoint(tmp_path / "m.safetensors", a.state_dict(), metadata={"widths": {"shapes": "wide"}})
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "m.safetensors"), "--arch", "mlp", "--arch-opt", "hidden=(24, 16)",
+                                 "--arch-opt", "bias=True", "--data", "digits"])
+    assert r.exit_code == 1 and "width metadata" in r.output and "Traceback" not in r.output, r.output

@@ -1,21 +1,26 @@
-"""Partial zip curves: joint accuracy and FLOPs against the layer where merging stops.
+"""The accuracy/FLOPs frontier: partial zip, width budgets and the refit against the ensemble.
 
 Run::
 
     python -m benchmarks.reproduce.partial [--quick] [--out DIR] [--splits N] [--archs mlp resnet20x1]
 
-ZipIt! (Stoica et al. 2023) shows that merging only the first layers (``stop_at``: each model
-keeps its own layers after the stop point, fed by its unmerged features) closes most of the gap
-to the ensemble at a fraction of its cost. For the reproduction's model pairs (disjoint 5+5 class
-splits of mnist5k, the same cached models as :mod:`accuracy`), ZipIt! and MuDSC-zip (alpha 0.5),
-each plain and with the least-squares refit, merge up to each stop point in turn, and the whole model; each row gives the test joint and
-per-task mean accuracy (each model's output through the shared class-embedding head, the
-separate-heads protocol) and the merged model's forward FLOPs relative to one base model
-(``torch.utils.flop_counter``; the ensemble is 2.0).
+How close to the ensemble can a merge get for the compute it costs? For the reproduction's model
+pairs (disjoint 5+5 class splits of mnist5k, the same cached models as :mod:`accuracy`), every
+configuration below gives a row with the test joint and per-task mean accuracy and the merged
+model's forward FLOPs relative to one base model (``torch.utils.flop_counter``; the ensemble is 2.0):
 
-Writes ``partial.csv``, ``partial.md`` and ``partial.png`` (joint accuracy against FLOPs, one
-line per method, the ensemble and the base models as references) into ``--out`` (default
-``benchmark-results/partial``).
+- every method's full merge (width 1, one model's FLOPs), plain and with the least-squares refit;
+- partial zip (ZipIt!, Stoica et al. 2023: merged up to a stop point, each model keeps its own
+  layers after it, fed by its unmerged features), ZipIt! and MuDSC-zip, plain and refit;
+- width budgets (:mod:`mudsc_graph.merging.widths`: the whole model merged wider than one model,
+  its least similar units left apart), ZipIt! and MuDSC-zip at each of :data:`WIDTHS`, plain and refit.
+
+Outputs through the shared class-embedding head (a partial zip's one per model: the separate-heads
+protocol). Alpha is 0.5 for the MuDSC rows. Writes ``partial.csv``, ``partial.md`` (per setting:
+every row by FLOPs, and the frontier's verdicts: whether the best width/refit configuration at or
+below each partial zip's FLOPs beats it, and the best at 1.5x FLOPs or less as a share of the
+ensemble) and ``partial.png`` (joint accuracy against FLOPs, one panel per setting) into
+``--out`` (default ``benchmark-results/partial``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import copy
 import csv
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,18 +43,26 @@ from benchmarks.reproduce.common import mean_std, model_pair, prepare_data, inpu
 from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
 from mudsc_graph.merging.api import prepare
 
+_RESNET_STOPS = ("layer1", "layer2.0", "layer2", "layer3.0", "layer3", None)
 #: stop points per architecture setting, in forward order (None: the whole model merged)
 STOPS: dict[str, tuple[str | None, ...]] = {
     "mlp": ("layers.0", "layers.1", "layers.2", "layers.3", None),
     "mlp-small": ("layers.0", "layers.1", None),
-    "resnet20x1": ("layer1", "layer2.0", "layer2", "layer3.0", "layer3", None),
+    "resnet20x1": _RESNET_STOPS, "resnet20x2": _RESNET_STOPS, "resnet20x4": _RESNET_STOPS, "resnet20gn": _RESNET_STOPS,
+    "vit_tiny": ("encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", None),
 }
-#: each curve: a method, plain or with a variant of :data:`accuracy.VARIANTS` (the least-squares refit)
+#: each curve (partial zip and width budgets): a method, plain or with a variant of :data:`accuracy.VARIANTS` (the refit)
 METHODS = ("zipit", "mudsc-zip", "zipit+refit", "mudsc-zip+refit")
+#: the other methods' full merges (width 1), plain and refit
+FULL_ONLY = ("weight_matching", "activation_matching", "mudsc-align", "weight_matching+refit", "activation_matching+refit",
+             "mudsc-align+refit")
+#: the width budgets of the curves (width 1 is the full merge, a stop point of None)
+WIDTHS = (1.25, 1.5, 2.0)
 ALPHA = 0.5
 #: The files :func:`run` writes into its output folder.
 OUTPUT_FILES = ("partial.csv", "partial.md", "partial.png", "partial_run.json")
-COLUMNS = ["dataset", "arch", "split", "method", "stop_at", "flops_ratio", "joint", "mean_per_task", "task_a", "task_b"]
+COLUMNS = ["dataset", "arch", "split", "method", "stop_at", "width", "flops_ratio", "joint", "mean_per_task", "task_a", "task_b"]
+WHOLE = "(whole model)"
 
 
 class _Heads(torch.nn.Module):
@@ -71,8 +85,9 @@ def flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def run_pair(dataset: str, arch: acc.ArchSetting, split: int, ds: acc.DataSetting, *, stops: Sequence[str | None],
-             methods: Sequence[str] = METHODS, cache_dir: Path | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every (method, stop point) row of one model pair, and the references (kind base/ensemble)."""
+             methods: Sequence[str] = METHODS, widths: Sequence[float] = WIDTHS, full_only: Sequence[str] = FULL_ONLY,
+             cache_dir: Path | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every configuration's row of one model pair, and the references (the base models, the ensemble)."""
     ds = arch.data or ds
     shape, _ = input_shape_for(dataset, arch)
     data = prepare_data(dataset, split, shape, ds)
@@ -85,34 +100,51 @@ def run_pair(dataset: str, arch: acc.ArchSetting, split: int, ds: acc.DataSettin
     base = {"dataset": dataset, "arch": arch.label, "split": split}
     rows = []
 
-    def add(method: str, stop: str | None, outputs: Any, ratio: float) -> None:
+    def add(method: str, stop: str | None, width: float, outputs: Any, ratio: float) -> None:
         heads = "separate" if isinstance(outputs, tuple) else "shared"
         m = task_metrics(outputs, None, y, tasks, heads=heads, head_classes="class_id" if heads == "separate" else None)
-        rows.append({**base, "method": method, "stop_at": stop or "(whole model)", "flops_ratio": ratio,
+        rows.append({**base, "method": method, "stop_at": stop or WHOLE, "width": width, "flops_ratio": ratio,
                      "joint": m.joint, "mean_per_task": m.mean_per_task, "task_a": m.per_task[0], "task_b": m.per_task[1]})
 
     for i, m in enumerate(models):
-        add(f"model {'AB'[i]}", None, predict_logits(m, x), 1.0)
-    add("ensemble", None, ensemble_logits(models, x, classes=tasks), 2.0)
+        add(f"model {'AB'[i]}", None, 1.0, predict_logits(m, x), 1.0)
+    add("ensemble", None, 2.0, ensemble_logits(models, x, classes=tasks), 2.0)
     prepared = prepare([m.backbone for m in models], data=data.calib_batches)
-    for name in methods:
+
+    def merged(name: str, stop: str | None = None, width: float = 1.0) -> None:
         base_name, plus, variant = name.partition("+")
         method, mode = acc.parse_method(base_name)
         extras = acc.VARIANTS[plus + variant] if plus else {}
+        with warnings.catch_warnings():  # groups a width cannot reach (a ViT's heads) are said once per run, not per merge
+            warnings.simplefilter("ignore")
+            result = prepared.merge(method=method, mode=mode, alpha=ALPHA, seed=split, stop_at=stop, width=width, **extras)
+        model = _Heads(result.model, copy.deepcopy(models[0].head)).eval()
+        add(name, stop, width, predict_logits(model, x), flops(model, probe) / one)
+
+    for name in methods:
         for stop in stops:
-            result = prepared.merge(method=method, mode=mode, alpha=ALPHA, seed=split, stop_at=stop, **extras)
-            model = _Heads(result.model, copy.deepcopy(models[0].head)).eval()
-            add(name, stop, predict_logits(model, x), flops(model, probe) / one)
+            merged(name, stop)
+        for width in widths:
+            merged(name, None, width)
+    for name in full_only:
+        merged(name)
     return rows
 
 
+def _how(s: dict[str, Any]) -> str:
+    """What a row's merge is: a stop point, a width, or the whole model at one model's width."""
+    if s["stop_at"] != WHOLE:
+        return f"merged up to {s['stop_at']}"
+    return f"width {s['width']:g}" if s["width"] != 1.0 else "whole model"
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over splits per (dataset, arch, method, stop point), in row order."""
-    keys = list(dict.fromkeys((r["dataset"], r["arch"], r["method"], r["stop_at"]) for r in rows))
+    """Mean and std over splits per (dataset, arch, method, stop point, width), in row order."""
+    key = lambda r: (r["dataset"], r["arch"], r["method"], r["stop_at"], r["width"])  # noqa: E731
     out = []
-    for k in keys:
-        group = [r for r in rows if (r["dataset"], r["arch"], r["method"], r["stop_at"]) == k]
-        s = dict(zip(("dataset", "arch", "method", "stop_at"), k))
+    for k in dict.fromkeys(key(r) for r in rows):
+        group = [r for r in rows if key(r) == k]
+        s = dict(zip(("dataset", "arch", "method", "stop_at", "width"), k))
         s["n_splits"] = len(group)
         s["flops_ratio"] = mean_std([r["flops_ratio"] for r in group])[0]
         for metric in ("joint", "mean_per_task"):
@@ -121,14 +153,53 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def is_reference(s: dict[str, Any]) -> bool:
+    return s["method"] == "ensemble" or s["method"].startswith("model ")
+
+
+def verdicts(group: Sequence[dict[str, Any]], slack: float = 0.02) -> dict[str, Any]:
+    """The frontier of one setting: for each partial zip (its FLOPs f), the best width-budget or
+    refit configuration of the whole model at FLOPs <= f + ``slack`` against the best partial zip at
+    FLOPs <= f (plain and refit); and the best merge at 1.5x FLOPs or less as a share of the ensemble."""
+    merges = [s for s in group if not is_reference(s)]
+    partial = [s for s in merges if s["stop_at"] != WHOLE and "+" not in s["method"]]
+    whole = [s for s in merges if s["stop_at"] == WHOLE and (s["width"] != 1.0 or "+refit" in s["method"])]
+    ensemble = next(s["joint_mean"] for s in group if s["method"] == "ensemble")
+    levels = []
+    for f in sorted({round(s["flops_ratio"], 2) for s in partial}, reverse=True):
+        best_whole = max((s for s in whole if s["flops_ratio"] <= f + slack), key=lambda s: s["joint_mean"], default=None)
+        best_partial = max((s for s in partial if s["flops_ratio"] <= f + slack), key=lambda s: s["joint_mean"])
+        levels.append({"flops": f, "partial": best_partial, "whole": best_whole,
+                       "ahead": best_whole is not None and best_whole["joint_mean"] >= best_partial["joint_mean"]})
+    cheap = max((s for s in merges if s["flops_ratio"] <= 1.5 + slack), key=lambda s: s["joint_mean"], default=None)
+    return {"levels": levels, "best_at_1_5": cheap, "ensemble": ensemble,
+            "share_at_1_5": cheap["joint_mean"] / ensemble if cheap is not None and ensemble > 0 else None}
+
+
+def _label(s: dict[str, Any]) -> str:
+    return f"{s['method']} ({_how(s)}, {s['flops_ratio']:.2f}x)"
+
+
 def markdown(summary: Sequence[dict[str, Any]], header: str = "") -> str:
     lines = [header] if header else []
     for ds, arch in dict.fromkeys((s["dataset"], s["arch"]) for s in summary):
         group = [s for s in summary if (s["dataset"], s["arch"]) == (ds, arch)]
-        lines += [f"### {ds} / {arch} ({group[0]['n_splits']} split(s))", "",
-                  "| method | merged up to | FLOPs / one model | joint | per-task mean |", "|---|---|---|---|---|"]
-        for s in group:
-            lines.append(f"| {s['method']} | {s['stop_at'] if s['method'] in METHODS else '–'} | {s['flops_ratio']:.2f} | "
+        v = verdicts(group)
+        lines += [f"### {ds} / {arch} ({group[0]['n_splits']} split(s))", ""]
+        ahead = sum(lv["ahead"] for lv in v["levels"])
+        lines += [f"Frontier: at {ahead} of {len(v['levels'])} partial-zip FLOPs levels the best width-budget or refit merge of "
+                  "the whole model, at no more FLOPs, is at least as accurate (joint) as the best partial zip."]
+        if v["best_at_1_5"] is not None:
+            lines += [f"Best at 1.5x FLOPs or less: {_label(v['best_at_1_5'])}, {100 * v['best_at_1_5']['joint_mean']:.1f} % joint = "
+                      f"{100 * v['share_at_1_5']:.0f} % of the ensemble's {100 * v['ensemble']:.1f} %."]
+        lines += ["", "| FLOPs level | best partial zip | best width / refit | |", "|---|---|---|---|"]
+        for lv in v["levels"]:
+            w = lv["whole"]
+            lines.append(f"| {lv['flops']:.2f} | {_label(lv['partial'])}: {100 * lv['partial']['joint_mean']:.1f} | "
+                         + (f"{_label(w)}: {100 * w['joint_mean']:.1f} | {'≥' if lv['ahead'] else '<'} |" if w else "– | |"))
+        lines += ["", "| method | merge | FLOPs / one model | joint | per-task mean |", "|---|---|---|---|---|"]
+        for s in sorted(group, key=lambda s: (s["flops_ratio"], -s["joint_mean"])):
+            lines.append(f"| {s['method']} | {'–' if is_reference(s) else _how(s)} | {s['flops_ratio']:.2f} | "
                          f"{100 * s['joint_mean']:.1f} ± {100 * s['joint_std']:.1f} | "
                          f"{100 * s['mean_per_task_mean']:.1f} ± {100 * s['mean_per_task_std']:.1f} |")
         lines.append("")
@@ -136,27 +207,37 @@ def markdown(summary: Sequence[dict[str, Any]], header: str = "") -> str:
 
 
 def plot(summary: Sequence[dict[str, Any]], path: Path) -> None:
-    """Joint accuracy against FLOPs, one panel per (dataset, arch)."""
+    """Joint accuracy against FLOPs, one panel per (dataset, arch): partial-zip and width curves per
+    method (refit dashed), the other methods' full merges as points, the references as stars/crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((s["dataset"], s["arch"]) for s in summary))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (ds, arch) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows_ = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.5 * cols, 4.2 * rows_), squeeze=False)
+    for ax, (ds, arch) in zip(axes.flat, panels):
         group = [s for s in summary if (s["dataset"], s["arch"]) == (ds, arch)]
-        for method in METHODS:
-            pts = sorted((s["flops_ratio"], 100 * s["joint_mean"]) for s in group if s["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+        for k, method in enumerate(METHODS):
+            style = dict(color=f"C{k % 2}", linestyle="--" if "+" in method else "-")
+            for kind, marker, pick in (("partial", "o", lambda s: s["stop_at"] != WHOLE or s["width"] == 1.0),
+                                       ("width", "s", lambda s: s["stop_at"] == WHOLE)):
+                pts = sorted((s["flops_ratio"], 100 * s["joint_mean"]) for s in group if s["method"] == method and pick(s))
+                if pts:
+                    ax.plot(*zip(*pts), marker=marker, label=f"{method} {kind}", **style)
         for s in group:
-            if s["method"] not in METHODS:
+            if is_reference(s):
                 ax.scatter([s["flops_ratio"]], [100 * s["joint_mean"]], marker="*" if s["method"] == "ensemble" else "x", s=80,
-                           label=s["method"], zorder=3)
+                           label=s["method"], zorder=3, color="k" if s["method"] == "ensemble" else "grey")
+            elif s["method"] in FULL_ONLY:
+                ax.scatter([s["flops_ratio"]], [100 * s["joint_mean"]], marker="^", s=30, label=s["method"], zorder=3)
         ax.set(title=f"{ds} / {arch}", xlabel="FLOPs / one model", ylabel="joint accuracy %")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -181,8 +262,8 @@ def run(*, datasets: Sequence[str], archs: Sequence[acc.ArchSetting], splits: in
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    header = (f"<!-- generated by `{command}`; test accuracies in %, mean ± sample std over splits; "
-              f"ZipIt! and MuDSC-zip (alpha {ALPHA}) merged up to each stop point -->\n")
+    header = (f"<!-- generated by `{command}`; test accuracies in %, mean ± sample std over splits; every method's full merge, "
+              f"ZipIt! and MuDSC-zip (alpha {ALPHA}) merged up to each stop point and at each width budget, plain and refit -->\n")
     (out / "partial.md").write_text(markdown(summary, header))
     plot(summary, out / "partial.png")
     total = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """Width budgets: a merged group wider than one model's (``merge(..., width=1.5)``).
 
-A group of ``O`` units merged at width ``w`` has ``O + round((w - 1) * O)`` merged units (whole
-blocks for heads and GroupNorm groups: ``G + round((w - 1) * G)`` blocks), between ``O`` (today's
+A group of ``O`` units merged at width ``w`` has ``O + round((w - 1) * O)`` merged units (rounded
+half up; whole blocks for heads and GroupNorm groups: ``G + round((w - 1) * G)`` blocks), between ``O`` (today's
 merge, width 1) and ``N * O`` (every unit of every model kept: the ensemble's units). The matcher
 leaves the least similar units unmerged (zip stops fusing early; align detaches its weakest pairs).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from typing import Any, Mapping
 
 import torch
@@ -45,9 +46,8 @@ def check_width(width: Any, n_models: int | None = None) -> None:
     top = n_models if n_models is not None else float("inf")
     for w in values:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 1.0 <= w <= top:
-            most = f" and {n_models} (the number of models)" if n_models is not None else ""
-            raise MergeError(f"width must be a number between 1 (one model's width){most or ' and N (the number of models)'}, "
-                             f"got {w!r}")
+            raise MergeError(f"width must be a number between 1 (one model's width) and {n_models or 'N'} (the number of "
+                             f"models: every unit kept), got {w!r}")
 
 
 def _produced(spec: MergeSpec, gid: int) -> list[str]:
@@ -114,7 +114,7 @@ def target_units(spec: MergeSpec, gids: list[int], width: Any, n_models: int) ->
         coupling = [gid, *(c for c in group.coupled if c in wanted)]
         w = max(_width_of(spec, g, width) for g in coupling)
         count, each = (group.blocks, group.block_size) if group.blocks > 1 else (group.size, 1)  # whole blocks, or units
-        more = min(round((w - 1.0) * count), (n_models - 1) * count)
+        more = min(math.floor((w - 1.0) * count + 0.5), (n_models - 1) * count)  # rounded half up
         if more > 0:
             out[gid] = each * (count + more)
     return out
@@ -170,18 +170,18 @@ def resize_module(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], heads
         parts = path.split(".") if path else []
         for k in range(len(parts), -1, -1):  # the module and its parents, nearest first
             module = modules.get(".".join(parts[:k]))
-            hit = [a for a in HEAD_ATTRIBUTES if _is_int(getattr(module, a, None), old)]
+            hit = [a for a in HEAD_ATTRIBUTES if _is_int(getattr(module, a, None)) and getattr(module, a) == old]
             for a in hit:
                 setattr(module, a, new)
             if hit:
                 for a in HEADS_WIDTH_ATTRIBUTES:
-                    if _is_int(getattr(module, a, None), old * each):
+                    if _is_int(getattr(module, a, None)) and getattr(module, a) == old * each:
                         setattr(module, a, new * each)
                 break
 
 
-def _is_int(value: Any, wanted: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value == wanted
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fit_attributes(m: nn.Module) -> None:
@@ -240,8 +240,8 @@ def rebuild(model: nn.Module, info: Any, source: str = "checkpoint") -> nn.Modul
     so a width-budget checkpoint loads into it; ``ValueError`` for metadata that is not of that form."""
     shapes, heads = (info.get("shapes"), info.get("heads", {})) if isinstance(info, Mapping) else (None, None)
     ok = isinstance(shapes, Mapping) and isinstance(heads, Mapping)
-    ok = ok and all(isinstance(v, (list, tuple)) and all(_is_int(d, d) and d >= 0 for d in v) for v in shapes.values())
-    ok = ok and all(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(d, d) and d > 0 for d in v) for v in heads.values())
+    ok = ok and all(isinstance(v, (list, tuple)) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values())
+    ok = ok and all(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(d) and d > 0 for d in v) for v in heads.values())
     if not ok:
         raise ValueError(f"{source}: its width metadata is not of the form mudsc merge writes; write the merge again")
     resize_module(model, {k: tuple(v) for k, v in shapes.items()}, {k: tuple(v) for k, v in heads.items()})
@@ -283,6 +283,9 @@ def expressible(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], exa
     model's width (``{gid: reason}``). Checked on the meta device: the coupled groups of one
     attention layer are tried together, then all that passed together."""
     rigid = rigid_groups(spec)
+    if any(isinstance(m, nn.GroupNorm) and not m.affine for m in model.modules()):  # no tensor says its channels
+        rigid.update({g: "a GroupNorm without affine weights may read it, and its group count cannot be followed"
+                      for g in units if spec.groups[g].blocks > 1})
     refused = {g: rigid[g] for g in units if g in rigid}
     todo = {g: u for g, u in units.items() if g not in refused}
     if not todo:
