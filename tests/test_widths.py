@@ -335,3 +335,20 @@ def test_eval_refuses_width_metadata_it_cannot_read(tmp_path):
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "m.safetensors"), "--arch", "mlp", "--arch-opt", "hidden=(24, 16)",
                                  "--arch-opt", "bias=True", "--data", "digits"])
     assert r.exit_code == 1 and "width metadata" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "resnet20_gn", "vgg11_bn", "mixer_tiny", "timm_vit_tiny"])
+def test_net2net_copies_compute_the_same_function(name):
+    """The oracle generator of heterogeneous merges: a wider copy (units duplicated, consumers split)."""
+    from mudsc_graph.merging.widths import expressible, net2net, target_units
+
+    arch, a = _model(name)
+    x = _data(arch, 1, seed=9)[0]
+    spec = analyze(a, (x[:2],))
+    gids = [g.id for g in spec.free_groups() if not any("norm" in n for n, _ in g.members)]  # what no LayerNorm reads
+    units, _ = expressible(a, spec, target_units(spec, gids, 1.5, 2), (x[:2],))
+    assert units
+    wide = net2net(a, spec, units, seed=3)
+    assert sum(p.numel() for p in wide.parameters()) > sum(p.numel() for p in a.parameters())
+    with torch.no_grad():
+        _close(wide(x), a(x))

@@ -9,7 +9,7 @@ Run::
 Six parts, in order: the figures (:mod:`figures`: dual-space scatter, loss-landscape plane),
 speed and scale (:mod:`scale`, each configuration in its own process), the accuracy grid
 (:mod:`accuracy`, pairs in ``--jobs`` worker processes, every method also with REPAIR), partial
-zip curves (:mod:`partial`), N models on disjoint tasks (:mod:`n_models`) and text classifiers
+zip, width-budget and refit frontier (:mod:`partial`), N models on disjoint tasks (:mod:`n_models`) and text classifiers
 (:mod:`text`, one pair also merged through the command line). Then ``results.md`` is written:
 the paper's two orderings checked split by split (MuDSC-zip vs ZipIt!, MuDSC-align vs activation
 matching), what REPAIR does to every method, the accuracy tables, the partial zip curves, the
@@ -272,11 +272,13 @@ def _results_md(args: argparse.Namespace, out: Path, res_dir: Path, command: str
                   (res_dir / "accuracy.md").read_text()]
     else:
         parts += ["## Accuracy", "", "Left out of this run (`--skip accuracy`).", ""]
-    parts += ["## Partial zip", ""]
+    parts += ["## The accuracy/FLOPs frontier: partial zip, width budgets, refit", ""]
     if "partial" not in args.skip:
-        parts += ["ZipIt! and MuDSC-zip merged only up to a stop layer (each model keeps its own layers after it): joint "
-                  "accuracy against the merged model's FLOPs (one base model = 1, the ensemble = 2).", "",
-                  "![partial zip](results/partial.png)", "", (res_dir / "partial.md").read_text()]
+        parts += ["Every method's full merge; ZipIt! and MuDSC-zip merged only up to a stop layer (each model keeps its own "
+                  "layers after it) and merged whole at width budgets 1.25-2 (the least similar units left apart); each "
+                  "plain and with the least-squares refit: joint accuracy against the merged model's FLOPs (one base model = 1, "
+                  "the ensemble = 2).", "",
+                  "![the frontier](results/partial.png)", "", (res_dir / "partial.md").read_text()]
     else:
         parts += ["Left out of this run (`--skip partial`).", ""]
     parts += ["## N models on disjoint tasks", ""]

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import MergeError
 from ..spec.axes import GroupedIn, group_ids, match, size
 from ..spec.merge_spec import MergeSpec
+from .weights import apply_along
 
 #: Attributes that hold an attention layer's number of heads (torch, timm, Hugging Face, ours).
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_key_value_heads", "num_kv_heads",
@@ -248,6 +249,47 @@ def rebuild(model: nn.Module, info: Any, source: str = "checkpoint") -> nn.Modul
     return model
 
 
+def net2net(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], seed: int = 0) -> nn.Module:
+    """A wider copy of ``model`` that computes the same function (Net2Net, Chen et al. 2016): each
+    group in ``units`` gets that many units, its first ones the model's own in order, the others
+    copies of units drawn at random (``seed``; heads and GroupNorm groups as whole blocks). A copied
+    unit's producers (weight rows, biases, norm affines and statistics) are duplicated and its
+    consumers' weights (``spec.consumed`` axes) split evenly among its copies. Exact wherever no
+    layer normalises over the widened axis as a whole (a LayerNorm over a residual stream sees its
+    copies twice); groups ``expressible`` refuses cannot be widened at all."""
+    gen = torch.Generator().manual_seed(seed)
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for gid, new in units.items():
+        group = spec.groups[gid]
+        each = group.block_size if group.blocks > 1 else 1
+        old_blocks, new_blocks = group.size // each, new // each
+        if new % each or new_blocks < old_blocks:
+            raise MergeError(f"net2net: group {gid} has {group.size} units in blocks of {each}; {new} is not a wider whole number of blocks")
+        src = torch.cat([torch.arange(old_blocks), torch.randint(old_blocks, (new_blocks - old_blocks,), generator=gen)])
+        src = (src[:, None] * each + torch.arange(each)).reshape(-1)  # units
+        dup = torch.zeros(new, group.size)
+        dup[torch.arange(new), src] = 1.0
+        maps[gid] = (dup, dup / dup.sum(0, keepdim=True))  # (copies, consumers' split shares)
+    sizes = {g.id: g.size for g in spec.groups}
+    wide = copy.deepcopy(model)
+    state = {k: v for k, v in model.state_dict().items()}
+    widened(wide, spec, units)
+    out = {}
+    for name, t in state.items():
+        exprs = spec.axes.get(name)
+        if exprs is None or not torch.is_floating_point(t) or not any(g in units for e in exprs for g in group_ids(e)):
+            out[name] = t
+            continue
+        consumed = set(spec.consumed.get(name, ()))
+        x = t.double()
+        for a, e in enumerate(exprs):
+            pick = 1 if a in consumed else 0
+            x = apply_along(x, a, e, lambda g, pick=pick: maps[g][pick].double() if g in maps else None, sizes)
+        out[name] = x.to(t.dtype)
+    wide.load_state_dict(out)
+    return wide
+
+
 # -- what the model's code can take -------------------------------------------------------------------
 def on_meta(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose tensors are on the meta device (no memory is copied)."""
@@ -404,5 +446,5 @@ def describe(spec: MergeSpec, units: Mapping[int, int]) -> str:
     return ", ".join(f"{a} -> {b}" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
 
 
-__all__ = ["check_width", "describe", "expressible", "head_changes", "merged_shapes", "rebuild", "resize_module", "target_units", "widened",
+__all__ = ["check_width", "describe", "expressible", "head_changes", "merged_shapes", "net2net", "rebuild", "resize_module", "target_units", "widened",
            "widened_config"]
