@@ -23,7 +23,7 @@ def mudsc_matching_strategies() -> list[MatchingStrategy]:
                          thread_safe=True, supports_width=True),
         MatchingStrategy("zip", match_zip,
                          description="ZipIt!: greedily fuse the most similar units, within a model too.",
-                         thread_safe=True, supports_width=True, parameters=(
+                         thread_safe=True, supports_width=True, unequal_widths=True, parameters=(
                              MatcherParameter("a", 0.5, "how fast a unit's similarity decays as it absorbs others (ZipIt!'s alpha)", minimum=0.0),
                              MatcherParameter("b", 1.0, "the share of a model's units that may be fused within that model (ZipIt!'s beta)",
                                               minimum=0.0),

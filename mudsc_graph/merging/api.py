@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ from .calibration import Calibration
 from .distributed import reduce_batchnorm, together
 from .statistics import Correlations, activation_correlations
 from .weights import merge_state_dicts
-from .widths import describe, expressible, target_units, widened, widened_config
+from .hetero import Padding, pad, sizes_differ
+from .widths import _width_of, describe, expressible, target_units, widened, widened_config
 
 
 @dataclass
@@ -79,7 +81,8 @@ class MergeResult:
 
 
 def check_models(models: list[nn.Module]) -> None:
-    """Same architecture (keys and shapes), finite weights: else one clear error."""
+    """Same architecture (keys, and shapes up to sizes: :mod:`.hetero` merges models of different
+    widths), finite weights: else one clear error."""
     if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
         raise MergeError(f"pass the models as a list (merge([model_a, model_b], ...)), got {type(models).__name__}")
     if len(models) < 2:
@@ -97,20 +100,23 @@ def check_models(models: list[nn.Module]) -> None:
         graph_modules = isinstance(m, torch.fx.GraphModule) and isinstance(models[0], torch.fx.GraphModule)
         if type(m) is not type(models[0]) and not graph_modules:
             raise MergeError(f"model {i} is a {type(m).__name__} but model 0 is a {type(models[0]).__name__}: models must share one architecture")
-        differ = config_differences(getattr(models[0], "config", None), getattr(m, "config", None))
-        if differ:
-            key, a, b = differ[0]
-            raise MergeError(f"model {i}'s config differs from model 0's: {key} is {b!r}, not {a!r}; models computed differently "
-                             "cannot be merged as one architecture")
         sd = m.state_dict()
         missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
         if missing or extra:
             raise MergeError(
-                f"model {i} does not have model 0's architecture: missing {missing[:3]}, unexpected {extra[:3]}"
+                f"model {i} does not have model 0's architecture: missing {missing[:3]}, unexpected {extra[:3]} (models of "
+                "different depths cannot be merged yet)"
             )
         for k, t in ref.items():
-            if tuple(sd[k].shape) != tuple(t.shape):
+            if sd[k].dim() != t.dim():
                 raise MergeError(f"model {i} has {k} of shape {tuple(sd[k].shape)} but model 0 has {tuple(t.shape)}")
+        resized = any(tuple(sd[k].shape) != tuple(t.shape) for k, t in ref.items())
+        differ = config_differences(getattr(models[0], "config", None), getattr(m, "config", None))
+        sizes = [d for d in differ if all(isinstance(v, int) and not isinstance(v, bool) for v in d[1:])]
+        if differ and not (resized and len(sizes) == len(differ)):  # a size may differ with the tensors' shapes
+            key, a, b = differ[0]
+            raise MergeError(f"model {i}'s config differs from model 0's: {key} is {b!r}, not {a!r}; models computed differently "
+                             "cannot be merged as one architecture")
     for i, m in enumerate(models):
         for k, t in m.state_dict().items():
             if torch.is_floating_point(t) and not torch.isfinite(t).all():
@@ -265,6 +271,11 @@ class PreparedMerge:
             example_inputs = take_rows(next(whole.inputs())[1], 2)  # tracing needs only shapes
         self.example_inputs = to_device(as_inputs(example_inputs), dev)
         self._expressible: dict[tuple, tuple[dict[int, int], dict[int, str]]] = {}
+        self.padding: Padding | None = None
+        if sizes_differ(self.models):  # models of different widths: each padded to the widest (hetero.py)
+            self.padding = pad(self.models, lambda m: analyze_full(m, self.example_inputs, registry=self.registry,
+                                                                   tracer=opts.tracer).spec)
+            self.models = self.padding.models
         return self.example_inputs
 
     def _analyse(self, example_inputs: Any) -> None:
@@ -375,6 +386,12 @@ class PreparedMerge:
         model's code can run with (the others stay at one model's width, with a warning)."""
         n = len(self.models)
         units = target_units(self.spec, gids, opts.width, n)
+        if self.padding is not None:  # zip narrows to model 0's own width (times the width asked), align keeps the widest
+            for gid in set(gids) & set(self.padding.copies):
+                own = self.padding.units(gid)
+                want = min(math.floor(_width_of(self.spec, gid, opts.width) * own[0] + 0.5), sum(own))
+                units[gid] = want if resolved.matcher.unequal_widths else max(want, self.spec.groups[gid].size)
+            units = {g: u for g, u in units.items() if u != self.spec.groups[g].size}
         if not units:
             return {}
         if not resolved.matcher.supports_width:
@@ -454,6 +471,7 @@ class PreparedMerge:
         solver = DualSpaceSolver(
             spec, self.states, gids, matcher, act=act, alpha=alpha, options=resolved.matcher_options, reporter=self.reporter,
             threads=torch.get_num_threads() if matcher.thread_safe else 1, widths=units,
+            copies=self.padding.copies if self.padding is not None and matcher.unequal_widths else None,
         )
         return solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
 

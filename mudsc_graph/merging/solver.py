@@ -92,12 +92,14 @@ class DualSpaceSolver:
         reporter: Reporter | None = None,
         threads: int = 1,
         widths: Mapping[int, int] | None = None,
+        copies: Mapping[int, list] | None = None,
     ) -> None:
         """``matcher``: the strategy record (its ``match``, whether it reads within-model blocks,
         needs covariances); ``act``: the activation statistics (a plain ``{group id: correlation}`` is
         read as :class:`Correlations` without scales); ``options``: its parameters' values
         (:meth:`MatchingStrategy.options`); ``widths``: ``{group id: merged units}`` of the groups
-        merged wider than one model (a width budget; passed to ``match`` as ``merged=``)."""
+        merged wider than one model (a width budget; passed to ``match`` as ``merged=``); ``copies``:
+        per group of models of different widths, which stacked units are copies (``match(copies=)``)."""
         if act is not None and not isinstance(act, ActivationStatistics):
             act = Correlations(act)
         self.act: ActivationStatistics | None = act
@@ -118,6 +120,7 @@ class DualSpaceSolver:
         self._dims: dict[int, int] = {}  # group -> feature columns per model, of its last build
         self.workers = max(1, threads)  # assignments solved side by side (see _solve)
         self.widths = dict(widths or {})
+        self.copies = dict(copies or {})
 
     # -- similarities ----------------------------------------------------------------------------
     def _row_key(self, gid: int, i: int, matchings: Mapping[int, Any]) -> tuple:
@@ -212,8 +215,10 @@ class DualSpaceSolver:
     def _match_unit(self, unit: tuple[int, ...], sims: list[torch.Tensor]) -> list[Any]:
         blocks = self.spec.groups[unit[0]].blocks
         extra: dict[str, Any] = {}
-        if any(g in self.widths for g in unit):
+        if any(g in self.widths or g in self.copies for g in unit):
             extra["merged"] = [self.widths.get(g, self.spec.groups[g].size) for g in unit]
+        if any(g in self.copies for g in unit):
+            extra["copies"] = [self.copies.get(g) for g in unit]
         if self.covariances:  # built per call, not kept (as the similarities)
             extra["covariances"] = [self.covariance(g) for g in unit]
         return self.match(sims, self.n, blocks, **extra, **self.options)

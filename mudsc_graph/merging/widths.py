@@ -249,15 +249,16 @@ def rebuild(model: nn.Module, info: Any, source: str = "checkpoint") -> nn.Modul
     return model
 
 
-def net2net(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], seed: int = 0) -> nn.Module:
+def net2net(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], seed: int | None = None) -> nn.Module:
     """A wider copy of ``model`` that computes the same function (Net2Net, Chen et al. 2016): each
     group in ``units`` gets that many units, its first ones the model's own in order, the others
-    copies of units drawn at random (``seed``; heads and GroupNorm groups as whole blocks). A copied
+    copies of its units in turn (``seed``: drawn at random; heads and GroupNorm groups as whole blocks). A copied
     unit's producers (weight rows, biases, norm affines and statistics) are duplicated and its
     consumers' weights (``spec.consumed`` axes) split evenly among its copies. Exact wherever no
     layer normalises over the widened axis as a whole (a LayerNorm over a residual stream sees its
-    copies twice); groups ``expressible`` refuses cannot be widened at all."""
-    gen = torch.Generator().manual_seed(seed)
+    copies twice); groups ``expressible`` refuses cannot be widened at all. A Hugging Face model's
+    config says the new sizes (``MergeError`` where none can)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
     maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for gid, new in units.items():
         group = spec.groups[gid]
@@ -265,7 +266,9 @@ def net2net(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], seed: i
         old_blocks, new_blocks = group.size // each, new // each
         if new % each or new_blocks < old_blocks:
             raise MergeError(f"net2net: group {gid} has {group.size} units in blocks of {each}; {new} is not a wider whole number of blocks")
-        src = torch.cat([torch.arange(old_blocks), torch.randint(old_blocks, (new_blocks - old_blocks,), generator=gen)])
+        extra = (torch.randint(old_blocks, (new_blocks - old_blocks,), generator=gen) if gen is not None
+                 else torch.arange(new_blocks - old_blocks) % old_blocks)
+        src = torch.cat([torch.arange(old_blocks), extra])
         src = (src[:, None] * each + torch.arange(each)).reshape(-1)  # units
         dup = torch.zeros(new, group.size)
         dup[torch.arange(new), src] = 1.0
@@ -286,6 +289,11 @@ def net2net(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], seed: i
             pick = 1 if a in consumed else 0
             x = apply_along(x, a, e, lambda g, pick=pick: maps[g][pick].double() if g in maps else None, sizes)
         out[name] = x.to(t.dtype)
+    if hasattr(getattr(wide, "config", None), "to_dict"):
+        config = widened_config(model, {k: tuple(v.shape) for k, v in out.items()})
+        if config is None:
+            raise MergeError(f"net2net: {type(model.config).__name__} cannot say the sizes {describe(spec, units)}")
+        wide.config = config
     wide.load_state_dict(out)
     return wide
 

@@ -210,6 +210,11 @@ class MatchingStrategy:
     """True when ``match`` takes ``merged=[units, ...]`` (one per similarity, each between the units
     of one model and of all N): a width budget, the merged group wider than one model. A merge with
     ``width > 1`` refuses a matcher without it."""
+    unequal_widths: bool = False
+    """True when ``match`` also takes ``copies=[[src or None per model] per similarity]`` (models of
+    different widths padded to one with copies of their own units: ``src[k]`` is the own unit that
+    stacked unit k of that model is) and ``merged=`` narrower than the padding; without it, a group
+    whose models differ in width is merged at the widest model's width."""
     parameters: tuple[MatcherParameter, ...] = ()
     """What ``match`` takes besides the similarities (:class:`MatcherParameter`): each is passed as a
     keyword, its default when the user gives none."""

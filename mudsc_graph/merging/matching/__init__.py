@@ -55,14 +55,19 @@ class Matching:
         self.score, self.n_models = score, n_models
 
     @classmethod
-    def from_labels(cls, labels: torch.Tensor, n_models: int, merged_units: int, score: float) -> "Matching":
-        """The matching in which stacked unit u belongs to merged unit ``labels[u]`` (cluster average)."""
+    def from_labels(cls, labels: torch.Tensor, n_models: int, merged_units: int, score: float,
+                    share: torch.Tensor | None = None) -> "Matching":
+        """The matching in which stacked unit u belongs to merged unit ``labels[u]`` (cluster
+        average; ``share``: each stacked unit's weight in its merged unit instead, summing to 1 per
+        merged unit, e.g. a unit and its Net2Net copies counted as one)."""
         m = cls.__new__(cls)
         m._merge = m._unmerge = None
         m.labels, m._merged_units = labels.long(), int(merged_units)
         m.score, m.n_models = float(score), int(n_models)
-        counts = torch.bincount(m.labels, minlength=m._merged_units).float()
-        m._share = (1.0 / counts.clamp_min(1.0))[m.labels]  # merge weight of every stacked unit
+        if share is None:
+            counts = torch.bincount(m.labels, minlength=m._merged_units).float()
+            share = (1.0 / counts.clamp_min(1.0))[m.labels]
+        m._share = share.float()  # merge weight of every stacked unit
         return m
 
     def __repr__(self) -> str:
@@ -156,13 +161,15 @@ class Matching:
 
     def to(self, device: Any) -> "Matching":
         if self.labels is not None:
-            return Matching.from_labels(self.labels.to(device), self.n_models, self.merged_units, self.score)
+            return Matching.from_labels(self.labels.to(device), self.n_models, self.merged_units, self.score, self._share.to(device))
         return Matching(self._merge.to(device), self._unmerge.to(device), self.score, self.n_models)
 
 
-def matching_from_labels(labels: torch.Tensor, n_models: int, merged_units: int, score: float) -> Matching:
-    """The matching in which stacked unit u belongs to merged unit ``labels[u]`` (cluster average)."""
-    return Matching.from_labels(labels, n_models, merged_units, score)
+def matching_from_labels(labels: torch.Tensor, n_models: int, merged_units: int, score: float,
+                         share: torch.Tensor | None = None) -> Matching:
+    """The matching in which stacked unit u belongs to merged unit ``labels[u]`` (cluster average,
+    or each unit's ``share``)."""
+    return Matching.from_labels(labels, n_models, merged_units, score, share)
 
 
 def identity_matching(units: int, n_models: int, device: Any = None) -> Matching:
@@ -264,22 +271,33 @@ def match_align(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *,
 
 
 def match_zip(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *, a: float = 0.5, b: float = 1.0,
-              merged: Sequence[int] | None = None, **options: Any) -> list[Matching]:
+              merged: Sequence[int] | None = None, copies: Sequence[Sequence[torch.Tensor | None]] | None = None,
+              **options: Any) -> list[Matching]:
     """The ``zip`` strategy (ZipIt!): greedy pair fusion with within-model fusions allowed up to a
     budget ``floor((to_remove // N) * b)`` per model; fused similarities become ``a * min``. With
     ``blocks > 1`` blocks are paired as in group align and zipped within each paired set.
     ``merged`` (a width budget, per similarity): the fusion stops at that many merged units (whole
-    blocks: the weakest block pairings are left unmerged)."""
+    blocks: the weakest block pairings are left unmerged). ``copies`` (models of different widths,
+    padded to one): per similarity, per model, ``None`` or which of the model's own units each of its
+    stacked units is (:func:`~.zipit.zip_labels`); ``merged`` may then be narrower than the padding."""
     _check_options("zip", options, ())
     if not (math.isfinite(a) and a >= 0) or not (math.isfinite(b) and b >= 0):
         raise ValueError(f"zip options a and b must be finite and >= 0, got a={a!r}, b={b!r}")
     units = validate_sims(sims, n_models, blocks)
+    copies = list(copies) if copies is not None else [None] * len(sims)
+    if any(c is not None and any(x is not None for x in c) for c in copies):
+        if blocks > 1:
+            raise ValueError("zip cannot yet match blocks (heads, GroupNorm groups) whose counts differ between the models")
+        if merged is None:
+            raise ValueError("zip of models of different widths needs merged= (the merged width)")
+        results = [zip_labels(s, n_models, a=a, b=b, merged=int(m), copies=c) for s, m, c in zip(sims, merged, copies)]
+        return [matching_from_labels(lab, n_models, int(m), sc, share) for (lab, sc, share), m in zip(results, merged)]
     widths = validate_widths(merged, units, n_models)
     if blocks > 1:
         results = group_zip_labels(list(sims), n_models, blocks, a=a, b=b, merged=widths)
     else:
         results = [zip_labels(s, n_models, a=a, b=b, merged=m) for s, m in zip(sims, widths)]
-    return [matching_from_labels(lab, n_models, m, sc) for (lab, sc), m in zip(results, widths)]
+    return [matching_from_labels(lab, n_models, m, sc) for (lab, sc, *_), m in zip(results, widths)]
 
 
 __all__ = [

@@ -31,23 +31,37 @@ from . import _zip_kernel
 _NEG = float("-inf")
 
 
-def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0,
-               merged: int | None = None) -> tuple[torch.Tensor, float]:
+def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0, merged: int | None = None,
+               copies: list[torch.Tensor | None] | None = None) -> tuple:
     """Zip ``n_models * O`` stacked units into ``merged`` clusters (default ``O``; more is a width
     budget: the greedy stops early, so the least similar units are left unmerged).
 
     Returns the labels (``labels[u]`` = merged unit of stacked unit u, a LongTensor on ``sim``'s
     device) and the score: the mean over fusion steps of the (symmetrised) input similarity of the
     two representatives fused at that step, before any min-updates.
+
+    ``copies`` (models of different widths, each padded to ``O`` with Net2Net copies of its own
+    units): per model, ``None`` or ``src`` (``O``,): stacked unit k of that model is a copy of its unit
+    ``src[k]`` (``src[k] == k``: a unit of its own). Only the models' own units are zipped (a copy
+    never fuses on its own), into ``merged`` clusters, and each copy then joins its unit's cluster;
+    the result has a third element, each stacked unit's share of its merged unit (a unit and its
+    copies counted once together, so a merged unit is the plain average of its models' units).
     """
     n = sim.shape[0]
     o = n // n_models
     dev = sim.device
-    to_remove = n - (o if merged is None else merged)
-    if to_remove == 0:
+    dup = _copies(copies, n_models, o) if copies is not None else None
+    to_remove = n - (o if merged is None else merged) - (int(dup.sum()) if dup is not None else 0)
+    if to_remove < 0:
+        raise ValueError(f"cannot zip into {merged} units: the models have only {n - int(dup.sum())} units of their own together")
+    if to_remove == 0 and dup is None:
         return torch.arange(n, device=dev), 0.0
     dtype = sim.dtype if sim.dtype in (torch.float32, torch.float64) else torch.float32
     src = sim.detach().to(dtype)
+    if dup is not None:  # copies are left out: never fused, never the fallback's pick
+        src = src.clone()
+        src[dup.to(src.device)] = _NEG
+        src[:, dup.to(src.device)] = _NEG
     work = _symmetrised(src)  # the one (N*O)^2 working copy, updated in place below
     work.fill_diagonal_(_NEG)
     budget = [math.floor((to_remove // n_models) * b)] * n_models
@@ -57,12 +71,47 @@ def zip_labels(sim: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0,
 
     # The greedy loop is sequential, so it runs on the host, compiled where numba is installed.
     loop = _zip_kernel.run if _zip_kernel.available() else _greedy_numpy
-    owner_np, pairs_i, pairs_j = loop(work.cpu().numpy(), src.cpu().numpy(), o, to_remove, a, budget)
+    if to_remove > 0:
+        owner_np, pairs_i, pairs_j = loop(work.cpu().numpy(), src.cpu().numpy(), o, to_remove, a, budget)
+    else:
+        owner_np, pairs_i, pairs_j = torch.arange(n).numpy(), [], []
     host = src.cpu()
-    pi, pj = torch.tensor(pairs_i), torch.tensor(pairs_j)
-    score = float(((host[pi, pj].double() + host[pj, pi].double()) * 0.5).mean())
-    _, labels = torch.unique(torch.from_numpy(owner_np), sorted=True, return_inverse=True)
-    return labels.to(dev), score
+    pi, pj = torch.tensor(pairs_i, dtype=torch.long), torch.tensor(pairs_j, dtype=torch.long)
+    score = float(((host[pi, pj].double() + host[pj, pi].double()) * 0.5).mean()) if pairs_i else 0.0
+    owner = torch.from_numpy(owner_np).clone()
+    if dup is None:
+        _, labels = torch.unique(owner, sorted=True, return_inverse=True)
+        return labels.to(dev), score
+    stacked_src = torch.cat([i * o + (c.cpu().long() if c is not None else torch.arange(o)) for i, c in enumerate(copies)])
+    owner = owner[stacked_src]  # a copy joins its own unit's cluster
+    _, labels = torch.unique(owner, sorted=True, return_inverse=True)
+    return labels.to(dev), score, _shares(labels, stacked_src, dup).to(dev)
+
+
+def _copies(copies: list[torch.Tensor | None], n_models: int, o: int) -> torch.Tensor:
+    """A mask of the stacked units that are copies; each ``src`` checked."""
+    if len(copies) != n_models:
+        raise ValueError(f"copies= has {len(copies)} entries for {n_models} models")
+    masks = []
+    for i, c in enumerate(copies):
+        if c is None:
+            masks.append(torch.zeros(o, dtype=torch.bool))
+            continue
+        c = torch.as_tensor(c).cpu().long()
+        own = c == torch.arange(o)
+        if c.shape != (o,) or bool((c < 0).any() | (c >= o).any()) or not bool(own[c].all()):
+            raise ValueError(f"copies[{i}] must give, for each of the {o} units, a unit of the model's own (mapping to itself)")
+        masks.append(~own)
+    return torch.cat(masks)
+
+
+def _shares(labels: torch.Tensor, stacked_src: torch.Tensor, dup: torch.Tensor) -> torch.Tensor:
+    """Each stacked unit's weight in its merged unit: ``1 / (own units in the cluster)``, split
+    evenly between a unit and its copies."""
+    own = ~dup
+    own_per_cluster = torch.bincount(labels[own], minlength=int(labels.max()) + 1).float()
+    instances = torch.bincount(stacked_src, minlength=labels.numel()).float()[stacked_src]  # a unit and its copies
+    return 1.0 / (own_per_cluster[labels] * instances)
 
 
 def _symmetrised(src: torch.Tensor, tile: int = 256) -> torch.Tensor:
