@@ -41,6 +41,21 @@ def parse_arch_opts(items: Optional[list[str]]) -> dict[str, Any]:
     return opts
 
 
+def parse_model_arch_opts(items: Optional[list[str]], n_models: int) -> list[dict[str, Any]]:
+    """``["1:width=4"]`` -> one dict of architecture options per model (``--model-arch-opt``), model
+    indices counted from 0 in the order the checkpoints are given; a bad item is one line."""
+    per: list[list[str]] = [[] for _ in range(n_models)]
+    for item in items or ():
+        index, sep, rest = item.partition(":")
+        if not sep or not index.strip().isdigit():
+            raise ArchOptionError(f"--model-arch-opt {item!r} is not I:KEY=VALUE (for example --model-arch-opt 1:width=4)")
+        i = int(index)
+        if i >= n_models:
+            raise ArchOptionError(f"--model-arch-opt {item!r} names model {i}, but {n_models} checkpoints are given (0 to {n_models - 1})")
+        per[i].append(rest)
+    return [parse_arch_opts(p) for p in per]
+
+
 def parse_key_values(items: Optional[list[str]], flag: str, example: str) -> dict[str, str]:
     """``["a=0.3"]`` -> ``{"a": "0.3"}`` for a repeatable ``flag KEY=VALUE`` option; a bad item is one line."""
     out: dict[str, str] = {}

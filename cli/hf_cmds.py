@@ -48,6 +48,7 @@ def refuse_options(**given: Any) -> None:
     why = {
         "arch": "the model class comes from the directory's config.json",
         "arch_opt": "the model comes from the directory's config.json",
+        "model_arch_opt": "each model's sizes come from its directory's config.json",
         "input_shape": "example inputs are built from the directory's config.json",
         "trust_pickle": "transformers loads .bin weights with weights_only, and never unpickles code",
     }

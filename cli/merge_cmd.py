@@ -24,7 +24,7 @@ from mudsc_graph.errors import MudscError
 from mudsc_graph.merging.options import DEFAULTS
 
 from .archs import (
-    MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_key_values, parse_shape, resolve_architecture, resolve_device,
+    MAX_SEED, TRACER_HELP, build_model, check_tracer, example_or_none, parse_arch_opts, parse_key_values, parse_model_arch_opts, parse_shape, resolve_architecture, resolve_device,
 )
 from .console import UsageError, err, out, print_warning, version
 from .options import ArchOption, ArchOptOption, DeviceOption, InputShapeOption, JsonOption, MaxLengthOption, QuietOption, TrustPickleOption
@@ -61,16 +61,19 @@ def protected_paths(checkpoints: Sequence[Path], data: Optional[str]) -> list[Pa
     return protected
 
 
-def load_models(paths: list[Path], arch: Any, opts: dict[str, Any], trust_pickle: bool) -> tuple[list[Any], list[dict[str, Any]]]:
-    """The models, and the ``{"file", "sha256"}`` of each source: the hash of the very bytes its
-    weights were loaded from (each file is read once), so a file replaced later is not misrecorded."""
+def load_models(paths: list[Path], arch: Any, opts: "dict[str, Any] | list[dict[str, Any]]",
+                trust_pickle: bool) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The models (``opts``: the architecture's options, or one dict per model), and the ``{"file",
+    "sha256"}`` of each source: the hash of the very bytes its weights were loaded from (each file
+    is read once), so a file replaced later is not misrecorded."""
     from mudsc_graph.io.checkpoints import read_checkpoint
     from mudsc_graph.io.fitting import fit_state_dict
 
+    per_model = opts if isinstance(opts, list) else [opts] * len(paths)
     models, sources = [], []
-    for path in paths:
+    for path, own in zip(paths, per_model):
         ck = read_checkpoint(path, trust_pickle=trust_pickle)
-        model = build_model(arch, opts)
+        model = build_model(arch, own)
         fit_state_dict(model, ck.state, source=path.name)
         models.append(model)
         sources.append({"file": path.name, "sha256": ck.sha256})
@@ -103,6 +106,12 @@ def merge_command(
         ),
     ] = None,
     arch_opt: ArchOptOption = None,
+    model_arch_opt: Annotated[
+        Optional[list[str]],
+        typer.Option("--model-arch-opt", metavar="I:KEY=VALUE", help="An architecture option of model I alone (0: the first "
+                     "checkpoint), over --arch-opt, for models of different widths: e.g. --arch-opt width=2 --model-arch-opt "
+                     "1:width=4. The merged model has model 0's sizes (times --width). Repeat for several.", show_default=False),
+    ] = None,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULTS.method,
     mode: Annotated[str, typer.Option(help="Matcher of the mudsc method: align (permutation) or zip (ZipIt! greedy).")] = DEFAULTS.mode,
     alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act (mudsc only).")] = DEFAULTS.alpha,
@@ -171,12 +180,14 @@ def merge_command(
     choice = DataChoice(data, samples, batch_size, seed, max_length)
     source: Source
     if input_kind(checkpoints) == "dir":
-        refuse_options(arch=arch, arch_opt=arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
+        refuse_options(arch=arch, arch_opt=arch_opt, model_arch_opt=model_arch_opt, input_shape=input_shape, trust_pickle=trust_pickle)
         source = ModelDirs(list(checkpoints), options)
     else:
         if not arch:
             raise MergeCommandError("--arch is required to merge checkpoint files: give the architecture, e.g. --arch resnet20 (see mudsc inspect --list)")
-        source = CheckpointFiles(list(checkpoints), arch, parse_arch_opts(arch_opt), parse_shape(input_shape), trust_pickle)
+        common = parse_arch_opts(arch_opt)
+        own = [{**common, **mine} for mine in parse_model_arch_opts(model_arch_opt, len(checkpoints))]
+        source = CheckpointFiles(list(checkpoints), arch, common, parse_shape(input_shape), trust_pickle, own)
     merge_sources(source, out_path, options, choice, needs_data=resolved.needs_activations, force=force, quiet=quiet, as_json=as_json)
 
 
@@ -233,12 +244,13 @@ def merge_sources(source: Source, out_path: Path, options: Any, choice: DataChoi
     source.check_output(out_path, force, protected)
     started = time.perf_counter()
     models = source.load(quiet)
+    first = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}  # what the output's sizes are told against
     if choice.data is None and options.reset_bn and any(has_batchnorm(m) for m in models):
         raise MergeCommandError("resetting BatchNorm statistics needs calibration data: pass --data (or pass --no-reset-bn)")
     data, example = source.data(choice)
     batches = data.batches(choice.batch_size) if data is not None else None
     result = run_merge(models, batches, example, options, quiet)
-    metadata = {**source.metadata(choice), **merge_metadata(result, options, len(models), choice.data),
+    metadata = {**source.metadata(choice), **merge_metadata(result, options, len(models), choice.data, first),
                 "samples": len(data) if data is not None else 0}
     if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it
         return
@@ -256,6 +268,7 @@ class CheckpointFiles:
     arch_options: dict[str, Any]
     input_shape: Optional[tuple[int, ...]]
     trust_pickle: bool
+    model_options: Optional[list[dict[str, Any]]] = None  # each model's options (--model-arch-opt over --arch-opt)
     data_hint = "e.g. --data mnist5k"
 
     def check_output(self, out: Path, force: bool, protected: list[Path]) -> None:
@@ -264,7 +277,8 @@ class CheckpointFiles:
 
     def load(self, quiet: bool) -> list[Any]:
         with err().status("loading checkpoints ...", spinner="dots") if not quiet else contextlib.nullcontext():
-            models, self.sources = load_models(self.paths, self.architecture, self.arch_options, self.trust_pickle)
+            models, self.sources = load_models(self.paths, self.architecture, self.model_options or self.arch_options,
+                                               self.trust_pickle)
         return models
 
     def data(self, choice: DataChoice) -> tuple[Any, Any]:
@@ -280,7 +294,8 @@ class CheckpointFiles:
         return data, example
 
     def metadata(self, choice: DataChoice) -> dict[str, Any]:
-        return {"arch": self.arch_name, "arch_options": self.arch_options, "sources": self.sources}
+        per_model = self.model_options if self.model_options and any(o != self.arch_options for o in self.model_options) else None
+        return {"arch": self.arch_name, "arch_options": self.arch_options, "model_arch_options": per_model, "sources": self.sources}
 
     def save(self, result: Any, out: Path, metadata: dict[str, Any], *, force: bool, protected: list[Path]) -> Path:
         from mudsc_graph.io.checkpoints import save_checkpoint
@@ -338,20 +353,21 @@ def parse_width(items: Optional[list[str]]) -> Any:
     return out
 
 
-def width_metadata(result: Any) -> Optional[dict[str, Any]]:
-    """What rebuilds a model merged wider than one model: every resized tensor's shape and every
-    attention layer's new head count (``{"shapes": {name: shape}, "heads": {path: [old, new, size]}}``)."""
-    from mudsc_graph.merging.widths import head_changes, merged_shapes
+def width_metadata(result: Any, first: dict[str, tuple[int, ...]]) -> Optional[dict[str, Any]]:
+    """What rebuilds the merged model from model 0's architecture when its sizes differ from model
+    0's (``first``: its tensors' shapes; a width budget, or models of different widths): every tensor
+    of another shape and every attention layer's new head count (``{"shapes": {name: shape},
+    "heads": {path: [old, new, size]}}``)."""
+    from mudsc_graph.merging.widths import head_changes
 
-    if not result.widths:
+    shapes = {k: list(v.shape) for k, v in result.model.state_dict().items() if k in first and tuple(v.shape) != first[k]}
+    if not shapes:
         return None
-    shapes = merged_shapes(result.spec, result.widths)
-    return {"shapes": {k: list(v) for k, v in shapes.items()},
-            "heads": {k: list(v) for k, v in head_changes(result.spec, result.widths).items()},
+    return {"shapes": shapes, "heads": {k: list(v) for k, v in head_changes(result.spec, result.widths).items()},
             "units": {str(g): u for g, u in sorted(result.widths.items())}}
 
 
-def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]) -> dict[str, Any]:
+def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str], first: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """What every merged output records about the merge (checkpoint files and model directories)."""
     return {
         "method": result.method, "mode": result.mode, "alpha": result.alpha, "matcher_options": result.matcher_options,
@@ -360,7 +376,7 @@ def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]
         "repair": options.repair, "repair_std_ratio": result.repair_std_ratio,
         "refit": options.refit, "refit_residual": list(result.refit.mean()) if result.refit is not None else None,
         "width": options.width if not isinstance(options.width, dict) else {str(k): v for k, v in options.width.items()},
-        "widths": width_metadata(result), "mudsc_version": version(),
+        "widths": width_metadata(result, first), "mudsc_version": version(),
     }
 
 

@@ -229,7 +229,6 @@ def bad(hf, tmp_path_factory):
         (["inspect", "bert-base-uncased"], ["bert-base-uncased is not a local directory"]),
         (["merge", "{h}/a", "{b}/noconfig", "--data", "{h}/lines.txt"], ["without config.json"]),
         (["inspect", "{b}/noconfig"], ["without config.json"]),
-        (["merge", "{h}/a", "{b}/wide", "--data", "{h}/lines.txt"], ["different architectures", "shape"]),
         (["merge", "{h}/a", "{b}/heads4", "--data", "{h}/lines.txt"], ["different architectures", "num_attention_heads"]),
         (["merge", "{h}/a", "{b}/roberta", "--data", "{h}/lines.txt"], ["different architectures", "bert", "roberta"]),
         (["merge", "{h}/a", "{b}/a.pt", "--data", "{h}/lines.txt"], ["mix Hugging Face model directories", "checkpoint files"]),
@@ -242,7 +241,7 @@ def bad(hf, tmp_path_factory):
         (["eval", "{h}/a", "--data", "{h}/unlabelled.txt"], ["no labels", "line 1", "LABEL<TAB>"]),
     ],
     ids=[
-        "hub-id", "hub-org-name", "eval-hub-id", "inspect-hub-id", "no-config", "inspect-no-config", "other-shapes", "other-heads",
+        "hub-id", "hub-org-name", "eval-hub-id", "inspect-hub-id", "no-config", "inspect-no-config", "other-heads",
         "other-type", "mixed", "stop-at", "arch-with-dirs", "no-tokenizer", "no-data", "missing-data", "files-need-arch", "eval-no-labels",
     ],
 )
@@ -251,6 +250,18 @@ def test_errors_are_one_line_and_write_nothing(hf, bad, tmp_path, args, needles)
     extra = ["--out", tmp_path / "m", "--quiet"] if args[0] == "merge" else []
     _one_line_error(_run(*args, *extra), *needles)
     assert list(tmp_path.iterdir()) == []  # no output, no temp directory
+
+
+def test_directories_of_different_intermediate_sizes_merge_at_the_first_ones(hf, bad, tmp_path):
+    """Models of different widths: the merged directory has the first model's sizes and loads."""
+    from transformers import AutoConfig
+
+    out = tmp_path / "m"
+    r = _run("merge", hf / "a", bad / "wide", "--data", hf / "lines.txt", "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert AutoConfig.from_pretrained(out).intermediate_size == AutoConfig.from_pretrained(hf / "a").intermediate_size != 32
+    ev = _run("eval", out, "--data", hf / "tokens.pt", "--json")
+    assert ev.exit_code == 0, ev.stderr
 
 
 def test_transformers_missing_is_one_line(hf, tmp_path, monkeypatch):

@@ -135,3 +135,40 @@ def test_a_hugging_face_bert_with_a_wider_mlp_merges_back_and_its_config_says_so
     back = transformers.BertModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         _close(back(input_ids=ids).last_hidden_state, ref)
+
+
+def test_the_command_line_merges_checkpoints_of_different_widths(tmp_path):
+    """--model-arch-opt gives model 1 its own sizes; the merged file has model 0's and evaluates as model 0
+    (model 1 is its wider Net2Net copy); a width budget on top is rebuilt from the metadata."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mudsc_cli.app import app
+    from mudsc_graph import get_registry
+    from mudsc_graph.io.checkpoints import load_checkpoint
+
+    torch.manual_seed(0)
+    a = get_registry().architecture("mlp").build(hidden=(24, 16), bias=True).eval()
+    spec = analyze(a, (torch.randn(2, 1, 28, 28),))
+    wide = net2net(a, spec, {g.id: 2 * g.size for g in spec.free_groups()})
+    assert wide.layers[0].out_features == 48
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")
+    run = lambda *args: CliRunner().invoke(app, [str(x) for x in args])  # noqa: E731
+    arch = ("--arch", "mlp", "--arch-opt", "hidden=(24, 16)", "--arch-opt", "bias=True")
+    both = (tmp_path / "a.pt", tmp_path / "wide.pt", *arch, "--model-arch-opt", "1:hidden=(48, 32)", "--data", "digits",
+            "--samples", "100", "--method", "zipit", "--matcher-opt", "a=1.0", "--quiet", "--json")
+    r = run("merge", *both, "--out", tmp_path / "m.pt")
+    assert r.exit_code == 0, r.output
+    state, meta = load_checkpoint(tmp_path / "m.pt")
+    assert state["layers.0.weight"].shape == (24, 784) and meta["widths"] is None
+    assert meta["model_arch_options"][1]["hidden"] == (48, 32) or meta["model_arch_options"][1]["hidden"] == [48, 32]
+    evals = [json.loads(run("eval", p, *arch, "--data", "digits", "--json").output) for p in (tmp_path / "m.pt", tmp_path / "a.pt")]
+    assert evals[0]["accuracy"] == evals[1]["accuracy"]
+    r = run("merge", *both, "--width", "1.5", "--out", tmp_path / "w.pt")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(tmp_path / "w.pt")[1]["widths"]["shapes"]["layers.0.weight"] == [36, 784]
+    assert json.loads(run("eval", tmp_path / "w.pt", *arch, "--data", "digits", "--json").output)["accuracy"] == evals[1]["accuracy"]
+    bad = run("merge", *both, "--model-arch-opt", "2:hidden=(8, 8)", "--out", tmp_path / "x.pt")
+    assert bad.exit_code == 1 and "names model 2" in bad.output and not (tmp_path / "x.pt").exists()

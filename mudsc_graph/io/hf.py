@@ -339,8 +339,9 @@ def _check_dtypes(model: nn.Module, table: dict[str, tuple[str, int]], p: Path) 
 
 
 def check_same_architecture(models: Sequence[HFModel]) -> None:
-    """One class, one ``model_type``, the same state_dict keys and shapes and the same config (but
-    for names and output switches); else an :class:`HFError` naming both directories."""
+    """One class, one ``model_type``, the same state_dict keys and the same config (but for names and
+    output switches), shapes that differ only in sizes that the configs' integer fields say (models of
+    different widths, :mod:`mudsc_graph.merging.hetero`); else an :class:`HFError` naming both directories."""
     ref = models[0]
     ref_state = ref.model.state_dict()
     for other in models[1:]:
@@ -357,12 +358,15 @@ def check_same_architecture(models: Sequence[HFModel]) -> None:
             which = f"{other.path.name} lacks {missing[:3]}" if missing else f"{other.path.name} has extra {extra[:3]}"
             raise HFError(f"{pair} have different architectures: {which}; only models of one architecture can be merged")
         for k, t in ref_state.items():
-            if tuple(state[k].shape) != tuple(t.shape):
+            if state[k].dim() != t.dim():
                 raise HFError(
                     f"{pair} have different architectures: {k} has shape {tuple(t.shape)} and {tuple(state[k].shape)}; "
                     "only models of one architecture can be merged"
                 )
-        for key, va, vb in config_differences(ref.config, other.config)[:1]:
+        resized = any(tuple(state[k].shape) != tuple(t.shape) for k, t in ref_state.items())
+        differ = config_differences(ref.config, other.config)
+        sizes = all(isinstance(v, int) and not isinstance(v, bool) for _, *values in differ for v in values)
+        for key, va, vb in differ[:1] if not (resized and sizes) else ():  # sizes may differ with the tensors' shapes
             raise HFError(f"{pair} have different architectures: {key} is {va!r} and {vb!r} in their configs; only models "
                           "of one architecture, computed the same way, can be merged")
 
