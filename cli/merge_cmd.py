@@ -250,6 +250,10 @@ def merge_sources(source: Source, out_path: Path, options: Any, choice: DataChoi
     data, example = source.data(choice)
     batches = data.batches(choice.batch_size) if data is not None else None
     result = run_merge(models, batches, example, options, quiet)
+    if result.own_heads is not None:
+        raise MergeCommandError(f"the models' output layers differ (other label spaces), so each keeps its own from {result.own_heads} "
+                                "on and the merge returns one output per model; mudsc merge cannot write such a model yet: use the "
+                                "library (mudsc_graph.merge) and save its state_dict")
     metadata = {**source.metadata(choice), **merge_metadata(result, options, len(models), choice.data, first),
                 "samples": len(data) if data is not None else 0}
     if not writer_turn():  # torchrun: every rank holds the same merge, rank 0 writes it

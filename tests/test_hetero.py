@@ -89,7 +89,7 @@ def test_refit_on_models_of_different_widths_comes_back():
 
 
 # -- refused, one line each ------------------------------------------------------------------------------
-def test_other_depths_other_classes_and_other_head_counts_are_refused():
+def test_other_depths_are_refused():
     from mudsc_graph import get_registry
 
     arch = get_registry().architecture("mlp")
@@ -97,8 +97,34 @@ def test_other_depths_other_classes_and_other_head_counts_are_refused():
     x = torch.randn(8, 1, 28, 28)
     with pytest.raises(MergeError, match="different depths"):
         merge([arch.build(hidden=(32, 16)), arch.build(hidden=(32, 16, 16))], data=[x])
-    with pytest.raises(MergeError, match="fixed spaces differ|another number of classes"):
-        merge([arch.build(hidden=(32, 16), num_classes=10), arch.build(hidden=(48, 16), num_classes=5)], data=[x])
+
+
+@pytest.mark.parametrize("method", ["zipit", "mudsc"])
+@pytest.mark.parametrize("hidden", [(32, 16), (48, 24)], ids=["same-trunk", "wider-trunk"])
+def test_models_with_other_label_spaces_keep_their_own_heads(hidden, method):
+    """10 classes and 5: each model keeps its output layer (one output per model, a warning); the
+    trunks, one a permuted (and wider) copy of the other, merge back exactly."""
+    from mudsc_graph import get_registry
+
+    arch = get_registry().architecture("mlp")
+    torch.manual_seed(0)
+    a = arch.build(hidden=(32, 16), num_classes=10).eval()
+    x = torch.randn(16, 1, 28, 28)
+    spec = analyze(a, (x[:2],))
+    trunk = _permuted(a, (x[:2],), seed=2)
+    if hidden != (32, 16):
+        trunk = net2net(trunk, spec, {g.id: 3 * g.size // 2 for g in spec.free_groups()})
+    b = arch.build(hidden=hidden, num_classes=5).eval()
+    b.load_state_dict({**trunk.state_dict(), **{k: v for k, v in b.state_dict().items() if v.shape[0] == 5}})
+    with pytest.warns(UserWarning, match="output layers differ"):
+        r = merge([a, b], data=[x], method=method, **EXACT_ZIP)  # mudsc: the heads are no weight features
+    assert r.own_heads == "head"
+    with torch.no_grad():
+        out_a, out_b = r.model(x)
+        _close(out_a, a(x))
+        _close(out_b, b(x))
+    with pytest.raises(MergeError, match="must stop before"):
+        merge([a, b], data=[x], stop_at=[n for n, _ in a.named_modules()][-1], **EXACT_ZIP)
 
 
 def test_other_head_counts_are_refused():
@@ -172,3 +198,18 @@ def test_the_command_line_merges_checkpoints_of_different_widths(tmp_path):
     assert json.loads(run("eval", tmp_path / "w.pt", *arch, "--data", "digits", "--json").output)["accuracy"] == evals[1]["accuracy"]
     bad = run("merge", *both, "--model-arch-opt", "2:hidden=(8, 8)", "--out", tmp_path / "x.pt")
     assert bad.exit_code == 1 and "names model 2" in bad.output and not (tmp_path / "x.pt").exists()
+
+
+def test_the_command_line_refuses_other_label_spaces_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from mudsc_cli.app import app
+    from mudsc_graph import get_registry
+
+    arch = get_registry().architecture("mlp")
+    torch.save(arch.build(hidden=(24, 16), num_classes=10).state_dict(), tmp_path / "a.pt")
+    torch.save(arch.build(hidden=(24, 16), num_classes=5).state_dict(), tmp_path / "b.pt")
+    r = CliRunner().invoke(app, ["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--arch", "mlp", "--arch-opt", "hidden=(24, 16)",
+                                 "--model-arch-opt", "1:num_classes=5", "--data", "digits", "--samples", "50", "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 1 and "output layers differ" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "m.pt").exists()

@@ -61,7 +61,9 @@ class MergeResult:
     ``refit``: with ``refit=True``, what the least-squares refit did (:class:`~.refit.Fit`: per
     layer, the residual against the parents' mapped outputs before and after, relative to their
     energy); ``widths``: with a width budget, ``{group id: merged units}`` of every group merged
-    wider than one model (the merged model is built with these sizes).
+    wider than one model (the merged model is built with these sizes); ``own_heads``: where each
+    model's own layers start when their output layers differ (other label spaces; the merged model
+    then returns one output per model), else ``None``.
     """
 
     model: nn.Module
@@ -78,6 +80,7 @@ class MergeResult:
     matcher_options: dict[str, Any] = field(default_factory=dict)
     refit: Fit | None = None
     widths: dict[int, int] = field(default_factory=dict)
+    own_heads: str | None = None
 
 
 def check_models(models: list[nn.Module]) -> None:
@@ -347,6 +350,9 @@ class PreparedMerge:
         if opts.stop_at is not None:
             k = stop_index(self.order, opts.stop_at)
             trunk = {name for name, _ in self.order[: k + 1]}
+        given = trunk
+        trunk = self._before_heads(trunk)
+        own_heads = self._heads_start() if trunk is not given else None
         gids = self._groups(resolved, trunk)
         within = resolved.matcher.uses_within_model
         with stage("widths"):
@@ -379,7 +385,41 @@ class PreparedMerge:
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, self.spec, matchings, outcome.history, timings, resolved.method.name, resolved.mode, resolved.alpha,
-                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options), fit, widths)
+                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options), fit, widths, own_heads)
+
+    def _head_tensors(self) -> set[str]:
+        """The tensors of the models' own output layers (other label spaces), which are not merged."""
+        if self.padding is None or not self.padding.heads:
+            return set()
+        return {name for gid in self.padding.heads for name, _ in self.spec.groups[gid].members}
+
+    def _before_heads(self, trunk: set[str] | None) -> set[str] | None:
+        """With output layers of other label spaces, the trunk ends before the first node that reads
+        one (each model keeps its own from there, with a warning); ``trunk`` (a stop point) must too."""
+        if not self._head_tensors():
+            return trunk
+        first = self._heads_index()
+        before = {name for name, _ in self.order[:first]}
+        if trunk is not None and not trunk <= before:
+            raise MergeError(f"stop_at: the models' output layers differ ({self._heads_text()}), so the merge must stop before "
+                             f"{self._heads_start()}; choose an earlier stop point")
+        if trunk is None:
+            warnings.warn(f"the models' output layers differ ({self._heads_text()}): each keeps its own from "
+                          f"{self._heads_start()} on (partial zip: one output per model)", stacklevel=4)
+        return trunk if trunk is not None else before
+
+    def _heads_index(self) -> int:
+        """The first node (in execution order) that reads an output layer of another label space."""
+        heads = self._head_tensors()
+        return next(k for k, (name, _) in enumerate(self.order) if self.analysis.tensors_read_by({name}) & heads)
+
+    def _heads_start(self) -> str:
+        name, path = self.order[self._heads_index()]
+        return path or name
+
+    def _heads_text(self) -> str:
+        gid, sizes = next(iter(self.padding.heads.items()))
+        return f"{self.spec.groups[gid].members[0][0]} has {' and '.join(map(str, sizes))} units"
 
     def _widths(self, resolved: ResolvedMethod, opts: MergeOptions, gids: list[int]) -> dict[int, int]:
         """``{group id: merged units}`` of the width budget: the groups ``opts.width`` widens that the
@@ -420,10 +460,12 @@ class PreparedMerge:
                                      "groups, or width=1")
                 merged.config = config
         own = {**dict(merged.named_parameters(remove_duplicate=False)), **dict(merged.named_buffers(remove_duplicate=False))}
+        keep = self._head_tensors()  # other label spaces: each model's own (the tails), model 0's left in place
+        states = [{k: v for k, v in st.items() if k not in keep} for st in self.states] if keep else self.states
         if own.keys() >= self.states[0].keys():  # the model's own tensors, written in place one by one
-            merge_state_dicts(self.spec, self.states, matchings, out=own)
+            merge_state_dicts(self.spec, states, matchings, out=own)
         else:  # a state dict under other names than the tensors' (state-dict hooks): loaded as a whole
-            merged.load_state_dict(merge_state_dicts(self.spec, self.states, matchings))
+            merged.load_state_dict(merge_state_dicts(self.spec, states, matchings), strict=not keep)
         return merged
 
     def _groups(self, resolved: ResolvedMethod, trunk: set[str] | None) -> list[int]:
@@ -472,6 +514,7 @@ class PreparedMerge:
             spec, self.states, gids, matcher, act=act, alpha=alpha, options=resolved.matcher_options, reporter=self.reporter,
             threads=torch.get_num_threads() if matcher.thread_safe else 1, widths=units,
             copies=self.padding.copies if self.padding is not None and matcher.unequal_widths else None,
+            own=frozenset(self._head_tensors()),
         )
         return solver.run(identity, max_iter=opts.max_iter, patience=opts.patience, seed=opts.seed)
 

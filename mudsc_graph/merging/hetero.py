@@ -14,9 +14,12 @@ together), and a copy joins its unit's merged unit with a share that counts a un
 once; align pairs the narrower model's units (its copies included) into the wider one's, so the
 merged group has the widest model's size. The merged model is model 0's, rebuilt at the merged sizes.
 
-What is not merged yet: block groups (heads, GroupNorm groups) of different counts, fixed groups
-of different sizes (output layers with other label spaces), and models whose graphs differ beyond
-sizes (different depths): each is refused with a one-line error saying so.
+Output layers with other label spaces (a fixed group of another size: 10 classes and 5) cannot be
+merged: each model keeps its own layers from the first one that reads them (partial zip's tails,
+:mod:`.partial_zip`; the merged module returns one output per model), with a warning saying so.
+
+What is not merged yet: block groups (heads, GroupNorm groups) of different counts and models whose
+graphs differ beyond sizes (different depths): each is refused with a one-line error saying so.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Padding:
     models: list[nn.Module]
     own: list[dict[int, int]]
     copies: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
+    heads: dict[int, list[int]] = field(default_factory=dict)
+    """Fixed groups whose size differs (output layers with other label spaces): ``{gid: sizes}``;
+    the tensors holding them are each model's own (partial zip's tails)."""
 
     def units(self, gid: int) -> list[int]:
         """Each model's own units of group ``gid``."""
@@ -74,14 +80,15 @@ def pad(models: list[nn.Module], analyse: Any) -> Padding:
                              "another depth or another architecture); models of different depths cannot be merged yet")
     own = [{g.id: g.size for g in spec.groups} for spec in specs]
     widest = {g.id: max(sizes[g.id] for sizes in own) for g in specs[0].groups}
+    heads: dict[int, list[int]] = {}
     for g in specs[0].groups:
         sizes = [o[g.id] for o in own]
         if len(set(sizes)) == 1:
             continue
         what = f"group {g.id} ({g.members[0][0]}, axis {g.members[0][1]})"
-        if g.fixed:
-            raise MergeError(f"{what} has {sizes} units in the models but keeps its order ({g.reason}): models whose fixed "
-                             "spaces differ (another number of classes, image size) cannot be merged yet")
+        if g.fixed:  # another label space: each model keeps the layers that hold it (the caller decides where they start)
+            heads[g.id] = sizes
+            continue
         if g.blocks > 1 and len({spec.groups[g.id].block_size for spec in specs}) > 1:
             raise MergeError(f"{what}: its blocks (heads, GroupNorm groups) differ in size between the models ({sizes} units)")
         if g.blocks > 1:
@@ -89,12 +96,12 @@ def pad(models: list[nn.Module], analyse: Any) -> Padding:
                              "blocks of different counts cannot be merged yet")
     padded, copies = [], {}
     for i, (model, spec) in enumerate(zip(models, specs)):
-        grow = {gid: widest[gid] for gid, size in own[i].items() if size < widest[gid]}
+        grow = {gid: widest[gid] for gid, size in own[i].items() if size < widest[gid] and gid not in heads}
         padded.append(net2net(model, spec, grow) if grow else model)
         for gid in grow:
             o, w = own[i][gid], widest[gid]
             copies.setdefault(gid, [None] * len(models))[i] = torch.cat([torch.arange(o), torch.arange(w - o) % o])
-    return Padding(padded, own, copies)
+    return Padding(padded, own, copies, heads)
 
 
 __all__ = ["Padding", "pad", "sizes_differ"]

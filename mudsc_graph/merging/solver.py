@@ -93,13 +93,16 @@ class DualSpaceSolver:
         threads: int = 1,
         widths: Mapping[int, int] | None = None,
         copies: Mapping[int, list] | None = None,
+        own: frozenset[str] = frozenset(),
     ) -> None:
         """``matcher``: the strategy record (its ``match``, whether it reads within-model blocks,
         needs covariances); ``act``: the activation statistics (a plain ``{group id: correlation}`` is
         read as :class:`Correlations` without scales); ``options``: its parameters' values
         (:meth:`MatchingStrategy.options`); ``widths``: ``{group id: merged units}`` of the groups
         merged wider than one model (a width budget; passed to ``match`` as ``merged=``); ``copies``:
-        per group of models of different widths, which stacked units are copies (``match(copies=)``)."""
+        per group of models of different widths, which stacked units are copies (``match(copies=)``);
+        ``own``: tensors each model keeps as its own (output layers of other label spaces), left out
+        of the weight features."""
         if act is not None and not isinstance(act, ActivationStatistics):
             act = Correlations(act)
         self.act: ActivationStatistics | None = act
@@ -108,7 +111,7 @@ class DualSpaceSolver:
         self.reporter = reporter or NullReporter()
         self.n = len(states)
         self.units = couplings(spec, gids)
-        self.occs = {g: occurrences(spec, g) for g in gids}
+        self.occs = {g: [o for o in occurrences(spec, g) if o.name not in own] for g in gids}
         self.nbrs = {g: neighbours(spec, g) for g in gids}
         self.within_model = matcher.uses_within_model
         self.covariances = matcher.needs_covariances  # pass match(..., covariances=[...])
