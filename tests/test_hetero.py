@@ -89,14 +89,17 @@ def test_refit_on_models_of_different_widths_comes_back():
 
 
 # -- refused, one line each ------------------------------------------------------------------------------
-def test_other_depths_are_refused():
+def test_other_depths_are_merged_at_the_shallower_one():
+    """An MLP of 3 hidden layers and one of 2 (depth.py aligns them): the merged model has 2."""
     from mudsc_graph import get_registry
 
     arch = get_registry().architecture("mlp")
     torch.manual_seed(0)
     x = torch.randn(8, 1, 28, 28)
-    with pytest.raises(MergeError, match="different depths"):
-        merge([arch.build(hidden=(32, 16)), arch.build(hidden=(32, 16, 16))], data=[x])
+    with pytest.warns(UserWarning, match="models of different depths"):
+        r = merge([arch.build(hidden=(32, 16, 16)), arch.build(hidden=(32, 16))], data=[x])
+    assert r.depth_alignment and r.model(x).shape == (8, 10)
+    assert len([m for m in r.model.modules() if isinstance(m, nn.Linear)]) == 3
 
 
 @pytest.mark.parametrize("method", ["zipit", "mudsc"])

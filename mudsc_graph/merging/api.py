@@ -44,8 +44,9 @@ from .calibration import Calibration
 from .distributed import reduce_batchnorm, together
 from .statistics import Correlations, activation_correlations
 from .weights import merge_state_dicts
+from .depth import align_depths
 from .hetero import Padding, pad, sizes_differ
-from .widths import _width_of, describe, expressible, target_units, widened, widened_config
+from .widths import _width_of, adopt_config, describe, expressible, target_units, widened, widened_config
 
 
 @dataclass
@@ -63,7 +64,8 @@ class MergeResult:
     energy); ``widths``: with a width budget, ``{group id: merged units}`` of every group merged
     wider than one model (the merged model is built with these sizes); ``own_heads``: where each
     model's own layers start when their output layers differ (other label spaces; the merged model
-    then returns one output per model), else ``None``.
+    then returns one output per model), else ``None``; ``depth_alignment``: for models of different
+    depths, the blocks each deeper model kept, ``{model: {chain: [block indices]}}``.
     """
 
     model: nn.Module
@@ -81,11 +83,17 @@ class MergeResult:
     refit: Fit | None = None
     widths: dict[int, int] = field(default_factory=dict)
     own_heads: str | None = None
+    depth_alignment: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
 
-def check_models(models: list[nn.Module]) -> None:
-    """Same architecture (keys, and shapes up to sizes: :mod:`.hetero` merges models of different
-    widths), finite weights: else one clear error."""
+def chains_differ(models: list[nn.Module]) -> bool:
+    """Whether the models' state dicts have other names (another depth: :mod:`.depth`)."""
+    keys = set(models[0].state_dict())
+    return any(set(m.state_dict()) != keys for m in models[1:])
+
+
+def check_list(models: Any) -> None:
+    """A list of at least two modules with values; else one clear error."""
     if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)):
         raise MergeError(f"pass the models as a list (merge([model_a, model_b], ...)), got {type(models).__name__}")
     if len(models) < 2:
@@ -97,6 +105,12 @@ def check_models(models: list[nn.Module]) -> None:
         if meta is not None:
             raise MergeError(f"model {i} has no values in {meta} (a tensor on the meta device); load its weights "
                              "(load_state_dict(..., assign=True) or to_empty() and a checkpoint) before merging")
+
+
+def check_models(models: list[nn.Module]) -> None:
+    """Same architecture (keys, and shapes up to sizes: :mod:`.hetero` merges models of different
+    widths), finite weights: else one clear error."""
+    check_list(models)
     ref = models[0].state_dict()
     for i, m in enumerate(models[1:], start=1):
         # exported GraphModules (ep.module()) get a class of their own each: same keys and shapes decide
@@ -107,8 +121,7 @@ def check_models(models: list[nn.Module]) -> None:
         missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
         if missing or extra:
             raise MergeError(
-                f"model {i} does not have model 0's architecture: missing {missing[:3]}, unexpected {extra[:3]} (models of "
-                "different depths cannot be merged yet)"
+                f"model {i} does not have model 0's architecture: missing {missing[:3]}, unexpected {extra[:3]}"
             )
         for k, t in ref.items():
             if sd[k].dim() != t.dim():
@@ -253,9 +266,20 @@ class PreparedMerge:
         batches: under torch.distributed each rank passes its share and the sums are all-reduced);
         the example inputs."""
         opts, reset_bn = self.options, self.options.reset_bn
-        check_models(models)
+        check_list(models)
         self.device = dev = resolve_device(opts.device, models[0])
         whole = Calibration.read(data, inputs_from_batch, dev)
+        self.depth_alignment: dict[int, dict[str, list[int]]] = {}
+        if chains_differ(models):  # models of different depths: the deeper ones cut to the shallowest's (depth.py)
+            work = [copy.deepcopy(m).to(dev).eval() for m in models]
+            batches = [x for _, x in whole.inputs()] if whole is not None else None
+            models, self.depth_alignment = align_depths(work, batches, opts.depth_alignment)
+            said = "; ".join(f"model {i} keeps {path} blocks {kept}" for i, chains_ in self.depth_alignment.items()
+                             for path, kept in chains_.items())
+            warnings.warn(f"models of different depths: {said} (depth_alignment= sets them)", stacklevel=4)
+        elif opts.depth_alignment:
+            raise MergeError("depth_alignment= was given, but the models have the same depth")
+        check_models(models)
         if whole is not None and not len(whole):
             raise MergeError("the calibration data is empty: give at least one batch")
         if whole is None and reset_bn and has_batchnorm(models[0]):
@@ -385,7 +409,8 @@ class PreparedMerge:
         if bad is not None:  # e.g. finite data so large that BatchNorm's statistics overflow
             raise MergeError(f"the merged model has non-finite values in {bad}; check the models and the calibration data")
         return MergeResult(merged, self.spec, matchings, outcome.history, timings, resolved.method.name, resolved.mode, resolved.alpha,
-                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options), fit, widths, own_heads)
+                           outcome.sweeps, std_ratio, outcome.weight_macs, dict(resolved.matcher_options), fit, widths, own_heads,
+                           copy.deepcopy(self.depth_alignment))
 
     def _head_tensors(self) -> set[str]:
         """The tensors of the models' own output layers (other label spaces), which are not merged."""
@@ -458,7 +483,7 @@ class PreparedMerge:
                     raise MergeError(f"width: the merged model's sizes ({describe(self.spec, widths)}) cannot be written in its "
                                      f"{type(merged.config).__name__} (one size per kind of layer); use one width for all "
                                      "groups, or width=1")
-                merged.config = config
+                adopt_config(merged, config)
         own = {**dict(merged.named_parameters(remove_duplicate=False)), **dict(merged.named_buffers(remove_duplicate=False))}
         keep = self._head_tensors()  # other label spaces: each model's own (the tails), model 0's left in place
         states = [{k: v for k, v in st.items() if k not in keep} for st in self.states] if keep else self.states

@@ -18,8 +18,8 @@ Output layers with other label spaces (a fixed group of another size: 10 classes
 merged: each model keeps its own layers from the first one that reads them (partial zip's tails,
 :mod:`.partial_zip`; the merged module returns one output per model), with a warning saying so.
 
-What is not merged yet: block groups (heads, GroupNorm groups) of different counts and models whose
-graphs differ beyond sizes (different depths): each is refused with a one-line error saying so.
+Models of different depths are cut to one depth first (:mod:`.depth`). What is not merged yet:
+block groups (heads, GroupNorm groups) of different counts: refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def pad(models: list[nn.Module], analyse: Any) -> Padding:
     for i, spec in enumerate(specs[1:], start=1):
         if _shape_of_spec(spec) != ref:
             raise MergeError(f"model {i} differs from model 0 in more than its sizes (its merge groups or their layout differ: "
-                             "another depth or another architecture); models of different depths cannot be merged yet")
+                             "another architecture)")
     own = [{g.id: g.size for g in spec.groups} for spec in specs]
     widest = {g.id: max(sizes[g.id] for sizes in own) for g in specs[0].groups}
     heads: dict[int, list[int]] = {}

@@ -28,7 +28,7 @@ from .widths import check_width
 
 #: Fields fixed when a merge is prepared (:class:`~mudsc_graph.PreparedMerge`): the checks, the
 #: BatchNorm reset of the bases, the analysis and the statistics depend on them.
-PREPARATION = ("device", "reset_bn", "probe", "tracer", "shard_data")
+PREPARATION = ("device", "reset_bn", "probe", "tracer", "shard_data", "depth_alignment")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,10 @@ class MergeOptions:
     (in units of the inputs' mean squared norm: it weighs like ``refit_ridge * features / samples``). ``width``: a width
     budget (:mod:`~mudsc_graph.merging.widths`), between 1 (one model's width) and N (every unit of
     every model kept): a number for every matched group, or ``{group id or parameter/module name:
-    width}`` for some (the others: 1); the merged model is built with the new widths. ``device``: ``None`` (the first model's), ``"auto"``,
+    width}`` for some (the others: 1); the merged model is built with the new widths.
+    ``depth_alignment``: for models of different depths (:mod:`~mudsc_graph.merging.depth`), the
+    blocks a deeper model keeps, ``{model index: {chain path: [block indices]}}``, instead of the
+    alignment found on the data. ``device``: ``None`` (the first model's), ``"auto"``,
     ``"cpu"``, ``"cuda"``, ...; ``reset_bn``: recompute BatchNorm statistics of the bases and of the
     merged model on the data; ``probe``: which consumer of a group its features are read at
     (``last``, ``first``, ``all``); ``tracer``: ``auto``, ``fx`` or ``export``; ``shard_data``:
@@ -82,6 +85,7 @@ class MergeOptions:
     refit: bool = False
     refit_ridge: float = 0.1
     width: Any = field(default=1.0, hash=False)
+    depth_alignment: Any = field(default=None, hash=False)
 
     def __post_init__(self) -> None:  # method and mode need the registry: resolve_method checks them
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha != self.alpha:
@@ -106,6 +110,9 @@ class MergeOptions:
         check_width(self.width)
         if isinstance(self.width, Mapping):
             object.__setattr__(self, "width", dict(self.width))
+        if self.depth_alignment is not None and not (isinstance(self.depth_alignment, Mapping) and all(
+                isinstance(i, int) and isinstance(v, Mapping) for i, v in self.depth_alignment.items())):
+            raise MergeError(f"depth_alignment must be {{model index: {{chain path: [kept block indices]}}}}, got {self.depth_alignment!r}")
         for name in ("reset_bn", "shard_data", "repair", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise MergeError(f"{name} must be True or False, got {getattr(self, name)!r}")

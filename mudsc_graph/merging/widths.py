@@ -293,7 +293,7 @@ def net2net(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], seed: i
         config = widened_config(model, {k: tuple(v.shape) for k, v in out.items()})
         if config is None:
             raise MergeError(f"net2net: {type(model.config).__name__} cannot say the sizes {describe(spec, units)}")
-        wide.config = config
+        adopt_config(wide, config)
     wide.load_state_dict(out)
     return wide
 
@@ -399,6 +399,12 @@ def _to_meta(inputs: Any) -> Any:
 
 
 # -- Hugging Face configs -------------------------------------------------------------------------------
+def adopt_config(model: nn.Module, config: Any) -> None:
+    """``config``'s values in ``model.config`` itself: its submodules hold the same object (a
+    transformers model's ``self.model.config``), so replacing the attribute would leave them the old one."""
+    model.config.__dict__.update(copy.deepcopy(config).__dict__)
+
+
 def widened_config(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> Any:
     """A copy of ``model.config`` whose model has exactly the tensor shapes ``shapes`` (a model's
     full state-dict shapes), found among the configs that change the integer fields equal to an old
@@ -454,5 +460,5 @@ def describe(spec: MergeSpec, units: Mapping[int, int]) -> str:
     return ", ".join(f"{a} -> {b}" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
 
 
-__all__ = ["check_width", "describe", "expressible", "head_changes", "merged_shapes", "net2net", "rebuild", "resize_module", "target_units", "widened",
+__all__ = ["adopt_config", "check_width", "describe", "expressible", "head_changes", "merged_shapes", "net2net", "rebuild", "resize_module", "target_units", "widened",
            "widened_config"]
