@@ -112,6 +112,12 @@ def merge_command(
                      "checkpoint), over --arch-opt, for models of different widths: e.g. --arch-opt width=2 --model-arch-opt "
                      "1:width=4. The merged model has model 0's sizes (times --width). Repeat for several.", show_default=False),
     ] = None,
+    depth_alignment: Annotated[
+        Optional[list[str]],
+        typer.Option("--depth-alignment", metavar="I:CHAIN=K,K,...", help="For models of different depths: the blocks model I "
+                     "keeps of a chain, instead of the alignment found on the data (the merge prints the one it found), e.g. "
+                     "1:layer2=0,2,3. Repeat for several.", show_default=False),
+    ] = None,
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = DEFAULTS.method,
     mode: Annotated[str, typer.Option(help="Matcher of the mudsc method: align (permutation) or zip (ZipIt! greedy).")] = DEFAULTS.mode,
     alpha: Annotated[float, typer.Option(help="Weight of the weight-space similarity in S = alpha*S_weight + (1-alpha)*S_act (mudsc only).")] = DEFAULTS.alpha,
@@ -175,6 +181,7 @@ def merge_command(
     quiet = quiet or not is_writer()
     options = MergeOptions(method=method, mode=mode, alpha=alpha, stop_at=stop_at, seed=seed, max_iter=max_iter, patience=patience,
                            reset_bn=reset_bn, device=device, tracer=tracer, repair=repair, refit=refit, width=parse_width(width),
+                           depth_alignment=parse_depth_alignment(depth_alignment),
                            matcher_options=parse_key_values(matcher_opt, "--matcher-opt", "a=0.3"))  # read by the parameters' types
     resolved = resolve_method(get_registry(), options)  # before any work: one line for a bad mode or alpha
     choice = DataChoice(data, samples, batch_size, seed, max_length)
@@ -357,6 +364,24 @@ def parse_width(items: Optional[list[str]]) -> Any:
     return out
 
 
+def parse_depth_alignment(items: Optional[list[str]]) -> Optional[dict[int, dict[str, list[int]]]]:
+    """``["1:layer2=0,2,3"]`` -> ``{1: {"layer2": [0, 2, 3]}}``; nothing -> None."""
+    if not items:
+        return None
+    out: dict[int, dict[str, list[int]]] = {}
+    for item in items:
+        index, _, rest = item.partition(":")
+        chain, _, blocks = rest.partition("=")
+        try:
+            kept = [int(k) for k in blocks.split(",")]
+        except ValueError:
+            kept = []
+        if not index.strip().isdigit() or not chain.strip() or not kept:
+            raise MergeCommandError(f"--depth-alignment {item!r} is not I:CHAIN=K,K,... (for example --depth-alignment 1:layer2=0,2,3)")
+        out.setdefault(int(index), {})[chain.strip()] = kept
+    return out
+
+
 def width_metadata(result: Any, first: dict[str, tuple[int, ...]]) -> Optional[dict[str, Any]]:
     """What rebuilds the merged model from model 0's architecture when its sizes differ from model
     0's (``first``: its tensors' shapes; a width budget, or models of different widths): every tensor
@@ -381,6 +406,7 @@ def merge_metadata(result: Any, options: Any, n_models: int, data: Optional[str]
         "refit": options.refit, "refit_residual": list(result.refit.mean()) if result.refit is not None else None,
         "width": options.width if not isinstance(options.width, dict) else {str(k): v for k, v in options.width.items()},
         "widths": width_metadata(result, first), "mudsc_version": version(),
+        "depth_alignment": {str(i): kept for i, kept in result.depth_alignment.items()} or None,
     }
 
 

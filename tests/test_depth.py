@@ -132,3 +132,31 @@ def test_a_hugging_face_llama_with_an_identity_layer_and_a_wider_mlp_merges_back
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         _close(back(input_ids=ids).logits, ref)
+
+
+def test_the_command_line_merges_a_resnet20_and_a_resnet32(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mudsc_cli.app import app
+    from mudsc_graph import get_registry
+    from mudsc_graph.io.checkpoints import load_checkpoint
+
+    arch = get_registry().architecture("resnet20")
+    torch.manual_seed(0)
+    torch.save(arch.build().state_dict(), tmp_path / "r20.pt")
+    torch.save(arch.build(num_blocks=(5, 5, 5)).state_dict(), tmp_path / "r32.pt")
+    run = lambda *args: CliRunner().invoke(app, [str(x) for x in args])  # noqa: E731
+    both = ("merge", tmp_path / "r20.pt", tmp_path / "r32.pt", "--arch", "resnet20", "--model-arch-opt", "1:num_blocks=(5, 5, 5)",
+            "--data", "mnist5k", "--samples", "50", "--method", "zipit", "--quiet")
+    r = run(*both, "--out", tmp_path / "m.pt")
+    assert r.exit_code == 0 and "models of different depths: model 1 keeps layer1 blocks" in r.output, r.output
+    r = run(*both, "--depth-alignment", "1:layer2=0,3,4", "--out", tmp_path / "g.pt")
+    assert r.exit_code == 0, r.output
+    meta = load_checkpoint(tmp_path / "g.pt")[1]
+    assert meta["depth_alignment"]["1"]["layer2"] == [0, 3, 4] and len(meta["depth_alignment"]["1"]) == 3
+    ev = run("eval", tmp_path / "g.pt", "--arch", "resnet20", "--data", "mnist5k", "--json")
+    assert ev.exit_code == 0 and 0 <= json.loads(ev.output)["accuracy"] <= 1, ev.output
+    bad = run(*both, "--depth-alignment", "1:layer2=zero", "--out", tmp_path / "x.pt")
+    assert bad.exit_code == 1 and "is not I:CHAIN=K,K" in bad.output and not (tmp_path / "x.pt").exists()

@@ -276,7 +276,7 @@ class PreparedMerge:
             models, self.depth_alignment = align_depths(work, batches, opts.depth_alignment)
             said = "; ".join(f"model {i} keeps {path} blocks {kept}" for i, chains_ in self.depth_alignment.items()
                              for path, kept in chains_.items())
-            warnings.warn(f"models of different depths: {said} (depth_alignment= sets them)", stacklevel=4)
+            warnings.warn(f"models of different depths: {said} (depth_alignment=, --depth-alignment, sets them)", stacklevel=4)
         elif opts.depth_alignment:
             raise MergeError("depth_alignment= was given, but the models have the same depth")
         check_models(models)

@@ -117,7 +117,9 @@ def resnet20(
     norm: str = "bn",
     gn_groups: int = 8,
     in_chans: int = 3,
+    num_blocks: tuple[int, int, int] = (3, 3, 3),
 ) -> ResNetCIFAR:
-    """CIFAR ResNet-20 (3 stages x 3 BasicBlocks), widths 16/32/64 times ``width``."""
-    return ResNetCIFAR((3, 3, 3), num_classes=num_classes, width=width, norm=norm,
+    """CIFAR ResNet-20 (3 stages x 3 BasicBlocks), widths 16/32/64 times ``width``; ``num_blocks``
+    other depths of the family (``(5, 5, 5)``: ResNet-32, ``(7, 7, 7)``: ResNet-44)."""
+    return ResNetCIFAR(tuple(num_blocks), num_classes=num_classes, width=width, norm=norm,
                        gn_groups=gn_groups, in_chans=in_chans)
