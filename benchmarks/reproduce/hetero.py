@@ -1,16 +1,18 @@
-"""Models of different widths on the reproduction's data: ResNet-20 x1 with x2, x2 with x4.
+"""Models that differ on the reproduction's data: ResNet-20 x1 with x2, x2 with x4, MLPs of two widths, ResNet-20 with ResNet-32.
 
 Run::
 
     python -m benchmarks.reproduce.hetero [--out DIR] [--splits N] [--pairs resnet20x1:resnet20x2 ...]
 
-For each pair of settings and class split of mnist5k, model A is the narrower setting's model
-trained on task A and model B the wider setting's model trained on task B (the cached models of
-:mod:`accuracy`): two models of one architecture, different widths, disjoint tasks. Each method
-merges them (:mod:`mudsc_graph.merging.hetero`): zip at model A's width, plain and with the
-least-squares refit, align at model B's; the rows give the test joint and per-task accuracy, the
-merged model's FLOPs relative to model A, and the references (each model, the ensemble). Writes
-``hetero.csv`` and ``hetero.md`` into ``--out`` (default ``benchmark-results/hetero``).
+For each pair of settings and class split of mnist5k, model A is the narrower (shallower)
+setting's model trained on task A and model B the wider (deeper) setting's model trained on task B
+(the cached models of :mod:`accuracy`, and two settings of this module's own, :data:`EXTRA`): two
+models of one architecture, different widths or depths, disjoint tasks. Each method merges them
+(:mod:`mudsc_graph.merging.hetero`, :mod:`mudsc_graph.merging.depth`): zip at model A's width, plain
+and with the least-squares refit, align at model B's width, always at model A's depth; the rows
+give the test joint and per-task accuracy, the merged model's FLOPs relative to model A, and the
+references (each model, the ensemble). Writes ``hetero.csv`` and ``hetero.md`` into ``--out``
+(default ``benchmark-results/hetero``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from benchmarks.reproduce.partial import flops
 from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
 from mudsc_graph.merging.api import prepare
 
-PAIRS = (("resnet20x1", "resnet20x2"), ("resnet20x2", "resnet20x4"))
+#: settings of this benchmark alone: an MLP half as wide as the grid's, and a ResNet-32 (trained like ResNet-20 x1)
+EXTRA = {s.label: s for s in (
+    acc.setting("mlp-half", "mlp", epochs=3, train_limit=1000, batch_size=64, hidden=(512, 512, 512, 256), bias=False),
+    acc.setting("resnet32x1", "resnet20", epochs=3, train_limit=800, batch_size=64, width=1, num_blocks=(5, 5, 5),
+                data=acc.FULL_ARCHS["resnet20x1"].data),
+)}
+PAIRS = (("resnet20x1", "resnet20x2"), ("resnet20x2", "resnet20x4"), ("mlp-half", "mlp"), ("resnet20x1", "resnet32x1"))
 METHODS = ("zipit", "mudsc-zip", "zipit+refit", "mudsc-zip+refit", "weight_matching", "mudsc-align")
 ALPHA = 0.5
 COLUMNS = ["dataset", "pair", "split", "method", "flops_ratio", "joint", "mean_per_task", "task_a", "task_b"]
@@ -100,7 +108,7 @@ def markdown(summary: Sequence[dict[str, Any]], header: str = "") -> str:
 def run(*, pairs: Sequence[tuple[str, str]] = PAIRS, splits: int = 3, out: Path, cache_dir: Path | None = None,
         log: Callable[[str], None] = print, command: str = "python -m benchmarks.reproduce.hetero",
         table: dict[str, acc.ArchSetting] | None = None, dataset: str = "mnist5k") -> dict[str, Any]:
-    table = table or acc.FULL_ARCHS
+    table = table or {**acc.FULL_ARCHS, **EXTRA}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -129,9 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     pairs = [tuple(x.split(":", 1)) for x in args.pairs] if args.pairs else list(PAIRS)
-    unknown = [s for pair in pairs for s in pair if s not in acc.FULL_ARCHS]
+    known = {**acc.FULL_ARCHS, **EXTRA}
+    unknown = [s for pair in pairs for s in pair if s not in known]
     if unknown or any(len(pair) != 2 for pair in pairs):
-        p.error(f"give pairs as NARROW:WIDE of {', '.join(acc.FULL_ARCHS)}")
+        p.error(f"give pairs as NARROW:WIDE of {', '.join(known)}")
     out = Path(args.out) if args.out else default_out("hetero", False)
     res = run(pairs=pairs, splits=args.splits, out=out, log=lambda s: print(s, flush=True))
     print(markdown(res["summary"]))
