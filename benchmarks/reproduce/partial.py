@@ -245,7 +245,7 @@ def plot(summary: Sequence[dict[str, Any]], path: Path) -> None:
 
 def run(*, datasets: Sequence[str], archs: Sequence[acc.ArchSetting], splits: int, data_setting: acc.DataSetting, out: Path,
         cache_dir: Path | None = None, log: Callable[[str], None] = print, command: str = "python -m benchmarks.reproduce.partial",
-        stops: dict[str, Sequence[str | None]] | None = None) -> dict[str, Any]:
+        stops: dict[str, Sequence[str | None]] | None = None, widths: Sequence[float] = WIDTHS) -> dict[str, Any]:
     """Every pair's rows (stop points from ``stops``, default :data:`STOPS`, by arch label); writes the files."""
     stops = stops or STOPS
     out = Path(out)
@@ -256,7 +256,7 @@ def run(*, datasets: Sequence[str], archs: Sequence[acc.ArchSetting], splits: in
         for arch in archs:
             for k in range(splits):
                 log(f"[{time.perf_counter() - t0:7.1f}s] {ds} / {arch.label} / split {k}")
-                rows += run_pair(ds, arch, k, data_setting, stops=stops[arch.label], cache_dir=cache_dir, log=log)
+                rows += run_pair(ds, arch, k, data_setting, stops=stops[arch.label], widths=widths, cache_dir=cache_dir, log=log)
     summary = summarize(rows)
     with open(out / "partial.csv", "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
@@ -278,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--splits", type=int, default=None, help="class splits (default 3; quick 1)")
     p.add_argument("--archs", nargs="+", default=None, help=f"arch settings with stop points: {', '.join(STOPS)}")
+    p.add_argument("--widths", type=float, nargs="+", default=None, help=f"width budgets of the curves (default {' '.join(map(str, WIDTHS))})")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out("partial", args.quick)
     res = run(datasets=["mnist5k"], archs=[table[a] for a in labels], splits=args.splits or (1 if args.quick else 3),
               data_setting=acc.QUICK_DATA if args.quick else acc.FULL_DATA, out=out, log=lambda s: print(s, flush=True),
-              command=f"python -m benchmarks.reproduce.partial{' --quick' if args.quick else ''}")
+              command=f"python -m benchmarks.reproduce.partial{' --quick' if args.quick else ''}", widths=args.widths or WIDTHS)
     print(markdown(res["summary"]))
     print(f"wrote {out}/partial.csv, partial.md, partial.png in {res['seconds']:.1f}s")
     return 0
