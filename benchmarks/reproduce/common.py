@@ -272,6 +272,21 @@ def model_pair(dataset: str, arch: ArchSetting, split: int, data: TaskData, ds: 
     return ModelPair(models, trained, seconds, str(path), config)
 
 
+def summarize_by(rows: Sequence[dict[str, Any]], fields: Sequence[str], averaged: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One summary per combination of ``fields`` (in row order): the number of splits, the joint and
+    mean per-task accuracy's mean and sample std over them, and the plain mean of each ``averaged`` field."""
+    key = lambda r: tuple(r[f] for f in fields)  # noqa: E731
+    out = []
+    for k in dict.fromkeys(key(r) for r in rows):
+        group = [r for r in rows if key(r) == k]
+        s = {**dict(zip(fields, k)), "n_splits": len(group)}
+        s.update({f: mean_std([r[f] for r in group])[0] for f in averaged})
+        for metric in ("joint", "mean_per_task"):
+            s[f"{metric}_mean"], s[f"{metric}_std"] = mean_std([r[metric] for r in group])
+        out.append(s)
+    return out
+
+
 def as_jsonable(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         return as_jsonable(asdict(obj))

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import default_out
 from benchmarks.reproduce import accuracy as acc
-from benchmarks.reproduce.common import input_shape_for, mean_std, model_pair, prepare_data
+from benchmarks.reproduce.common import input_shape_for, model_pair, prepare_data, summarize_by
 from benchmarks.reproduce.partial import flops
 from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
 from mudsc_graph.merging.api import prepare
@@ -81,15 +81,7 @@ def run_pair(narrow: acc.ArchSetting, wide: acc.ArchSetting, split: int, *, data
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    key = lambda r: (r["dataset"], r["pair"], r["method"])  # noqa: E731
-    out = []
-    for k in dict.fromkeys(key(r) for r in rows):
-        group = [r for r in rows if key(r) == k]
-        s = dict(zip(("dataset", "pair", "method"), k), n_splits=len(group), flops_ratio=mean_std([r["flops_ratio"] for r in group])[0])
-        for metric in ("joint", "mean_per_task"):
-            s[f"{metric}_mean"], s[f"{metric}_std"] = mean_std([r[metric] for r in group])
-        out.append(s)
-    return out
+    return summarize_by(rows, ("dataset", "pair", "method"), averaged=("flops_ratio",))
 
 
 def markdown(summary: Sequence[dict[str, Any]], header: str = "") -> str:

@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import default_out
 from benchmarks.reproduce import accuracy as acc
-from benchmarks.reproduce.common import input_shape_for, mean_std, model_pair, prepare_data
+from benchmarks.reproduce.common import input_shape_for, mean_std, model_pair, prepare_data, summarize_by
 from mudsc_experiments.demo import DEFAULT_METHODS, parse_method
 from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
 from mudsc_experiments.tasks import HeadedModel
@@ -78,15 +78,7 @@ def run_set(dataset: str, arch: acc.ArchSetting, n: int, split: int, ds: acc.Dat
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = list(dict.fromkeys((r["n_models"], r["method"], r["kind"]) for r in rows))
-    out = []
-    for n, method, kind in keys:
-        group = [r for r in rows if (r["n_models"], r["method"]) == (n, method)]
-        s = {"n_models": n, "method": method, "kind": kind, "n_splits": len(group)}
-        for metric in ("joint", "mean_per_task"):
-            s[f"{metric}_mean"], s[f"{metric}_std"] = mean_std([r[metric] for r in group])
-        out.append(s)
-    return out
+    return summarize_by(rows, ("n_models", "method", "kind"))
 
 
 def markdown(summary: Sequence[dict[str, Any]], header: str = "") -> str:

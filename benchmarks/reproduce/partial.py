@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import default_out
 from benchmarks.reproduce import accuracy as acc
-from benchmarks.reproduce.common import mean_std, model_pair, prepare_data, input_shape_for
+from benchmarks.reproduce.common import input_shape_for, model_pair, prepare_data, summarize_by
 from mudsc_experiments.evaluate import ensemble_logits, predict_logits, task_metrics
 from mudsc_graph.merging.api import prepare
 
@@ -140,17 +140,7 @@ def _how(s: dict[str, Any]) -> str:
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over splits per (dataset, arch, method, stop point, width), in row order."""
-    key = lambda r: (r["dataset"], r["arch"], r["method"], r["stop_at"], r["width"])  # noqa: E731
-    out = []
-    for k in dict.fromkeys(key(r) for r in rows):
-        group = [r for r in rows if key(r) == k]
-        s = dict(zip(("dataset", "arch", "method", "stop_at", "width"), k))
-        s["n_splits"] = len(group)
-        s["flops_ratio"] = mean_std([r["flops_ratio"] for r in group])[0]
-        for metric in ("joint", "mean_per_task"):
-            s[f"{metric}_mean"], s[f"{metric}_std"] = mean_std([r[metric] for r in group])
-        out.append(s)
-    return out
+    return summarize_by(rows, ("dataset", "arch", "method", "stop_at", "width"), averaged=("flops_ratio",))
 
 
 def is_reference(s: dict[str, Any]) -> bool:
