@@ -160,3 +160,17 @@ def test_the_command_line_merges_a_resnet20_and_a_resnet32(tmp_path):
     assert ev.exit_code == 0 and 0 <= json.loads(ev.output)["accuracy"] <= 1, ev.output
     bad = run(*both, "--depth-alignment", "1:layer2=zero", "--out", tmp_path / "x.pt")
     assert bad.exit_code == 1 and "is not I:CHAIN=K,K" in bad.output and not (tmp_path / "x.pt").exists()
+
+
+def test_three_models_two_of_them_deeper():
+    arch, a = _model("resnet20")
+    data = _data(arch)
+    deep = _deeper(a, {"layer2": [2], "layer3": [1]})
+    other = _permuted(_deeper(a, {"layer1": [3]}), (data[0],), seed=6)
+    with pytest.warns(UserWarning, match="models of different depths"):
+        r = merge([a, _permuted(deep, (data[0],), seed=3), other], data=data, reset_bn=False, max_iter=10,
+                  matcher_options={"a": 1.0})  # three copies of a unit: no decay, so they fuse before any other pair
+    assert r.depth_alignment == {1: {"layer2": [0, 1, 3], "layer3": [0, 2, 3]}, 2: {"layer1": [0, 1, 2]}}
+    with torch.no_grad():
+        x = _data(arch, 1, seed=9)[0]
+        _close(r.model(x), a(x))
