@@ -206,6 +206,7 @@ def bad(hf, tmp_path_factory):
     (d / "noconfig").mkdir()
     shutil.copy(hf / "a" / "model.safetensors", d / "noconfig")
     _save(_bert(2, intermediate_size=32), d / "wide", _tokenizer())
+    _save(_bert(4, intermediate_size=32, num_hidden_layers=3), d / "deep", _tokenizer())
     _save(_bert(2, num_attention_heads=4), d / "heads4", _tokenizer())
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -252,14 +253,17 @@ def test_errors_are_one_line_and_write_nothing(hf, bad, tmp_path, args, needles)
     assert list(tmp_path.iterdir()) == []  # no output, no temp directory
 
 
-def test_directories_of_different_intermediate_sizes_merge_at_the_first_ones(hf, bad, tmp_path):
-    """Models of different widths: the merged directory has the first model's sizes and loads."""
+@pytest.mark.parametrize("other", ["wide", "deep"])
+def test_directories_of_other_sizes_and_depths_merge_at_the_first_ones(hf, bad, tmp_path, other):
+    """Models of different widths (and depths: 3 layers and a wider MLP against 2): the merged
+    directory has the first model's sizes and depth, loads and evaluates."""
     from transformers import AutoConfig
 
     out = tmp_path / "m"
-    r = _run("merge", hf / "a", bad / "wide", "--data", hf / "lines.txt", "--out", out, "--quiet", "--json")
+    r = _run("merge", hf / "a", bad / other, "--data", hf / "lines.txt", "--out", out, "--quiet", "--json")
     assert r.exit_code == 0, r.stderr
-    assert AutoConfig.from_pretrained(out).intermediate_size == AutoConfig.from_pretrained(hf / "a").intermediate_size != 32
+    merged, first = AutoConfig.from_pretrained(out), AutoConfig.from_pretrained(hf / "a")
+    assert (merged.intermediate_size, merged.num_hidden_layers) == (first.intermediate_size, first.num_hidden_layers) == (24, 2)
     ev = _run("eval", out, "--data", hf / "tokens.pt", "--json")
     assert ev.exit_code == 0, ev.stderr
 

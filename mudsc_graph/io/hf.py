@@ -340,8 +340,9 @@ def _check_dtypes(model: nn.Module, table: dict[str, tuple[str, int]], p: Path) 
 
 def check_same_architecture(models: Sequence[HFModel]) -> None:
     """One class, one ``model_type``, the same state_dict keys and the same config (but for names and
-    output switches), shapes that differ only in sizes that the configs' integer fields say (models of
-    different widths, :mod:`mudsc_graph.merging.hetero`); else an :class:`HFError` naming both directories."""
+    output switches), shapes that differ only in sizes and names that differ only in layers that the
+    configs' integer fields say (models of different widths and depths, :mod:`mudsc_graph.merging.hetero`
+    and :mod:`~mudsc_graph.merging.depth`); else an :class:`HFError` naming both directories."""
     ref = models[0]
     ref_state = ref.model.state_dict()
     for other in models[1:]:
@@ -354,18 +355,20 @@ def check_same_architecture(models: Sequence[HFModel]) -> None:
             )
         state = other.model.state_dict()
         missing, extra = [k for k in ref_state if k not in state], [k for k in state if k not in ref_state]
-        if missing or extra:
+        differ = config_differences(ref.config, other.config)
+        sizes = all(isinstance(v, int) and not isinstance(v, bool) for _, *values in differ for v in values)
+        if (missing or extra) and not (differ and sizes):  # another depth (num_hidden_layers): the merge aligns the layers
             which = f"{other.path.name} lacks {missing[:3]}" if missing else f"{other.path.name} has extra {extra[:3]}"
             raise HFError(f"{pair} have different architectures: {which}; only models of one architecture can be merged")
         for k, t in ref_state.items():
+            if k not in state:
+                continue
             if state[k].dim() != t.dim():
                 raise HFError(
                     f"{pair} have different architectures: {k} has shape {tuple(t.shape)} and {tuple(state[k].shape)}; "
                     "only models of one architecture can be merged"
                 )
-        resized = any(tuple(state[k].shape) != tuple(t.shape) for k, t in ref_state.items())
-        differ = config_differences(ref.config, other.config)
-        sizes = all(isinstance(v, int) and not isinstance(v, bool) for _, *values in differ for v in values)
+        resized = missing or extra or any(tuple(state[k].shape) != tuple(t.shape) for k, t in ref_state.items() if k in state)
         for key, va, vb in differ[:1] if not (resized and sizes) else ():  # sizes may differ with the tensors' shapes
             raise HFError(f"{pair} have different architectures: {key} is {va!r} and {vb!r} in their configs; only models "
                           "of one architecture, computed the same way, can be merged")
