@@ -46,7 +46,7 @@ from .statistics import Correlations, activation_correlations
 from .weights import merge_state_dicts
 from .depth import align_depths
 from .hetero import Padding, pad, sizes_differ
-from .widths import _width_of, adopt_config, describe, expressible, target_units, widened, widened_config
+from .widths import adopt_config, describe, expressible, target_units, widened, widened_config, width_of
 
 
 @dataclass
@@ -454,7 +454,7 @@ class PreparedMerge:
         if self.padding is not None:  # zip narrows to model 0's own width (times the width asked), align keeps the widest
             for gid in set(gids) & set(self.padding.copies):
                 own = self.padding.units(gid)
-                want = min(math.floor(_width_of(self.spec, gid, opts.width) * own[0] + 0.5), sum(own))
+                want = min(math.floor(width_of(self.spec, gid, opts.width) * own[0] + 0.5), sum(own))
                 units[gid] = want if resolved.matcher.unequal_widths else max(want, self.spec.groups[gid].size)
             units = {g: u for g, u in units.items() if u != self.spec.groups[g].size}
         if not units:

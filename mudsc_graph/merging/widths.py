@@ -61,7 +61,7 @@ def _names(key: str, names: list[str]) -> bool:
     return any(n == key or n.startswith(key + ".") for n in names)
 
 
-def _width_of(spec: MergeSpec, gid: int, width: Any) -> float:
+def width_of(spec: MergeSpec, gid: int, width: Any) -> float:
     """The width asked for group ``gid``: the number, or the largest of the mapping's entries that
     name the group (its id, or a parameter or module that produces its units)."""
     if not isinstance(width, Mapping):
@@ -113,7 +113,7 @@ def target_units(spec: MergeSpec, gids: list[int], width: Any, n_models: int) ->
     for gid in gids:
         group = spec.groups[gid]
         coupling = [gid, *(c for c in group.coupled if c in wanted)]
-        w = max(_width_of(spec, g, width) for g in coupling)
+        w = max(width_of(spec, g, width) for g in coupling)
         count, each = (group.blocks, group.block_size) if group.blocks > 1 else (group.size, 1)  # whole blocks, or units
         more = min(math.floor((w - 1.0) * count + 0.5), (n_models - 1) * count)  # rounded half up
         if more > 0:
@@ -460,5 +460,5 @@ def describe(spec: MergeSpec, units: Mapping[int, int]) -> str:
     return ", ".join(f"{a} -> {b}" for a, b in pairs[:4]) + (" ..." if len(pairs) > 4 else "")
 
 
-__all__ = ["adopt_config", "check_width", "describe", "expressible", "head_changes", "merged_shapes", "net2net", "rebuild", "resize_module", "target_units", "widened",
+__all__ = ["adopt_config", "check_width", "describe", "expressible", "head_changes", "merged_shapes", "net2net", "rebuild", "width_of", "resize_module", "target_units", "widened",
            "widened_config"]
