@@ -18,8 +18,10 @@ Output layers with other label spaces (a fixed group of another size: 10 classes
 merged: each model keeps its own layers from the first one that reads them (partial zip's tails,
 :mod:`.partial_zip`; the merged module returns one output per model), with a warning saying so.
 
-Models of different depths are cut to one depth first (:mod:`.depth`). What is not merged yet:
-block groups (heads, GroupNorm groups) of different counts: refused with a one-line error.
+Models of different depths are cut to one depth first (:mod:`.depth`). Heads and GroupNorm groups
+of different counts (the same size each) are padded with whole-block copies and merged as whole
+blocks into model 0's (:func:`~.matching.blocks.group_zip_copies`); a width budget on them, and
+blocks of different sizes, are refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -90,17 +92,18 @@ def pad(models: list[nn.Module], analyse: Any) -> Padding:
             heads[g.id] = sizes
             continue
         if g.blocks > 1 and len({spec.groups[g.id].block_size for spec in specs}) > 1:
-            raise MergeError(f"{what}: its blocks (heads, GroupNorm groups) differ in size between the models ({sizes} units)")
-        if g.blocks > 1:
-            raise MergeError(f"{what}: the models have {[s.groups[g.id].blocks for s in specs]} blocks (heads, GroupNorm groups); "
-                             "blocks of different counts cannot be merged yet")
+            raise MergeError(f"{what}: its blocks (heads, GroupNorm groups) differ in size between the models ({sizes} units); "
+                             "only their number may differ")
     padded, copies = [], {}
     for i, (model, spec) in enumerate(zip(models, specs)):
         grow = {gid: widest[gid] for gid, size in own[i].items() if size < widest[gid] and gid not in heads}
         padded.append(net2net(model, spec, grow) if grow else model)
-        for gid in grow:
-            o, w = own[i][gid], widest[gid]
-            copies.setdefault(gid, [None] * len(models))[i] = torch.cat([torch.arange(o), torch.arange(w - o) % o])
+        for gid in grow:  # as net2net pads: own units in order, then copies of them in turn (whole blocks)
+            group = spec.groups[gid]
+            each = group.block_size if group.blocks > 1 else 1
+            o, w = own[i][gid] // each, widest[gid] // each
+            extra = ((torch.arange(w - o) % o)[:, None] * each + torch.arange(each)).reshape(-1)
+            copies.setdefault(gid, [None] * len(models))[i] = torch.cat([torch.arange(o * each), extra])
     return Padding(padded, own, copies, heads)
 
 

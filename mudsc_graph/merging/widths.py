@@ -260,14 +260,18 @@ def net2net(model: nn.Module, spec: MergeSpec, units: Mapping[int, int], seed: i
     config says the new sizes (``MergeError`` where none can)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    chosen: dict[int, torch.Tensor] = {}  # coupled groups (Q/K and V/O of one attention layer) copy the same heads
     for gid, new in units.items():
         group = spec.groups[gid]
         each = group.block_size if group.blocks > 1 else 1
         old_blocks, new_blocks = group.size // each, new // each
         if new % each or new_blocks < old_blocks:
             raise MergeError(f"net2net: group {gid} has {group.size} units in blocks of {each}; {new} is not a wider whole number of blocks")
-        extra = (torch.randint(old_blocks, (new_blocks - old_blocks,), generator=gen) if gen is not None
-                 else torch.arange(new_blocks - old_blocks) % old_blocks)
+        extra = next((chosen[c] for c in group.coupled if c in chosen), None)
+        if extra is None:
+            extra = (torch.randint(old_blocks, (new_blocks - old_blocks,), generator=gen) if gen is not None
+                     else torch.arange(new_blocks - old_blocks) % old_blocks)
+        chosen[gid] = extra
         src = torch.cat([torch.arange(old_blocks), extra])
         src = (src[:, None] * each + torch.arange(each)).reshape(-1)  # units
         dup = torch.zeros(new, group.size)

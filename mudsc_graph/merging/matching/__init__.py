@@ -31,7 +31,7 @@ import torch
 
 from ..assignment import Assignment
 from .align import align_labels
-from .blocks import group_align_labels, group_zip_labels
+from .blocks import group_align_labels, group_zip_copies, group_zip_labels
 from .zipit import zip_labels
 
 
@@ -286,10 +286,16 @@ def match_zip(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *, a
     units = validate_sims(sims, n_models, blocks)
     copies = list(copies) if copies is not None else [None] * len(sims)
     if any(c is not None and any(x is not None for x in c) for c in copies):
-        if blocks > 1:
-            raise ValueError("zip cannot yet match blocks (heads, GroupNorm groups) whose counts differ between the models")
         if merged is None:
             raise ValueError("zip of models of different widths needs merged= (the merged width)")
+        if blocks > 1:
+            own0 = [c[0] for c in copies]
+            first = [int((own0[k] == torch.arange(units[k])).sum()) if own0[k] is not None else units[k] for k in range(len(sims))]
+            if list(merged) != first:
+                raise ValueError("zip of blocks (heads, GroupNorm groups) whose counts differ merges into model 0's own blocks; "
+                                 "a width budget on them is not supported yet")
+            results = group_zip_copies(list(sims), n_models, blocks, copies, a=a, b=b)
+            return [matching_from_labels(lab, n_models, int(m), sc, share) for (lab, sc, share), m in zip(results, merged)]
         results = [zip_labels(s, n_models, a=a, b=b, merged=int(m), copies=c) for s, m, c in zip(sims, merged, copies)]
         return [matching_from_labels(lab, n_models, int(m), sc, share) for (lab, sc, share), m in zip(results, merged)]
     widths = validate_widths(merged, units, n_models)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from .align import cross_block, detach_weakest, labels_from_perms, lap
-from .zipit import zip_labels
+from .zipit import _shares, zip_labels
 
 
 def block_scores(cross: np.ndarray, blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,4 +147,52 @@ def group_zip_labels(sims: list[torch.Tensor], n_models: int, blocks: int, a: fl
             if len(members) > 1:
                 scores.append(score)
         out.append((labels, float(np.mean(scores)) if scores else 0.0))
+    return out
+
+
+def group_zip_copies(sims: list[torch.Tensor], n_models: int, blocks: int, copies: list[list[torch.Tensor | None]],
+                     a: float = 0.5, b: float = 1.0) -> list[tuple[torch.Tensor, float, torch.Tensor]]:
+    """Group zip of models whose block counts differ, padded with whole-block copies (``copies``: per
+    similarity, per model, ``None`` or which own unit each stacked unit is): into model 0's own
+    blocks. Model 0's own blocks are paired with each model's own blocks by assignment (summed
+    block scores of the coupled similarities); a model's own blocks left over join the set of the
+    model-0 block they score best with; each set is zipped to one block; a copy joins the merged
+    unit of the unit it copies (the share of :func:`~.zipit.zip_labels`). Labels, score and shares
+    per similarity."""
+    o = sims[0].shape[0] // n_models
+    d = o // blocks
+    own = []  # per model: its own blocks (the first of the padding's; a copy block's first unit is another block's)
+    for i in range(n_models):
+        src = copies[0][i]
+        own.append(list(range(blocks)) if src is None else [k for k in range(blocks) if int(src[k * d]) == k * d])
+    members: list[list[tuple[int, int]]] = [[(0, j)] for j in own[0]]
+    for i in range(1, n_models):
+        total = np.zeros((blocks, blocks))
+        for sim in sims:
+            total += block_scores(cross_block(sim, n_models, i), blocks)[0]
+        sub = total[np.ix_(own[0], own[i])]
+        rows, cols = linear_sum_assignment(sub, maximize=True)
+        taken = set()
+        for r, c in zip(rows, cols):
+            members[r].append((i, own[i][c]))
+            taken.add(c)
+        for c in range(len(own[i])):  # more own blocks than model 0: each joins its best set
+            if c not in taken:
+                members[int(np.argmax(sub[:, c]))].append((i, own[i][c]))
+    out = []
+    ar = torch.arange(d)
+    for sim, per_model in zip(sims, copies):
+        labels = torch.empty(sim.shape[0], dtype=torch.long)
+        scores = []
+        for j, group in enumerate(members):
+            idx = torch.cat([i * o + blk * d + ar for i, blk in group])
+            local, score = zip_labels(sim[idx][:, idx], len(group), a=a, b=b)[:2]
+            labels[idx] = j * d + local.cpu()
+            if len(group) > 1:
+                scores.append(score)
+        stacked_src = torch.cat([i * o + (c.cpu().long() if c is not None else torch.arange(o)) for i, c in enumerate(per_model)])
+        dup = stacked_src != torch.arange(stacked_src.numel())
+        labels = labels.clone()
+        labels[dup] = labels[stacked_src[dup]]
+        out.append((labels.to(sim.device), float(np.mean(scores)) if scores else 0.0, _shares(labels, stacked_src, dup).to(sim.device)))
     return out
