@@ -230,3 +230,29 @@ def test_the_command_line_refuses_other_label_spaces_in_one_line(tmp_path):
                                  "--model-arch-opt", "1:num_classes=5", "--data", "digits", "--samples", "50", "--out", str(tmp_path / "m.pt")])
     assert r.exit_code == 1 and "output layers differ" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_the_command_line_merges_resnet20_checkpoints_of_two_widths(tmp_path):
+    """mudsc merge of a x1 and a x2 ResNet-20: written at x1, evaluated; the x2 first: written at x2."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mudsc_cli.app import app
+    from mudsc_graph import get_registry
+    from mudsc_graph.io.checkpoints import load_checkpoint
+
+    arch = get_registry().architecture("resnet20")
+    torch.manual_seed(0)
+    torch.save(arch.build(width=1).state_dict(), tmp_path / "x1.pt")
+    torch.save(arch.build(width=2).state_dict(), tmp_path / "x2.pt")
+    run = lambda *args: CliRunner().invoke(app, [str(x) for x in args])  # noqa: E731
+    for first, second, opts, width in (("x1", "x2", ("--arch-opt", "width=1", "--model-arch-opt", "1:width=2"), 16),
+                                       ("x2", "x1", ("--arch-opt", "width=2", "--model-arch-opt", "1:width=1"), 32)):
+        out = tmp_path / f"{first}{second}.pt"
+        r = run("merge", tmp_path / f"{first}.pt", tmp_path / f"{second}.pt", "--arch", "resnet20", *opts, "--data", "mnist5k",
+                "--samples", "50", "--out", out, "--quiet")
+        assert r.exit_code == 0, r.output
+        assert load_checkpoint(out)[0]["conv1.weight"].shape[0] == width
+        ev = run("eval", out, "--arch", "resnet20", *opts[:2], "--data", "mnist5k", "--json")
+        assert ev.exit_code == 0 and 0 <= json.loads(ev.output)["accuracy"] <= 1, ev.output
