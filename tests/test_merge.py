@@ -166,8 +166,7 @@ def test_bad_input_is_one_clear_error():
     data = [torch.randn(4, 4)]
     with pytest.raises(MergeError, match="at least 2 models"):
         merge([TinyA()], data=data)
-    with pytest.raises(MergeError, match="shape"):
-        merge([TinyA(8), TinyA(6)], data=data)
+    assert merge([TinyA(8), TinyA(6)], data=data).model.fc1.out_features == 8  # other widths merge (hetero.py): model 0's
     with pytest.raises(MergeError, match="architecture"):
         merge([TinyA(), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))], data=data)
     with pytest.raises(MergeError, match="empty"):
