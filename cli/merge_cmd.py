@@ -151,7 +151,7 @@ def merge_command(
     width: Annotated[
         Optional[list[str]],
         typer.Option("--width", metavar="W|NAME=W", help="Width budget: the merged model this many times as wide as one model "
-                     "(1 to the number of models; the least similar units are left unmerged), e.g. --width 1.5; or NAME=W for "
+                     "(up to the number of models; the least similar units are left unmerged; below 1, zip narrows), e.g. --width 1.5; or NAME=W for "
                      "the groups a module or parameter produces (repeat for several; see mudsc inspect). Groups the model's code "
                      "cannot widen stay at one model's width, with a warning.", show_default=False),
     ] = None,

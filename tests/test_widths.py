@@ -43,13 +43,13 @@ def _sim(n_models: int, units: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("match", [match_zip, match_align], ids=["zip", "align"])
 def test_a_matcher_gives_the_merged_width_asked_for(match, n_models):
     o = 6
-    for merged in range(o, n_models * o + 1):
+    for merged in range(1 if match is match_zip else o, n_models * o + 1):  # zip narrows too
         m = match([_sim(n_models, o)], n_models, merged=[merged])[0]
         assert m.merged_units == merged
         assert sorted(set(m.labels.tolist())) == list(range(merged))  # every merged unit has a member
         for i in range(n_models):  # a model's units never share a merged unit in align; all are kept somewhere
             assert m.unmerge_block(i).sum(1).eq(1).all()
-    with pytest.raises(ValueError, match="between 6 and"):
+    with pytest.raises(ValueError, match=f"between {1 if match is match_zip else o} and"):
         match([_sim(n_models, o)], n_models, merged=[n_models * o + 1])
 
 
@@ -136,8 +136,8 @@ def test_width_one_is_todays_merge():
         assert torch.equal(v, same.model.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("width, needle", [(0.5, "between 1"), (2.5, "between 1"), ({"nowhere": 1.5}, "produces no merge group"),
-                                           ({999: 1.5}, "names group 999"), ("wide", "between 1")])
+@pytest.mark.parametrize("width, needle", [(0, "above 0"), (2.5, "at most 2"), ({"nowhere": 1.5}, "produces no merge group"),
+                                           ({999: 1.5}, "names group 999"), ("wide", "above 0")])
 def test_a_bad_width_is_one_clear_error(width, needle):
     arch, a = _model("mlp")
     with pytest.raises(MergeError, match=needle):
@@ -148,6 +148,27 @@ def test_a_matcher_without_widths_is_refused():
     arch, a = _model("mlp")
     with pytest.raises(MergeError, match="cannot merge wider"):
         merge([a, _model("mlp", seed=1)[1]], data=_data(arch), method="average", width=1.5)
+    with pytest.raises(MergeError, match="cannot merge narrower"):
+        merge([a, _model("mlp", seed=1)[1]], data=_data(arch), method="weight_matching", width=0.5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+def test_zip_narrower_than_one_model_gives_back_what_two_wide_copies_share(name):
+    """Two permuted copies of a Net2Net-doubled model, zipped at width 0.5, are the original model:
+    every unit's four copies fuse into one (no decay)."""
+    from mudsc_graph.merging.widths import net2net
+
+    arch, a = _model(name)
+    data = _data(arch)
+    spec = analyze(a, (data[0],))
+    wide = net2net(a, spec, {g.id: 2 * g.size for g in spec.free_groups()}, seed=2)
+    r = merge([wide, _permuted(wide, (data[0],), seed=6)], data=data, width=0.5, reset_bn=False, max_iter=5,
+              matcher_options={"a": 1.0})
+    first = next(iter(a.state_dict()))
+    assert r.model.state_dict()[first].shape == a.state_dict()[first].shape
+    with torch.no_grad():
+        x = _data(arch, 1, seed=9)[0]
+        _close(r.model(x), a(x))
 
 
 def test_width_by_module_name_widens_the_groups_it_produces():

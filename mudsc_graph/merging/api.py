@@ -454,7 +454,7 @@ class PreparedMerge:
         if self.padding is not None:  # zip narrows to model 0's own width (times the width asked), align keeps the widest
             for gid in set(gids) & set(self.padding.copies):
                 own = self.padding.units(gid)
-                want = min(math.floor(width_of(self.spec, gid, opts.width) * own[0] + 0.5), sum(own))
+                want = max(1, min(math.floor(width_of(self.spec, gid, opts.width) * own[0] + 0.5), sum(own)))
                 units[gid] = want if resolved.matcher.unequal_widths else max(want, self.spec.groups[gid].size)
             units = {g: u for g, u in units.items() if u != self.spec.groups[g].size}
         if not units:
@@ -462,6 +462,9 @@ class PreparedMerge:
         if not resolved.matcher.supports_width:
             raise MergeError(f"width={opts.width!r}: matcher {resolved.matcher.name!r} cannot merge wider than one model "
                              "(it takes no merged widths); use mode 'zip' or 'align', or width=1")
+        if not resolved.matcher.unequal_widths and any(u < self.spec.groups[g].size for g, u in units.items()):
+            raise MergeError(f"width={opts.width!r}: matcher {resolved.matcher.name!r} cannot merge narrower than one model "
+                             "(a permutation keeps every unit); use mode 'zip' (zipit, mudsc), or a width of at least 1")
         key = tuple(sorted(units.items()))
         if key not in self._expressible:
             self._expressible[key] = expressible(self.models[0], self.spec, units, self.example_inputs)

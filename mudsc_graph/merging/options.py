@@ -51,8 +51,8 @@ class MergeOptions:
     each merged Linear/Conv2d refit by least squares to reproduce its parents' outputs, front to back
     (:mod:`~mudsc_graph.merging.refit`), with the ridge ``refit_ridge`` toward the merged weights
     (in units of the inputs' mean squared norm: it weighs like ``refit_ridge * features / samples``). ``width``: a width
-    budget (:mod:`~mudsc_graph.merging.widths`), between 1 (one model's width) and N (every unit of
-    every model kept): a number for every matched group, or ``{group id or parameter/module name:
+    budget (:mod:`~mudsc_graph.merging.widths`), up to N (every unit of every model kept); below 1
+    zip narrows (plain groups): a number for every matched group, or ``{group id or parameter/module name:
     width}`` for some (the others: 1); the merged model is built with the new widths.
     ``depth_alignment``: for models of different depths (:mod:`~mudsc_graph.merging.depth`), the
     blocks a deeper model keeps, ``{model index: {chain path: [block indices]}}``, instead of the

@@ -46,9 +46,9 @@ def check_width(width: Any, n_models: int | None = None) -> None:
             raise MergeError(f"a width= key must be a group id or a parameter or module name, got {key!r}")
     top = n_models if n_models is not None else float("inf")
     for w in values:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 1.0 <= w <= top:
-            raise MergeError(f"width must be a number between 1 (one model's width) and {n_models or 'N'} (the number of "
-                             f"models: every unit kept), got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 < w <= top:
+            raise MergeError(f"width must be a number above 0 (below 1: narrower than one model, zip only) and at most "
+                             f"{n_models or 'N'} (the number of models: every unit kept), got {w!r}")
 
 
 def _produced(spec: MergeSpec, gid: int) -> list[str]:
@@ -103,8 +103,9 @@ def rigid_groups(spec: MergeSpec) -> dict[int, str]:
 
 
 def target_units(spec: MergeSpec, gids: list[int], width: Any, n_models: int) -> dict[int, int]:
-    """``{gid: merged units}`` of the groups ``width`` widens (those whose merged width is more than
-    one model's); coupled groups get one block count (the largest asked of them)."""
+    """``{gid: merged units}`` of the groups ``width`` widens or narrows (width below 1, plain groups
+    only: heads and GroupNorm groups keep their count); coupled groups get one block count (the
+    largest asked of them)."""
     check_width(width, n_models)
     if isinstance(width, Mapping):
         _check_keys(spec, width)
@@ -116,7 +117,10 @@ def target_units(spec: MergeSpec, gids: list[int], width: Any, n_models: int) ->
         w = max(width_of(spec, g, width) for g in coupling)
         count, each = (group.blocks, group.block_size) if group.blocks > 1 else (group.size, 1)  # whole blocks, or units
         more = min(math.floor((w - 1.0) * count + 0.5), (n_models - 1) * count)  # rounded half up
-        if more > 0:
+        if group.blocks > 1:
+            more = max(more, 0)  # heads and GroupNorm groups never narrow: their count is the model's
+        more = max(more, 1 - count)  # at least one unit
+        if more != 0:
             out[gid] = each * (count + more)
     return out
 

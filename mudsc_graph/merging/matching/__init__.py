@@ -239,18 +239,20 @@ def match_identity(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1,
     return out
 
 
-def validate_widths(merged: Sequence[int] | None, units: list[int], n_models: int) -> list[int]:
-    """The merged units asked for per similarity (a width budget), each between O and N*O; ``None``:
-    O each (one model's width)."""
+def validate_widths(merged: Sequence[int] | None, units: list[int], n_models: int, narrow: bool = False) -> list[int]:
+    """The merged units asked for per similarity (a width budget), each between O (``narrow``: 1)
+    and N*O; ``None``: O each (one model's width)."""
     if merged is None:
         return list(units)
     merged = list(merged)
     if len(merged) != len(units):
         raise ValueError(f"merged= gives {len(merged)} widths for {len(units)} similarities")
     for m, o in zip(merged, units):
-        if isinstance(m, bool) or int(m) != m or not o <= m <= n_models * o:
-            raise ValueError(f"a merged width must be an integer between {o} and {n_models * o} (the units of one model and "
-                             f"of all {n_models}), got {m!r}")
+        least = 1 if narrow else o
+        if isinstance(m, bool) or int(m) != m or not least <= m <= n_models * o:
+            what = "one unit" if narrow else "the units of one model"
+            raise ValueError(f"a merged width must be an integer between {least} and {n_models * o} ({what}, and the units of "
+                             f"all {n_models} models), got {m!r}")
     return [int(m) for m in merged]
 
 
@@ -276,8 +278,8 @@ def match_zip(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *, a
     """The ``zip`` strategy (ZipIt!): greedy pair fusion with within-model fusions allowed up to a
     budget ``floor((to_remove // N) * b)`` per model; fused similarities become ``a * min``. With
     ``blocks > 1`` blocks are paired as in group align and zipped within each paired set.
-    ``merged`` (a width budget, per similarity): the fusion stops at that many merged units (whole
-    blocks: the weakest block pairings are left unmerged). ``copies`` (models of different widths,
+    ``merged`` (a width budget, per similarity): the fusion stops at that many merged units, more or
+    fewer than one model's (whole blocks: the weakest block pairings are left unmerged; never fewer). ``copies`` (models of different widths,
     padded to one): per similarity, per model, ``None`` or which of the model's own units each of its
     stacked units is (:func:`~.zipit.zip_labels`); ``merged`` may then be narrower than the padding."""
     _check_options("zip", options, ())
@@ -298,7 +300,7 @@ def match_zip(sims: Sequence[torch.Tensor], n_models: int, blocks: int = 1, *, a
             return [matching_from_labels(lab, n_models, int(m), sc, share) for (lab, sc, share), m in zip(results, merged)]
         results = [zip_labels(s, n_models, a=a, b=b, merged=int(m), copies=c) for s, m, c in zip(sims, merged, copies)]
         return [matching_from_labels(lab, n_models, int(m), sc, share) for (lab, sc, share), m in zip(results, merged)]
-    widths = validate_widths(merged, units, n_models)
+    widths = validate_widths(merged, units, n_models, narrow=blocks == 1)
     if blocks > 1:
         results = group_zip_labels(list(sims), n_models, blocks, a=a, b=b, merged=widths)
     else:
