@@ -134,18 +134,9 @@ def test_models_with_other_label_spaces_keep_their_own_heads(hidden, method):
 def test_vits_with_other_head_counts_merge_as_whole_heads(order):
     """timm's ViT with 3 heads and its Net2Net copy with 5 (whole heads copied) and a wider MLP:
     merged into model 0's heads, exactly, either way round."""
-    name = "timm"  # CI installs it: missing there is a failure, elsewhere the test skips
-    timm = importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
-    torch.manual_seed(0)
-    a = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        a.head.weight.normal_(0, 0.2, generator=g)
-        for m in a.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.5, 0.5, generator=g)
-    x = torch.randn(12, 3, 32, 32, generator=g)
+    from test_widths import timm_vit
+
+    a, x = timm_vit()
     spec = analyze(a, (x[:2],))
     grow = [g.id for g in spec.free_groups() if not any("norm" in n for n, _ in g.members)]  # heads and MLPs, not the residual
     units, _ = expressible(a, spec, target_units(spec, grow, 2.0, 2), (x[:2],))

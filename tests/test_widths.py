@@ -235,7 +235,8 @@ def test_torchs_multihead_attention_keeps_its_heads_and_says_why():
         _close(r.model(x), layer(x))
 
 
-def test_timms_vit_widens_its_mlps_and_its_heads():
+def timm_vit() -> tuple[nn.Module, torch.Tensor]:
+    """timm's ViT (2 blocks, 3 heads of 64) with its zero head and 1/0 LayerNorms made non-constant, and 12 images."""
     timm = _optional("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=5).eval()
@@ -246,7 +247,11 @@ def test_timms_vit_widens_its_mlps_and_its_heads():
             if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5, generator=g)
                 m.bias.uniform_(-0.5, 0.5, generator=g)
-    x = torch.randn(12, 3, 32, 32, generator=g)
+    return model, torch.randn(12, 3, 32, 32, generator=g)
+
+
+def test_timms_vit_widens_its_mlps_and_its_heads():
+    model, x = timm_vit()
     spec = analyze(model, (x[:2],))
     twin = spec.apply_permutation(model, spec.random_permutation(2))
     width = {g.id: 1.5 for g in spec.free_groups() if not any("norm" in n for n, _ in g.members)}
