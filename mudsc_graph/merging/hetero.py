@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import MergeError
 from ..spec.axes import to_json
 from ..spec.merge_spec import MergeSpec
-from .widths import net2net
+from .widths import net2net, rigid_groups
 
 
 @dataclass
@@ -83,6 +83,7 @@ def pad(models: list[nn.Module], analyse: Any) -> Padding:
     own = [{g.id: g.size for g in spec.groups} for spec in specs]
     widest = {g.id: max(sizes[g.id] for sizes in own) for g in specs[0].groups}
     heads: dict[int, list[int]] = {}
+    rigid = rigid_groups(specs[0])
     for g in specs[0].groups:
         sizes = [o[g.id] for o in own]
         if len(set(sizes)) == 1:
@@ -91,6 +92,8 @@ def pad(models: list[nn.Module], analyse: Any) -> Padding:
         if g.fixed:  # another label space: each model keeps the layers that hold it (the caller decides where they start)
             heads[g.id] = sizes
             continue
+        if g.id in rigid:
+            raise MergeError(f"{what} has {sizes} units in the models, but {rigid[g.id]}: it cannot be padded to one width")
         if g.blocks > 1 and len({spec.groups[g.id].block_size for spec in specs}) > 1:
             raise MergeError(f"{what}: its blocks (heads, GroupNorm groups) differ in size between the models ({sizes} units); "
                              "only their number may differ")
