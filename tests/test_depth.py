@@ -174,3 +174,10 @@ def test_three_models_two_of_them_deeper():
     with torch.no_grad():
         x = _data(arch, 1, seed=9)[0]
         _close(r.model(x), a(x))
+
+
+def test_a_batch_the_models_refuse_while_aligning_is_one_line():
+    arch, a = _model("resnet20")
+    deep = _deeper(a, {"layer2": [1]})
+    with pytest.raises(MergeError, match="aligning depths: ResNetCIFAR failed on calibration batch 0"):
+        merge([a, deep], data=[torch.randn(4, 5, 32, 32)], example_inputs=(_data(arch)[0],), reset_bn=False)

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..checks import first_non_finite
 from ..errors import MudscError, first_line
-from ..merging.api import config_differences
+from ..merging.api import config_differences, only_sizes
 from ..merging.calibration import (
     LABEL_KEYS,  # label columns of a token file, tried in this order
 )
@@ -356,7 +356,7 @@ def check_same_architecture(models: Sequence[HFModel]) -> None:
         state = other.model.state_dict()
         missing, extra = [k for k in ref_state if k not in state], [k for k in state if k not in ref_state]
         differ = config_differences(ref.config, other.config)
-        sizes = all(isinstance(v, int) and not isinstance(v, bool) for _, *values in differ for v in values)
+        sizes = only_sizes(differ)
         if (missing or extra) and not (differ and sizes):  # another depth (num_hidden_layers): the merge aligns the layers
             which = f"{other.path.name} lacks {missing[:3]}" if missing else f"{other.path.name} has extra {extra[:3]}"
             raise HFError(f"{pair} have different architectures: {which}; only models of one architecture can be merged")

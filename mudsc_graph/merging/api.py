@@ -128,8 +128,7 @@ def check_models(models: list[nn.Module]) -> None:
                 raise MergeError(f"model {i} has {k} of shape {tuple(sd[k].shape)} but model 0 has {tuple(t.shape)}")
         resized = any(tuple(sd[k].shape) != tuple(t.shape) for k, t in ref.items())
         differ = config_differences(getattr(models[0], "config", None), getattr(m, "config", None))
-        sizes = [d for d in differ if all(isinstance(v, int) and not isinstance(v, bool) for v in d[1:])]
-        if differ and not (resized and len(sizes) == len(differ)):  # a size may differ with the tensors' shapes
+        if differ and not (resized and only_sizes(differ)):  # a size may differ with the tensors' shapes
             key, a, b = differ[0]
             raise MergeError(f"model {i}'s config differs from model 0's: {key} is {b!r}, not {a!r}; models computed differently "
                              "cannot be merged as one architecture")
@@ -184,6 +183,12 @@ def config_differences(a: Any, b: Any) -> list[tuple[str, Any, Any]]:
     da, db = a.to_dict(), b.to_dict()
     keys = sorted((set(da) | set(db)) - _CONFIG_IGNORED, key=str)
     return [(k, da.get(k), db.get(k)) for k in keys if da.get(k) != db.get(k)]
+
+
+def only_sizes(differ: list[tuple[str, Any, Any]]) -> bool:
+    """Whether every difference of :func:`config_differences` is between two integers (sizes, layer
+    counts: models of other widths and depths, which :mod:`.hetero` and :mod:`.depth` merge)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) for _, *values in differ for v in values)
 
 
 def _check_tuple_batch(model: nn.Module, batch: Any) -> None:

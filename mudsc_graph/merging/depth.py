@@ -88,8 +88,12 @@ def _capture(model: nn.Module, path: str, batches: Iterable[Any], limit: int = 5
     seen = 0
     try:
         with torch.no_grad():
-            for inputs in batches:
-                call(model, inputs)
+            for k, inputs in enumerate(batches):
+                try:
+                    call(model, inputs)
+                except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one line, not a traceback
+                    raise MergeError(f"aligning depths: {type(model).__name__} failed on calibration batch {k}: "
+                                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
                 seen += len(outs[0][-1]) if outs[0] else 0
                 if seen >= limit:
                     break
